@@ -1,0 +1,299 @@
+//! Layouts of the maps shared by the XDP program and the daemon.
+//!
+//! Rules (from firezone's relay and aya's pitfalls): `#[repr(C)]`, every byte accounted for by an
+//! explicit field (no implicit padding, so lookups never miss on garbage), and anything that is in
+//! network order on the wire (addresses, ports) kept as byte arrays with accessors.
+
+/// log2 of the number of buckets.
+pub const BUCKET_BITS: u32 = 16;
+/// Buckets per farm. 65536 gives fine-grained shares (a node with weight 1 of 32 still owns
+/// ~2048 buckets) while keeping per-bucket per-CPU counters at 2 MiB per CPU. Balance does not
+/// depend on this number: the assignment splits buckets exactly (see the daemon's `assign`).
+pub const BUCKETS: u32 = 1 << BUCKET_BITS;
+pub const BUCKET_MASK: u32 = BUCKETS - 1;
+
+/// Port rules per VIP.
+pub const MAX_RULES: usize = 8;
+/// VIPs per farm (IPv4 and IPv6 together).
+pub const MAX_VIPS: u32 = 64;
+/// Members per farm (owner indices are bytes; `NO_OWNER` is reserved).
+pub const MAX_MEMBERS: usize = 64;
+pub const NO_OWNER: u8 = 0xff;
+
+// Map names, as the XDP program declares them.
+pub const MAP_CONTROL: &str = "FARM_CONTROL";
+pub const MAP_VIPS: &str = "FARM_VIPS";
+pub const MAP_BUCKETS_0: &str = "FARM_BUCKETS_0";
+pub const MAP_BUCKETS_1: &str = "FARM_BUCKETS_1";
+pub const MAP_BUCKET_COUNTERS: &str = "FARM_BUCKET_COUNTERS";
+pub const MAP_STATS: &str = "FARM_STATS";
+pub const PROG_XDP: &str = "farm_xdp";
+pub const PROG_EGRESS: &str = "farm_egress";
+pub const PROG_EMPTY: &str = "farm_empty";
+
+/// The single entry of `FARM_CONTROL`: what the daemon tells the data plane besides the buckets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Control {
+    /// Dead-man switch: CLOCK_MONOTONIC (coarse) nanoseconds after which this node stops
+    /// accepting VIP traffic and answering ARP/NDP for the VIPs. 0 = not armed yet (the program
+    /// accepts nothing until the daemon arms it).
+    pub deadline_ns: u64,
+    /// Hash key, see `HashKey::from_bytes`.
+    pub hash_key: [u8; 16],
+    /// Which bucket table is live: 0 = `FARM_BUCKETS_0`, 1 = `FARM_BUCKETS_1`. The daemon writes
+    /// the other table and then flips this, so a packet sees one whole table or the other.
+    pub active_table: u32,
+    /// The interface's own MAC: accepted frames are rewritten to it so the stack takes them.
+    pub if_mac: [u8; 6],
+    /// The cluster MAC that the VIPs resolve to.
+    pub cluster_mac: [u8; 6],
+}
+
+impl Control {
+    pub fn key(&self) -> crate::HashKey {
+        crate::HashKey::from_bytes(&self.hash_key)
+    }
+}
+
+/// Bucket states, as seen by this node.
+pub mod bucket_state {
+    /// Another node owns the bucket: drop.
+    pub const NOT_MINE: u8 = 0;
+    /// This node owns the bucket: accept.
+    pub const MINE: u8 = 1;
+    /// Reserved for the planned handover (membership issue): this node is the new owner and
+    /// accepts new connections and packets of its own sockets.
+    pub const INCOMING: u8 = 2;
+    /// Reserved for the planned handover: this node is the previous owner and accepts only
+    /// packets of its established connections.
+    pub const OUTGOING: u8 = 3;
+}
+
+/// One bucket of `FARM_BUCKETS_{0,1}`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct BucketEntry {
+    /// `bucket_state::*`, from this node's point of view.
+    pub state: u8,
+    /// Member index of the owner (`NO_OWNER` when nobody owns it).
+    pub owner: u8,
+    /// Member index of the previous owner during a handover (`NO_OWNER` otherwise).
+    pub prev_owner: u8,
+    pub flags: u8,
+}
+
+impl BucketEntry {
+    pub const fn owned_by(owner: u8, me: u8) -> Self {
+        Self {
+            state: if owner == me && owner != NO_OWNER {
+                bucket_state::MINE
+            } else {
+                bucket_state::NOT_MINE
+            },
+            owner,
+            prev_owner: NO_OWNER,
+            flags: 0,
+        }
+    }
+}
+
+/// Per-bucket, per-CPU traffic counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct BucketCounters {
+    pub accepted_packets: u64,
+    pub accepted_bytes: u64,
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+}
+
+/// Key of `FARM_VIPS`: the VIP address as 16 bytes. IPv4 VIPs are stored IPv4-mapped
+/// (`::ffff:a.b.c.d`), which no real IPv6 packet on the wire carries as a destination.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+}
+
+impl VipKey {
+    pub const fn v4(a: [u8; 4]) -> Self {
+        Self {
+            addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]],
+        }
+    }
+    pub const fn v6(addr: [u8; 16]) -> Self {
+        Self { addr }
+    }
+}
+
+/// Protocol bits of a port rule.
+pub mod proto_mask {
+    pub const TCP: u8 = 1;
+    pub const UDP: u8 = 2;
+}
+
+/// Affinity of a port rule.
+pub mod affinity {
+    /// Hash on the client (source) address only.
+    pub const CLIENT: u8 = 0;
+    /// Hash on the client address and source port.
+    pub const CONNECTION: u8 = 1;
+}
+
+/// A port rule: a protocol set and a destination port range, with its affinity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct PortRule {
+    /// First port of the range, network order.
+    pub port_lo: [u8; 2],
+    /// Last port of the range (inclusive), network order.
+    pub port_hi: [u8; 2],
+    /// `proto_mask::*` bits.
+    pub protocols: u8,
+    /// `affinity::*`.
+    pub affinity: u8,
+    pub _reserved: [u8; 2],
+}
+
+impl PortRule {
+    pub const fn new(protocols: u8, lo: u16, hi: u16, affinity: u8) -> Self {
+        Self {
+            port_lo: lo.to_be_bytes(),
+            port_hi: hi.to_be_bytes(),
+            protocols,
+            affinity,
+            _reserved: [0; 2],
+        }
+    }
+    pub const fn lo(&self) -> u16 {
+        u16::from_be_bytes(self.port_lo)
+    }
+    pub const fn hi(&self) -> u16 {
+        u16::from_be_bytes(self.port_hi)
+    }
+    /// Whether a packet of protocol bit `proto` to `port` (host order) falls under this rule.
+    #[inline(always)]
+    pub const fn matches(&self, proto: u8, port: u16) -> bool {
+        self.protocols & proto != 0 && port >= self.lo() && port <= self.hi()
+    }
+}
+
+/// Value of `FARM_VIPS`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct VipInfo {
+    pub rules: [PortRule; MAX_RULES],
+    /// How many of `rules` are in use.
+    pub nrules: u8,
+    /// Index of the VIP in the configuration (for counters and logs).
+    pub index: u8,
+    pub _reserved: [u8; 6],
+}
+
+impl VipInfo {
+    /// Affinity of a TCP/UDP packet to `port`. Traffic to a VIP that matches no rule (other
+    /// ports, other protocols, ICMP echo) is still delivered to exactly one node: by client.
+    #[inline(always)]
+    pub fn affinity_for(&self, proto: u8, port: u16) -> u8 {
+        let mut i = 0;
+        while i < MAX_RULES {
+            if i < self.nrules as usize && self.rules[i].matches(proto, port) {
+                return self.rules[i].affinity;
+            }
+            i += 1;
+        }
+        affinity::CLIENT
+    }
+}
+
+/// Indices of the per-CPU `FARM_STATS` counters.
+pub mod stat {
+    /// ARP requests for a VIP answered (with the cluster MAC) by this node.
+    pub const ARP_ANSWERED: u32 = 0;
+    /// ARP requests for a VIP left to the member that owns the requester's bucket.
+    pub const ARP_LEFT_TO_PEER: u32 = 1;
+    /// IPv6 neighbour solicitations for a VIP answered by this node.
+    pub const NDP_ANSWERED: u32 = 2;
+    pub const NDP_LEFT_TO_PEER: u32 = 3;
+    /// Frames not addressed to a VIP, passed untouched.
+    pub const NOT_VIP: u32 = 4;
+    /// VIP frames dropped because the dead-man switch expired (daemon hung or gone).
+    pub const DEADMAN_DROP: u32 = 5;
+    /// VIP fragments hashed by client address.
+    pub const FRAGMENTS: u32 = 6;
+    /// ICMP errors classified by their inner packet.
+    pub const ICMP_ERRORS: u32 = 7;
+    /// ARP/NDP for the VIP sent by someone else claiming the VIP (dropped).
+    pub const VIP_CLAIM_DROPPED: u32 = 8;
+    /// Egress: ARP/NDP from a VIP rewritten to carry the cluster MAC.
+    pub const EGRESS_REWRITTEN: u32 = 9;
+    // Parse errors, by kind. VIP-bound frames with a parse error are dropped; frames whose
+    // destination cannot even be read are passed (the kernel drops them too).
+    pub const ERR_ETH_SHORT: u32 = 16;
+    pub const ERR_VLAN_SHORT: u32 = 17;
+    pub const ERR_IPV4_SHORT: u32 = 18;
+    pub const ERR_IPV4_BAD_HEADER: u32 = 19;
+    pub const ERR_IPV6_SHORT: u32 = 20;
+    pub const ERR_IPV6_EXT: u32 = 21;
+    pub const ERR_L4_SHORT: u32 = 22;
+    pub const ERR_ICMP_INNER: u32 = 23;
+    pub const ERR_ARP: u32 = 24;
+    pub const ERR_NDP: u32 = 25;
+    pub const COUNT: u32 = 32;
+
+    /// Names for display, indexed like the constants (empty = unused slot).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "arp_answered",
+        "arp_left_to_peer",
+        "ndp_answered",
+        "ndp_left_to_peer",
+        "not_vip_passed",
+        "deadman_dropped",
+        "fragments",
+        "icmp_errors_classified",
+        "vip_claim_dropped",
+        "egress_rewritten",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "err_eth_short",
+        "err_vlan_short",
+        "err_ipv4_short",
+        "err_ipv4_bad_header",
+        "err_ipv6_short",
+        "err_ipv6_ext_headers",
+        "err_l4_short",
+        "err_icmp_inner",
+        "err_arp",
+        "err_ndp",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `repr(C)` with only integer / byte-array fields and no padding
+    // (checked by the size assertions below), so any byte pattern is a valid value.
+    unsafe impl aya::Pod for super::Control {}
+    unsafe impl aya::Pod for super::BucketEntry {}
+    unsafe impl aya::Pod for super::BucketCounters {}
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipInfo {}
+}
+
+// No implicit padding anywhere: the sizes are the sums of the fields.
+const _: () = assert!(core::mem::size_of::<Control>() == 8 + 16 + 4 + 6 + 6);
+const _: () = assert!(core::mem::size_of::<BucketEntry>() == 4);
+const _: () = assert!(core::mem::size_of::<BucketCounters>() == 32);
+const _: () = assert!(core::mem::size_of::<VipKey>() == 16);
+const _: () = assert!(core::mem::size_of::<PortRule>() == 8);
+const _: () = assert!(core::mem::size_of::<VipInfo>() == 8 * MAX_RULES + 8);
