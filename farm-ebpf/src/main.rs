@@ -1,1 +1,90 @@
-#![no_std] #![no_main]
+//! farm's data plane: an XDP bucket filter for shared virtual IPs, plus a tc egress companion.
+//!
+//! `farm_xdp` (ingress, every frame): frames for a VIP are hashed into a bucket; a bucket this
+//! node owns is accepted (destination MAC rewritten to the interface's, XDP_PASS), any other is
+//! dropped before the stack sees it. ARP requests and IPv6 neighbour solicitations for a VIP are
+//! answered here with the cluster MAC (by exactly one node: the owner of the requester's bucket);
+//! the kernel never sees them. Everything else passes untouched.
+//!
+//! `farm_egress` (tc egress): ARP and NDP packets the kernel sends *from* a VIP (when it resolves
+//! a client) get the cluster MAC as their link-layer address, so no client ever learns a node's
+//! own MAC for the VIP.
+//!
+//! `farm_empty`: an XDP program that only returns XDP_PASS; the benchmark's floor, and the test
+//! harness's program for the switch side of veth pairs (so XDP_TX frames are received).
+#![no_std]
+#![no_main]
+
+mod arp;
+mod csum;
+mod egress;
+mod ipv4;
+mod ipv6;
+mod maps;
+mod ndp;
+mod ptr;
+mod verdict;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+use crate::ptr::{ETH_HLEN, load_u16_be};
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+#[xdp]
+pub fn farm_xdp(ctx: XdpContext) -> u32 {
+    let Some(ctl) = maps::control() else {
+        return xdp_action::XDP_PASS;
+    };
+    // Ethernet, with at most one 802.1Q / 802.1ad tag.
+    let Some(mut ethertype) = load_u16_be(&ctx, 12) else {
+        maps::stat(farm_common::stat::ERR_ETH_SHORT);
+        return xdp_action::XDP_PASS;
+    };
+    let mut l3 = ETH_HLEN;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        let Some(inner) = load_u16_be(&ctx, 16) else {
+            maps::stat(farm_common::stat::ERR_VLAN_SHORT);
+            return xdp_action::XDP_PASS;
+        };
+        ethertype = inner;
+        l3 = ETH_HLEN + 4;
+    }
+    match ethertype {
+        ETH_P_IP => ipv4::handle(&ctx, ctl, l3),
+        ETH_P_IPV6 => ipv6::handle(&ctx, ctl, l3),
+        ETH_P_ARP => arp::handle(&ctx, ctl, l3),
+        _ => {
+            maps::stat(farm_common::stat::NOT_VIP);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+#[xdp]
+pub fn farm_empty(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn farm_egress(ctx: TcContext) -> i32 {
+    egress::handle(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,824 @@
+//! The configuration file: TOML parsed into raw structs, then validated in one place into
+//! [`Config`]. Every mistake is reported with the field it is in and what is allowed, all of
+//! them at once, before anything on the host is touched.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use farm_common::{MAX_MEMBERS, MAX_RULES, MAX_VIPS, affinity, proto_mask};
+use serde::Deserialize;
+
+/// One mistake in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path of the field, e.g. `cluster.members[1].weight`.
+    pub field: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}: {} mistake(s):\n{}", .errors.len(), format_errors(.errors))]
+    Invalid {
+        path: PathBuf,
+        errors: Vec<FieldError>,
+    },
+}
+
+fn format_errors(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("  - {e}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: RawNode,
+    cluster: RawCluster,
+    #[serde(default)]
+    vip: Vec<RawVip>,
+    #[serde(default)]
+    control: RawControl,
+    #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default)]
+    dataplane: RawDataplane,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    id: String,
+    interface: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    secret_file: PathBuf,
+    #[serde(default = "default_mac_mode")]
+    mac_mode: String,
+    cluster_mac: Option<String>,
+    #[serde(default = "default_deadman_ms")]
+    deadman_timeout_ms: u64,
+    #[serde(default)]
+    members: Vec<RawMember>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMember {
+    id: String,
+    address: String,
+    #[serde(default = "default_weight")]
+    weight: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    address: String,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    protocol: String,
+    ports: RawPorts,
+    #[serde(default = "default_affinity")]
+    affinity: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawPorts {
+    One(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawControl {
+    socket: PathBuf,
+}
+
+impl Default for RawControl {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRuntime {
+    state_dir: PathBuf,
+    bpffs: PathBuf,
+}
+
+impl Default for RawRuntime {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/run/farm"),
+            bpffs: PathBuf::from("/sys/fs/bpf"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDataplane {
+    xdp_mode: String,
+    announce_interval_s: u64,
+}
+
+impl Default for RawDataplane {
+    fn default() -> Self {
+        Self {
+            xdp_mode: "auto".into(),
+            announce_interval_s: 60,
+        }
+    }
+}
+
+fn default_mac_mode() -> String {
+    "unicast".into()
+}
+fn default_deadman_ms() -> u64 {
+    500
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_affinity() -> String {
+    "client".into()
+}
+
+pub const DEFAULT_SOCKET: &str = "/run/farm/farmd.sock";
+
+// ---------------------------------------------------------------------------------------------
+// The validated configuration.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MacMode {
+    /// A locally administered unicast MAC that is never a source address: switches flood it.
+    Unicast,
+    /// A multicast MAC: switches flood it (or deliver it to the registered ports).
+    Multicast,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode, generic mode as a fallback with a warning.
+    Auto,
+    Driver,
+    Generic,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: String,
+    pub address: IpAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub protocols: u8,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub affinity: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vip {
+    pub address: IpAddr,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub node_id: String,
+    pub interface: String,
+    pub secret_file: PathBuf,
+    pub mac_mode: MacMode,
+    pub cluster_mac: Option<[u8; 6]>,
+    pub deadman_timeout: Duration,
+    /// Sorted by id, so that member indices are the same on every node whatever the order in
+    /// each node's file.
+    pub members: Vec<Member>,
+    /// Index of this node in `members`.
+    pub me: usize,
+    pub vips: Vec<Vip>,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpffs: PathBuf,
+    pub xdp_mode: XdpMode,
+    pub announce_interval: Duration,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text (`origin` names it in errors).
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
+        validate(raw).map_err(|errors| ConfigError::Invalid {
+            path: origin.into(),
+            errors,
+        })
+    }
+
+    pub fn me(&self) -> &Member {
+        &self.members[self.me]
+    }
+}
+
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
+    let mut e = Errors(Vec::new());
+
+    // node
+    if !valid_id(&raw.node.id) {
+        e.push("node.id", ID_RULE);
+    }
+    if raw.node.interface.is_empty()
+        || raw.node.interface.len() > 15
+        || raw.node.interface.contains(['/', ' '])
+    {
+        e.push(
+            "node.interface",
+            format!(
+                "{:?} is not an interface name (1 to 15 characters, no '/' or spaces), e.g. \"eth0\"",
+                raw.node.interface
+            ),
+        );
+    }
+
+    // cluster
+    let c = &raw.cluster;
+    if c.secret_file.as_os_str().is_empty() || !c.secret_file.is_absolute() {
+        e.push(
+            "cluster.secret_file",
+            "must be an absolute path to the cluster key file (create one with \
+             `head -c 32 /dev/urandom > FILE; chmod 600 FILE`, the same file on every member)",
+        );
+    }
+    let mac_mode = match c.mac_mode.as_str() {
+        "unicast" => MacMode::Unicast,
+        "multicast" => MacMode::Multicast,
+        other => {
+            e.push(
+                "cluster.mac_mode",
+                format!("{other:?} is not allowed: use \"unicast\" or \"multicast\""),
+            );
+            MacMode::Unicast
+        }
+    };
+    let cluster_mac = match &c.cluster_mac {
+        None => None,
+        Some(text) => match parse_mac(text) {
+            None => {
+                e.push(
+                    "cluster.cluster_mac",
+                    format!("{text:?} is not a MAC address like \"02:fa:00:00:00:01\""),
+                );
+                None
+            }
+            Some(mac) => {
+                let multicast = mac[0] & 1 == 1;
+                match mac_mode {
+                    MacMode::Unicast if multicast => e.push(
+                        "cluster.cluster_mac",
+                        format!(
+                            "{text} is a multicast MAC but mac_mode is \"unicast\": clear the \
+                             lowest bit of the first octet (e.g. 02:...) or set mac_mode = \"multicast\""
+                        ),
+                    ),
+                    MacMode::Multicast if !multicast => e.push(
+                        "cluster.cluster_mac",
+                        format!(
+                            "{text} is a unicast MAC but mac_mode is \"multicast\": set the lowest \
+                             bit of the first octet (e.g. 03:...) or set mac_mode = \"unicast\""
+                        ),
+                    ),
+                    _ => {}
+                }
+                if mac == [0xff; 6] || mac == [0; 6] {
+                    e.push(
+                        "cluster.cluster_mac",
+                        "must not be the broadcast or the zero address",
+                    );
+                }
+                Some(mac)
+            }
+        },
+    };
+    if !(50..=60_000).contains(&c.deadman_timeout_ms) {
+        e.push(
+            "cluster.deadman_timeout_ms",
+            format!(
+                "{} is out of range: allowed 50 to 60000 (milliseconds)",
+                c.deadman_timeout_ms
+            ),
+        );
+    }
+
+    let mut members = Vec::new();
+    if c.members.is_empty() {
+        e.push(
+            "cluster.members",
+            "list at least one member ([[cluster.members]] with id and address), this node included",
+        );
+    }
+    if c.members.len() > MAX_MEMBERS {
+        e.push(
+            "cluster.members",
+            format!(
+                "{} members listed; at most {MAX_MEMBERS} are allowed",
+                c.members.len()
+            ),
+        );
+    }
+    let mut ids = HashSet::new();
+    let mut addrs = HashSet::new();
+    for (i, m) in c.members.iter().enumerate() {
+        let f = format!("cluster.members[{i}]");
+        if !valid_id(&m.id) {
+            e.push(format!("{f}.id"), ID_RULE);
+        } else if !ids.insert(m.id.clone()) {
+            e.push(
+                format!("{f}.id"),
+                format!("{:?} is listed twice: member ids must be unique", m.id),
+            );
+        }
+        let address = match m.address.parse::<IpAddr>() {
+            Ok(a) if a.is_unspecified() || a.is_multicast() => {
+                e.push(
+                    format!("{f}.address"),
+                    format!("{a} is not a unicast address"),
+                );
+                None
+            }
+            Ok(a) => {
+                if !addrs.insert(a) {
+                    e.push(format!("{f}.address"), format!("{a} is listed twice"));
+                }
+                Some(a)
+            }
+            Err(_) => {
+                e.push(
+                    format!("{f}.address"),
+                    format!(
+                        "{:?} is not an IP address (e.g. \"192.0.2.11\" or \"2001:db8::11\")",
+                        m.address
+                    ),
+                );
+                None
+            }
+        };
+        if m.weight > 1000 {
+            e.push(
+                format!("{f}.weight"),
+                format!(
+                    "{} is out of range: allowed 0 (standby) to 1000",
+                    m.weight
+                ),
+            );
+        }
+        if let Some(address) = address {
+            members.push(Member {
+                id: m.id.clone(),
+                address,
+                weight: m.weight,
+            });
+        }
+    }
+    members.sort_by(|a, b| a.id.cmp(&b.id));
+    let me = members.iter().position(|m| m.id == raw.node.id);
+    if me.is_none() && valid_id(&raw.node.id) && !c.members.is_empty() {
+        e.push(
+            "node.id",
+            format!(
+                "{:?} is not one of cluster.members (ids: {}): add this node to the member list",
+                raw.node.id,
+                c.members
+                    .iter()
+                    .map(|m| m.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
+    if !c.members.is_empty() && c.members.iter().all(|m| m.weight == 0) {
+        e.push(
+            "cluster.members",
+            "every member has weight 0: at least one must take traffic (weight >= 1)",
+        );
+    }
+
+    // VIPs
+    let mut vips = Vec::new();
+    if raw.vip.is_empty() {
+        e.push(
+            "vip",
+            "no VIP configured: add a [[vip]] section with an address",
+        );
+    }
+    if raw.vip.len() > MAX_VIPS as usize {
+        e.push(
+            "vip",
+            format!("{} VIPs; at most {MAX_VIPS} are allowed", raw.vip.len()),
+        );
+    }
+    let mut vip_addrs = HashSet::new();
+    for (i, v) in raw.vip.iter().enumerate() {
+        let f = format!("vip[{i}]");
+        let address = match v.address.parse::<IpAddr>() {
+            Ok(a)
+                if a.is_unspecified()
+                    || a.is_multicast()
+                    || a.is_loopback()
+                    || matches!(a, IpAddr::V4(v4) if v4.is_broadcast())
+                    || matches!(a, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()) =>
+            {
+                e.push(
+                    format!("{f}.address"),
+                    format!("{a} cannot be a VIP: use a unicast, non-loopback address"),
+                );
+                None
+            }
+            Ok(a) => {
+                if !vip_addrs.insert(a) {
+                    e.push(format!("{f}.address"), format!("{a} is listed twice"));
+                }
+                if members.iter().any(|m| m.address == a) {
+                    e.push(
+                        format!("{f}.address"),
+                        format!("{a} is a member's own address; a VIP must be an address of its own"),
+                    );
+                }
+                Some(a)
+            }
+            Err(_) => {
+                e.push(
+                    format!("{f}.address"),
+                    format!(
+                        "{:?} is not an IP address (e.g. \"192.0.2.100\" or \"2001:db8::100\")",
+                        v.address
+                    ),
+                );
+                None
+            }
+        };
+        if v.rules.len() > MAX_RULES {
+            e.push(
+                format!("{f}.rules"),
+                format!("{} rules; at most {MAX_RULES} per VIP", v.rules.len()),
+            );
+        }
+        let mut rules = Vec::new();
+        for (j, r) in v.rules.iter().enumerate() {
+            let rf = format!("{f}.rules[{j}]");
+            let protocols = match r.protocol.as_str() {
+                "tcp" => Some(proto_mask::TCP),
+                "udp" => Some(proto_mask::UDP),
+                "both" => Some(proto_mask::TCP | proto_mask::UDP),
+                other => {
+                    e.push(
+                        format!("{rf}.protocol"),
+                        format!("{other:?} is not allowed: use \"tcp\", \"udp\" or \"both\""),
+                    );
+                    None
+                }
+            };
+            let ports = parse_ports(&r.ports);
+            if ports.is_none() {
+                e.push(
+                    format!("{rf}.ports"),
+                    format!(
+                        "{} is not a port or range: use a number 1-65535 (80) or a range \
+                         (\"8000-8100\")",
+                        match &r.ports {
+                            RawPorts::One(n) => n.to_string(),
+                            RawPorts::Text(t) => format!("{t:?}"),
+                        }
+                    ),
+                );
+            }
+            let aff = match r.affinity.as_str() {
+                "client" => Some(affinity::CLIENT),
+                "connection" => Some(affinity::CONNECTION),
+                other => {
+                    e.push(
+                        format!("{rf}.affinity"),
+                        format!(
+                            "{other:?} is not allowed: use \"client\" (source address, the \
+                             default) or \"connection\" (source address and port)"
+                        ),
+                    );
+                    None
+                }
+            };
+            if let (Some(protocols), Some((lo, hi)), Some(aff)) = (protocols, ports, aff) {
+                if let Some(k) = rules.iter().position(|o: &Rule| {
+                    o.protocols & protocols != 0 && lo <= o.port_hi && o.port_lo <= hi
+                }) {
+                    e.push(
+                        format!("{rf}.ports"),
+                        format!(
+                            "overlaps {f}.rules[{k}] for the same protocol: each port may have \
+                             one rule"
+                        ),
+                    );
+                }
+                rules.push(Rule {
+                    protocols,
+                    port_lo: lo,
+                    port_hi: hi,
+                    affinity: aff,
+                });
+            }
+        }
+        if let Some(address) = address {
+            vips.push(Vip { address, rules });
+        }
+    }
+
+    // control, runtime, dataplane
+    if !raw.control.socket.is_absolute() {
+        e.push("control.socket", "must be an absolute path");
+    }
+    if !raw.runtime.state_dir.is_absolute() {
+        e.push("runtime.state_dir", "must be an absolute path");
+    }
+    if !raw.runtime.bpffs.is_absolute() {
+        e.push(
+            "runtime.bpffs",
+            "must be an absolute path to a bpf filesystem (default /sys/fs/bpf)",
+        );
+    }
+    let xdp_mode = match raw.dataplane.xdp_mode.as_str() {
+        "auto" => XdpMode::Auto,
+        "driver" => XdpMode::Driver,
+        "generic" => XdpMode::Generic,
+        other => {
+            e.push(
+                "dataplane.xdp_mode",
+                format!("{other:?} is not allowed: use \"auto\", \"driver\" or \"generic\""),
+            );
+            XdpMode::Auto
+        }
+    };
+    if raw.dataplane.announce_interval_s == 0 || raw.dataplane.announce_interval_s > 3600 {
+        e.push(
+            "dataplane.announce_interval_s",
+            format!(
+                "{} is out of range: allowed 1 to 3600 (seconds between gratuitous ARP/NA)",
+                raw.dataplane.announce_interval_s
+            ),
+        );
+    }
+
+    if !e.0.is_empty() {
+        return Err(e.0);
+    }
+    Ok(Config {
+        node_id: raw.node.id,
+        interface: raw.node.interface,
+        secret_file: raw.cluster.secret_file,
+        mac_mode,
+        cluster_mac,
+        deadman_timeout: Duration::from_millis(raw.cluster.deadman_timeout_ms),
+        me: me.expect("checked above"),
+        members,
+        vips,
+        socket: raw.control.socket,
+        state_dir: raw.runtime.state_dir,
+        bpffs: raw.runtime.bpffs,
+        xdp_mode,
+        announce_interval: Duration::from_secs(raw.dataplane.announce_interval_s),
+    })
+}
+
+const ID_RULE: &str =
+    "must be 1 to 63 characters from a-z, A-Z, 0-9, '-', '_' and '.', e.g. \"web1\"";
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 63
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (or with `-`).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        if p.len() != 2 {
+            return None;
+        }
+        mac[i] = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+pub fn format_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+fn parse_ports(p: &RawPorts) -> Option<(u16, u16)> {
+    let port = |n: i64| u16::try_from(n).ok().filter(|&n| n > 0);
+    match p {
+        RawPorts::One(n) => port(*n).map(|n| (n, n)),
+        RawPorts::Text(t) => {
+            let (lo, hi) = match t.split_once('-') {
+                Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+                None => {
+                    let n = t.trim().parse().ok()?;
+                    (n, n)
+                }
+            };
+            let (lo, hi) = (port(lo)?, port(hi)?);
+            (lo <= hi).then_some((lo, hi))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+id = "web1"
+interface = "eth0"
+
+[cluster]
+secret_file = "/etc/farm/cluster.key"
+
+[[cluster.members]]
+id = "web2"
+address = "192.0.2.12"
+
+[[cluster.members]]
+id = "web1"
+address = "192.0.2.11"
+weight = 2
+
+[[vip]]
+address = "192.0.2.100"
+rules = [ { protocol = "tcp", ports = 80 }, { protocol = "udp", ports = "5000-5100", affinity = "connection" } ]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    fn field_errors(text: &str) -> Vec<FieldError> {
+        match parse(text) {
+            Err(ConfigError::Invalid { errors, .. }) => errors,
+            other => panic!("expected field errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.members[0].id, "web1", "members are sorted by id");
+        assert_eq!(c.me, 0);
+        assert_eq!(c.me().weight, 2);
+        assert_eq!(c.members[1].weight, 1, "weight defaults to 1");
+        assert_eq!(c.mac_mode, MacMode::Unicast);
+        assert_eq!(c.deadman_timeout, Duration::from_millis(500));
+        assert_eq!(c.vips[0].rules[1].affinity, affinity::CONNECTION);
+        assert_eq!((c.vips[0].rules[1].port_lo, c.vips[0].rules[1].port_hi), (5000, 5100));
+        assert_eq!(c.socket, Path::new(DEFAULT_SOCKET));
+    }
+
+    #[test]
+    fn every_mistake_is_named() {
+        let bad = GOOD
+            .replace("id = \"web1\"\ninterface", "id = \"web 1\"\ninterface")
+            .replace("weight = 2", "weight = 5000")
+            .replace("ports = 80", "ports = 70000")
+            .replace("affinity = \"connection\"", "affinity = \"sticky\"")
+            .replace("192.0.2.12", "192.0.2.300");
+        let errors = field_errors(&bad);
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "node.id",
+            "cluster.members[1].weight",
+            "vip[0].rules[0].ports",
+            "vip[0].rules[1].affinity",
+            "cluster.members[0].address",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+        // Messages say what is allowed.
+        let weight = errors.iter().find(|e| e.field.ends_with("weight")).unwrap();
+        assert!(weight.message.contains("0 (standby) to 1000"), "{weight}");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_by_name() {
+        let bad = GOOD.replace("weight = 2", "wieght = 2");
+        match parse(&bad) {
+            Err(ConfigError::Syntax { message, .. }) => {
+                assert!(message.contains("wieght"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn node_must_be_a_member() {
+        let bad = GOOD.replace("id = \"web1\"\naddress", "id = \"web3\"\naddress");
+        let errors = field_errors(&bad);
+        assert!(errors.iter().any(|e| e.field == "node.id" && e.message.contains("web2")));
+    }
+
+    #[test]
+    fn overlapping_rules_and_mac_mode_mismatch() {
+        let bad = GOOD
+            .replace(
+                "{ protocol = \"udp\", ports = \"5000-5100\"",
+                "{ protocol = \"both\", ports = \"79-81\"",
+            )
+            .replace(
+                "secret_file = \"/etc/farm/cluster.key\"",
+                "secret_file = \"/etc/farm/cluster.key\"\ncluster_mac = \"03:00:00:00:00:01\"",
+            );
+        let errors = field_errors(&bad);
+        assert!(errors.iter().any(|e| e.field == "vip[0].rules[1].ports"));
+        assert!(errors.iter().any(|e| e.field == "cluster.cluster_mac"));
+    }
+
+    #[test]
+    fn ports_forms() {
+        assert_eq!(parse_ports(&RawPorts::One(443)), Some((443, 443)));
+        assert_eq!(parse_ports(&RawPorts::Text("1-65535".into())), Some((1, 65535)));
+        assert_eq!(parse_ports(&RawPorts::Text("90-80".into())), None);
+        assert_eq!(parse_ports(&RawPorts::One(0)), None);
+        assert_eq!(parse_mac("02:fa:00:00:00:01"), Some([2, 0xfa, 0, 0, 0, 1]));
+        assert_eq!(parse_mac("02:fa:00:00:00"), None);
+    }
+}

@@ -1,0 +1,74 @@
+//! tc egress: ARP and NDP the kernel sends from a VIP carry the cluster MAC as link-layer
+//! address, so a client never learns one member's own MAC for the VIP. (The Ethernet source stays
+//! the member's MAC: the cluster MAC is never a source, so switches keep flooding it.)
+
+use aya_ebpf::{
+    bindings::TC_ACT_OK,
+    programs::TcContext,
+};
+use farm_common::stat;
+
+use crate::{ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV6, ipv6, maps};
+
+#[inline(always)]
+pub fn handle(ctx: &TcContext) -> i32 {
+    let _ = rewrite(ctx);
+    TC_ACT_OK as i32
+}
+
+#[inline(always)]
+fn be16(ctx: &TcContext, off: usize) -> Option<u16> {
+    ctx.load::<[u8; 2]>(off).ok().map(u16::from_be_bytes)
+}
+
+#[inline(always)]
+fn rewrite(ctx: &TcContext) -> Option<()> {
+    let ctl = maps::control()?;
+    let mut ethertype = be16(ctx, 12)?;
+    let mut l3 = 14;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = be16(ctx, 16)?;
+        l3 = 18;
+    }
+    if ethertype == ETH_P_ARP {
+        let spa = ctx.load::<[u8; 4]>(l3 + 14).ok()?;
+        maps::vip_v4(spa)?;
+        ctx.store(l3 + 8, &ctl.cluster_mac, 0).ok()?;
+        maps::stat(stat::EGRESS_REWRITTEN);
+        return Some(());
+    }
+    if ethertype != ETH_P_IPV6 {
+        return None;
+    }
+    let nh = ctx.load::<u8>(l3 + 6).ok()?;
+    if nh != ipv6::IPPROTO_ICMPV6 {
+        return None;
+    }
+    let src = ctx.load::<[u8; 16]>(l3 + 8).ok()?;
+    maps::vip(&src)?;
+    let l4 = l3 + 40;
+    let ty = ctx.load::<u8>(l4).ok()?;
+    if ty != ipv6::NDISC_NEIGHBOUR_SOLICITATION && ty != ipv6::NDISC_NEIGHBOUR_ADVERTISEMENT {
+        return None;
+    }
+    // The first option follows the 24-byte message: source (NS) or target (NA) link-layer
+    // address, one 8-byte unit long.
+    let opt = l4 + 24;
+    let hdr = ctx.load::<[u8; 2]>(opt).ok()?;
+    if (hdr[0] != 1 && hdr[0] != 2) || hdr[1] != 1 {
+        return None;
+    }
+    let old = ctx.load::<[u8; 6]>(opt + 2).ok()?;
+    let new = ctl.cluster_mac;
+    let mut i = 0;
+    while i < 6 {
+        // The helper takes the 16-bit words as they lie in the packet.
+        let from = u16::from_ne_bytes([old[i], old[i + 1]]) as u64;
+        let to = u16::from_ne_bytes([new[i], new[i + 1]]) as u64;
+        ctx.l4_csum_replace(l4 + 2, from, to, 2).ok()?;
+        i += 2;
+    }
+    ctx.store(opt + 2, &new, 0).ok()?;
+    maps::stat(stat::EGRESS_REWRITTEN);
+    Some(())
+}
