@@ -29,6 +29,7 @@ pub const MAP_BUCKET_COUNTERS: &str = "FARM_BUCKET_COUNTERS";
 pub const MAP_STATS: &str = "FARM_STATS";
 pub const PROG_XDP: &str = "farm_xdp";
 pub const PROG_EGRESS: &str = "farm_egress";
+pub const PROG_INGRESS: &str = "farm_ingress";
 pub const PROG_EMPTY: &str = "farm_empty";
 
 /// The single entry of `FARM_CONTROL`: what the daemon tells the data plane besides the buckets.

@@ -1,5 +1,11 @@
-//! farmd: the farm daemon, as a library so that farmctl and the tests share its types.
+//! farmd: the farm daemon, as a library so that farmctl, the tests and the benchmarks share its
+//! types and its data plane.
 
+pub mod announce;
 pub mod assign;
 pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod dataplane;
+pub mod netlink;
 pub mod secret;

@@ -16,15 +16,15 @@ const ARPOP_REPLY: u16 = 2;
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
     // Fixed part (htype, ptype, hlen, plen, op) and the IPv4-over-Ethernet addresses.
-    let (Some(fixed), Some(sha), Some(spa), Some(tpa)) = (
-        load::<[u8; 8]>(ctx, l3),
-        load::<[u8; 6]>(ctx, l3 + 8),
-        load::<[u8; 4]>(ctx, l3 + 14),
-        load::<[u8; 4]>(ctx, l3 + 24),
-    ) else {
+    // One bounds check for the whole 28-byte ARP body, then plain reads.
+    let Some(body) = load::<[u8; 28]>(ctx, l3) else {
         maps::stat(stat::ERR_ARP);
         return xdp_action::XDP_PASS;
     };
+    let fixed = [body[0], body[1], body[2], body[3], body[4], body[5], body[6], body[7]];
+    let sha = [body[8], body[9], body[10], body[11], body[12], body[13]];
+    let spa = [body[14], body[15], body[16], body[17]];
+    let tpa = [body[24], body[25], body[26], body[27]];
     if fixed[..6] != [0, 1, 8, 0, 6, 4] {
         maps::stat(stat::ERR_ARP);
         return xdp_action::XDP_PASS;

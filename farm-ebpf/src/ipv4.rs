@@ -5,7 +5,7 @@ use farm_common::{BucketKey, Control, VipInfo, affinity, proto_mask, stat};
 
 use crate::{
     maps,
-    ptr::{load, load_u8, load_u16_be},
+    ptr::load,
     verdict,
 };
 
@@ -28,11 +28,14 @@ struct Hdr {
 /// Reads the header at `l3`. `Err(idx)` names the parse error to count.
 #[inline(always)]
 fn header(ctx: &XdpContext, l3: usize) -> Result<Hdr, u32> {
-    let vihl = load_u8(ctx, l3).ok_or(stat::ERR_IPV4_SHORT)?;
-    let frag = load_u16_be(ctx, l3 + 6).ok_or(stat::ERR_IPV4_SHORT)?;
-    let proto = load_u8(ctx, l3 + 9).ok_or(stat::ERR_IPV4_SHORT)?;
-    let src = load::<[u8; 4]>(ctx, l3 + 12).ok_or(stat::ERR_IPV4_SHORT)?;
-    let dst = load::<[u8; 4]>(ctx, l3 + 16).ok_or(stat::ERR_IPV4_SHORT)?;
+    // One bounds check for the fixed header (LLVM may otherwise merge per-field checks in a way
+    // the verifier cannot follow).
+    let h = load::<[u8; 20]>(ctx, l3).ok_or(stat::ERR_IPV4_SHORT)?;
+    let vihl = h[0];
+    let frag = u16::from_be_bytes([h[6], h[7]]);
+    let proto = h[9];
+    let src = [h[12], h[13], h[14], h[15]];
+    let dst = [h[16], h[17], h[18], h[19]];
     let ihl_bytes = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || ihl_bytes < 20 {
         return Err(stat::ERR_IPV4_BAD_HEADER);
@@ -67,18 +70,29 @@ fn key_for(vip: &VipInfo, proto: u8, client: [u8; 4], client_port: [u8; 2], vip_
 
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
-    // Destination first: anything whose destination cannot be read or is not a VIP passes.
-    let Some(dst) = load::<[u8; 4]>(ctx, l3 + 16) else {
-        maps::stat(stat::ERR_IPV4_SHORT);
-        return xdp_action::XDP_PASS;
-    };
-    let Some(vip) = maps::vip_v4(dst) else {
-        maps::stat(stat::NOT_VIP);
-        return xdp_action::XDP_PASS;
-    };
+    // A header too short to read passes (the kernel drops it); a header for a VIP that is
+    // malformed is dropped here; anything not for a VIP passes untouched.
     let h = match header(ctx, l3) {
         Ok(h) => h,
-        Err(e) => return verdict::malformed(e),
+        Err(stat::ERR_IPV4_SHORT) => {
+            maps::stat(stat::ERR_IPV4_SHORT);
+            return xdp_action::XDP_PASS;
+        }
+        Err(e) => {
+            // Bad version or IHL: dropped if it claims to be for a VIP.
+            let Some(dst) = load::<[u8; 4]>(ctx, l3 + 16) else {
+                return xdp_action::XDP_PASS;
+            };
+            if maps::vip_v4(dst).is_none() {
+                maps::stat(stat::NOT_VIP);
+                return xdp_action::XDP_PASS;
+            }
+            return verdict::malformed(e);
+        }
+    };
+    let Some(vip) = maps::vip_v4(h.dst) else {
+        maps::stat(stat::NOT_VIP);
+        return xdp_action::XDP_PASS;
     };
     if h.is_fragment {
         // Every fragment of a datagram carries the same source address, and only the first one
@@ -89,21 +103,19 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
     let l4 = l3 + (h.ihl_bytes & 0x3c);
     match h.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let (Some(sport), Some(dport)) =
-                (load::<[u8; 2]>(ctx, l4), load_u16_be(ctx, l4 + 2))
-            else {
+            let Some(ports) = load::<[u8; 4]>(ctx, l4) else {
                 return verdict::malformed(stat::ERR_L4_SHORT);
             };
+            let sport = [ports[0], ports[1]];
+            let dport = u16::from_be_bytes([ports[2], ports[3]]);
             let key = key_for(vip, h.proto, h.src, sport, dport);
             verdict::deliver(ctx, ctl, key)
         }
         IPPROTO_ICMP => {
-            let Some(ty) = load_u8(ctx, l4) else {
+            let Some(icmp) = load::<[u8; 8]>(ctx, l4) else {
                 return verdict::malformed(stat::ERR_L4_SHORT);
             };
-            if load::<[u8; 8]>(ctx, l4).is_none() {
-                return verdict::malformed(stat::ERR_L4_SHORT);
-            }
+            let ty = icmp[0];
             if ty == ICMP_DEST_UNREACH || ty == ICMP_TIME_EXCEEDED {
                 maps::stat(stat::ICMP_ERRORS);
                 return match icmp_error_key(ctx, vip, l4 + 8) {
@@ -130,7 +142,8 @@ fn icmp_error_key(ctx: &XdpContext, vip: &VipInfo, inner: usize) -> Option<Bucke
         return Some(BucketKey::V4(h.dst));
     }
     let il4 = inner + (h.ihl_bytes & 0x3c);
-    let vip_port = load_u16_be(ctx, il4)?;
-    let client_port = load::<[u8; 2]>(ctx, il4 + 2)?;
+    let ports = load::<[u8; 4]>(ctx, il4)?;
+    let vip_port = u16::from_be_bytes([ports[0], ports[1]]);
+    let client_port = [ports[2], ports[3]];
     Some(key_for(vip, h.proto, h.dst, client_port, vip_port))
 }

@@ -6,7 +6,7 @@ use farm_common::{BucketKey, Control, VipInfo, affinity, proto_mask, stat};
 
 use crate::{
     maps, ndp,
-    ptr::{load, load_u8, load_u16_be},
+    ptr::{load, load_u8},
     verdict,
 };
 
@@ -100,10 +100,18 @@ fn key_for(vip: &VipInfo, proto: u8, client: [u8; 16], client_port: [u8; 2], vip
 
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
-    let Some(dst) = load::<[u8; 16]>(ctx, l3 + 24) else {
+    let Some(hdr) = load::<[u8; 40]>(ctx, l3) else {
         maps::stat(stat::ERR_IPV6_SHORT);
         return xdp_action::XDP_PASS;
     };
+    let mut dst = [0u8; 16];
+    let mut src = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        src[i] = hdr[8 + i];
+        dst[i] = hdr[24 + i];
+        i += 1;
+    }
     let Some(vip) = maps::vip(&dst) else {
         // Neighbour discovery for a VIP arrives at a multicast address.
         if dst[0] == 0xff {
@@ -112,10 +120,7 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
         maps::stat(stat::NOT_VIP);
         return xdp_action::XDP_PASS;
     };
-    let Some(src) = load::<[u8; 16]>(ctx, l3 + 8) else {
-        return verdict::malformed(stat::ERR_IPV6_SHORT);
-    };
-    if load_u8(ctx, l3).map(|v| v >> 4) != Some(6) {
+    if hdr[0] >> 4 != 6 {
         return verdict::malformed(stat::ERR_IPV6_SHORT);
     }
     let t = match transport(ctx, l3) {
@@ -129,20 +134,18 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
     let l4 = t.off;
     match t.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let (Some(sport), Some(dport)) =
-                (load::<[u8; 2]>(ctx, l4), load_u16_be(ctx, l4 + 2))
-            else {
+            let Some(ports) = load::<[u8; 4]>(ctx, l4) else {
                 return verdict::malformed(stat::ERR_L4_SHORT);
             };
+            let sport = [ports[0], ports[1]];
+            let dport = u16::from_be_bytes([ports[2], ports[3]]);
             verdict::deliver(ctx, ctl, key_for(vip, t.proto, src, sport, dport))
         }
         IPPROTO_ICMPV6 => {
-            let Some(ty) = load_u8(ctx, l4) else {
+            let Some(icmp) = load::<[u8; 8]>(ctx, l4) else {
                 return verdict::malformed(stat::ERR_L4_SHORT);
             };
-            if load::<[u8; 8]>(ctx, l4).is_none() {
-                return verdict::malformed(stat::ERR_L4_SHORT);
-            }
+            let ty = icmp[0];
             match ty {
                 NDISC_NEIGHBOUR_SOLICITATION => ndp::solicitation(ctx, ctl, l3, l4, src),
                 // An advertisement sent to the VIP answers a solicitation one of the members
@@ -171,7 +174,8 @@ fn icmp_error_key(ctx: &XdpContext, vip: &VipInfo, inner: usize) -> Option<Bucke
     if t.is_fragment || (t.proto != IPPROTO_TCP && t.proto != IPPROTO_UDP) {
         return Some(BucketKey::V6(client));
     }
-    let vip_port = load_u16_be(ctx, t.off)?;
-    let client_port = load::<[u8; 2]>(ctx, t.off + 2)?;
+    let ports = load::<[u8; 4]>(ctx, t.off)?;
+    let vip_port = u16::from_be_bytes([ports[0], ports[1]]);
+    let client_port = [ports[2], ports[3]];
     Some(key_for(vip, t.proto, client, client_port, vip_port))
 }

@@ -10,6 +10,9 @@
 //! a client) get the cluster MAC as their link-layer address, so no client ever learns a node's
 //! own MAC for the VIP.
 //!
+//! `farm_ingress` (tc ingress, native XDP mode only): marks frames the XDP program accepted as
+//! addressed to this host, for drivers that keep a stale packet type after XDP (veth).
+//!
 //! `farm_empty`: an XDP program that only returns XDP_PASS; the benchmark's floor, and the test
 //! harness's program for the switch side of veth pairs (so XDP_TX frames are received).
 #![no_std]
@@ -17,12 +20,12 @@
 
 mod arp;
 mod csum;
-mod egress;
 mod ipv4;
 mod ipv6;
 mod maps;
 mod ndp;
 mod ptr;
+mod tc;
 mod verdict;
 
 use aya_ebpf::{
@@ -76,7 +79,12 @@ pub fn farm_empty(_ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn farm_egress(ctx: TcContext) -> i32 {
-    egress::handle(&ctx)
+    tc::egress(&ctx)
+}
+
+#[classifier]
+pub fn farm_ingress(ctx: TcContext) -> i32 {
+    tc::ingress(&ctx)
 }
 
 #[cfg(not(test))]

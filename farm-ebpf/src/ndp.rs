@@ -26,12 +26,11 @@ const NA_LEN: usize = 32;
 #[inline(always)]
 pub fn multicast(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
     let l4 = l3 + 40;
-    let (Some(nh), Some(ty), Some(src), Some(target)) = (
-        load_u8(ctx, l3 + 6),
-        load_u8(ctx, l4),
-        load::<[u8; 16]>(ctx, l3 + 8),
-        load::<[u8; 16]>(ctx, l4 + 8),
-    ) else {
+    let Some(nh) = load_u8(ctx, l3 + 6) else {
+        maps::stat(stat::NOT_VIP);
+        return xdp_action::XDP_PASS;
+    };
+    let Some(ty) = load_u8(ctx, l4) else {
         maps::stat(stat::NOT_VIP);
         return xdp_action::XDP_PASS;
     };
@@ -41,6 +40,14 @@ pub fn multicast(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
         maps::stat(stat::NOT_VIP);
         return xdp_action::XDP_PASS;
     }
+    let Some(src) = load::<[u8; 16]>(ctx, l3 + 8) else {
+        maps::stat(stat::ERR_NDP);
+        return xdp_action::XDP_PASS;
+    };
+    let Some(target) = load::<[u8; 16]>(ctx, l4 + 8) else {
+        maps::stat(stat::ERR_NDP);
+        return xdp_action::XDP_PASS;
+    };
     if maps::vip(&src).is_some()
         || (ty == NDISC_NEIGHBOUR_ADVERTISEMENT && maps::vip(&target).is_some())
     {

@@ -1,1 +1,94 @@
-fn main(){}
+//! farmd: shares a virtual IP between the members of a farm; each member answers its share of
+//! the clients, chosen by an XDP filter.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use farm_daemon::{config::Config, daemon::Daemon, secret::Secret};
+
+/// farmd - the farm daemon: shares virtual IPs (VIPs) between servers on one LAN with no load
+/// balancer in front. Every member receives every frame sent to a VIP; an XDP program on each
+/// member keeps only the clients whose hash bucket this member owns.
+///
+/// Run as root (XDP, addresses, raw sockets). Stop with SIGTERM or SIGINT: farmd removes its
+/// VIPs, programs and MAC filter entry and leaves the host as it found it.
+#[derive(Parser, Debug)]
+#[command(version, after_help = "Exit status: 0 stopped cleanly, 1 runtime error, 2 invalid configuration.\n\
+Example: farmd --config /etc/farm/farm.toml\n         farmd --check-config /etc/farm/farm.toml")]
+struct Args {
+    /// Configuration file (TOML); see config/reference.toml.
+    #[arg(long, short, value_name = "FILE", required_unless_present = "check_config")]
+    config: Option<PathBuf>,
+
+    /// Validate FILE (and the cluster key it names) and exit; touches nothing on the host.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
+
+    /// Log filter: error, warn, info (default), debug, trace, or a tracing directive.
+    #[arg(long, env = "FARM_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(format!("netlink_packet_route=error,{}", args.log)))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+
+    if let Some(path) = &args.check_config {
+        return match check(path) {
+            Ok(summary) => {
+                println!("{summary}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
+    let path = args.config.expect("clap requires --config");
+    let cfg = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(cfg) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<String> {
+    let cfg = Config::load(path)?;
+    Secret::load(&cfg.secret_file)?;
+    Ok(format!(
+        "{}: OK (node {} on {}, {} member(s), {} VIP(s))",
+        path.display(),
+        cfg.node_id,
+        cfg.interface,
+        cfg.members.len(),
+        cfg.vips.len()
+    ))
+}
+
+fn run(cfg: Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let (daemon, listener) = Daemon::start(cfg).await?;
+        daemon.run(listener).await?;
+        Ok(())
+    })
+}

@@ -1,6 +1,13 @@
-//! tc egress: ARP and NDP the kernel sends from a VIP carry the cluster MAC as link-layer
-//! address, so a client never learns one member's own MAC for the VIP. (The Ethernet source stays
-//! the member's MAC: the cluster MAC is never a source, so switches keep flooding it.)
+//! The tc programs.
+//!
+//! Egress: ARP and NDP the kernel sends from a VIP carry the cluster MAC as link-layer address,
+//! so a client never learns one member's own MAC for the VIP. (The Ethernet source stays the
+//! member's MAC: the cluster MAC is never a source, so switches keep flooding it.)
+//!
+//! Ingress: some drivers (veth) run native XDP on an skb whose packet type was already set from
+//! the original destination MAC, and do not reset it after the program rewrote that MAC; the
+//! stack then drops the frame as "for another host". Frames the XDP program accepted carry the
+//! interface's own MAC, so they are marked as ours here.
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,
@@ -10,9 +17,26 @@ use farm_common::stat;
 
 use crate::{ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV6, ipv6, maps};
 
+const PACKET_HOST: u32 = 0;
+const PACKET_OTHERHOST: u32 = 3;
+
 #[inline(always)]
-pub fn handle(ctx: &TcContext) -> i32 {
+pub fn egress(ctx: &TcContext) -> i32 {
     let _ = rewrite(ctx);
+    TC_ACT_OK as i32
+}
+
+#[inline(always)]
+pub fn ingress(ctx: &TcContext) -> i32 {
+    // SAFETY: reading a field of the context the kernel passed us.
+    let pkt_type = unsafe { (*ctx.skb.skb).pkt_type };
+    if pkt_type == PACKET_OTHERHOST
+        && let Some(ctl) = maps::control()
+        && let Ok(dst) = ctx.load::<[u8; 6]>(0)
+        && dst == ctl.if_mac
+    {
+        let _ = ctx.change_type(PACKET_HOST);
+    }
     TC_ACT_OK as i32
 }
 

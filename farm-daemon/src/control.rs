@@ -1,0 +1,163 @@
+//! The control protocol between farmctl and farmd: one JSON request line on a Unix socket
+//! (mode 0600, root only), one JSON response line back.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, SocketAddr},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Whois { clients: Vec<String> },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    Status(Box<Status>),
+    Whois { entries: Vec<WhoisEntry> },
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub interface: String,
+    /// "driver" or "generic".
+    pub xdp_mode: String,
+    pub cluster_mac: String,
+    pub mac_mode: String,
+    pub deadman_timeout_ms: u64,
+    /// Whether the data plane currently accepts VIP traffic (dead-man switch armed).
+    pub serving: bool,
+    pub uptime_s: f64,
+    pub buckets_total: u32,
+    pub members: Vec<MemberStatus>,
+    pub vips: Vec<VipStatus>,
+    pub traffic: Traffic,
+    /// Data-plane event and parse-error counters.
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub id: String,
+    pub address: IpAddr,
+    pub weight: u32,
+    /// "serving" (static membership: every configured member is assumed to serve).
+    pub state: String,
+    pub buckets: usize,
+    pub this_node: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub address: IpAddr,
+    /// Human-readable rules, e.g. "tcp/80 client".
+    pub rules: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Traffic {
+    pub accepted_packets: u64,
+    pub accepted_bytes: u64,
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub bucket: u32,
+    pub owner: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoisEntry {
+    /// The client as given.
+    pub client: String,
+    /// Where rules with `client` affinity send it (and fragments, ICMP echo, unmatched ports).
+    pub by_client: Option<Placement>,
+    /// Where rules with `connection` affinity send it (when a port was given).
+    pub by_connection: Option<Placement>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "cannot connect to farmd at {path}: {source} (is farmd running? is this the socket in \
+         its config's control.socket? are you root?)"
+    )]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("talking to farmd: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("farmd sent an answer farmctl does not understand: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// A client address as farmctl accepts it: `ADDR`, `ADDR:PORT` or `[V6ADDR]:PORT`.
+pub fn parse_client(s: &str) -> Result<(IpAddr, Option<u16>), String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok((ip, None));
+    }
+    match s.parse::<SocketAddr>() {
+        Ok(sa) => Ok((sa.ip(), Some(sa.port()))),
+        Err(_) => Err(format!(
+            "{s:?} is not a client address: use ADDR, ADDR:PORT or [IPV6]:PORT"
+        )),
+    }
+}
+
+/// Sends one request and waits for the response (blocking; used by farmctl and the tests).
+pub fn request(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, ControlError> {
+    let mut s = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    Ok(serde_json::from_str(&answer)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_forms() {
+        assert_eq!(parse_client("10.0.0.1").unwrap(), ("10.0.0.1".parse().unwrap(), None));
+        assert_eq!(
+            parse_client("10.0.0.1:4000").unwrap(),
+            ("10.0.0.1".parse().unwrap(), Some(4000))
+        );
+        assert_eq!(parse_client("fd00::1").unwrap().1, None);
+        assert_eq!(parse_client("[fd00::1]:80").unwrap().1, Some(80));
+        assert!(parse_client("10.0.0.1:x").is_err());
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let r = Request::Whois {
+            clients: vec!["10.0.0.1".into()],
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"cmd":"whois","clients":["10.0.0.1"]}"#);
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+    }
+}

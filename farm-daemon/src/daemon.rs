@@ -1,0 +1,524 @@
+//! farmd's life: set the host up (in an order that never lets the kernel answer for a VIP with
+//! its own MAC), serve, and undo every change in reverse order on SIGTERM/SIGINT or on a failed
+//! start.
+
+use std::{
+    fs::File,
+    net::IpAddr,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _, unix::fs::PermissionsExt as _},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use farm_common::{BUCKETS, BucketEntry, BucketKey, HashKey, bucket_of};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    announce::{AnnounceError, Announcer},
+    assign::{self, Candidate},
+    config::{Config, MacMode, format_mac},
+    control::{
+        MemberStatus, Placement, Request, Response, Status, Traffic, VipStatus, WhoisEntry,
+        parse_client,
+    },
+    dataplane::{self, Dataplane, DataplaneError},
+    netlink::{LinkFacts, Netlink, NetlinkError},
+    secret::{Secret, SecretError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error(transparent)]
+    Announce(#[from] AnnounceError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "another farmd is already running on interface {interface} in this network namespace \
+         (it holds {lock}); stop it first"
+    )]
+    AlreadyRunning { interface: String, lock: PathBuf },
+    #[error(
+        "another farmd answers on the control socket {0}; stop it or give this one another \
+         control.socket"
+    )]
+    SocketInUse(PathBuf),
+    #[error(
+        "interface {interface} already has an XDP program (id {id}, {mode} mode) that farmd did \
+         not attach; remove it (`ip link set dev {interface} xdp off`) or use another interface"
+    )]
+    ForeignXdp {
+        interface: String,
+        id: u32,
+        mode: String,
+    },
+    #[error("interface {0} is down: bring it up first (`ip link set dev {0} up`)")]
+    InterfaceDown(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+/// A change made to the host, and how to take it back.
+#[derive(Debug)]
+enum Undo {
+    Socket(PathBuf),
+    MacFilter(u32, [u8; 6]),
+    Programs,
+    Vip(u32, IpAddr),
+}
+
+/// The running daemon.
+pub struct Daemon {
+    cfg: Config,
+    hash_key: HashKey,
+    cluster_mac: [u8; 6],
+    link: LinkFacts,
+    dp: Dataplane,
+    owners: Vec<u8>,
+    started: Instant,
+    netlink: Netlink,
+    undo: Vec<Undo>,
+    _lock: File,
+    lock_path: PathBuf,
+}
+
+/// The identity of this network namespace, so that lock files and pins of farmds in different
+/// namespaces (same interface name) do not collide.
+fn netns_id() -> Result<u64, DaemonError> {
+    Ok(std::fs::metadata("/proc/self/ns/net")
+        .map_err(io("reading /proc/self/ns/net"))?
+        .ino())
+}
+
+fn take_lock(path: &Path, interface: &str) -> Result<File, DaemonError> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io(format!("opening lock file {}", path.display())))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(DaemonError::AlreadyRunning {
+            interface: interface.into(),
+            lock: path.into(),
+        });
+    }
+    let _ = f.set_len(0);
+    let _ = std::io::Write::write_all(&mut &f, format!("{}\n", std::process::id()).as_bytes());
+    Ok(f)
+}
+
+fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::SocketInUse(path.into()));
+        }
+        std::fs::remove_file(path).map_err(io(format!("removing stale {}", path.display())))?;
+    }
+    let l = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("restricting {}", path.display())))?;
+    Ok(l)
+}
+
+impl Daemon {
+    /// Sets the host up. On failure everything done so far is undone before returning.
+    pub async fn start(cfg: Config) -> Result<(Self, UnixListener), DaemonError> {
+        let secret = Secret::load(&cfg.secret_file)?;
+        let hash_key = secret.hash_key();
+        let cluster_mac = cfg.cluster_mac.unwrap_or_else(|| secret.cluster_mac(cfg.mac_mode));
+        drop(secret);
+
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(io(format!("creating {}", cfg.state_dir.display())))?;
+        let ns = netns_id()?;
+        let lock_path = cfg
+            .state_dir
+            .join(format!("farmd-{ns}-{}.lock", cfg.interface));
+        let lock = take_lock(&lock_path, &cfg.interface)?;
+
+        let netlink = Netlink::connect()?;
+        let link = netlink.link(&cfg.interface).await?;
+        if !link.up {
+            return Err(DaemonError::InterfaceDown(cfg.interface.clone()));
+        }
+
+        let pin_dir = cfg.bpffs.join("farm").join(format!("{ns}-{}", cfg.interface));
+        dataplane::ensure_bpffs(&cfg.bpffs)?;
+        let stale = dataplane::remove_stale_pins(&pin_dir)?;
+        if stale > 0 {
+            tracing::warn!(
+                "removed the XDP/egress programs a previous farmd left on {} (it did not exit \
+                 cleanly)",
+                cfg.interface
+            );
+        }
+        let link = netlink.link(&cfg.interface).await?;
+        if let Some((mode, id)) = &link.xdp {
+            return Err(DaemonError::ForeignXdp {
+                interface: cfg.interface.clone(),
+                id: *id,
+                mode: mode.clone(),
+            });
+        }
+
+        let mut dp = Dataplane::load()?;
+        dp.set_identity(hash_key, link.mac, cluster_mac)?;
+        dp.set_vips(&cfg.vips)?;
+
+        let mut d = Daemon {
+            owners: Vec::new(),
+            hash_key,
+            cluster_mac,
+            link,
+            dp,
+            started: Instant::now(),
+            netlink,
+            undo: Vec::new(),
+            _lock: lock,
+            lock_path,
+            cfg,
+        };
+        match d.setup(&pin_dir).await {
+            Ok(listener) => Ok((d, listener)),
+            Err(e) => {
+                tracing::error!("start failed: {e}; undoing what was set up");
+                d.teardown().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn setup(&mut self, pin_dir: &Path) -> Result<UnixListener, DaemonError> {
+        let listener = bind_socket(&self.cfg.socket)?;
+        self.undo.push(Undo::Socket(self.cfg.socket.clone()));
+
+        self.recompute_buckets()?;
+
+        let index = self.link.index;
+        self.netlink.add_mac_filter(index, self.cluster_mac).await?;
+        self.undo.push(Undo::MacFilter(index, self.cluster_mac));
+
+        // Pushed before attaching: a partial attach (egress only) is undone too.
+        self.undo.push(Undo::Programs);
+        self.dp
+            .attach(&self.cfg.interface, self.cfg.xdp_mode, pin_dir)?;
+
+        // The data plane answers ARP/NDP for the VIPs from here on, so the addresses can go in.
+        for vip in self.cfg.vips.clone() {
+            match self.netlink.add_vip(index, vip.address).await {
+                Ok(()) => {}
+                Err(e) if e.errno() == Some(libc::EEXIST) => {
+                    tracing::warn!(
+                        "VIP {} was already on {} (left by a farmd that did not exit cleanly?); \
+                         farmd manages it from now on",
+                        vip.address,
+                        self.cfg.interface
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+            self.undo.push(Undo::Vip(index, vip.address));
+        }
+
+        self.dp.arm(self.cfg.deadman_timeout)?;
+        Ok(listener)
+    }
+
+    /// Bucket owners from the (static) member list, written to the data plane.
+    fn recompute_buckets(&mut self) -> Result<(), DaemonError> {
+        let candidates: Vec<Candidate> = self
+            .cfg
+            .members
+            .iter()
+            .map(|m| Candidate {
+                id: m.id.clone(),
+                weight: m.weight,
+                serving: true,
+            })
+            .collect();
+        self.owners = assign::assign(&self.hash_key, &candidates);
+        let me = self.cfg.me as u8;
+        let entries: Vec<BucketEntry> = self
+            .owners
+            .iter()
+            .map(|&o| BucketEntry::owned_by(o, me))
+            .collect();
+        self.dp.set_buckets(&entries)?;
+        Ok(())
+    }
+
+    /// Undoes every host change, newest first. Errors are logged, and the rest still undone.
+    async fn teardown(&mut self) {
+        let _ = self.dp.disarm();
+        while let Some(u) = self.undo.pop() {
+            let r: Result<(), DaemonError> = match &u {
+                Undo::Vip(index, addr) => self
+                    .netlink
+                    .del_vip(*index, *addr)
+                    .await
+                    .map_err(Into::into),
+                Undo::Programs => self.dp.detach().map_err(Into::into),
+                Undo::MacFilter(index, mac) => self
+                    .netlink
+                    .del_mac_filter(*index, *mac)
+                    .await
+                    .map_err(Into::into),
+                Undo::Socket(path) => std::fs::remove_file(path)
+                    .map_err(io(format!("removing {}", path.display()))),
+            };
+            if let Err(e) = r {
+                tracing::error!("while restoring the host ({u:?}): {e}");
+            }
+        }
+        let _ = std::fs::remove_file(&self.lock_path);
+    }
+
+    /// Serves until SIGTERM or SIGINT, then restores the host.
+    pub async fn run(mut self, listener: UnixListener) -> Result<(), DaemonError> {
+        let mut term = signal(SignalKind::terminate()).map_err(io("installing SIGTERM handler"))?;
+        let mut int = signal(SignalKind::interrupt()).map_err(io("installing SIGINT handler"))?;
+        let announcer = Announcer::new(self.link.index)?;
+        let refresh = (self.cfg.deadman_timeout / 5).max(Duration::from_millis(10));
+        let mut deadman = tokio::time::interval(refresh);
+        deadman.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Announce at once, twice more a second apart, then every announce_interval.
+        let mut announce_at = tokio::time::Instant::now();
+        let mut announced = 0u32;
+
+        tracing::info!(
+            "farmd serving: node {} on {} (XDP {} mode), cluster MAC {} ({}), {} VIP(s), owns {} \
+             of {BUCKETS} buckets",
+            self.cfg.node_id,
+            self.cfg.interface,
+            self.dp.xdp_mode.unwrap_or("?"),
+            format_mac(&self.cluster_mac),
+            match self.cfg.mac_mode {
+                MacMode::Unicast => "unicast",
+                MacMode::Multicast => "multicast",
+            },
+            self.cfg.vips.len(),
+            assign::shares(&self.owners, self.cfg.members.len())[self.cfg.me],
+        );
+
+        let result = loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break Ok(()); }
+                _ = int.recv() => { tracing::info!("SIGINT: stopping"); break Ok(()); }
+                _ = deadman.tick() => {
+                    if let Err(e) = self.dp.arm(self.cfg.deadman_timeout) {
+                        tracing::error!("refreshing the dead-man switch failed: {e}");
+                    }
+                }
+                _ = tokio::time::sleep_until(announce_at) => {
+                    if let Err(e) = announcer.announce(
+                        self.link.mac,
+                        self.cluster_mac,
+                        self.cfg.vips.iter().map(|v| v.address),
+                    ) {
+                        tracing::warn!("{e}");
+                    }
+                    announced += 1;
+                    announce_at += if announced < 3 {
+                        Duration::from_secs(1)
+                    } else {
+                        self.cfg.announce_interval
+                    };
+                }
+                conn = listener.accept() => match conn {
+                    Ok((stream, _)) => self.serve_client(stream).await,
+                    Err(e) => tracing::warn!("control socket: {e}"),
+                },
+            }
+        };
+        self.teardown().await;
+        tracing::info!("farmd stopped; host restored");
+        result
+    }
+
+    async fn serve_client(&mut self, stream: UnixStream) {
+        let (r, mut w) = stream.into_split();
+        let mut line = String::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(2),
+            BufReader::new(r).read_line(&mut line),
+        )
+        .await;
+        let response = match read {
+            Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+                Ok(req) => self.handle(req),
+                Err(e) => Response::Error {
+                    message: format!("bad request: {e}"),
+                },
+            },
+            _ => return,
+        };
+        let mut out = serde_json::to_string(&response).unwrap_or_else(|e| {
+            format!(r#"{{"result":"error","message":"encoding the answer: {e}"}}"#)
+        });
+        out.push('\n');
+        let _ = tokio::time::timeout(Duration::from_secs(2), w.write_all(out.as_bytes())).await;
+    }
+
+    /// Answers one control request.
+    pub fn handle(&self, req: Request) -> Response {
+        match req {
+            Request::Status => match self.status() {
+                Ok(s) => Response::Status(Box::new(s)),
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            },
+            Request::Whois { clients } => Response::Whois {
+                entries: clients.iter().map(|c| self.whois(c)).collect(),
+            },
+        }
+    }
+
+    fn owner_name(&self, bucket: u32) -> Option<String> {
+        self.cfg
+            .members
+            .get(self.owners[bucket as usize] as usize)
+            .map(|m| m.id.clone())
+    }
+
+    fn whois(&self, client: &str) -> WhoisEntry {
+        let (ip, port) = match parse_client(client) {
+            Ok(x) => x,
+            Err(e) => {
+                return WhoisEntry {
+                    client: client.into(),
+                    by_client: None,
+                    by_connection: None,
+                    error: Some(e),
+                };
+            }
+        };
+        let place = |k: BucketKey| {
+            let bucket = bucket_of(&self.hash_key, k);
+            Placement {
+                bucket,
+                owner: self.owner_name(bucket),
+            }
+        };
+        let (by_client, by_connection) = match ip {
+            IpAddr::V4(a) => (
+                place(BucketKey::V4(a.octets())),
+                port.map(|p| place(BucketKey::V4Port(a.octets(), p.to_be_bytes()))),
+            ),
+            IpAddr::V6(a) => (
+                place(BucketKey::V6(a.octets())),
+                port.map(|p| place(BucketKey::V6Port(a.octets(), p.to_be_bytes()))),
+            ),
+        };
+        WhoisEntry {
+            client: client.into(),
+            by_client: Some(by_client),
+            by_connection,
+            error: None,
+        }
+    }
+
+    fn status(&self) -> Result<Status, DaemonError> {
+        let shares = assign::shares(&self.owners, self.cfg.members.len());
+        let members = self
+            .cfg
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| MemberStatus {
+                id: m.id.clone(),
+                address: m.address,
+                weight: m.weight,
+                state: "serving".into(),
+                buckets: shares[i],
+                this_node: i == self.cfg.me,
+            })
+            .collect();
+        let vips = self
+            .cfg
+            .vips
+            .iter()
+            .map(|v| VipStatus {
+                address: v.address,
+                rules: v
+                    .rules
+                    .iter()
+                    .map(|r| {
+                        let proto = match r.protocols {
+                            1 => "tcp",
+                            2 => "udp",
+                            _ => "tcp+udp",
+                        };
+                        let ports = if r.port_lo == r.port_hi {
+                            r.port_lo.to_string()
+                        } else {
+                            format!("{}-{}", r.port_lo, r.port_hi)
+                        };
+                        let aff = if r.affinity == farm_common::affinity::CONNECTION {
+                            "connection"
+                        } else {
+                            "client"
+                        };
+                        format!("{proto}/{ports} {aff}")
+                    })
+                    .collect(),
+            })
+            .collect();
+        let traffic = self
+            .dp
+            .bucket_counters()?
+            .iter()
+            .fold(Traffic::default(), |mut t, c| {
+                t.accepted_packets += c.accepted_packets;
+                t.accepted_bytes += c.accepted_bytes;
+                t.dropped_packets += c.dropped_packets;
+                t.dropped_bytes += c.dropped_bytes;
+                t
+            });
+        let counters = self
+            .dp
+            .stats()?
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let ctl = self.dp.control();
+        Ok(Status {
+            node: self.cfg.node_id.clone(),
+            interface: self.cfg.interface.clone(),
+            xdp_mode: self.dp.xdp_mode.unwrap_or("detached").into(),
+            cluster_mac: format_mac(&self.cluster_mac),
+            mac_mode: match self.cfg.mac_mode {
+                MacMode::Unicast => "unicast".into(),
+                MacMode::Multicast => "multicast".into(),
+            },
+            deadman_timeout_ms: self.cfg.deadman_timeout.as_millis() as u64,
+            serving: ctl.deadline_ns != 0 && ctl.deadline_ns >= dataplane::coarse_now_ns(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            buckets_total: BUCKETS,
+            members,
+            vips,
+            traffic,
+            counters,
+        })
+    }
+}

@@ -1,0 +1,482 @@
+//! The XDP data plane as the daemon drives it: load the eBPF object, fill its maps, attach it
+//! (links pinned on bpffs, so that the program outlives a crashed daemon and its dead-man switch
+//! can stop the node from serving), swap bucket tables, keep the dead-man switch armed, and read
+//! the counters.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc,
+    },
+};
+use farm_common::{
+    BUCKETS, BucketCounters, BucketEntry, Control, MAP_BUCKET_COUNTERS, MAP_BUCKETS_0,
+    MAP_BUCKETS_1, MAP_CONTROL, MAP_STATS, MAP_VIPS, PROG_EGRESS, PROG_EMPTY, PROG_INGRESS, PROG_XDP,
+    PortRule,
+    VipInfo, VipKey, stat,
+};
+
+use crate::config::{self, Vip};
+
+/// The compiled eBPF object (built by build.rs from farm-ebpf).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/farm"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("link: {0}")]
+    Link(#[from] LinkError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not a bpf filesystem and cannot be mounted ({source}); mount one with \
+         `mount -t bpf bpf {path}` or set runtime.bpffs"
+    )]
+    Bpffs {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> DataplaneError {
+    move |source| DataplaneError::Program { name, source }
+}
+
+/// Now, on the clock the XDP program reads (`bpf_ktime_get_coarse_ns` = CLOCK_MONOTONIC_COARSE).
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The loaded (not necessarily attached) data plane.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    control_map: Array<MapData, Control>,
+    vips_map: HashMap<MapData, VipKey, VipInfo>,
+    tables: [Array<MapData, BucketEntry>; 2],
+    /// What each table holds, so that an update writes only the entries that change.
+    shadow: [Vec<BucketEntry>; 2],
+    counters: PerCpuArray<MapData, BucketCounters>,
+    stats: PerCpuArray<MapData, u64>,
+    control: Control,
+    links: Vec<PinnedLink>,
+    /// Attach mode in use ("driver" or "generic"), once attached.
+    pub xdp_mode: Option<&'static str>,
+}
+
+impl Dataplane {
+    /// Loads the object and its programs into the kernel (the verifier runs here).
+    pub fn load() -> Result<Self, DataplaneError> {
+        raise_memlock();
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        for name in [PROG_XDP, PROG_EMPTY] {
+            let p: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Missing(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+        }
+        for name in [PROG_EGRESS, PROG_INGRESS] {
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Missing(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+        }
+
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
+        let control_map = Array::try_from(take(MAP_CONTROL)?).map_err(map_err(MAP_CONTROL))?;
+        let vips_map = HashMap::try_from(take(MAP_VIPS)?).map_err(map_err(MAP_VIPS))?;
+        let t0 = Array::try_from(take(MAP_BUCKETS_0)?).map_err(map_err(MAP_BUCKETS_0))?;
+        let t1 = Array::try_from(take(MAP_BUCKETS_1)?).map_err(map_err(MAP_BUCKETS_1))?;
+        let counters =
+            PerCpuArray::try_from(take(MAP_BUCKET_COUNTERS)?).map_err(map_err(MAP_BUCKET_COUNTERS))?;
+        let stats = PerCpuArray::try_from(take(MAP_STATS)?).map_err(map_err(MAP_STATS))?;
+        let zero = vec![BucketEntry::default(); BUCKETS as usize];
+        Ok(Self {
+            ebpf,
+            control_map,
+            vips_map,
+            tables: [t0, t1],
+            shadow: [zero.clone(), zero],
+            counters,
+            stats,
+            control: Control::default(),
+            links: Vec::new(),
+            xdp_mode: None,
+        })
+    }
+
+    /// The XDP program (for BPF_PROG_TEST_RUN in tests and benchmarks).
+    pub fn xdp_program(&mut self) -> &mut Xdp {
+        self.program(PROG_XDP)
+    }
+
+    /// The empty XDP program (XDP_PASS): the benchmark floor and the test switch's program.
+    pub fn empty_program(&mut self) -> &mut Xdp {
+        self.program(PROG_EMPTY)
+    }
+
+    fn program(&mut self, name: &str) -> &mut Xdp {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded in Dataplane::load")
+    }
+
+    /// Sets what the data plane needs besides buckets. The dead-man switch stays as it was.
+    pub fn set_identity(
+        &mut self,
+        hash_key: farm_common::HashKey,
+        if_mac: [u8; 6],
+        cluster_mac: [u8; 6],
+    ) -> Result<(), DataplaneError> {
+        self.control.hash_key = hash_key.to_bytes();
+        self.control.if_mac = if_mac;
+        self.control.cluster_mac = cluster_mac;
+        self.write_control()
+    }
+
+    fn write_control(&mut self) -> Result<(), DataplaneError> {
+        self.control_map
+            .set(0, self.control, 0)
+            .map_err(map_err(MAP_CONTROL))
+    }
+
+    /// Replaces the VIP table.
+    pub fn set_vips(&mut self, vips: &[Vip]) -> Result<(), DataplaneError> {
+        let wanted: BTreeMap<[u8; 16], VipInfo> = vips
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (vip_key(v.address).addr, vip_info(i, v)))
+            .collect();
+        let existing: Vec<VipKey> = self.vips_map.keys().filter_map(Result::ok).collect();
+        for k in existing {
+            if !wanted.contains_key(&k.addr) {
+                self.vips_map.remove(&k).map_err(map_err(MAP_VIPS))?;
+            }
+        }
+        for (addr, info) in wanted {
+            self.vips_map
+                .insert(VipKey { addr }, info, 0)
+                .map_err(map_err(MAP_VIPS))?;
+        }
+        Ok(())
+    }
+
+    /// Makes `entries` the live bucket table: the idle table is brought up to date (only the
+    /// entries that differ are written), then the program is switched to it in one write, so a
+    /// packet sees either the old map or the new one, never a mix.
+    pub fn set_buckets(&mut self, entries: &[BucketEntry]) -> Result<usize, DataplaneError> {
+        assert_eq!(entries.len(), BUCKETS as usize);
+        let idle = (self.control.active_table ^ 1) as usize;
+        let name = if idle == 0 { MAP_BUCKETS_0 } else { MAP_BUCKETS_1 };
+        let mut written = 0;
+        for (b, e) in entries.iter().enumerate() {
+            if self.shadow[idle][b] != *e {
+                self.tables[idle]
+                    .set(b as u32, e, 0)
+                    .map_err(map_err(name))?;
+                self.shadow[idle][b] = *e;
+                written += 1;
+            }
+        }
+        self.control.active_table = idle as u32;
+        self.write_control()?;
+        Ok(written)
+    }
+
+    /// The live bucket table.
+    pub fn buckets(&self) -> &[BucketEntry] {
+        &self.shadow[self.control.active_table as usize]
+    }
+
+    /// Refreshes the dead-man deadline: the node serves for `timeout` from now unless refreshed.
+    pub fn arm(&mut self, timeout: Duration) -> Result<(), DataplaneError> {
+        self.control.deadline_ns = coarse_now_ns() + timeout.as_nanos() as u64;
+        self.write_control()
+    }
+
+    /// Stops serving now (deadline in the past).
+    pub fn disarm(&mut self) -> Result<(), DataplaneError> {
+        self.control.deadline_ns = 0;
+        self.write_control()
+    }
+
+    pub fn control(&self) -> &Control {
+        &self.control
+    }
+
+    /// Attaches the XDP program (native mode first unless told otherwise) and the egress program,
+    /// pinning both links under `pin_dir`.
+    pub fn attach(
+        &mut self,
+        ifname: &str,
+        mode: config::XdpMode,
+        pin_dir: &Path,
+    ) -> Result<(), DataplaneError> {
+        std::fs::create_dir_all(pin_dir).map_err(|source| DataplaneError::Io {
+            what: format!("creating {}", pin_dir.display()),
+            source,
+        })?;
+        // Egress first: from the moment the XDP program answers ARP for the VIPs, the kernel's
+        // own ARP from a VIP must already carry the cluster MAC.
+        self.attach_tc(PROG_EGRESS, ifname, TcAttachType::Egress, pin_dir)?;
+
+        let xdp = self.xdp_program();
+        let attempts: &[(XdpMode, &'static str)] = match mode {
+            config::XdpMode::Auto => &[(XdpMode::Driver, "driver"), (XdpMode::Skb, "generic")],
+            config::XdpMode::Driver => &[(XdpMode::Driver, "driver")],
+            config::XdpMode::Generic => &[(XdpMode::Skb, "generic")],
+        };
+        let mut last = None;
+        let mut attached = None;
+        for &(m, label) in attempts {
+            match xdp.attach(ifname, m) {
+                Ok(id) => {
+                    attached = Some((id, label));
+                    break;
+                }
+                Err(e) => {
+                    if attempts.len() > 1 {
+                        tracing::warn!(
+                            "XDP {label} mode is not available on {ifname} ({e}); falling back \
+                             to generic mode, which is slower"
+                        );
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        let Some((id, label)) = attached else {
+            return Err(prog_err(PROG_XDP)(last.expect("at least one attempt")));
+        };
+        let link = xdp.take_link(id).map_err(prog_err(PROG_XDP))?;
+        let fd = FdLink::try_from(link)?;
+        let path = pin_dir.join("xdp_link");
+        self.links.push(fd.pin(&path).map_err(|source| DataplaneError::Pin {
+            path: path.clone(),
+            source,
+        })?);
+        self.xdp_mode = Some(label);
+        if label == "driver" {
+            self.attach_tc(PROG_INGRESS, ifname, TcAttachType::Ingress, pin_dir)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches one of the tc programs and pins its link as `<pin_dir>/<name>_link`.
+    fn attach_tc(
+        &mut self,
+        name: &'static str,
+        ifname: &str,
+        direction: TcAttachType,
+        pin_dir: &Path,
+    ) -> Result<(), DataplaneError> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded in Dataplane::load");
+        let id = match prog.attach(ifname, direction) {
+            Ok(id) => id,
+            Err(_) => {
+                // Kernels without tcx need a clsact qdisc first.
+                let _ = tc::qdisc_add_clsact(ifname);
+                prog.attach(ifname, direction).map_err(prog_err(name))?
+            }
+        };
+        let link = prog.take_link(id).map_err(prog_err(name))?;
+        match FdLink::try_from(link) {
+            Ok(fd) => {
+                let path = pin_dir.join(format!("{name}_link"));
+                self.links.push(fd.pin(&path).map_err(|source| DataplaneError::Pin {
+                    path: path.clone(),
+                    source,
+                })?);
+            }
+            Err(_) => tracing::warn!(
+                "this kernel attaches tc programs without links: {name} will be detached if \
+                 farmd dies"
+            ),
+        }
+        Ok(())
+    }
+
+    /// Detaches both programs (removing their pins).
+    pub fn detach(&mut self) -> Result<(), DataplaneError> {
+        let mut first_err = None;
+        for link in self.links.drain(..).rev() {
+            if let Err(source) = link.unpin() {
+                first_err.get_or_insert(DataplaneError::Io {
+                    what: "unpinning a link".into(),
+                    source,
+                });
+            }
+        }
+        self.xdp_mode = None;
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Per-bucket counters, summed over CPUs.
+    pub fn bucket_counters(&self) -> Result<Vec<BucketCounters>, DataplaneError> {
+        (0..BUCKETS)
+            .map(|b| {
+                let v = self
+                    .counters
+                    .get(&b, 0)
+                    .map_err(map_err(MAP_BUCKET_COUNTERS))?;
+                Ok(v.iter().fold(BucketCounters::default(), |mut a, c| {
+                    a.accepted_packets += c.accepted_packets;
+                    a.accepted_bytes += c.accepted_bytes;
+                    a.dropped_packets += c.dropped_packets;
+                    a.dropped_bytes += c.dropped_bytes;
+                    a
+                }))
+            })
+            .collect()
+    }
+
+    /// The data plane's event and error counters, by name, summed over CPUs.
+    pub fn stats(&self) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
+        let mut out = BTreeMap::new();
+        for (i, name) in stat::NAMES.iter().enumerate() {
+            if name.is_empty() {
+                continue;
+            }
+            let v = self.stats.get(&(i as u32), 0).map_err(map_err(MAP_STATS))?;
+            out.insert(*name, v.iter().sum());
+        }
+        Ok(out)
+    }
+}
+
+/// Removes links a previous farmd left pinned in `pin_dir` (it was killed): this detaches its
+/// programs. Returns how many were removed.
+pub fn remove_stale_pins(pin_dir: &Path) -> Result<usize, DataplaneError> {
+    let mut n = 0;
+    for name in [
+        "xdp_link".to_string(),
+        format!("{PROG_EGRESS}_link"),
+        format!("{PROG_INGRESS}_link"),
+    ] {
+        let path = pin_dir.join(&name);
+        if path.exists() {
+            let link = PinnedLink::from_pin(&path)?;
+            link.unpin().map_err(|source| DataplaneError::Io {
+                what: format!("removing {}", path.display()),
+                source,
+            })?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Makes sure `path` is a bpf filesystem, mounting one there if it is not.
+pub fn ensure_bpffs(path: &Path) -> Result<(), DataplaneError> {
+    let is_bpffs = |p: &Path| {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: zeroed statfs is a valid out-parameter.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: valid C string and out-pointer.
+        (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type == BPF_FS_MAGIC)
+    };
+    if is_bpffs(path) == Some(true) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(path).map_err(|source| DataplaneError::Bpffs {
+        path: path.into(),
+        source,
+    })?;
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
+    // SAFETY: constant C strings and a valid target path.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(DataplaneError::Bpffs {
+            path: path.into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+pub fn vip_key(a: IpAddr) -> VipKey {
+    match a {
+        IpAddr::V4(v4) => VipKey::v4(v4.octets()),
+        IpAddr::V6(v6) => VipKey::v6(v6.octets()),
+    }
+}
+
+fn vip_info(index: usize, v: &Vip) -> VipInfo {
+    let mut info = VipInfo {
+        index: index as u8,
+        nrules: v.rules.len() as u8,
+        ..Default::default()
+    };
+    for (slot, r) in info.rules.iter_mut().zip(&v.rules) {
+        *slot = PortRule::new(r.protocols, r.port_lo, r.port_hi, r.affinity);
+    }
+    info
+}
+
+fn raise_memlock() {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid rlimit. Kernels >= 5.11 account BPF memory to the cgroup and ignore this.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+}
