@@ -15,33 +15,58 @@
 //!
 //! `farm_empty`: an XDP program that only returns XDP_PASS; the benchmark's floor, and the test
 //! harness's program for the switch side of veth pairs (so XDP_TX frames are received).
-#![no_std]
-#![no_main]
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
+// The program only exists for the BPF target (farm-daemon's build.rs builds it with aya-build).
+// On the host this crate is an empty binary so that workspace-wide cargo commands work.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("farm-ebpf is built for bpfel-unknown-none by farm-daemon's build.rs");
+}
+
+
+#[cfg(target_arch = "bpf")]
 mod arp;
+#[cfg(target_arch = "bpf")]
 mod csum;
+#[cfg(target_arch = "bpf")]
 mod ipv4;
+#[cfg(target_arch = "bpf")]
 mod ipv6;
+#[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
 mod ndp;
+#[cfg(target_arch = "bpf")]
 mod ptr;
+#[cfg(target_arch = "bpf")]
 mod tc;
+#[cfg(target_arch = "bpf")]
 mod verdict;
 
+#[cfg(target_arch = "bpf")]
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 
+#[cfg(target_arch = "bpf")]
 use crate::ptr::{ETH_HLEN, load_u16_be};
 
+#[cfg(target_arch = "bpf")]
 pub const ETH_P_IP: u16 = 0x0800;
+#[cfg(target_arch = "bpf")]
 pub const ETH_P_IPV6: u16 = 0x86dd;
+#[cfg(target_arch = "bpf")]
 pub const ETH_P_ARP: u16 = 0x0806;
+#[cfg(target_arch = "bpf")]
 pub const ETH_P_8021Q: u16 = 0x8100;
+#[cfg(target_arch = "bpf")]
 pub const ETH_P_8021AD: u16 = 0x88a8;
 
+#[cfg(target_arch = "bpf")]
 #[xdp]
 pub fn farm_xdp(ctx: XdpContext) -> u32 {
     let Some(ctl) = maps::control() else {
@@ -72,27 +97,32 @@ pub fn farm_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
+#[cfg(target_arch = "bpf")]
 #[xdp]
 pub fn farm_empty(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+#[cfg(target_arch = "bpf")]
 #[classifier]
 pub fn farm_egress(ctx: TcContext) -> i32 {
     tc::egress(&ctx)
 }
 
+#[cfg(target_arch = "bpf")]
 #[classifier]
 pub fn farm_ingress(ctx: TcContext) -> i32 {
     tc::ingress(&ctx)
 }
 
+#[cfg(target_arch = "bpf")]
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+#[cfg(target_arch = "bpf")]
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

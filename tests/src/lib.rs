@@ -1,1 +1,52 @@
+//! farm's system-test harness: a switch (a Linux bridge in its own network namespace), node and
+//! client hosts as network namespaces joined to it by veth pairs, real `farmd` processes, small
+//! TCP/UDP servers that answer with their node's name, and clients with hundreds of source
+//! addresses.
+//!
+//! Everything created gets a name unique to the test run (the process id is part of it), is
+//! removed on drop (also while a test panics), and namespaces left by runs that were killed are
+//! removed by the next run. Every wait is bounded.
 
+pub mod frames;
+pub mod netns;
+pub mod topology;
+pub mod traffic;
+
+use std::path::PathBuf;
+
+/// Path of one of the workspace's binaries (`farmd`, `farmctl`), built next to the test binary.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (`cargo build`; `cargo xtask test` does it)",
+        p.display()
+    );
+    p
+}
+
+/// Whether this process may run the system tests (root). When it may not: in CI (`CI` set) this
+/// panics, since a CI run must never skip them; elsewhere it prints a loud warning and the
+/// caller returns.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: system tests need root, and CI must not skip them");
+    }
+    eprintln!();
+    eprintln!("################################################################################");
+    eprintln!("## SKIPPED {test}: system tests need root (network namespaces, XDP).");
+    eprintln!("## Run them with `sudo -E cargo xtask test` or as root.");
+    eprintln!("################################################################################");
+    eprintln!();
+    false
+}

@@ -1,0 +1,412 @@
+//! A farm on one machine: switch, nodes running farmd and servers, a client with many addresses.
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use farm_daemon::{
+    control::{self, Request, Response, Status, WhoisEntry},
+    dataplane::Dataplane,
+};
+
+use crate::{
+    bin,
+    netns::{self, Netns},
+    traffic::Server,
+};
+
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 100);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 0x100);
+/// TCP port with `client` affinity.
+pub const TCP_PORT: u16 = 80;
+/// TCP port with `connection` affinity.
+pub const TCP_CONN_PORT: u16 = 8080;
+/// UDP port with `client` affinity.
+pub const UDP_PORT: u16 = 53;
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub nodes: usize,
+    /// Client source addresses per family.
+    pub client_addrs: usize,
+    pub mac_mode: &'static str,
+    pub deadman_ms: u64,
+    /// Weight of each node (defaults to 1).
+    pub weights: Vec<u32>,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            client_addrs: 16,
+            mac_mode: "unicast",
+            deadman_ms: 500,
+            weights: Vec::new(),
+        }
+    }
+}
+
+pub struct Node {
+    /// `n1`, `n2`, ...
+    pub name: String,
+    pub ns: Netns,
+    pub addr4: Ipv4Addr,
+    pub addr6: Ipv6Addr,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub farmd: Option<Child>,
+    pub server: Option<Server>,
+}
+
+pub struct Topology {
+    pub stem: String,
+    pub dir: PathBuf,
+    pub spec: Spec,
+    // Field order is drop order: processes and servers before namespaces.
+    pub nodes: Vec<Node>,
+    pub client: Netns,
+    pub client_v4: Vec<Ipv4Addr>,
+    pub client_v6: Vec<Ipv6Addr>,
+    switch_xdp: Option<Dataplane>,
+    pub switch: Netns,
+}
+
+pub fn node_addr4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 201, 0, 11 + i as u8)
+}
+pub fn node_addr6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 0x11 + i as u16)
+}
+pub fn client_addr4(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 201, 4 + (k / 250) as u8, 1 + (k % 250) as u8)
+}
+pub fn client_addr6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 4, 1 + k as u16)
+}
+
+impl Topology {
+    /// Builds switch, nodes and client, and starts the servers (not farmd).
+    pub fn build(spec: Spec) -> Self {
+        netns::remove_stale();
+        let stem = netns::unique_stem();
+        let dir = std::env::temp_dir().join(format!("farm-test-{stem}"));
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let key = dir.join("cluster.key");
+        let mut secret = [0u8; 32];
+        getrandom(&mut secret);
+        std::fs::write(&key, secret).expect("key");
+        set_mode(&key, 0o600);
+
+        let switch = Netns::new(format!("{stem}-sw"));
+        switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        let client = Netns::new(format!("{stem}-c1"));
+        plug(&switch, &client, "c1");
+
+        let mut nodes = Vec::new();
+        for i in 0..spec.nodes {
+            let name = format!("n{}", i + 1);
+            let ns = Netns::new(format!("{stem}-{name}"));
+            plug(&switch, &ns, &name);
+            let (addr4, addr6) = (node_addr4(i), node_addr6(i));
+            ns.ip(&["addr", "add", &format!("{addr4}/16"), "dev", "eth0"]);
+            ns.ip(&["addr", "add", &format!("{addr6}/64"), "dev", "eth0", "nodad"]);
+            nodes.push(Node {
+                config: dir.join(format!("{name}.toml")),
+                socket: dir.join(format!("{name}.sock")),
+                log: dir.join(format!("{name}.log")),
+                name,
+                ns,
+                addr4,
+                addr6,
+                farmd: None,
+                server: None,
+            });
+        }
+
+        let client_v4: Vec<Ipv4Addr> = (0..spec.client_addrs).map(client_addr4).collect();
+        let client_v6: Vec<Ipv6Addr> = (0..spec.client_addrs).map(client_addr6).collect();
+        let mut lines = Vec::new();
+        for a in &client_v4 {
+            lines.push(format!("addr add {a}/16 dev eth0"));
+        }
+        for a in &client_v6 {
+            lines.push(format!("addr add {a}/64 dev eth0 nodad"));
+        }
+        client.ip_batch(&lines);
+
+        // XDP_TX frames of a node's native-mode program are only received by the switch port if
+        // that veth has an XDP program too: give every switch port an XDP_PASS program.
+        let ports: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+        let switch_xdp = switch.run(move || {
+            let mut dp = Dataplane::load().expect("load eBPF object for the switch");
+            for p in &ports {
+                dp.empty_program()
+                    .attach(p, aya::programs::XdpMode::Driver)
+                    .expect("XDP_PASS on switch port");
+            }
+            dp
+        });
+
+        let mut t = Self {
+            stem,
+            dir,
+            spec,
+            nodes,
+            client,
+            client_v4,
+            client_v6,
+            switch_xdp: Some(switch_xdp),
+            switch,
+        };
+        for i in 0..t.nodes.len() {
+            std::fs::write(&t.nodes[i].config, t.config_for(i, &t.vip_section()))
+                .expect("write config");
+            let name = t.nodes[i].name.clone();
+            t.nodes[i].server = Some(Server::start(
+                &t.nodes[i].ns,
+                &name,
+                &[TCP_PORT, TCP_CONN_PORT],
+                &[UDP_PORT],
+            ));
+        }
+        t
+    }
+
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.join("cluster.key")
+    }
+
+    /// The `[[vip]]` sections every node gets.
+    pub fn vip_section(&self) -> String {
+        format!(
+            r#"
+[[vip]]
+address = "{VIP4}"
+rules = [
+  {{ protocol = "tcp", ports = {TCP_PORT} }},
+  {{ protocol = "tcp", ports = {TCP_CONN_PORT}, affinity = "connection" }},
+  {{ protocol = "udp", ports = {UDP_PORT} }},
+]
+
+[[vip]]
+address = "{VIP6}"
+rules = [
+  {{ protocol = "tcp", ports = {TCP_PORT} }},
+  {{ protocol = "tcp", ports = {TCP_CONN_PORT}, affinity = "connection" }},
+  {{ protocol = "udp", ports = {UDP_PORT} }},
+]
+"#
+        )
+    }
+
+    /// The full configuration of node `i` with the given VIP sections.
+    pub fn config_for(&self, i: usize, vips: &str) -> String {
+        let n = &self.nodes[i];
+        let mut s = format!(
+            r#"[node]
+id = "{}"
+interface = "eth0"
+
+[cluster]
+secret_file = "{}"
+mac_mode = "{}"
+deadman_timeout_ms = {}
+"#,
+            n.name,
+            self.key_file().display(),
+            self.spec.mac_mode,
+            self.spec.deadman_ms
+        );
+        for (j, m) in self.nodes.iter().enumerate() {
+            let w = self.spec.weights.get(j).copied().unwrap_or(1);
+            let _ = write!(
+                s,
+                "\n[[cluster.members]]\nid = \"{}\"\naddress = \"{}\"\nweight = {w}\n",
+                m.name, m.addr4
+            );
+        }
+        s.push_str(vips);
+        let _ = write!(
+            s,
+            "\n[control]\nsocket = \"{}\"\n\n[runtime]\nstate_dir = \"{}\"\n",
+            n.socket.display(),
+            self.dir.join(format!("{}-state", n.name)).display()
+        );
+        s
+    }
+
+    /// Starts farmd on node `i` and waits until it serves.
+    pub fn start_farmd(&mut self, i: usize) {
+        let child = self.spawn_farmd(i, &self.nodes[i].config.clone());
+        self.nodes[i].farmd = Some(child);
+        self.wait_serving(i, Duration::from_secs(30));
+    }
+
+    pub fn start_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.start_farmd(i);
+        }
+    }
+
+    /// Spawns farmd on node `i` with `config` (output appended to the node's log).
+    pub fn spawn_farmd(&self, i: usize, config: &Path) -> Child {
+        let n = &self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .expect("log file");
+        n.ns.command(&bin("farmd"))
+            .arg("--config")
+            .arg(config)
+            .arg("--log")
+            .arg("info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn farmd")
+    }
+
+    /// Waits (bounded) until node `i`'s farmd reports that it serves.
+    pub fn wait_serving(&mut self, i: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(child) = self.nodes[i].farmd.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "farmd on {} exited ({status}) before serving:\n{}",
+                    self.nodes[i].name,
+                    self.log(i)
+                );
+            }
+            if let Ok(s) = self.status(i)
+                && s.serving
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "farmd on {} did not serve within {within:?}:\n{}",
+                self.nodes[i].name,
+                self.log(i)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    pub fn status(&self, i: usize) -> Result<Status, String> {
+        match control::request(&self.nodes[i].socket, &Request::Status, Duration::from_secs(5)) {
+            Ok(Response::Status(s)) => Ok(*s),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// `farmctl whois --json` on node `i`, for many clients at once.
+    pub fn whois(&self, i: usize, clients: &[String]) -> Vec<WhoisEntry> {
+        let out = std::process::Command::new(bin("farmctl"))
+            .arg("--socket")
+            .arg(&self.nodes[i].socket)
+            .arg("--json")
+            .arg("whois")
+            .args(clients)
+            .output()
+            .expect("farmctl");
+        assert!(
+            out.status.success(),
+            "farmctl whois failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("farmctl whois --json output")
+    }
+
+    /// Sends a signal to node `i`'s farmd; for SIGTERM/SIGINT waits (bounded) for it to exit
+    /// and returns its exit status.
+    pub fn signal_farmd(&mut self, i: usize, sig: i32) -> Option<std::process::ExitStatus> {
+        let child = self.nodes[i].farmd.as_mut()?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.nodes[i].farmd = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                panic!("farmd on {} did not exit after signal {sig}", self.nodes[i].name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The bpffs directory where node `i`'s farmd pins its links.
+    pub fn pin_dir(&self, i: usize) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf/farm").join(format!("{}-eth0", self.nodes[i].ns.inode()))
+    }
+
+    pub fn vip4(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(VIP4), port)
+    }
+    pub fn vip6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(VIP6), port)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        for i in 0..self.nodes.len() {
+            if let Some(mut c) = self.nodes[i].farmd.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            if panicking {
+                eprintln!(
+                    "----- farmd log of {} -----\n{}",
+                    self.nodes[i].name,
+                    self.log(i)
+                );
+            }
+            self.nodes[i].server = None;
+            let _ = std::fs::remove_dir_all(self.pin_dir(i));
+        }
+        self.switch_xdp = None;
+        // Namespaces are removed by their own Drop (nodes, client, switch).
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Connects `host` to the switch: `eth0` in the host, `port` on the bridge.
+fn plug(switch: &Netns, host: &Netns, port: &str) {
+    switch.ip(&[
+        "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &host.name,
+    ]);
+    switch.ip(&["link", "set", port, "master", "br0", "up"]);
+    host.ip(&["link", "set", "eth0", "up"]);
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn getrandom(buf: &mut [u8]) {
+    use std::io::Read as _;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .expect("/dev/urandom");
+}

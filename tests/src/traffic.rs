@@ -1,0 +1,322 @@
+//! Servers that answer with their node's name, and clients that use many source addresses.
+//!
+//! Server protocol: TCP: on accept, the server writes `<name>\n`; then every line the client
+//! sends is answered with `<name> <line>\n` until the client closes (keep-alive). UDP: every
+//! datagram is answered with `<name> <payload>`.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::netns::Netns;
+
+/// The servers of one node.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    /// TCP connections accepted.
+    pub tcp_accepts: Arc<AtomicU64>,
+    /// UDP datagrams received.
+    pub udp_datagrams: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn dual_stack(ty: Type, proto: Protocol, port: u16) -> Socket {
+    let s = Socket::new(Domain::IPV6, ty, Some(proto)).expect("socket");
+    s.set_only_v6(false).expect("dual stack");
+    s.set_reuse_address(true).expect("reuseaddr");
+    let addr: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, port).into();
+    s.bind(&addr.into())
+        .unwrap_or_else(|e| panic!("bind [::]:{port}: {e}"));
+    s
+}
+
+impl Server {
+    /// Starts TCP and UDP servers inside `ns`, answering as `name`.
+    pub fn start(ns: &Netns, name: &str, tcp_ports: &[u16], udp_ports: &[u16]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tcp_accepts = Arc::new(AtomicU64::new(0));
+        let udp_datagrams = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        for &port in tcp_ports {
+            let (stop, count, name, ready) = (
+                stop.clone(),
+                tcp_accepts.clone(),
+                name.to_string(),
+                ready_tx.clone(),
+            );
+            threads.push(ns.spawn(move || {
+                let s = dual_stack(Type::STREAM, Protocol::TCP, port);
+                s.listen(1024).expect("listen");
+                let l: TcpListener = s.into();
+                l.set_nonblocking(true).expect("nonblocking");
+                ready.send(()).expect("ready");
+                while !stop.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((c, _)) => {
+                            count.fetch_add(1, Ordering::Relaxed);
+                            let name = name.clone();
+                            let stop = stop.clone();
+                            std::thread::spawn(move || serve_tcp(c, &name, &stop));
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(1))
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                    }
+                }
+            }));
+        }
+        for &port in udp_ports {
+            let (stop, count, name, ready) = (
+                stop.clone(),
+                udp_datagrams.clone(),
+                name.to_string(),
+                ready_tx.clone(),
+            );
+            threads.push(ns.spawn(move || {
+                let u: UdpSocket = dual_stack(Type::DGRAM, Protocol::UDP, port).into();
+                u.set_read_timeout(Some(Duration::from_millis(50)))
+                    .expect("timeout");
+                ready.send(()).expect("ready");
+                let mut buf = [0u8; 1500];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = u.recv_from(&mut buf) {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        let mut reply = format!("{name} ").into_bytes();
+                        reply.extend_from_slice(&buf[..n]);
+                        let _ = u.send_to(&reply, from);
+                    }
+                }
+            }));
+        }
+        for _ in 0..tcp_ports.len() + udp_ports.len() {
+            ready_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("server did not start");
+        }
+        Self {
+            stop,
+            tcp_accepts,
+            udp_datagrams,
+            threads,
+        }
+    }
+}
+
+fn serve_tcp(c: TcpStream, name: &str, stop: &AtomicBool) {
+    let _ = c.set_nonblocking(false);
+    let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut w = match c.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    if w.write_all(format!("{name}\n").as_bytes()).is_err() {
+        return;
+    }
+    let mut r = BufReader::new(c);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if w
+                    .write_all(format!("{name} {}", line).as_bytes())
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The outcome of one TCP request.
+#[derive(Debug, Clone)]
+pub struct TcpAnswer {
+    pub src: IpAddr,
+    pub dst: SocketAddr,
+    /// The node that answered.
+    pub node: Option<String>,
+    pub error: Option<String>,
+}
+
+/// Opens a TCP connection from `src` (any port) to `dst` and reads the answering node's name.
+pub fn tcp_request(src: IpAddr, dst: SocketAddr, timeout: Duration) -> TcpAnswer {
+    tcp_request_from(SocketAddr::new(src, 0), dst, timeout)
+}
+
+/// Opens a TCP connection from `src` (address and port) to `dst` and reads the answer.
+pub fn tcp_request_from(from: SocketAddr, dst: SocketAddr, timeout: Duration) -> TcpAnswer {
+    let src = from.ip();
+    let attempt = || -> std::io::Result<String> {
+        let domain = if dst.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+        let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        s.bind(&from.into())?;
+        s.connect_timeout(&dst.into(), timeout)?;
+        let mut c: TcpStream = s.into();
+        c.set_read_timeout(Some(timeout))?;
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while buf.len() < 128 {
+            let n = c.read(&mut byte)?;
+            if n == 0 || byte[0] == b'\n' {
+                break;
+            }
+            buf.push(byte[0]);
+        }
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    match attempt() {
+        Ok(node) if !node.is_empty() => TcpAnswer {
+            src,
+            dst,
+            node: Some(node),
+            error: None,
+        },
+        Ok(_) => TcpAnswer {
+            src,
+            dst,
+            node: None,
+            error: Some("connection closed without an answer".into()),
+        },
+        Err(e) => TcpAnswer {
+            src,
+            dst,
+            node: None,
+            error: Some(e.to_string()),
+        },
+    }
+}
+
+/// Runs `requests` (source, destination) inside `ns` on `threads` threads.
+pub fn tcp_requests(
+    ns: &Netns,
+    requests: Vec<(IpAddr, SocketAddr)>,
+    threads: usize,
+    timeout: Duration,
+) -> Vec<TcpAnswer> {
+    let chunks: Vec<Vec<(IpAddr, SocketAddr)>> = {
+        let per = requests.len().div_ceil(threads.max(1)).max(1);
+        requests.chunks(per).map(|c| c.to_vec()).collect()
+    };
+    let handles: Vec<_> = chunks
+        .into_iter()
+        .map(|chunk| {
+            ns.spawn(move || {
+                chunk
+                    .into_iter()
+                    .map(|(s, d)| tcp_request(s, d, timeout))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("client thread"))
+        .collect()
+}
+
+/// Replies to one UDP datagram.
+#[derive(Debug, Clone)]
+pub struct UdpAnswer {
+    pub src: IpAddr,
+    pub id: u64,
+    /// Every node that answered this datagram (should be exactly one).
+    pub nodes: Vec<String>,
+}
+
+/// Sends `per_source` datagrams from each source address to `dst` (inside `ns`) and collects
+/// every reply until `wait` has passed after the last send.
+pub fn udp_requests(
+    ns: &Netns,
+    sources: Vec<IpAddr>,
+    dst: SocketAddr,
+    per_source: usize,
+    wait: Duration,
+) -> Vec<UdpAnswer> {
+    ns.run(move || {
+        let socks: Vec<(IpAddr, UdpSocket)> = sources
+            .iter()
+            .map(|&s| {
+                let u = UdpSocket::bind(SocketAddr::new(s, 0)).expect("bind udp client");
+                u.set_nonblocking(true).expect("nonblocking");
+                (s, u)
+            })
+            .collect();
+        let mut answers: Vec<UdpAnswer> = Vec::new();
+        let mut id = 0u64;
+        let mut index_of = std::collections::HashMap::new();
+        for round in 0..per_source {
+            for (k, (src, u)) in socks.iter().enumerate() {
+                let _ = (round, k);
+                u.send_to(format!("{id}").as_bytes(), dst).expect("send");
+                index_of.insert(id, answers.len());
+                answers.push(UdpAnswer {
+                    src: *src,
+                    id,
+                    nodes: Vec::new(),
+                });
+                id += 1;
+            }
+            // Drain as we go so socket buffers never overflow.
+            drain(&socks, &mut answers, &index_of);
+        }
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            drain(&socks, &mut answers, &index_of);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        answers
+    })
+}
+
+fn drain(
+    socks: &[(IpAddr, UdpSocket)],
+    answers: &mut [UdpAnswer],
+    index_of: &std::collections::HashMap<u64, usize>,
+) {
+    let mut buf = [0u8; 1500];
+    for (_, u) in socks {
+        while let Ok(n) = u.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if let Some((node, id)) = text.split_once(' ')
+                && let Ok(id) = id.trim().parse::<u64>()
+                && let Some(&i) = index_of.get(&id)
+            {
+                answers[i].nodes.push(node.to_string());
+            }
+        }
+    }
+}
