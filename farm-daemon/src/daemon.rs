@@ -78,7 +78,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
 enum Undo {
     Socket(PathBuf),
     MacFilter(u32, [u8; 6]),
-    Programs,
+    Programs(PathBuf),
     Vip(u32, IpAddr),
 }
 
@@ -215,11 +215,19 @@ impl Daemon {
         self.recompute_buckets()?;
 
         let index = self.link.index;
-        self.netlink.add_mac_filter(index, self.cluster_mac).await?;
+        match self.netlink.add_mac_filter(index, self.cluster_mac).await {
+            Ok(()) => {}
+            Err(e) if e.errno() == Some(libc::EEXIST) => tracing::warn!(
+                "the cluster MAC was already in {}'s address filter (left by a farmd that did \
+                 not exit cleanly?); farmd manages it from now on",
+                self.cfg.interface
+            ),
+            Err(e) => return Err(e.into()),
+        }
         self.undo.push(Undo::MacFilter(index, self.cluster_mac));
 
         // Pushed before attaching: a partial attach (egress only) is undone too.
-        self.undo.push(Undo::Programs);
+        self.undo.push(Undo::Programs(pin_dir.to_path_buf()));
         self.dp
             .attach(&self.cfg.interface, self.cfg.xdp_mode, pin_dir)?;
 
@@ -277,7 +285,22 @@ impl Daemon {
                     .del_vip(*index, *addr)
                     .await
                     .map_err(Into::into),
-                Undo::Programs => self.dp.detach().map_err(Into::into),
+                Undo::Programs(pin_dir) => self.dp.detach().map_err(Into::into).and_then(|()| {
+                    // The pin directory is ours alone; it is empty once the links are unpinned.
+                    match std::fs::remove_dir(pin_dir) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DaemonError::Io {
+                            what: format!("removing {}", pin_dir.display()),
+                            source: e,
+                        }),
+                        _ => {
+                            // And the shared parent, if no other farmd uses it.
+                            if let Some(parent) = pin_dir.parent() {
+                                let _ = std::fs::remove_dir(parent);
+                            }
+                            Ok(())
+                        }
+                    }
+                }),
                 Undo::MacFilter(index, mac) => self
                     .netlink
                     .del_mac_filter(*index, *mac)

@@ -1,0 +1,259 @@
+//! farmd's life on a host: a killed daemon stops its node from serving (dead-man switch), a
+//! stopped one leaves the host as it found it, a second one on the same interface refuses to
+//! start, and a broken configuration touches nothing.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use farm_tests::{
+    bin, require_root,
+    topology::{Spec, TCP_PORT, Topology, VIP4, VIP6},
+    traffic,
+};
+
+/// What farmd may change on a node, as text to compare before and after.
+fn host_state(t: &Topology, i: usize) -> String {
+    let ns = &t.nodes[i].ns;
+    let addrs = ns.ip_out(&["-br", "addr", "show", "dev", "eth0"]);
+    let link = ns.ip_out(&["-d", "link", "show", "dev", "eth0"]);
+    // Only what farmd touches: addresses, XDP, promiscuity, and the filter entries.
+    let link: Vec<&str> = link
+        .split_whitespace()
+        .filter(|w| w.starts_with("prog/xdp") || w.starts_with("xdp") || w.starts_with("promiscuity"))
+        .collect();
+    let filter = std::process::Command::new("bridge")
+        .args(["-n", &ns.name, "fdb", "show", "dev", "eth0"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    format!("addrs: {addrs}\nlink: {link:?}\nfilter: {filter}")
+}
+
+/// Clients (from the client's addresses) that node `i` serves, per farmctl.
+fn clients_of(t: &Topology, i: usize, n: usize) -> (Vec<IpAddr>, Vec<IpAddr>) {
+    let all: Vec<String> = t.client_v4.iter().map(|a| a.to_string()).collect();
+    let who = t.whois(0, &all);
+    let mut mine = Vec::new();
+    let mut others = Vec::new();
+    for w in who {
+        let owner = w.by_client.and_then(|p| p.owner).expect("owner");
+        let a: IpAddr = w.client.parse().expect("addr");
+        if owner == t.nodes[i].name {
+            mine.push(a);
+        } else {
+            others.push(a);
+        }
+    }
+    mine.truncate(n);
+    others.truncate(n);
+    (mine, others)
+}
+
+fn requests(t: &Topology, sources: &[IpAddr]) -> Vec<traffic::TcpAnswer> {
+    let reqs: Vec<(IpAddr, SocketAddr)> = sources.iter().map(|&s| (s, t.vip4(TCP_PORT))).collect();
+    traffic::tcp_requests(&t.client, reqs, 4, Duration::from_millis(700))
+}
+
+#[test]
+fn killed_daemon_stops_serving_and_restart_recovers() {
+    if !require_root("killed_daemon_stops_serving_and_restart_recovers") {
+        return;
+    }
+    let mut t = Topology::build(Spec {
+        nodes: 3,
+        client_addrs: 300,
+        deadman_ms: 300,
+        ..Spec::default()
+    });
+    t.start_all();
+    let (victim_clients, other_clients) = clients_of(&t, 1, 20);
+    assert!(victim_clients.len() >= 10 && other_clients.len() >= 10);
+    // Everyone is served.
+    for a in requests(&t, &[victim_clients.clone(), other_clients.clone()].concat()) {
+        assert!(a.node.is_some(), "before the kill: {a:?}");
+    }
+
+    let killed_at = Instant::now();
+    t.signal_farmd(1, libc::SIGKILL);
+    // The programs stay attached (pinned) with nobody refreshing the dead-man deadline.
+    let link = t.nodes[1].ns.ip_out(&["link", "show", "dev", "eth0"]);
+    assert!(link.contains("prog/xdp"), "XDP program must survive its daemon: {link}");
+    // Within the dead-man timeout (300 ms, generous bound: 3 s) node 2 stops answering.
+    let deadline = killed_at + Duration::from_secs(3);
+    let probe = victim_clients[0];
+    let stopped_after = loop {
+        let sent = killed_at.elapsed();
+        let answers = t.client.run({
+            let dst = t.vip4(TCP_PORT);
+            move || vec![traffic::tcp_request(probe, dst, Duration::from_millis(100))]
+        });
+        if answers.iter().all(|a| a.node.is_none()) {
+            // The last probe that was not answered was sent at `sent`.
+            break sent;
+        }
+        assert!(Instant::now() < deadline, "node kept serving after its daemon died: {answers:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("node 2 stopped accepting {stopped_after:?} after SIGKILL (dead-man 300 ms)");
+    // Its clients go unanswered (static membership: nobody takes over), others are served.
+    for a in requests(&t, &victim_clients) {
+        assert!(a.node.is_none(), "a dead node's client was answered: {a:?}");
+    }
+    for a in requests(&t, &other_clients) {
+        assert!(a.node.is_some() && a.node.as_deref() != Some("n2"), "{a:?}");
+    }
+    // Neither ARP nor NDP for the VIP is answered by the dead node's kernel: its XDP program
+    // drops them. (The data plane counts it.)
+
+    // A restarted farmd takes over the stale programs and serves again.
+    t.start_farmd(1);
+    assert!(t.log(1).contains("did not exit cleanly"), "{}", t.log(1));
+    for a in requests(&t, &victim_clients) {
+        assert_eq!(a.node.as_deref(), Some("n2"), "{a:?}");
+    }
+}
+
+#[test]
+fn sigterm_restores_the_host() {
+    if !require_root("sigterm_restores_the_host") {
+        return;
+    }
+    let mut t = Topology::build(Spec {
+        nodes: 2,
+        client_addrs: 4,
+        ..Spec::default()
+    });
+    let before: Vec<String> = (0..2).map(|i| host_state(&t, i)).collect();
+    t.start_all();
+    let during = host_state(&t, 0);
+    assert!(during.contains(&VIP4.to_string()) && during.contains(&VIP6.to_string()), "{during}");
+    assert!(during.contains("prog/xdp"), "{during}");
+    let mac = t.status(0).expect("status").cluster_mac;
+    assert!(during.contains(&mac), "cluster MAC in the filter: {during}");
+    assert!(t.pin_dir(0).exists());
+
+    for i in 0..2 {
+        let st = t.signal_farmd(i, libc::SIGTERM).expect("was running");
+        assert!(st.success(), "farmd exit status {st}: {}", t.log(i));
+        assert_eq!(host_state(&t, i), before[i], "host {i} not restored");
+        assert!(!t.pin_dir(i).exists(), "pins left in {}", t.pin_dir(i).display());
+        assert!(!t.nodes[i].socket.exists(), "control socket left behind");
+        assert!(t.log(i).contains("host restored"), "{}", t.log(i));
+    }
+    // SIGINT does the same.
+    t.start_farmd(0);
+    let st = t.signal_farmd(0, libc::SIGINT).expect("was running");
+    assert!(st.success());
+    assert_eq!(host_state(&t, 0), before[0]);
+}
+
+#[test]
+fn second_daemon_on_the_same_interface_refuses() {
+    if !require_root("second_daemon_on_the_same_interface_refuses") {
+        return;
+    }
+    let mut t = Topology::build(Spec {
+        nodes: 1,
+        client_addrs: 2,
+        ..Spec::default()
+    });
+    t.start_farmd(0);
+    let before = host_state(&t, 0);
+    // Same config except the control socket.
+    let cfg = std::fs::read_to_string(&t.nodes[0].config)
+        .expect("config")
+        .replace("n1.sock", "n1-second.sock");
+    let path = t.dir.join("second.toml");
+    std::fs::write(&path, cfg).expect("write");
+    let out = t.nodes[0]
+        .ns
+        .command(&bin("farmd"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run farmd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("another farmd is already running on interface eth0"), "{err}");
+    assert_eq!(host_state(&t, 0), before, "the refused farmd changed the host");
+    // The first one still serves.
+    assert!(t.status(0).expect("status").serving);
+}
+
+#[test]
+fn invalid_config_names_every_field_and_touches_nothing() {
+    if !require_root("invalid_config_names_every_field_and_touches_nothing") {
+        return;
+    }
+    let t = Topology::build(Spec {
+        nodes: 1,
+        client_addrs: 2,
+        ..Spec::default()
+    });
+    let before = host_state(&t, 0);
+    let good = std::fs::read_to_string(&t.nodes[0].config).expect("config");
+    let bad = good
+        .replace("mac_mode = \"unicast\"", "mac_mode = \"broadcast\"")
+        .replace("weight = 1", "weight = -1")
+        .replace(&format!("address = \"{VIP4}\""), "address = \"10.201.0.300\"")
+        .replace("ports = 8080, affinity = \"connection\"", "ports = \"9000-8000\", affinity = \"connection\"");
+    let path = t.dir.join("bad.toml");
+    // weight = -1 is a type error caught by the parser; test the field errors separately.
+    std::fs::write(&path, bad.replace("weight = -1", "weight = 1")).expect("write");
+    for args in [vec!["--config"], vec!["--check-config"]] {
+        let out = t.nodes[0]
+            .ns
+            .command(&bin("farmd"))
+            .args(&args)
+            .arg(&path)
+            .output()
+            .expect("run farmd");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        for field in ["cluster.mac_mode", "vip[0].address", "vip[0].rules[1].ports"] {
+            assert!(err.contains(field), "{args:?}: {field} not named in:\n{err}");
+        }
+        assert!(err.contains("\"unicast\" or \"multicast\""), "says what is allowed: {err}");
+        assert_eq!(host_state(&t, 0), before, "{args:?} touched the host");
+    }
+    // A type error names the field too.
+    std::fs::write(&path, good.replace("weight = 1", "weight = -1")).expect("write");
+    let out = t.nodes[0]
+        .ns
+        .command(&bin("farmd"))
+        .arg("--check-config")
+        .arg(&path)
+        .output()
+        .expect("run farmd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("weight"), "{err}");
+    // A key file others can read is refused, before anything is touched.
+    std::fs::write(&path, &good).expect("write");
+    let key = t.key_file();
+    let keep = std::fs::metadata(&key).expect("key").permissions();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod");
+    let out = t.nodes[0]
+        .ns
+        .command(&bin("farmd"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run farmd");
+    std::fs::set_permissions(&key, keep).expect("chmod back");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(err.contains("chmod 600"), "{err}");
+    assert_eq!(host_state(&t, 0), before);
+    // And the good config passes --check-config.
+    let out = t.nodes[0]
+        .ns
+        .command(&bin("farmd"))
+        .arg("--check-config")
+        .arg(&t.nodes[0].config)
+        .output()
+        .expect("run farmd");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
