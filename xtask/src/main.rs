@@ -1,1 +1,234 @@
-fn main(){}
+//! Developer tasks: `cargo xtask setup | test | demo | bench dataplane`.
+//!
+//! xtask itself needs nothing but the stable toolchain, so that `cargo xtask setup` works on a
+//! machine that cannot build the eBPF program yet.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker version known to work with this toolchain (see shared/reference/toolchain.md).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The LLVM major version inside the nightly toolchain's libLLVM.
+const LLVM_FEATURE: &str = "llvm-22";
+
+#[derive(Parser)]
+#[command(about = "farm developer tasks")]
+struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks to build the eBPF program and run the tests
+    /// (idempotent; fast when everything is there).
+    Setup,
+    /// Build everything, then run all tests: unit tests, XDP packet fixtures and the system
+    /// tests (network namespaces; need root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// A three-node farm in network namespaces on this machine: status, traffic, a node's
+    /// daemon killed, then everything cleaned up.
+    Demo,
+    /// Benchmarks that print figures.
+    Bench {
+        #[arg(value_parser = ["dataplane"])]
+        what: String,
+        /// Extra arguments for the benchmark.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let r = match args.task {
+        Task::Setup => setup(),
+        Task::Test { args } => test(&args),
+        Task::Demo => run_bin("farm-demo", &[]),
+        Task::Bench { what, args } => {
+            let mut all = vec![what];
+            all.extend(args);
+            run_bin("farm-bench", &all)
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let s = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !s.success() {
+        bail!("{cmd:?} failed ({s})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let o = cmd.stderr(Stdio::null()).output().ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn step(n: usize, total: usize, what: &str) {
+    eprintln!("[{n}/{total}] {what}");
+}
+
+fn setup() -> Result<()> {
+    let started = Instant::now();
+    let total = 4;
+
+    step(1, total, "nightly Rust toolchain (builds the eBPF program)");
+    if output(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])).is_none() {
+        eprintln!("      installing nightly ...");
+        status(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    } else {
+        eprintln!("      present");
+    }
+
+    step(2, total, "rust-src for nightly (-Z build-std=core)");
+    let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
+        .context("asking nightly rustc for its sysroot")?;
+    if Path::new(&sysroot).join("lib/rustlib/src/rust/library/core").exists() {
+        eprintln!("      present");
+    } else {
+        eprintln!("      installing ...");
+        status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+
+    step(3, total, &format!("bpf-linker {BPF_LINKER_VERSION} against the toolchain's LLVM"));
+    let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if have.contains(BPF_LINKER_VERSION) {
+        eprintln!("      present ({have})");
+    } else {
+        install_bpf_linker(&sysroot)?;
+    }
+
+    step(4, total, "system tools for the tests (ip, bridge, nsenter)");
+    let missing: Vec<&str> = [("ip", "iproute2"), ("bridge", "iproute2"), ("nsenter", "util-linux")]
+        .into_iter()
+        .filter(|(tool, _)| output(Command::new("which").arg(tool)).is_none())
+        .map(|(_, pkg)| pkg)
+        .collect();
+    if missing.is_empty() {
+        eprintln!("      present");
+    } else {
+        apt_install(&missing)?;
+    }
+
+    eprintln!("setup done in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// Builds bpf-linker against the libLLVM that ships inside the nightly toolchain (no system
+/// LLVM is needed). Its rpath points at the prefix directory, which therefore must outlive the
+/// build: it lives under the user's data directory, not /tmp.
+fn install_bpf_linker(sysroot: &str) -> Result<()> {
+    let home = std::env::var("HOME").context("HOME is not set")?;
+    let prefix = PathBuf::from(home).join(".local/share/farm/llvm");
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;
+    let mut versioned = None;
+    for entry in std::fs::read_dir(Path::new(sysroot).join("lib"))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("libLLVM") {
+            let link = lib.join(&name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(entry.path(), &link)
+                .with_context(|| format!("linking {}", link.display()))?;
+            if name.starts_with("libLLVM.so.") {
+                versioned = Some(name);
+            }
+        }
+    }
+    let versioned = versioned.context("no libLLVM.so.* in the nightly toolchain")?;
+    let plain = lib.join("libLLVM.so");
+    let _ = std::fs::remove_file(&plain);
+    std::os::unix::fs::symlink(&versioned, &plain)?;
+    eprintln!(
+        "      building bpf-linker (takes a few minutes; LLVM from {})",
+        prefix.display()
+    );
+    status(
+        cargo()
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", LLVM_FEATURE])
+            .env("LLVM_PREFIX", &prefix),
+    )
+}
+
+fn apt_install(pkgs: &[&str]) -> Result<()> {
+    eprintln!("      installing {} with apt-get ...", pkgs.join(" "));
+    status(
+        Command::new("apt-get")
+            .args(["update", "-qq"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(pkgs)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc_geteuid() } == 0;
+    if !root {
+        eprintln!("xtask: not root: the system tests will say SKIPPED loudly (CI runs as root).");
+    }
+    eprintln!("xtask: building the workspace (farmd, farmctl, the eBPF program, the tests)");
+    status(cargo().args(["build", "--workspace", "--all-targets"]))?;
+    eprintln!("xtask: running all tests");
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--no-fail-fast"]);
+    if !extra.is_empty() {
+        cmd.arg("--").args(extra);
+    }
+    status(&mut cmd)
+}
+
+fn run_bin(bin: &str, args: &[String]) -> Result<()> {
+    status(
+        cargo()
+            .args(["run", "--quiet", "--release", "-p", "farm-tests", "--bin", bin, "--"])
+            .args(args),
+    )
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}

@@ -1,0 +1,43 @@
+//! Every example in config/ parses and validates, and says what it claims to.
+
+use std::path::PathBuf;
+
+use farm_daemon::config::{Config, MacMode};
+
+fn example(name: &str) -> Config {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../config")
+        .join(name);
+    Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn every_example_validates() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("config/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "expected the examples in config/, found {n}");
+}
+
+#[test]
+fn examples_say_what_they_claim() {
+    let r = example("reference.toml");
+    assert_eq!(r.members.len(), 2);
+    assert_eq!(r.deadman_timeout.as_millis(), 500);
+    let w = example("web-farm.toml");
+    assert_eq!(w.members.len(), 3);
+    assert_eq!(w.vips.len(), 2);
+    assert!(w.vips[1].address.is_ipv6());
+    let u = example("udp-api.toml");
+    assert_eq!(u.mac_mode, MacMode::Multicast);
+    assert_eq!(u.vips[0].rules[0].affinity, farm_common::affinity::CONNECTION);
+    let g = example("weighted.toml");
+    let weights: Vec<u32> = g.members.iter().map(|m| m.weight).collect();
+    assert_eq!(weights, vec![2, 1, 1, 0], "sorted by id: big, small1, small2, standby");
+}
