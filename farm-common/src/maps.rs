@@ -16,13 +16,19 @@ pub const BUCKET_MASK: u32 = BUCKETS - 1;
 pub const MAX_RULES: usize = 8;
 /// VIPs per farm (IPv4 and IPv6 together).
 pub const MAX_VIPS: u32 = 64;
+/// log2 of the slots of a VIP table. The daemon chooses a multiplier that puts every VIP in a
+/// slot of its own, so a lookup is one array access and one compare (a hash map lookup costs
+/// several times more, on every packet, VIP or not).
+pub const VIP_SLOT_BITS: u32 = 10;
+pub const VIP_SLOTS: u32 = 1 << VIP_SLOT_BITS;
 /// Members per farm (owner indices are bytes; `NO_OWNER` is reserved).
 pub const MAX_MEMBERS: usize = 64;
 pub const NO_OWNER: u8 = 0xff;
 
 // Map names, as the XDP program declares them.
 pub const MAP_CONTROL: &str = "FARM_CONTROL";
-pub const MAP_VIPS: &str = "FARM_VIPS";
+pub const MAP_VIPS_0: &str = "FARM_VIPS_0";
+pub const MAP_VIPS_1: &str = "FARM_VIPS_1";
 pub const MAP_BUCKETS_0: &str = "FARM_BUCKETS_0";
 pub const MAP_BUCKETS_1: &str = "FARM_BUCKETS_1";
 pub const MAP_BUCKET_COUNTERS: &str = "FARM_BUCKET_COUNTERS";
@@ -45,10 +51,15 @@ pub struct Control {
     /// Which bucket table is live: 0 = `FARM_BUCKETS_0`, 1 = `FARM_BUCKETS_1`. The daemon writes
     /// the other table and then flips this, so a packet sees one whole table or the other.
     pub active_table: u32,
+    /// Multiplier of the VIP slot hash for the live VIP table (see `vip_slot`).
+    pub vip_mult: u32,
     /// The interface's own MAC: accepted frames are rewritten to it so the stack takes them.
     pub if_mac: [u8; 6],
     /// The cluster MAC that the VIPs resolve to.
     pub cluster_mac: [u8; 6],
+    /// Which VIP table is live: 0 = `FARM_VIPS_0`, 1 = `FARM_VIPS_1` (swapped like buckets).
+    pub vip_table: u8,
+    pub _reserved: [u8; 3],
 }
 
 impl Control {
@@ -180,7 +191,28 @@ impl PortRule {
     }
 }
 
-/// Value of `FARM_VIPS`.
+/// Slot of a VIP table: which VIP (if any) lives in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct VipSlot {
+    /// The VIP (16 bytes, IPv4 mapped as in `VipKey`).
+    pub addr: [u8; 16],
+    pub info: VipInfo,
+    /// 1 when a VIP occupies the slot.
+    pub used: u8,
+    pub _reserved: [u8; 7],
+}
+
+/// The slot of `addr` in a VIP table with multiplier `mult`: the four 32-bit words of the
+/// address folded by XOR, times `mult`, top bits.
+#[inline(always)]
+pub fn vip_slot(addr: &[u8; 16], mult: u32) -> u32 {
+    let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    let fold = w(0) ^ w(4) ^ w(8) ^ w(12);
+    fold.wrapping_mul(mult) >> (32 - VIP_SLOT_BITS)
+}
+
+/// Value of a VIP slot's `info`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct VipInfo {
@@ -289,10 +321,12 @@ mod pod {
     unsafe impl aya::Pod for super::BucketCounters {}
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipInfo {}
+    unsafe impl aya::Pod for super::VipSlot {}
 }
 
 // No implicit padding anywhere: the sizes are the sums of the fields.
-const _: () = assert!(core::mem::size_of::<Control>() == 8 + 16 + 4 + 6 + 6);
+const _: () = assert!(core::mem::size_of::<Control>() == 8 + 16 + 4 + 4 + 6 + 6 + 1 + 3);
+const _: () = assert!(core::mem::size_of::<VipSlot>() == 16 + 72 + 1 + 7);
 const _: () = assert!(core::mem::size_of::<BucketEntry>() == 4);
 const _: () = assert!(core::mem::size_of::<BucketCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<VipKey>() == 16);

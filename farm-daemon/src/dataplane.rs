@@ -12,7 +12,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, MapData, PerCpuArray},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -21,9 +21,8 @@ use aya::{
 };
 use farm_common::{
     BUCKETS, BucketCounters, BucketEntry, Control, MAP_BUCKET_COUNTERS, MAP_BUCKETS_0,
-    MAP_BUCKETS_1, MAP_CONTROL, MAP_STATS, MAP_VIPS, PROG_EGRESS, PROG_EMPTY, PROG_INGRESS, PROG_XDP,
-    PortRule,
-    VipInfo, VipKey, stat,
+    MAP_BUCKETS_1, MAP_CONTROL, MAP_STATS, MAP_VIPS_0, MAP_VIPS_1, PROG_EGRESS, PROG_EMPTY,
+    PROG_INGRESS, PROG_XDP, PortRule, VIP_SLOTS, VipInfo, VipKey, VipSlot, stat, vip_slot,
 };
 
 use crate::config::{self, Vip};
@@ -94,7 +93,8 @@ pub fn coarse_now_ns() -> u64 {
 pub struct Dataplane {
     ebpf: Ebpf,
     control_map: Array<MapData, Control>,
-    vips_map: HashMap<MapData, VipKey, VipInfo>,
+    vip_tables: [Array<MapData, VipSlot>; 2],
+    vip_shadow: [Vec<VipSlot>; 2],
     tables: [Array<MapData, BucketEntry>; 2],
     /// What each table holds, so that an update writes only the entries that change.
     shadow: [Vec<BucketEntry>; 2],
@@ -130,7 +130,8 @@ impl Dataplane {
 
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
         let control_map = Array::try_from(take(MAP_CONTROL)?).map_err(map_err(MAP_CONTROL))?;
-        let vips_map = HashMap::try_from(take(MAP_VIPS)?).map_err(map_err(MAP_VIPS))?;
+        let v0 = Array::try_from(take(MAP_VIPS_0)?).map_err(map_err(MAP_VIPS_0))?;
+        let v1 = Array::try_from(take(MAP_VIPS_1)?).map_err(map_err(MAP_VIPS_1))?;
         let t0 = Array::try_from(take(MAP_BUCKETS_0)?).map_err(map_err(MAP_BUCKETS_0))?;
         let t1 = Array::try_from(take(MAP_BUCKETS_1)?).map_err(map_err(MAP_BUCKETS_1))?;
         let counters =
@@ -140,7 +141,11 @@ impl Dataplane {
         Ok(Self {
             ebpf,
             control_map,
-            vips_map,
+            vip_tables: [v0, v1],
+            vip_shadow: [
+                vec![VipSlot::default(); VIP_SLOTS as usize],
+                vec![VipSlot::default(); VIP_SLOTS as usize],
+            ],
             tables: [t0, t1],
             shadow: [zero.clone(), zero],
             counters,
@@ -187,25 +192,34 @@ impl Dataplane {
             .map_err(map_err(MAP_CONTROL))
     }
 
-    /// Replaces the VIP table.
+    /// Replaces the VIP table: the idle table is filled (each VIP in a slot of its own) and then
+    /// made live in one write, like the bucket tables.
     pub fn set_vips(&mut self, vips: &[Vip]) -> Result<(), DataplaneError> {
-        let wanted: BTreeMap<[u8; 16], VipInfo> = vips
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (vip_key(v.address).addr, vip_info(i, v)))
-            .collect();
-        let existing: Vec<VipKey> = self.vips_map.keys().filter_map(Result::ok).collect();
-        for k in existing {
-            if !wanted.contains_key(&k.addr) {
-                self.vips_map.remove(&k).map_err(map_err(MAP_VIPS))?;
+        let keys: Vec<[u8; 16]> = vips.iter().map(|v| vip_key(v.address).addr).collect();
+        let mult = vip_multiplier(&keys);
+        let mut table = vec![VipSlot::default(); VIP_SLOTS as usize];
+        for (i, v) in vips.iter().enumerate() {
+            let slot = &mut table[vip_slot(&keys[i], mult) as usize];
+            *slot = VipSlot {
+                addr: keys[i],
+                info: vip_info(i, v),
+                used: 1,
+                _reserved: [0; 7],
+            };
+        }
+        let idle = (self.control.vip_table ^ 1) as usize;
+        let name = if idle == 0 { MAP_VIPS_0 } else { MAP_VIPS_1 };
+        for (s, slot) in table.iter().enumerate() {
+            if self.vip_shadow[idle][s] != *slot {
+                self.vip_tables[idle]
+                    .set(s as u32, slot, 0)
+                    .map_err(map_err(name))?;
+                self.vip_shadow[idle][s] = *slot;
             }
         }
-        for (addr, info) in wanted {
-            self.vips_map
-                .insert(VipKey { addr }, info, 0)
-                .map_err(map_err(MAP_VIPS))?;
-        }
-        Ok(())
+        self.control.vip_table = idle as u8;
+        self.control.vip_mult = mult;
+        self.write_control()
     }
 
     /// Makes `entries` the live bucket table: the idle table is brought up to date (only the
@@ -453,6 +467,19 @@ pub fn ensure_bpffs(path: &Path) -> Result<(), DataplaneError> {
     Ok(())
 }
 
+/// A multiplier that gives every VIP a slot of its own (deterministic: the first that works in
+/// a fixed sequence of odd numbers). With at most 64 VIPs in 1024 slots a few tries suffice.
+pub fn vip_multiplier(keys: &[[u8; 16]]) -> u32 {
+    let mut mult: u32 = 0x9e37_79b1;
+    loop {
+        let mut seen = std::collections::HashSet::new();
+        if keys.iter().all(|k| seen.insert(vip_slot(k, mult))) {
+            return mult;
+        }
+        mult = mult.wrapping_add(0x6d2b_79f6) | 1;
+    }
+}
+
 pub fn vip_key(a: IpAddr) -> VipKey {
     match a {
         IpAddr::V4(v4) => VipKey::v4(v4.octets()),
@@ -479,4 +506,36 @@ fn raise_memlock() {
     };
     // SAFETY: valid rlimit. Kernels >= 5.11 account BPF memory to the cgroup and ignore this.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vip_multiplier_separates_every_vip() {
+        // 64 VIPs from one /26 and 64 spread ones, IPv4 and IPv6.
+        let mut sets: Vec<Vec<[u8; 16]>> = Vec::new();
+        sets.push((0..64u8).map(|i| VipKey::v4([10, 0, 0, i]).addr).collect());
+        sets.push(
+            (0..64u16)
+                .map(|i| {
+                    let a: std::net::Ipv6Addr = format!("2001:db8::{i:x}").parse().unwrap();
+                    VipKey::v6(a.octets()).addr
+                })
+                .collect(),
+        );
+        sets.push(
+            (0..64u32)
+                .map(|i| VipKey::v4((i.wrapping_mul(2654435761)).to_be_bytes()).addr)
+                .collect(),
+        );
+        for keys in sets {
+            let m = vip_multiplier(&keys);
+            let slots: std::collections::HashSet<u32> =
+                keys.iter().map(|k| vip_slot(k, m)).collect();
+            assert_eq!(slots.len(), keys.len());
+            assert!(slots.iter().all(|&s| s < VIP_SLOTS));
+        }
+    }
 }

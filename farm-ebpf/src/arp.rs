@@ -31,11 +31,11 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
     }
     // Somebody else speaking for a VIP (a member's announcement, or a member resolving a
     // client): the kernel must not take it as an address conflict or learn from it.
-    if maps::vip_v4(spa).is_some() {
+    if maps::vip_v4(ctl, spa).is_some() {
         maps::stat(stat::VIP_CLAIM_DROPPED);
         return xdp_action::XDP_DROP;
     }
-    if maps::vip_v4(tpa).is_none() {
+    if maps::vip_v4(ctl, tpa).is_none() {
         maps::stat(stat::NOT_VIP);
         return xdp_action::XDP_PASS;
     }

@@ -83,14 +83,14 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
             let Some(dst) = load::<[u8; 4]>(ctx, l3 + 16) else {
                 return xdp_action::XDP_PASS;
             };
-            if maps::vip_v4(dst).is_none() {
+            if maps::vip_v4(ctl, dst).is_none() {
                 maps::stat(stat::NOT_VIP);
                 return xdp_action::XDP_PASS;
             }
             return verdict::malformed(e);
         }
     };
-    let Some(vip) = maps::vip_v4(h.dst) else {
+    let Some(vip) = maps::vip_v4(ctl, h.dst) else {
         maps::stat(stat::NOT_VIP);
         return xdp_action::XDP_PASS;
     };

@@ -112,7 +112,7 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
         dst[i] = hdr[24 + i];
         i += 1;
     }
-    let Some(vip) = maps::vip(&dst) else {
+    let Some(vip) = maps::vip(ctl, &dst) else {
         // Neighbour discovery for a VIP arrives at a multicast address.
         if dst[0] == 0xff {
             return ndp::multicast(ctx, ctl, l3);

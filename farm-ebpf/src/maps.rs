@@ -2,15 +2,20 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, PerCpuArray},
 };
-use farm_common::{BUCKETS, BucketCounters, BucketEntry, Control, MAX_VIPS, VipInfo, VipKey};
+use farm_common::{
+    BUCKETS, BucketCounters, BucketEntry, Control, VIP_SLOTS, VipInfo, VipKey, VipSlot, vip_slot,
+};
 
 #[map]
 static FARM_CONTROL: Array<Control> = Array::with_max_entries(1, 0);
 
 #[map]
-static FARM_VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
+static FARM_VIPS_0: Array<VipSlot> = Array::with_max_entries(VIP_SLOTS, 0);
+
+#[map]
+static FARM_VIPS_1: Array<VipSlot> = Array::with_max_entries(VIP_SLOTS, 0);
 
 #[map]
 static FARM_BUCKETS_0: Array<BucketEntry> = Array::with_max_entries(BUCKETS, 0);
@@ -30,16 +35,33 @@ pub fn control() -> Option<&'static Control> {
     FARM_CONTROL.get(0)
 }
 
+/// The VIP `addr`, if it is one: one array access and a compare.
 #[inline(always)]
-pub fn vip(addr: &[u8; 16]) -> Option<&'static VipInfo> {
-    // SAFETY: the daemon never removes a VIP entry while the program runs with it except on
-    // reload, where a stale read only affects one packet's rule lookup.
-    unsafe { FARM_VIPS.get(VipKey { addr: *addr }) }
+pub fn vip(ctl: &Control, addr: &[u8; 16]) -> Option<&'static VipInfo> {
+    let slot = vip_slot(addr, ctl.vip_mult);
+    let s = if ctl.vip_table == 0 {
+        FARM_VIPS_0.get(slot)?
+    } else {
+        FARM_VIPS_1.get(slot)?
+    };
+    if s.used != 0 && same16(&s.addr, addr) {
+        Some(&s.info)
+    } else {
+        None
+    }
 }
 
 #[inline(always)]
-pub fn vip_v4(a: [u8; 4]) -> Option<&'static VipInfo> {
-    vip(&VipKey::v4(a).addr)
+fn same16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let w = |x: &[u8; 16], i: usize| {
+        u64::from_ne_bytes([x[i], x[i + 1], x[i + 2], x[i + 3], x[i + 4], x[i + 5], x[i + 6], x[i + 7]])
+    };
+    w(a, 0) == w(b, 0) && w(a, 8) == w(b, 8)
+}
+
+#[inline(always)]
+pub fn vip_v4(ctl: &Control, a: [u8; 4]) -> Option<&'static VipInfo> {
+    vip(ctl, &VipKey::v4(a).addr)
 }
 
 #[inline(always)]

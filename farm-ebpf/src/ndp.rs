@@ -48,13 +48,13 @@ pub fn multicast(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
         maps::stat(stat::ERR_NDP);
         return xdp_action::XDP_PASS;
     };
-    if maps::vip(&src).is_some()
-        || (ty == NDISC_NEIGHBOUR_ADVERTISEMENT && maps::vip(&target).is_some())
+    if maps::vip(ctl, &src).is_some()
+        || (ty == NDISC_NEIGHBOUR_ADVERTISEMENT && maps::vip(ctl, &target).is_some())
     {
         maps::stat(stat::VIP_CLAIM_DROPPED);
         return xdp_action::XDP_DROP;
     }
-    if ty == NDISC_NEIGHBOUR_SOLICITATION && maps::vip(&target).is_some() {
+    if ty == NDISC_NEIGHBOUR_SOLICITATION && maps::vip(ctl, &target).is_some() {
         return solicitation(ctx, ctl, l3, l4, src);
     }
     maps::stat(stat::NOT_VIP);
@@ -68,11 +68,11 @@ pub fn solicitation(ctx: &XdpContext, ctl: &Control, l3: usize, l4: usize, src: 
         maps::stat(stat::ERR_NDP);
         return xdp_action::XDP_DROP;
     };
-    if maps::vip(&target).is_none() {
+    if maps::vip(ctl, &target).is_none() {
         // Unicast to a VIP but about another address: ordinary VIP traffic.
         return verdict::deliver(ctx, ctl, BucketKey::V6(src));
     }
-    if maps::vip(&src).is_some() {
+    if maps::vip(ctl, &src).is_some() {
         maps::stat(stat::VIP_CLAIM_DROPPED);
         return xdp_action::XDP_DROP;
     }
@@ -154,7 +154,7 @@ pub fn advertisement_to_vip(ctx: &XdpContext, ctl: &Control, l4: usize) -> u32 {
         maps::stat(stat::ERR_NDP);
         return xdp_action::XDP_DROP;
     };
-    if maps::vip(&target).is_some() {
+    if maps::vip(ctl, &target).is_some() {
         maps::stat(stat::VIP_CLAIM_DROPPED);
         return xdp_action::XDP_DROP;
     }

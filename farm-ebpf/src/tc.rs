@@ -56,7 +56,7 @@ fn rewrite(ctx: &TcContext) -> Option<()> {
     }
     if ethertype == ETH_P_ARP {
         let spa = ctx.load::<[u8; 4]>(l3 + 14).ok()?;
-        maps::vip_v4(spa)?;
+        maps::vip_v4(ctl, spa)?;
         ctx.store(l3 + 8, &ctl.cluster_mac, 0).ok()?;
         maps::stat(stat::EGRESS_REWRITTEN);
         return Some(());
@@ -69,7 +69,7 @@ fn rewrite(ctx: &TcContext) -> Option<()> {
         return None;
     }
     let src = ctx.load::<[u8; 16]>(l3 + 8).ok()?;
-    maps::vip(&src)?;
+    maps::vip(ctl, &src)?;
     let l4 = l3 + 40;
     let ty = ctx.load::<u8>(l4).ok()?;
     if ty != ipv6::NDISC_NEIGHBOUR_SOLICITATION && ty != ipv6::NDISC_NEIGHBOUR_ADVERTISEMENT {
