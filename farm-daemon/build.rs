@@ -50,6 +50,10 @@ fn main() -> anyhow::Result<()> {
     let root = root.to_str().expect("utf-8 path");
     println!("cargo:rerun-if-changed={root}/src");
     println!("cargo:rerun-if-changed={root}/../farm-common/src");
+    // aya-build forwards every line the inner cargo prints as a cargo warning; keep it to real
+    // diagnostics (errors and warnings still come through).
+    // SAFETY: the build script is single-threaded here.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "farm-ebpf",

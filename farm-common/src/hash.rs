@@ -156,7 +156,10 @@ mod tests {
         let m: [u8; 18] = core::array::from_fn(|i| i as u8);
         assert_eq!(siphash13(&key, &[0u8; 0]), reference(&key, &[]));
         assert_eq!(siphash13(&key, &[0u8, 1, 2, 3]), reference(&key, &m[..4]));
-        assert_eq!(siphash13(&key, &[0u8, 1, 2, 3, 4, 5]), reference(&key, &m[..6]));
+        assert_eq!(
+            siphash13(&key, &[0u8, 1, 2, 3, 4, 5]),
+            reference(&key, &m[..6])
+        );
         let m8: [u8; 8] = core::array::from_fn(|i| i as u8);
         assert_eq!(siphash13(&key, &m8), reference(&key, &m[..8]));
         let m16: [u8; 16] = core::array::from_fn(|i| i as u8);
@@ -165,8 +168,13 @@ mod tests {
         // And many keys and inputs.
         let mut x = 0x1234_5678_9abc_def0u64;
         for _ in 0..1000 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let key = HashKey { k0: x, k1: x.rotate_left(17) ^ 0x55 };
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let key = HashKey {
+                k0: x,
+                k1: x.rotate_left(17) ^ 0x55,
+            };
             let a: [u8; 16] = core::array::from_fn(|i| (x >> (i % 8 * 8)) as u8 ^ i as u8);
             assert_eq!(siphash13(&key, &a), reference(&key, &a));
         }

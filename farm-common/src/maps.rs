@@ -131,7 +131,9 @@ pub struct VipKey {
 impl VipKey {
     pub const fn v4(a: [u8; 4]) -> Self {
         Self {
-            addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]],
+            addr: [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+            ],
         }
     }
     pub const fn v6(addr: [u8; 16]) -> Self {

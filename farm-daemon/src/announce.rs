@@ -141,13 +141,25 @@ mod tests {
 
     #[test]
     fn garp_layout() {
-        let f = garp_frame([2, 0, 0, 0, 0, 1], [2, 0xfa, 1, 2, 3, 4], "10.0.0.100".parse().unwrap());
+        let f = garp_frame(
+            [2, 0, 0, 0, 0, 1],
+            [2, 0xfa, 1, 2, 3, 4],
+            "10.0.0.100".parse().unwrap(),
+        );
         assert_eq!(f.len(), 60);
         assert_eq!(&f[12..14], &[8, 6]);
-        assert_eq!(&f[22..28], &[2, 0xfa, 1, 2, 3, 4], "sender MAC is the cluster MAC");
+        assert_eq!(
+            &f[22..28],
+            &[2, 0xfa, 1, 2, 3, 4],
+            "sender MAC is the cluster MAC"
+        );
         assert_eq!(&f[28..32], &[10, 0, 0, 100]);
         assert_eq!(&f[38..42], &[10, 0, 0, 100]);
-        assert_eq!(&f[6..12], &[2, 0, 0, 0, 0, 1], "Ethernet source is the member's MAC");
+        assert_eq!(
+            &f[6..12],
+            &[2, 0, 0, 0, 0, 1],
+            "Ethernet source is the member's MAC"
+        );
     }
 
     #[test]

@@ -37,7 +37,10 @@ pub struct Candidate {
 
 /// Owner member index per bucket (`NO_OWNER` when no member is serving).
 pub fn assign(seed: &HashKey, members: &[Candidate]) -> Vec<u8> {
-    assert!(members.len() <= MAX_MEMBERS, "at most {MAX_MEMBERS} members");
+    assert!(
+        members.len() <= MAX_MEMBERS,
+        "at most {MAX_MEMBERS} members"
+    );
     let n = BUCKETS as usize;
     let mut owners = vec![NO_OWNER; n];
     if members.is_empty() {
@@ -122,7 +125,10 @@ pub fn assign(seed: &HashKey, members: &[Candidate]) -> Vec<u8> {
 fn apportion(n: usize, weights: &[u64]) -> Vec<usize> {
     let total: u64 = weights.iter().sum();
     let n64 = n as u64;
-    let mut sizes: Vec<usize> = weights.iter().map(|&w| (n64 * w / total) as usize).collect();
+    let mut sizes: Vec<usize> = weights
+        .iter()
+        .map(|&w| (n64 * w / total) as usize)
+        .collect();
     let mut left = n - sizes.iter().sum::<usize>();
     let mut by_rem: Vec<(u64, usize)> = weights
         .iter()

@@ -430,10 +430,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         if m.weight > 1000 {
             e.push(
                 format!("{f}.weight"),
-                format!(
-                    "{} is out of range: allowed 0 (standby) to 1000",
-                    m.weight
-                ),
+                format!("{} is out of range: allowed 0 (standby) to 1000", m.weight),
             );
         }
         if let Some(address) = address {
@@ -505,7 +502,9 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
                 if members.iter().any(|m| m.address == a) {
                     e.push(
                         format!("{f}.address"),
-                        format!("{a} is a member's own address; a VIP must be an address of its own"),
+                        format!(
+                            "{a} is a member's own address; a VIP must be an address of its own"
+                        ),
                     );
                 }
                 Some(a)
@@ -750,7 +749,10 @@ rules = [ { protocol = "tcp", ports = 80 }, { protocol = "udp", ports = "5000-51
         assert_eq!(c.mac_mode, MacMode::Unicast);
         assert_eq!(c.deadman_timeout, Duration::from_millis(500));
         assert_eq!(c.vips[0].rules[1].affinity, affinity::CONNECTION);
-        assert_eq!((c.vips[0].rules[1].port_lo, c.vips[0].rules[1].port_hi), (5000, 5100));
+        assert_eq!(
+            (c.vips[0].rules[1].port_lo, c.vips[0].rules[1].port_hi),
+            (5000, 5100)
+        );
         assert_eq!(c.socket, Path::new(DEFAULT_SOCKET));
     }
 
@@ -793,7 +795,11 @@ rules = [ { protocol = "tcp", ports = 80 }, { protocol = "udp", ports = "5000-51
     fn node_must_be_a_member() {
         let bad = GOOD.replace("id = \"web1\"\naddress", "id = \"web3\"\naddress");
         let errors = field_errors(&bad);
-        assert!(errors.iter().any(|e| e.field == "node.id" && e.message.contains("web2")));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.field == "node.id" && e.message.contains("web2"))
+        );
     }
 
     #[test]
@@ -815,7 +821,10 @@ rules = [ { protocol = "tcp", ports = 80 }, { protocol = "udp", ports = "5000-51
     #[test]
     fn ports_forms() {
         assert_eq!(parse_ports(&RawPorts::One(443)), Some((443, 443)));
-        assert_eq!(parse_ports(&RawPorts::Text("1-65535".into())), Some((1, 65535)));
+        assert_eq!(
+            parse_ports(&RawPorts::Text("1-65535".into())),
+            Some((1, 65535))
+        );
         assert_eq!(parse_ports(&RawPorts::Text("90-80".into())), None);
         assert_eq!(parse_ports(&RawPorts::One(0)), None);
         assert_eq!(parse_mac("02:fa:00:00:00:01"), Some([2, 0xfa, 0, 0, 0, 1]));

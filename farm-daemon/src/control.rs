@@ -141,7 +141,10 @@ mod tests {
 
     #[test]
     fn client_forms() {
-        assert_eq!(parse_client("10.0.0.1").unwrap(), ("10.0.0.1".parse().unwrap(), None));
+        assert_eq!(
+            parse_client("10.0.0.1").unwrap(),
+            ("10.0.0.1".parse().unwrap(), None)
+        );
         assert_eq!(
             parse_client("10.0.0.1:4000").unwrap(),
             ("10.0.0.1".parse().unwrap(), Some(4000))

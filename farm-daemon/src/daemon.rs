@@ -145,7 +145,9 @@ impl Daemon {
     pub async fn start(cfg: Config) -> Result<(Self, UnixListener), DaemonError> {
         let secret = Secret::load(&cfg.secret_file)?;
         let hash_key = secret.hash_key();
-        let cluster_mac = cfg.cluster_mac.unwrap_or_else(|| secret.cluster_mac(cfg.mac_mode));
+        let cluster_mac = cfg
+            .cluster_mac
+            .unwrap_or_else(|| secret.cluster_mac(cfg.mac_mode));
         drop(secret);
 
         std::fs::create_dir_all(&cfg.state_dir)
@@ -162,7 +164,10 @@ impl Daemon {
             return Err(DaemonError::InterfaceDown(cfg.interface.clone()));
         }
 
-        let pin_dir = cfg.bpffs.join("farm").join(format!("{ns}-{}", cfg.interface));
+        let pin_dir = cfg
+            .bpffs
+            .join("farm")
+            .join(format!("{ns}-{}", cfg.interface));
         dataplane::ensure_bpffs(&cfg.bpffs)?;
         let stale = dataplane::remove_stale_pins(&pin_dir)?;
         if stale > 0 {
@@ -288,10 +293,12 @@ impl Daemon {
                 Undo::Programs(pin_dir) => self.dp.detach().map_err(Into::into).and_then(|()| {
                     // The pin directory is ours alone; it is empty once the links are unpinned.
                     match std::fs::remove_dir(pin_dir) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DaemonError::Io {
-                            what: format!("removing {}", pin_dir.display()),
-                            source: e,
-                        }),
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            Err(DaemonError::Io {
+                                what: format!("removing {}", pin_dir.display()),
+                                source: e,
+                            })
+                        }
                         _ => {
                             // And the shared parent, if no other farmd uses it.
                             if let Some(parent) = pin_dir.parent() {
@@ -306,8 +313,9 @@ impl Daemon {
                     .del_mac_filter(*index, *mac)
                     .await
                     .map_err(Into::into),
-                Undo::Socket(path) => std::fs::remove_file(path)
-                    .map_err(io(format!("removing {}", path.display()))),
+                Undo::Socket(path) => {
+                    std::fs::remove_file(path).map_err(io(format!("removing {}", path.display())))
+                }
             };
             if let Err(e) = r {
                 tracing::error!("while restoring the host ({u:?}): {e}");

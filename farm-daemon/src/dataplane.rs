@@ -128,14 +128,15 @@ impl Dataplane {
             p.load().map_err(prog_err(name))?;
         }
 
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
+        let mut take =
+            |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
         let control_map = Array::try_from(take(MAP_CONTROL)?).map_err(map_err(MAP_CONTROL))?;
         let v0 = Array::try_from(take(MAP_VIPS_0)?).map_err(map_err(MAP_VIPS_0))?;
         let v1 = Array::try_from(take(MAP_VIPS_1)?).map_err(map_err(MAP_VIPS_1))?;
         let t0 = Array::try_from(take(MAP_BUCKETS_0)?).map_err(map_err(MAP_BUCKETS_0))?;
         let t1 = Array::try_from(take(MAP_BUCKETS_1)?).map_err(map_err(MAP_BUCKETS_1))?;
-        let counters =
-            PerCpuArray::try_from(take(MAP_BUCKET_COUNTERS)?).map_err(map_err(MAP_BUCKET_COUNTERS))?;
+        let counters = PerCpuArray::try_from(take(MAP_BUCKET_COUNTERS)?)
+            .map_err(map_err(MAP_BUCKET_COUNTERS))?;
         let stats = PerCpuArray::try_from(take(MAP_STATS)?).map_err(map_err(MAP_STATS))?;
         let zero = vec![BucketEntry::default(); BUCKETS as usize];
         Ok(Self {
@@ -228,7 +229,11 @@ impl Dataplane {
     pub fn set_buckets(&mut self, entries: &[BucketEntry]) -> Result<usize, DataplaneError> {
         assert_eq!(entries.len(), BUCKETS as usize);
         let idle = (self.control.active_table ^ 1) as usize;
-        let name = if idle == 0 { MAP_BUCKETS_0 } else { MAP_BUCKETS_1 };
+        let name = if idle == 0 {
+            MAP_BUCKETS_0
+        } else {
+            MAP_BUCKETS_1
+        };
         let mut written = 0;
         for (b, e) in entries.iter().enumerate() {
             if self.shadow[idle][b] != *e {
@@ -312,10 +317,11 @@ impl Dataplane {
         let link = xdp.take_link(id).map_err(prog_err(PROG_XDP))?;
         let fd = FdLink::try_from(link)?;
         let path = pin_dir.join("xdp_link");
-        self.links.push(fd.pin(&path).map_err(|source| DataplaneError::Pin {
-            path: path.clone(),
-            source,
-        })?);
+        self.links
+            .push(fd.pin(&path).map_err(|source| DataplaneError::Pin {
+                path: path.clone(),
+                source,
+            })?);
         self.xdp_mode = Some(label);
         if label == "driver" {
             self.attach_tc(PROG_INGRESS, ifname, TcAttachType::Ingress, pin_dir)?;
@@ -348,10 +354,11 @@ impl Dataplane {
         match FdLink::try_from(link) {
             Ok(fd) => {
                 let path = pin_dir.join(format!("{name}_link"));
-                self.links.push(fd.pin(&path).map_err(|source| DataplaneError::Pin {
-                    path: path.clone(),
-                    source,
-                })?);
+                self.links
+                    .push(fd.pin(&path).map_err(|source| DataplaneError::Pin {
+                        path: path.clone(),
+                        source,
+                    })?);
             }
             Err(_) => tracing::warn!(
                 "this kernel attaches tc programs without links: {name} will be detached if \

@@ -124,11 +124,17 @@ mod tests {
         let f = dir.join("key");
         std::fs::write(&f, [1u8; 32]).unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(Secret::load(&f), Err(SecretError::Permissions { .. })));
+        assert!(matches!(
+            Secret::load(&f),
+            Err(SecretError::Permissions { .. })
+        ));
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(Secret::load(&f).is_ok());
         std::fs::write(&f, [1u8; 8]).unwrap();
-        assert!(matches!(Secret::load(&f), Err(SecretError::TooShort { len: 8, .. })));
+        assert!(matches!(
+            Secret::load(&f),
+            Err(SecretError::TooShort { len: 8, .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -21,7 +21,9 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
         maps::stat(stat::ERR_ARP);
         return xdp_action::XDP_PASS;
     };
-    let fixed = [body[0], body[1], body[2], body[3], body[4], body[5], body[6], body[7]];
+    let fixed = [
+        body[0], body[1], body[2], body[3], body[4], body[5], body[6], body[7],
+    ];
     let sha = [body[8], body[9], body[10], body[11], body[12], body[13]];
     let spa = [body[14], body[15], body[16], body[17]];
     let tpa = [body[24], body[25], body[26], body[27]];

@@ -3,11 +3,7 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use farm_common::{BucketKey, Control, VipInfo, affinity, proto_mask, stat};
 
-use crate::{
-    maps,
-    ptr::load,
-    verdict,
-};
+use crate::{maps, ptr::load, verdict};
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -60,7 +56,13 @@ fn proto_bit(proto: u8) -> u8 {
 }
 
 #[inline(always)]
-fn key_for(vip: &VipInfo, proto: u8, client: [u8; 4], client_port: [u8; 2], vip_port: u16) -> BucketKey {
+fn key_for(
+    vip: &VipInfo,
+    proto: u8,
+    client: [u8; 4],
+    client_port: [u8; 2],
+    vip_port: u16,
+) -> BucketKey {
     if vip.affinity_for(proto_bit(proto), vip_port) == affinity::CONNECTION {
         BucketKey::V4Port(client, client_port)
     } else {

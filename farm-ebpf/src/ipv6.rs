@@ -85,7 +85,13 @@ pub fn transport(ctx: &XdpContext, l3: usize) -> Result<Transport, u32> {
 }
 
 #[inline(always)]
-fn key_for(vip: &VipInfo, proto: u8, client: [u8; 16], client_port: [u8; 2], vip_port: u16) -> BucketKey {
+fn key_for(
+    vip: &VipInfo,
+    proto: u8,
+    client: [u8; 16],
+    client_port: [u8; 2],
+    vip_port: u16,
+) -> BucketKey {
     let bit = match proto {
         IPPROTO_TCP => proto_mask::TCP,
         IPPROTO_UDP => proto_mask::UDP,

@@ -25,7 +25,6 @@ fn main() {
     eprintln!("farm-ebpf is built for bpfel-unknown-none by farm-daemon's build.rs");
 }
 
-
 #[cfg(target_arch = "bpf")]
 mod arp;
 #[cfg(target_arch = "bpf")]

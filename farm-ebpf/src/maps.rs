@@ -54,7 +54,16 @@ pub fn vip(ctl: &Control, addr: &[u8; 16]) -> Option<&'static VipInfo> {
 #[inline(always)]
 fn same16(a: &[u8; 16], b: &[u8; 16]) -> bool {
     let w = |x: &[u8; 16], i: usize| {
-        u64::from_ne_bytes([x[i], x[i + 1], x[i + 2], x[i + 3], x[i + 4], x[i + 5], x[i + 6], x[i + 7]])
+        u64::from_ne_bytes([
+            x[i],
+            x[i + 1],
+            x[i + 2],
+            x[i + 3],
+            x[i + 4],
+            x[i + 5],
+            x[i + 6],
+            x[i + 7],
+        ])
     };
     w(a, 0) == w(b, 0) && w(a, 8) == w(b, 8)
 }

@@ -9,10 +9,7 @@
 //! stack then drops the frame as "for another host". Frames the XDP program accepted carry the
 //! interface's own MAC, so they are marked as ours here.
 
-use aya_ebpf::{
-    bindings::TC_ACT_OK,
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use farm_common::stat;
 
 use crate::{ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV6, ipv6, maps};

@@ -109,14 +109,19 @@ impl Netns {
                 writeln!(stdin, "{l}").expect("write to ip -batch");
             }
         }
-        assert!(child.wait().expect("ip -batch").success(), "ip -batch failed");
+        assert!(
+            child.wait().expect("ip -batch").success(),
+            "ip -batch failed"
+        );
     }
 
     /// A command that runs inside the namespace (via nsenter, which execs it: the child's pid
     /// is the program's own).
     pub fn command(&self, program: &std::path::Path) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path())).arg("--").arg(program);
+        c.arg(format!("--net={}", self.path()))
+            .arg("--")
+            .arg(program);
         c
     }
 

@@ -117,7 +117,14 @@ impl Topology {
             plug(&switch, &ns, &name);
             let (addr4, addr6) = (node_addr4(i), node_addr6(i));
             ns.ip(&["addr", "add", &format!("{addr4}/16"), "dev", "eth0"]);
-            ns.ip(&["addr", "add", &format!("{addr6}/64"), "dev", "eth0", "nodad"]);
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{addr6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
             nodes.push(Node {
                 config: dir.join(format!("{name}.toml")),
                 socket: dir.join(format!("{name}.sock")),
@@ -309,7 +316,11 @@ deadman_timeout_ms = {}
     }
 
     pub fn status(&self, i: usize) -> Result<Status, String> {
-        match control::request(&self.nodes[i].socket, &Request::Status, Duration::from_secs(5)) {
+        match control::request(
+            &self.nodes[i].socket,
+            &Request::Status,
+            Duration::from_secs(5),
+        ) {
             Ok(Response::Status(s)) => Ok(*s),
             Ok(other) => Err(format!("{other:?}")),
             Err(e) => Err(e.to_string()),
@@ -347,7 +358,10 @@ deadman_timeout_ms = {}
                 return Some(st);
             }
             if Instant::now() > deadline {
-                panic!("farmd on {} did not exit after signal {sig}", self.nodes[i].name);
+                panic!(
+                    "farmd on {} did not exit after signal {sig}",
+                    self.nodes[i].name
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

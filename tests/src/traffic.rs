@@ -130,10 +130,7 @@ fn serve_tcp(c: TcpStream, name: &str, stop: &AtomicBool) {
         match r.read_line(&mut line) {
             Ok(0) => return,
             Ok(_) => {
-                if w
-                    .write_all(format!("{name} {}", line).as_bytes())
-                    .is_err()
-                {
+                if w.write_all(format!("{name} {}", line).as_bytes()).is_err() {
                     return;
                 }
             }
@@ -180,7 +177,11 @@ pub fn tcp_request(src: IpAddr, dst: SocketAddr, timeout: Duration) -> TcpAnswer
 pub fn tcp_request_from(from: SocketAddr, dst: SocketAddr, timeout: Duration) -> TcpAnswer {
     let src = from.ip();
     let attempt = || -> std::io::Result<String> {
-        let domain = if dst.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+        let domain = if dst.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
         let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
         s.set_reuse_address(true)?;
         s.bind(&from.into())?;

@@ -36,8 +36,15 @@ fn examples_say_what_they_claim() {
     assert!(w.vips[1].address.is_ipv6());
     let u = example("udp-api.toml");
     assert_eq!(u.mac_mode, MacMode::Multicast);
-    assert_eq!(u.vips[0].rules[0].affinity, farm_common::affinity::CONNECTION);
+    assert_eq!(
+        u.vips[0].rules[0].affinity,
+        farm_common::affinity::CONNECTION
+    );
     let g = example("weighted.toml");
     let weights: Vec<u32> = g.members.iter().map(|m| m.weight).collect();
-    assert_eq!(weights, vec![2, 1, 1, 0], "sorted by id: big, small1, small2, standby");
+    assert_eq!(
+        weights,
+        vec![2, 1, 1, 0],
+        "sorted by id: big, small1, small2, standby"
+    );
 }

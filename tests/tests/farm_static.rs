@@ -55,7 +55,11 @@ fn resolve_vips(t: &Topology) {
 /// Asserts the spread of `answered` (node -> count) is within 15% of an equal share.
 fn assert_even(answered: &BTreeMap<String, usize>, nodes: usize, total: usize) {
     let fair = total as f64 / nodes as f64;
-    assert_eq!(answered.len(), nodes, "every node answers some: {answered:?}");
+    assert_eq!(
+        answered.len(),
+        nodes,
+        "every node answers some: {answered:?}"
+    );
     for (node, &n) in answered {
         let dev = (n as f64 - fair).abs() / fair;
         assert!(
@@ -66,7 +70,12 @@ fn assert_even(answered: &BTreeMap<String, usize>, nodes: usize, total: usize) {
     }
 }
 
-fn check_tcp(t: &Topology, answers: &[TcpAnswer], expected: usize, predicted: &HashMap<IpAddr, String>) {
+fn check_tcp(
+    t: &Topology,
+    answers: &[TcpAnswer],
+    expected: usize,
+    predicted: &HashMap<IpAddr, String>,
+) {
     let failed: Vec<&TcpAnswer> = answers.iter().filter(|a| a.node.is_none()).collect();
     assert!(
         failed.is_empty(),
@@ -101,7 +110,10 @@ fn check_tcp(t: &Topology, answers: &[TcpAnswer], expected: usize, predicted: &H
                 .load(std::sync::atomic::Ordering::Relaxed)
         })
         .sum();
-    assert_eq!(accepts as usize, expected, "accepts on all nodes: {accepts}");
+    assert_eq!(
+        accepts as usize, expected,
+        "accepts on all nodes: {accepts}"
+    );
     assert_even(&per_node, t.nodes.len(), expected);
     eprintln!("answers per node: {per_node:?}");
 }
@@ -125,9 +137,17 @@ fn tcp_ipv4_client_affinity_three_nodes() {
     // The data plane counted what it accepted, and what it dropped for the other nodes.
     for i in 0..3 {
         let s = t.status(i).expect("status");
-        assert!(s.traffic.accepted_packets > 0 && s.traffic.dropped_packets > 0, "{:?}", s.traffic);
+        assert!(
+            s.traffic.accepted_packets > 0 && s.traffic.dropped_packets > 0,
+            "{:?}",
+            s.traffic
+        );
         let own = s.members.iter().find(|m| m.this_node).expect("this node");
-        assert!((own.buckets as i64 - 65536 / 3).abs() <= 1, "buckets {}", own.buckets);
+        assert!(
+            (own.buckets as i64 - 65536 / 3).abs() <= 1,
+            "buckets {}",
+            own.buckets
+        );
     }
 }
 
@@ -195,7 +215,12 @@ fn ipv6_vip_tcp_and_udp() {
         .iter()
         .filter(|a| a.nodes.len() != 1 || Some(&a.nodes[0]) != predicted.get(&a.src))
         .collect();
-    assert!(wrong.is_empty(), "{} UDP datagrams wrong, e.g. {:?}", wrong.len(), &wrong[..wrong.len().min(5)]);
+    assert!(
+        wrong.is_empty(),
+        "{} UDP datagrams wrong, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
 }
 
 #[test]
@@ -214,7 +239,10 @@ fn connection_affinity_spreads_one_client_over_nodes() {
                 .map(|k| {
                     let port = 20000 + k;
                     let from = SocketAddr::new(src, port);
-                    (port, traffic::tcp_request_from(from, dst, Duration::from_secs(3)))
+                    (
+                        port,
+                        traffic::tcp_request_from(from, dst, Duration::from_secs(3)),
+                    )
                 })
                 .collect::<Vec<_>>()
         }
@@ -227,7 +255,11 @@ fn connection_affinity_spreads_one_client_over_nodes() {
         assert_eq!(a.node, expect, "{src}:{port}: {a:?}");
         nodes.insert(a.node.clone());
     }
-    assert_eq!(nodes.len(), 3, "one client's connections reach all three nodes");
+    assert_eq!(
+        nodes.len(),
+        3,
+        "one client's connections reach all three nodes"
+    );
 }
 
 #[test]
@@ -239,7 +271,10 @@ fn neighbour_entry_is_cluster_mac_and_node_addresses_unaffected() {
     let cluster_mac = t.status(0).expect("status").cluster_mac;
     // Resolve the VIPs (any request will do) and look at the client's neighbour table.
     resolve_vips(&t);
-    for vip in [farm_tests::topology::VIP4.to_string(), farm_tests::topology::VIP6.to_string()] {
+    for vip in [
+        farm_tests::topology::VIP4.to_string(),
+        farm_tests::topology::VIP6.to_string(),
+    ] {
         let neigh = t.client.ip_out(&["neigh", "show", &vip]);
         assert!(
             neigh.contains(&format!("lladdr {cluster_mac}")),
@@ -250,9 +285,17 @@ fn neighbour_entry_is_cluster_mac_and_node_addresses_unaffected() {
     for (i, n) in t.nodes.iter().enumerate() {
         let requests: Vec<(IpAddr, SocketAddr)> = t.client_v4[..50]
             .iter()
-            .map(|&s| (IpAddr::V4(s), SocketAddr::new(IpAddr::V4(n.addr4), TCP_PORT)))
+            .map(|&s| {
+                (
+                    IpAddr::V4(s),
+                    SocketAddr::new(IpAddr::V4(n.addr4), TCP_PORT),
+                )
+            })
             .chain(t.client_v6[..50].iter().map(|&s| {
-                (IpAddr::V6(s), SocketAddr::new(IpAddr::V6(n.addr6), TCP_PORT))
+                (
+                    IpAddr::V6(s),
+                    SocketAddr::new(IpAddr::V6(n.addr6), TCP_PORT),
+                )
             }))
             .collect();
         let answers = traffic::tcp_requests(&t.client, requests, 2, Duration::from_secs(3));
@@ -269,5 +312,8 @@ fn neighbour_entry_is_cluster_mac_and_node_addresses_unaffected() {
             c["arp_answered"] + c["ndp_answered"]
         })
         .sum();
-    assert!(answered >= 2, "ARP and NDP for the VIPs answered from XDP: {answered}");
+    assert!(
+        answered >= 2,
+        "ARP and NDP for the VIPs answered from XDP: {answered}"
+    );
 }

@@ -29,7 +29,7 @@ const OTHER4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
 const UDP_CONN_PORT: u16 = 5000;
 
 fn mine(k: BucketKey) -> bool {
-    bucket_of(&KEY, k) % 2 == 0
+    bucket_of(&KEY, k).is_multiple_of(2)
 }
 
 fn verdict(k: BucketKey) -> u32 {
@@ -109,7 +109,14 @@ fn v4_frame(ip: &V4, l4: &[u8]) -> Vec<u8> {
     eth(CLUSTER_MAC, CLIENT_MAC, 0x0800, &ip.build(l4))
 }
 
-fn v6_frame(dst_mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr, nh: u8, ext: &[u8], l4: &[u8]) -> Vec<u8> {
+fn v6_frame(
+    dst_mac: [u8; 6],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    nh: u8,
+    ext: &[u8],
+    l4: &[u8],
+) -> Vec<u8> {
     eth(dst_mac, CLIENT_MAC, 0x86dd, &ipv6(src, dst, nh, ext, l4))
 }
 
@@ -120,6 +127,9 @@ fn rewritten(frame: &[u8]) -> Vec<u8> {
     f
 }
 
+/// An extra check of an output frame.
+type Check = Box<dyn Fn(&[u8]) -> Result<(), String>>;
+
 struct Case {
     name: String,
     frame: Vec<u8>,
@@ -127,7 +137,7 @@ struct Case {
     /// Expected output frame (checked for XDP_PASS and XDP_TX).
     output: Option<Vec<u8>>,
     /// Extra check of the output frame.
-    check: Option<Box<dyn Fn(&[u8]) -> Result<(), String>>>,
+    check: Option<Check>,
 }
 
 fn case(name: impl Into<String>, frame: Vec<u8>, verdict: u32) -> Case {
@@ -165,17 +175,37 @@ fn cases() -> Vec<Case> {
     // --- Truncation at every header -------------------------------------------------------
     let full = v4_frame(&V4::new(m4, VIP4, 6), &tcp80);
     // (BPF_PROG_TEST_RUN, like every driver, never runs XDP on less than an Ethernet header.)
-    v.push(case("ethernet header only, IPv4 type", full[..14].to_vec(), XDP_PASS));
+    v.push(case(
+        "ethernet header only, IPv4 type",
+        full[..14].to_vec(),
+        XDP_PASS,
+    ));
     v.push(case(
         "vlan tag truncated",
         eth_vlan(CLUSTER_MAC, CLIENT_MAC, 7, 0x0800, &[])[..16].to_vec(),
         XDP_PASS,
     ));
-    v.push(case("ipv4 header truncated (destination unreadable)", full[..14 + 12].to_vec(), XDP_PASS));
-    v.push(case("ipv4 to VIP, tcp header truncated", full[..14 + 20 + 2].to_vec(), XDP_DROP));
+    v.push(case(
+        "ipv4 header truncated (destination unreadable)",
+        full[..14 + 12].to_vec(),
+        XDP_PASS,
+    ));
+    v.push(case(
+        "ipv4 to VIP, tcp header truncated",
+        full[..14 + 20 + 2].to_vec(),
+        XDP_DROP,
+    ));
     let full6 = v6_frame(CLUSTER_MAC, m6, VIP6, 6, &[], &tcp80);
-    v.push(case("ipv6 header truncated", full6[..14 + 30].to_vec(), XDP_PASS));
-    v.push(case("ipv6 to VIP, tcp header truncated", full6[..14 + 40 + 3].to_vec(), XDP_DROP));
+    v.push(case(
+        "ipv6 header truncated",
+        full6[..14 + 30].to_vec(),
+        XDP_PASS,
+    ));
+    v.push(case(
+        "ipv6 to VIP, tcp header truncated",
+        full6[..14 + 40 + 3].to_vec(),
+        XDP_DROP,
+    ));
 
     // --- IPv4 headers -----------------------------------------------------------------------
     let mut bad_ihl = v4_frame(&V4::new(m4, VIP4, 6), &tcp80);
@@ -183,28 +213,81 @@ fn cases() -> Vec<Case> {
     v.push(case("ipv4 to VIP with IHL 4", bad_ihl, XDP_DROP));
     let mut bad_ver = v4_frame(&V4::new(m4, VIP4, 6), &tcp80);
     bad_ver[14] = 0x65;
-    v.push(case("ipv4 to VIP with version 6 in the header", bad_ver, XDP_DROP));
+    v.push(case(
+        "ipv4 to VIP with version 6 in the header",
+        bad_ver,
+        XDP_DROP,
+    ));
     let mut bad_ihl_other = v4_frame(&V4::new(m4, OTHER4, 6), &tcp80);
     bad_ihl_other[14] = 0x44;
-    v.push(case("ipv4 not for a VIP with IHL 4 (the kernel's business)", bad_ihl_other, XDP_PASS));
-    v.push(vip_case("tcp to VIP, my client", v4_frame(&V4::new(m4, VIP4, 6), &tcp80), XDP_PASS));
-    v.push(vip_case("tcp to VIP, another member's client", v4_frame(&V4::new(t4, VIP4, 6), &tcp80), XDP_DROP));
-    let mut opts = V4::new(m4, VIP4, 6);
-    opts.options = 12;
-    v.push(vip_case("ipv4 with 12 bytes of options, my client", v4_frame(&opts, &tcp80), XDP_PASS));
-    let mut opts = V4::new(t4, VIP4, 6);
-    opts.options = 40;
-    v.push(vip_case("ipv4 with 40 bytes of options, other client", v4_frame(&opts, &tcp80), XDP_DROP));
-    let vlan = eth_vlan(CLUSTER_MAC, CLIENT_MAC, 42, 0x0800, &V4::new(m4, VIP4, 6).build(&tcp80));
-    v.push(vip_case("vlan-tagged tcp to VIP, my client", vlan, XDP_PASS));
-    let vlan = eth_vlan(CLUSTER_MAC, CLIENT_MAC, 42, 0x0800, &V4::new(t4, VIP4, 6).build(&tcp80));
-    v.push(vip_case("vlan-tagged tcp to VIP, other client", vlan, XDP_DROP));
     v.push(case(
-        "ipv4 tcp not for a VIP passes untouched",
-        eth(IF_MAC, CLIENT_MAC, 0x0800, &V4::new(t4, OTHER4, 6).build(&tcp80)),
+        "ipv4 not for a VIP with IHL 4 (the kernel's business)",
+        bad_ihl_other,
         XDP_PASS,
     ));
-    v.push(vip_case("other IP protocol (GRE) to VIP, by client", v4_frame(&V4::new(m4, VIP4, 47), &[0; 8]), XDP_PASS));
+    v.push(vip_case(
+        "tcp to VIP, my client",
+        v4_frame(&V4::new(m4, VIP4, 6), &tcp80),
+        XDP_PASS,
+    ));
+    v.push(vip_case(
+        "tcp to VIP, another member's client",
+        v4_frame(&V4::new(t4, VIP4, 6), &tcp80),
+        XDP_DROP,
+    ));
+    let mut opts = V4::new(m4, VIP4, 6);
+    opts.options = 12;
+    v.push(vip_case(
+        "ipv4 with 12 bytes of options, my client",
+        v4_frame(&opts, &tcp80),
+        XDP_PASS,
+    ));
+    let mut opts = V4::new(t4, VIP4, 6);
+    opts.options = 40;
+    v.push(vip_case(
+        "ipv4 with 40 bytes of options, other client",
+        v4_frame(&opts, &tcp80),
+        XDP_DROP,
+    ));
+    let vlan = eth_vlan(
+        CLUSTER_MAC,
+        CLIENT_MAC,
+        42,
+        0x0800,
+        &V4::new(m4, VIP4, 6).build(&tcp80),
+    );
+    v.push(vip_case(
+        "vlan-tagged tcp to VIP, my client",
+        vlan,
+        XDP_PASS,
+    ));
+    let vlan = eth_vlan(
+        CLUSTER_MAC,
+        CLIENT_MAC,
+        42,
+        0x0800,
+        &V4::new(t4, VIP4, 6).build(&tcp80),
+    );
+    v.push(vip_case(
+        "vlan-tagged tcp to VIP, other client",
+        vlan,
+        XDP_DROP,
+    ));
+    v.push(case(
+        "ipv4 tcp not for a VIP passes untouched",
+        eth(
+            IF_MAC,
+            CLIENT_MAC,
+            0x0800,
+            &V4::new(t4, OTHER4, 6).build(&tcp80),
+        ),
+        XDP_PASS,
+    ));
+    v.push(vip_case(
+        "other IP protocol (GRE) to VIP, by client",
+        v4_frame(&V4::new(m4, VIP4, 47), &[0; 8]),
+        XDP_PASS,
+    ));
 
     // --- connection affinity ----------------------------------------------------------------
     for port in [41000u16, 41001, 41002, 41003] {
@@ -226,17 +309,33 @@ fn cases() -> Vec<Case> {
     first.mf = true;
     first.id = 77;
     let udp_first = udp(port_not_mine, UDP_CONN_PORT, &[0xab; 24]);
-    v.push(vip_case("first fragment (MF, offset 0), by client address", v4_frame(&first, &udp_first), XDP_PASS));
+    v.push(vip_case(
+        "first fragment (MF, offset 0), by client address",
+        v4_frame(&first, &udp_first),
+        XDP_PASS,
+    ));
     let mut middle = first.clone();
     middle.frag_offset = 4;
-    v.push(vip_case("middle fragment (MF, offset 32)", v4_frame(&middle, &[0xcd; 32]), XDP_PASS));
+    v.push(vip_case(
+        "middle fragment (MF, offset 32)",
+        v4_frame(&middle, &[0xcd; 32]),
+        XDP_PASS,
+    ));
     let mut last = middle.clone();
     last.mf = false;
     last.frag_offset = 8;
-    v.push(vip_case("last fragment (offset 64)", v4_frame(&last, &[0xef; 8]), XDP_PASS));
+    v.push(vip_case(
+        "last fragment (offset 64)",
+        v4_frame(&last, &[0xef; 8]),
+        XDP_PASS,
+    ));
     let mut other_frag = last.clone();
     other_frag.src = t4;
-    v.push(vip_case("fragment of another member's client", v4_frame(&other_frag, &[0; 8]), XDP_DROP));
+    v.push(vip_case(
+        "fragment of another member's client",
+        v4_frame(&other_frag, &[0; 8]),
+        XDP_DROP,
+    ));
 
     // --- ICMP ----------------------------------------------------------------------------------
     v.push(vip_case(
@@ -258,13 +357,19 @@ fn cases() -> Vec<Case> {
     let inner = V4::new(VIP4, m4, 6).build(&tcp(80, 40000)[..8]);
     v.push(vip_case(
         "icmp frag-needed quoting VIP->my client tcp: classified by inner destination",
-        v4_frame(&V4::new(router, VIP4, 1), &icmp(3, 4, [0, 0, 0x05, 0xdc], &inner)),
+        v4_frame(
+            &V4::new(router, VIP4, 1),
+            &icmp(3, 4, [0, 0, 0x05, 0xdc], &inner),
+        ),
         XDP_PASS,
     ));
     let inner = V4::new(VIP4, t4, 6).build(&tcp(80, 40000)[..8]);
     v.push(vip_case(
         "icmp frag-needed quoting VIP->other client",
-        v4_frame(&V4::new(router, VIP4, 1), &icmp(3, 4, [0, 0, 0x05, 0xdc], &inner)),
+        v4_frame(
+            &V4::new(router, VIP4, 1),
+            &icmp(3, 4, [0, 0, 0x05, 0xdc], &inner),
+        ),
         XDP_DROP,
     ));
     // Time exceeded quoting a connection-affinity UDP packet: (client, client port) swapped.
@@ -277,37 +382,84 @@ fn cases() -> Vec<Case> {
     ));
     v.push(vip_case(
         "icmp error whose quoted packet is truncated",
-        v4_frame(&V4::new(router, VIP4, 1), &icmp(3, 4, [0; 4], &[0x45, 0, 0])),
+        v4_frame(
+            &V4::new(router, VIP4, 1),
+            &icmp(3, 4, [0; 4], &[0x45, 0, 0]),
+        ),
         XDP_DROP,
     ));
 
     // --- ARP -----------------------------------------------------------------------------------
     let arp_req = |spa: Ipv4Addr, tpa: Ipv4Addr| {
-        eth([0xff; 6], CLIENT_MAC, 0x0806, &arp(1, CLIENT_MAC, spa, [0; 6], tpa))
+        eth(
+            [0xff; 6],
+            CLIENT_MAC,
+            0x0806,
+            &arp(1, CLIENT_MAC, spa, [0; 6], tpa),
+        )
     };
-    let mut c = case("arp request for VIP from my client: answered with the cluster MAC", arp_req(m4, VIP4), XDP_TX);
-    c.output = Some(eth(CLIENT_MAC, IF_MAC, 0x0806, &arp(2, CLUSTER_MAC, VIP4, CLIENT_MAC, m4)));
+    let mut c = case(
+        "arp request for VIP from my client: answered with the cluster MAC",
+        arp_req(m4, VIP4),
+        XDP_TX,
+    );
+    c.output = Some(eth(
+        CLIENT_MAC,
+        IF_MAC,
+        0x0806,
+        &arp(2, CLUSTER_MAC, VIP4, CLIENT_MAC, m4),
+    ));
     v.push(c);
-    v.push(case("arp request for VIP from another member's client: left to it", arp_req(t4, VIP4), XDP_DROP));
-    v.push(case("arp request not for a VIP", arp_req(m4, OTHER4), XDP_PASS));
+    v.push(case(
+        "arp request for VIP from another member's client: left to it",
+        arp_req(t4, VIP4),
+        XDP_DROP,
+    ));
+    v.push(case(
+        "arp request not for a VIP",
+        arp_req(m4, OTHER4),
+        XDP_PASS,
+    ));
     v.push(case(
         "gratuitous arp for the VIP from a peer: kept from the kernel",
-        eth([0xff; 6], [2, 0, 0, 0, 0, 0x22], 0x0806, &arp(1, CLUSTER_MAC, VIP4, [0; 6], VIP4)),
+        eth(
+            [0xff; 6],
+            [2, 0, 0, 0, 0, 0x22],
+            0x0806,
+            &arp(1, CLUSTER_MAC, VIP4, [0; 6], VIP4),
+        ),
         XDP_DROP,
     ));
     v.push(vip_case(
         "arp reply to the VIP (answers a member's request): accepted",
-        eth(CLUSTER_MAC, CLIENT_MAC, 0x0806, &arp(2, CLIENT_MAC, t4, CLUSTER_MAC, VIP4)),
+        eth(
+            CLUSTER_MAC,
+            CLIENT_MAC,
+            0x0806,
+            &arp(2, CLIENT_MAC, t4, CLUSTER_MAC, VIP4),
+        ),
         XDP_PASS,
     ));
     let mut weird = arp_req(m4, VIP4);
     weird[14 + 4] = 8; // hardware address length 8
     v.push(case("arp with unexpected address lengths", weird, XDP_PASS));
-    v.push(case("arp truncated", arp_req(m4, VIP4)[..14 + 20].to_vec(), XDP_PASS));
+    v.push(case(
+        "arp truncated",
+        arp_req(m4, VIP4)[..14 + 20].to_vec(),
+        XDP_PASS,
+    ));
 
     // --- IPv6 ----------------------------------------------------------------------------------
-    v.push(vip_case("ipv6 tcp to VIP, my client", v6_frame(CLUSTER_MAC, m6, VIP6, 6, &[], &tcp80), XDP_PASS));
-    v.push(vip_case("ipv6 tcp to VIP, other client", v6_frame(CLUSTER_MAC, t6, VIP6, 6, &[], &tcp80), XDP_DROP));
+    v.push(vip_case(
+        "ipv6 tcp to VIP, my client",
+        v6_frame(CLUSTER_MAC, m6, VIP6, 6, &[], &tcp80),
+        XDP_PASS,
+    ));
+    v.push(vip_case(
+        "ipv6 tcp to VIP, other client",
+        v6_frame(CLUSTER_MAC, t6, VIP6, 6, &[], &tcp80),
+        XDP_DROP,
+    ));
     let ext = [ext_opts(60), ext_opts(6)].concat();
     v.push(vip_case(
         "ipv6 hop-by-hop + destination options, my client",
@@ -324,17 +476,38 @@ fn cases() -> Vec<Case> {
         .expect("port");
     v.push(vip_case(
         "ipv6 first fragment (M set) of a connection-affinity datagram, by client address",
-        v6_frame(CLUSTER_MAC, m6, VIP6, 44, &ext_frag(17, 0, true, 9), &udp(port6, UDP_CONN_PORT, &[0; 16])),
+        v6_frame(
+            CLUSTER_MAC,
+            m6,
+            VIP6,
+            44,
+            &ext_frag(17, 0, true, 9),
+            &udp(port6, UDP_CONN_PORT, &[0; 16]),
+        ),
         XDP_PASS,
     ));
     v.push(vip_case(
         "ipv6 later fragment (offset 24)",
-        v6_frame(CLUSTER_MAC, m6, VIP6, 44, &ext_frag(17, 3, false, 9), &[0; 16]),
+        v6_frame(
+            CLUSTER_MAC,
+            m6,
+            VIP6,
+            44,
+            &ext_frag(17, 3, false, 9),
+            &[0; 16],
+        ),
         XDP_PASS,
     ));
     v.push(vip_case(
         "ipv6 atomic fragment is a whole datagram (connection affinity applies)",
-        v6_frame(CLUSTER_MAC, m6, VIP6, 44, &ext_frag(17, 0, false, 9), &udp(port6, UDP_CONN_PORT, &[])),
+        v6_frame(
+            CLUSTER_MAC,
+            m6,
+            VIP6,
+            44,
+            &ext_frag(17, 0, false, 9),
+            &udp(port6, UDP_CONN_PORT, &[]),
+        ),
         XDP_DROP,
     ));
     let many: Vec<u8> = (0..7).flat_map(|_| ext_opts(60)).collect();
@@ -345,25 +518,53 @@ fn cases() -> Vec<Case> {
     ));
     v.push(case(
         "ipv6 not for a VIP passes untouched",
-        v6_frame(IF_MAC, t6, Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11), 6, &[], &tcp80),
+        v6_frame(
+            IF_MAC,
+            t6,
+            Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11),
+            6,
+            &[],
+            &tcp80,
+        ),
         XDP_PASS,
     ));
     let inner6 = ipv6(VIP6, m6, 6, &[], &tcp(80, 40000)[..8]);
     let router6 = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1);
     v.push(vip_case(
         "icmpv6 packet-too-big quoting VIP->my client",
-        v6_frame(CLUSTER_MAC, router6, VIP6, 58, &[], &icmp(2, 0, [0, 0, 0x05, 0x00], &inner6)),
+        v6_frame(
+            CLUSTER_MAC,
+            router6,
+            VIP6,
+            58,
+            &[],
+            &icmp(2, 0, [0, 0, 0x05, 0x00], &inner6),
+        ),
         XDP_PASS,
     ));
     let inner6 = ipv6(VIP6, t6, 6, &[], &tcp(80, 40000)[..8]);
     v.push(vip_case(
         "icmpv6 destination unreachable quoting VIP->other client",
-        v6_frame(CLUSTER_MAC, router6, VIP6, 58, &[], &icmp(1, 4, [0; 4], &inner6)),
+        v6_frame(
+            CLUSTER_MAC,
+            router6,
+            VIP6,
+            58,
+            &[],
+            &icmp(1, 4, [0; 4], &inner6),
+        ),
         XDP_DROP,
     ));
     v.push(vip_case(
         "icmpv6 echo to VIP, my client",
-        v6_frame(CLUSTER_MAC, m6, VIP6, 58, &[], &icmp(128, 0, [0, 1, 0, 1], b"ping")),
+        v6_frame(
+            CLUSTER_MAC,
+            m6,
+            VIP6,
+            58,
+            &[],
+            &icmp(128, 0, [0, 1, 0, 1], b"ping"),
+        ),
         XDP_PASS,
     ));
 
@@ -372,21 +573,42 @@ fn cases() -> Vec<Case> {
         let mut m = neighbour_solicitation(target, CLIENT_MAC);
         let sum = icmpv6_sum(src, solicited_node(target), &m);
         m[2..4].copy_from_slice(&sum.to_be_bytes());
-        eth([0x33, 0x33, 0xff, 0, 1, 0], CLIENT_MAC, 0x86dd, &ipv6_hops(src, solicited_node(target), 58, 255, &m))
+        eth(
+            [0x33, 0x33, 0xff, 0, 1, 0],
+            CLIENT_MAC,
+            0x86dd,
+            &ipv6_hops(src, solicited_node(target), 58, 255, &m),
+        )
     };
-    let mut c = case("neighbour solicitation for VIP from my client: advertisement with the cluster MAC", ns(m6, VIP6), XDP_TX);
+    let mut c = case(
+        "neighbour solicitation for VIP from my client: advertisement with the cluster MAC",
+        ns(m6, VIP6),
+        XDP_TX,
+    );
     c.check = Some(Box::new(move |out: &[u8]| check_na(out, m6)));
     v.push(c);
-    v.push(case("neighbour solicitation for VIP from another client: left to its owner", ns(t6, VIP6), XDP_DROP));
+    v.push(case(
+        "neighbour solicitation for VIP from another client: left to its owner",
+        ns(t6, VIP6),
+        XDP_DROP,
+    ));
     v.push(case(
         "neighbour solicitation for another address",
         ns(m6, Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11)),
         XDP_PASS,
     ));
-    v.push(case("neighbour solicitation from the VIP (a peer resolving): dropped", ns(VIP6, Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x99)), XDP_DROP));
+    v.push(case(
+        "neighbour solicitation from the VIP (a peer resolving): dropped",
+        ns(VIP6, Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x99)),
+        XDP_DROP,
+    ));
 
     // --- Not IP at all -------------------------------------------------------------------------
-    v.push(case("LLDP passes untouched", eth([0x01, 0x80, 0xc2, 0, 0, 0x0e], CLIENT_MAC, 0x88cc, &[0; 40]), XDP_PASS));
+    v.push(case(
+        "LLDP passes untouched",
+        eth([0x01, 0x80, 0xc2, 0, 0, 0x0e], CLIENT_MAC, 0x88cc, &[0; 40]),
+        XDP_PASS,
+    ));
     v
 }
 
@@ -448,7 +670,10 @@ fn xdp_packet_fixtures() {
         if let Some(want) = &c.output
             && &out != want
         {
-            failures.push(format!("{}: output frame\n  got  {out:02x?}\n  want {want:02x?}", c.name));
+            failures.push(format!(
+                "{}: output frame\n  got  {out:02x?}\n  want {want:02x?}",
+                c.name
+            ));
         }
         if let Some(check) = &c.check
             && let Err(e) = check(&out)
@@ -457,7 +682,13 @@ fn xdp_packet_fixtures() {
         }
     }
     eprintln!("{} fixtures run", cases.len());
-    assert!(failures.is_empty(), "{} of {} fixtures failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixtures failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 
     // Counters moved for what the fixtures exercised.
     let stats = dp.stats().expect("stats");
@@ -478,7 +709,11 @@ fn xdp_packet_fixtures() {
         ("err_ipv6_short", 1),
         ("err_arp", 2),
     ] {
-        assert!(stats[name] >= min, "counter {name} = {} (want >= {min}): {stats:?}", stats[name]);
+        assert!(
+            stats[name] >= min,
+            "counter {name} = {} (want >= {min}): {stats:?}",
+            stats[name]
+        );
     }
 }
 
@@ -490,16 +725,38 @@ fn dead_man_switch_stops_vip_traffic_only() {
     let mut dp = dataplane();
     let m4 = client4(true);
     let tcp_frame = v4_frame(&V4::new(m4, VIP4, 6), &tcp(40000, 80));
-    let arp_frame = eth([0xff; 6], CLIENT_MAC, 0x0806, &arp(1, CLIENT_MAC, m4, [0; 6], VIP4));
-    let other = eth(IF_MAC, CLIENT_MAC, 0x0800, &V4::new(m4, OTHER4, 6).build(&tcp(1, 2)));
+    let arp_frame = eth(
+        [0xff; 6],
+        CLIENT_MAC,
+        0x0806,
+        &arp(1, CLIENT_MAC, m4, [0; 6], VIP4),
+    );
+    let other = eth(
+        IF_MAC,
+        CLIENT_MAC,
+        0x0800,
+        &V4::new(m4, OTHER4, 6).build(&tcp(1, 2)),
+    );
     assert_eq!(run(&mut dp, &tcp_frame).0, XDP_PASS);
     assert_eq!(run(&mut dp, &arp_frame).0, XDP_TX);
     // Deadline in the past, as when the daemon stops refreshing it.
     dp.arm(std::time::Duration::ZERO).expect("arm");
     std::thread::sleep(std::time::Duration::from_millis(20));
-    assert_eq!(run(&mut dp, &tcp_frame).0, XDP_DROP, "VIP traffic after the deadline");
-    assert_eq!(run(&mut dp, &arp_frame).0, XDP_DROP, "ARP for the VIP after the deadline");
-    assert_eq!(run(&mut dp, &other).0, XDP_PASS, "non-VIP traffic is never affected");
+    assert_eq!(
+        run(&mut dp, &tcp_frame).0,
+        XDP_DROP,
+        "VIP traffic after the deadline"
+    );
+    assert_eq!(
+        run(&mut dp, &arp_frame).0,
+        XDP_DROP,
+        "ARP for the VIP after the deadline"
+    );
+    assert_eq!(
+        run(&mut dp, &other).0,
+        XDP_PASS,
+        "non-VIP traffic is never affected"
+    );
     // Never armed (0) means not serving.
     dp.disarm().expect("disarm");
     assert_eq!(run(&mut dp, &tcp_frame).0, XDP_DROP);
@@ -521,6 +778,10 @@ fn bucket_table_swap_is_whole() {
     assert_eq!(written, BUCKETS as usize, "first swap fills the idle table");
     assert_eq!(run(&mut dp, &frame).0, XDP_PASS);
     let written = dp.set_buckets(&all_mine).expect("swap back");
-    assert_eq!(written, BUCKETS as usize / 2, "the other table differs in the odd buckets");
+    assert_eq!(
+        written,
+        BUCKETS as usize / 2,
+        "the other table differs in the odd buckets"
+    );
     assert_eq!(run(&mut dp, &frame).0, XDP_PASS);
 }

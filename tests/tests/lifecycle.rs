@@ -21,7 +21,9 @@ fn host_state(t: &Topology, i: usize) -> String {
     // Only what farmd touches: addresses, XDP, promiscuity, and the filter entries.
     let link: Vec<&str> = link
         .split_whitespace()
-        .filter(|w| w.starts_with("prog/xdp") || w.starts_with("xdp") || w.starts_with("promiscuity"))
+        .filter(|w| {
+            w.starts_with("prog/xdp") || w.starts_with("xdp") || w.starts_with("promiscuity")
+        })
         .collect();
     let filter = std::process::Command::new("bridge")
         .args(["-n", &ns.name, "fdb", "show", "dev", "eth0"])
@@ -71,7 +73,10 @@ fn killed_daemon_stops_serving_and_restart_recovers() {
     let (victim_clients, other_clients) = clients_of(&t, 1, 20);
     assert!(victim_clients.len() >= 10 && other_clients.len() >= 10);
     // Everyone is served.
-    for a in requests(&t, &[victim_clients.clone(), other_clients.clone()].concat()) {
+    for a in requests(
+        &t,
+        &[victim_clients.clone(), other_clients.clone()].concat(),
+    ) {
         assert!(a.node.is_some(), "before the kill: {a:?}");
     }
 
@@ -79,7 +84,10 @@ fn killed_daemon_stops_serving_and_restart_recovers() {
     t.signal_farmd(1, libc::SIGKILL);
     // The programs stay attached (pinned) with nobody refreshing the dead-man deadline.
     let link = t.nodes[1].ns.ip_out(&["link", "show", "dev", "eth0"]);
-    assert!(link.contains("prog/xdp"), "XDP program must survive its daemon: {link}");
+    assert!(
+        link.contains("prog/xdp"),
+        "XDP program must survive its daemon: {link}"
+    );
     // Within the dead-man timeout (300 ms, generous bound: 3 s) node 2 stops answering.
     let deadline = killed_at + Duration::from_secs(3);
     let probe = victim_clients[0];
@@ -93,7 +101,10 @@ fn killed_daemon_stops_serving_and_restart_recovers() {
             // The last probe that was not answered was sent at `sent`.
             break sent;
         }
-        assert!(Instant::now() < deadline, "node kept serving after its daemon died: {answers:?}");
+        assert!(
+            Instant::now() < deadline,
+            "node kept serving after its daemon died: {answers:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     eprintln!("node 2 stopped accepting {stopped_after:?} after SIGKILL (dead-man 300 ms)");
@@ -128,17 +139,24 @@ fn sigterm_restores_the_host() {
     let before: Vec<String> = (0..2).map(|i| host_state(&t, i)).collect();
     t.start_all();
     let during = host_state(&t, 0);
-    assert!(during.contains(&VIP4.to_string()) && during.contains(&VIP6.to_string()), "{during}");
+    assert!(
+        during.contains(&VIP4.to_string()) && during.contains(&VIP6.to_string()),
+        "{during}"
+    );
     assert!(during.contains("prog/xdp"), "{during}");
     let mac = t.status(0).expect("status").cluster_mac;
     assert!(during.contains(&mac), "cluster MAC in the filter: {during}");
     assert!(t.pin_dir(0).exists());
 
-    for i in 0..2 {
+    for (i, before) in before.iter().enumerate() {
         let st = t.signal_farmd(i, libc::SIGTERM).expect("was running");
         assert!(st.success(), "farmd exit status {st}: {}", t.log(i));
-        assert_eq!(host_state(&t, i), before[i], "host {i} not restored");
-        assert!(!t.pin_dir(i).exists(), "pins left in {}", t.pin_dir(i).display());
+        assert_eq!(&host_state(&t, i), before, "host {i} not restored");
+        assert!(
+            !t.pin_dir(i).exists(),
+            "pins left in {}",
+            t.pin_dir(i).display()
+        );
         assert!(!t.nodes[i].socket.exists(), "control socket left behind");
         assert!(t.log(i).contains("host restored"), "{}", t.log(i));
     }
@@ -176,8 +194,15 @@ fn second_daemon_on_the_same_interface_refuses() {
         .expect("run farmd");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("another farmd is already running on interface eth0"), "{err}");
-    assert_eq!(host_state(&t, 0), before, "the refused farmd changed the host");
+    assert!(
+        err.contains("another farmd is already running on interface eth0"),
+        "{err}"
+    );
+    assert_eq!(
+        host_state(&t, 0),
+        before,
+        "the refused farmd changed the host"
+    );
     // The first one still serves.
     assert!(t.status(0).expect("status").serving);
 }
@@ -197,8 +222,14 @@ fn invalid_config_names_every_field_and_touches_nothing() {
     let bad = good
         .replace("mac_mode = \"unicast\"", "mac_mode = \"broadcast\"")
         .replace("weight = 1", "weight = -1")
-        .replace(&format!("address = \"{VIP4}\""), "address = \"10.201.0.300\"")
-        .replace("ports = 8080, affinity = \"connection\"", "ports = \"9000-8000\", affinity = \"connection\"");
+        .replace(
+            &format!("address = \"{VIP4}\""),
+            "address = \"10.201.0.300\"",
+        )
+        .replace(
+            "ports = 8080, affinity = \"connection\"",
+            "ports = \"9000-8000\", affinity = \"connection\"",
+        );
     let path = t.dir.join("bad.toml");
     // weight = -1 is a type error caught by the parser; test the field errors separately.
     std::fs::write(&path, bad.replace("weight = -1", "weight = 1")).expect("write");
@@ -212,10 +243,20 @@ fn invalid_config_names_every_field_and_touches_nothing() {
             .expect("run farmd");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-        for field in ["cluster.mac_mode", "vip[0].address", "vip[0].rules[1].ports"] {
-            assert!(err.contains(field), "{args:?}: {field} not named in:\n{err}");
+        for field in [
+            "cluster.mac_mode",
+            "vip[0].address",
+            "vip[0].rules[1].ports",
+        ] {
+            assert!(
+                err.contains(field),
+                "{args:?}: {field} not named in:\n{err}"
+            );
         }
-        assert!(err.contains("\"unicast\" or \"multicast\""), "says what is allowed: {err}");
+        assert!(
+            err.contains("\"unicast\" or \"multicast\""),
+            "says what is allowed: {err}"
+        );
         assert_eq!(host_state(&t, 0), before, "{args:?} touched the host");
     }
     // A type error names the field too.
@@ -234,7 +275,8 @@ fn invalid_config_names_every_field_and_touches_nothing() {
     std::fs::write(&path, &good).expect("write");
     let key = t.key_file();
     let keep = std::fs::metadata(&key).expect("key").permissions();
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
     let out = t.nodes[0]
         .ns
         .command(&bin("farmd"))
@@ -255,5 +297,9 @@ fn invalid_config_names_every_field_and_touches_nothing() {
         .arg(&t.nodes[0].config)
         .output()
         .expect("run farmd");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -111,22 +111,42 @@ fn setup() -> Result<()> {
     step(1, total, "nightly Rust toolchain (builds the eBPF program)");
     if output(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])).is_none() {
         eprintln!("      installing nightly ...");
-        status(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        status(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     } else {
         eprintln!("      present");
     }
 
     step(2, total, "rust-src for nightly (-Z build-std=core)");
-    let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
-        .context("asking nightly rustc for its sysroot")?;
-    if Path::new(&sysroot).join("lib/rustlib/src/rust/library/core").exists() {
+    let sysroot =
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
+            .context("asking nightly rustc for its sysroot")?;
+    if Path::new(&sysroot)
+        .join("lib/rustlib/src/rust/library/core")
+        .exists()
+    {
         eprintln!("      present");
     } else {
         eprintln!("      installing ...");
-        status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
-    step(3, total, &format!("bpf-linker {BPF_LINKER_VERSION} against the toolchain's LLVM"));
+    step(
+        3,
+        total,
+        &format!("bpf-linker {BPF_LINKER_VERSION} against the toolchain's LLVM"),
+    );
     let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if have.contains(BPF_LINKER_VERSION) {
         eprintln!("      present ({have})");
@@ -135,11 +155,15 @@ fn setup() -> Result<()> {
     }
 
     step(4, total, "system tools for the tests (ip, bridge, nsenter)");
-    let missing: Vec<&str> = [("ip", "iproute2"), ("bridge", "iproute2"), ("nsenter", "util-linux")]
-        .into_iter()
-        .filter(|(tool, _)| output(Command::new("which").arg(tool)).is_none())
-        .map(|(_, pkg)| pkg)
-        .collect();
+    let missing: Vec<&str> = [
+        ("ip", "iproute2"),
+        ("bridge", "iproute2"),
+        ("nsenter", "util-linux"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| output(Command::new("which").arg(tool)).is_none())
+    .map(|(_, pkg)| pkg)
+    .collect();
     if missing.is_empty() {
         eprintln!("      present");
     } else {
@@ -223,7 +247,16 @@ fn test(extra: &[String]) -> Result<()> {
 fn run_bin(bin: &str, args: &[String]) -> Result<()> {
     status(
         cargo()
-            .args(["run", "--quiet", "--release", "-p", "farm-tests", "--bin", bin, "--"])
+            .args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "farm-tests",
+                "--bin",
+                bin,
+                "--",
+            ])
             .args(args),
     )
 }

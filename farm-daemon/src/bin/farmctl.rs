@@ -9,8 +9,11 @@ use farm_daemon::control::{self, Request, Response, Status, WhoisEntry};
 ///
 /// Talks to the farmd on this host over its control socket (root only).
 #[derive(Parser, Debug)]
-#[command(version, after_help = "Exit status: 0 success, 1 farmd answered with an error, \
-2 farmd could not be reached.")]
+#[command(
+    version,
+    after_help = "Exit status: 0 success, 1 farmd answered with an error, \
+2 farmd could not be reached."
+)]
 struct Args {
     /// farmd's control socket (control.socket in its config).
     #[arg(long, global = true, env = "FARM_SOCKET", default_value = farm_daemon::config::DEFAULT_SOCKET)]
@@ -79,10 +82,7 @@ fn main() -> ExitCode {
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).expect("serializable")
-    );
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
 }
 
 fn human_bytes(b: u64) -> String {
@@ -106,7 +106,11 @@ fn print_status(s: &Status) {
         s.node,
         s.interface,
         s.xdp_mode,
-        if s.serving { "SERVING" } else { "NOT SERVING (dead-man switch expired)" }
+        if s.serving {
+            "SERVING"
+        } else {
+            "NOT SERVING (dead-man switch expired)"
+        }
     );
     println!(
         "cluster MAC {} ({})  dead-man {} ms  up {:.0} s",

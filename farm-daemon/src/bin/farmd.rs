@@ -14,11 +14,19 @@ use farm_daemon::{config::Config, daemon::Daemon, secret::Secret};
 /// Run as root (XDP, addresses, raw sockets). Stop with SIGTERM or SIGINT: farmd removes its
 /// VIPs, programs and MAC filter entry and leaves the host as it found it.
 #[derive(Parser, Debug)]
-#[command(version, after_help = "Exit status: 0 stopped cleanly, 1 runtime error, 2 invalid configuration.\n\
-Example: farmd --config /etc/farm/farm.toml\n         farmd --check-config /etc/farm/farm.toml")]
+#[command(
+    version,
+    after_help = "Exit status: 0 stopped cleanly, 1 runtime error, 2 invalid configuration.\n\
+Example: farmd --config /etc/farm/farm.toml\n         farmd --check-config /etc/farm/farm.toml"
+)]
 struct Args {
     /// Configuration file (TOML); see config/reference.toml.
-    #[arg(long, short, value_name = "FILE", required_unless_present = "check_config")]
+    #[arg(
+        long,
+        short,
+        value_name = "FILE",
+        required_unless_present = "check_config"
+    )]
     config: Option<PathBuf>,
 
     /// Validate FILE (and the cluster key it names) and exit; touches nothing on the host.
@@ -33,7 +41,10 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(format!("netlink_packet_route=error,{}", args.log)))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
+            "netlink_packet_route=error,{}",
+            args.log
+        )))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .with_writer(std::io::stderr)

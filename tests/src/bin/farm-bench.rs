@@ -44,7 +44,7 @@ fn flag(args: &[String], name: &str, default: u32) -> Result<u32> {
 }
 
 fn mine(k: BucketKey) -> bool {
-    bucket_of(&KEY, k) % 2 == 0
+    bucket_of(&KEY, k).is_multiple_of(2)
 }
 
 fn client4(want_mine: bool) -> Ipv4Addr {
@@ -125,27 +125,75 @@ fn dataplane(args: &[String]) -> Result<()> {
 
     let (m4, t4, t6, m6) = (client4(true), client4(false), client6(false), client6(true));
     let syn = tcp(40000, 80);
-    let v4 = |src: Ipv4Addr, dst: Ipv4Addr| eth(CLUSTER_MAC, CLIENT_MAC, 0x0800, &V4::new(src, dst, 6).build(&syn));
+    let v4 = |src: Ipv4Addr, dst: Ipv4Addr| {
+        eth(
+            CLUSTER_MAC,
+            CLIENT_MAC,
+            0x0800,
+            &V4::new(src, dst, 6).build(&syn),
+        )
+    };
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("accept   (IPv4 TCP to VIP, my bucket)", v4(m4, VIP4)),
         ("drop     (IPv4 TCP to VIP, other's bucket)", v4(t4, VIP4)),
-        ("accept6  (IPv6 TCP to VIP, my bucket)", eth(CLUSTER_MAC, CLIENT_MAC, 0x86dd, &ipv6(m6, VIP6, 6, &[], &syn))),
-        ("drop6    (IPv6 TCP to VIP, other's bucket)", eth(CLUSTER_MAC, CLIENT_MAC, 0x86dd, &ipv6(t6, VIP6, 6, &[], &syn))),
-        ("non-VIP  (IPv4 TCP to another address)", v4(m4, Ipv4Addr::new(192, 0, 2, 11))),
+        (
+            "accept6  (IPv6 TCP to VIP, my bucket)",
+            eth(
+                CLUSTER_MAC,
+                CLIENT_MAC,
+                0x86dd,
+                &ipv6(m6, VIP6, 6, &[], &syn),
+            ),
+        ),
+        (
+            "drop6    (IPv6 TCP to VIP, other's bucket)",
+            eth(
+                CLUSTER_MAC,
+                CLIENT_MAC,
+                0x86dd,
+                &ipv6(t6, VIP6, 6, &[], &syn),
+            ),
+        ),
+        (
+            "non-VIP  (IPv4 TCP to another address)",
+            v4(m4, Ipv4Addr::new(192, 0, 2, 11)),
+        ),
         // The answering path rewrites the frame into a reply, and BPF_PROG_TEST_RUN repeats on
         // the rewritten frame; so the ARP figure is the request a peer answers: parse, VIP
         // lookups, hash, bucket lookup (the reply adds a handful of stores).
-        ("arp      (request for VIP, peer's client)", eth([0xff; 6], CLIENT_MAC, 0x0806, &arp(1, CLIENT_MAC, t4, [0; 6], VIP4))),
+        (
+            "arp      (request for VIP, peer's client)",
+            eth(
+                [0xff; 6],
+                CLIENT_MAC,
+                0x0806,
+                &arp(1, CLIENT_MAC, t4, [0; 6], VIP4),
+            ),
+        ),
     ];
 
-    println!("farm data plane: BPF_PROG_TEST_RUN, {repeat} repeats x {rounds} rounds, median ns/packet");
-    println!("kernel {}", std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim());
+    println!(
+        "farm data plane: BPF_PROG_TEST_RUN, {repeat} repeats x {rounds} rounds, median ns/packet"
+    );
+    println!(
+        "kernel {}",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
     println!();
     let (floor, _) = measure(dp.empty_program(), &cases[0].1, repeat, rounds)?;
-    println!("{:<46} {:>8.1} ns   1.00x  (floor)", "empty XDP program (XDP_PASS)", floor);
+    println!(
+        "{:<46} {:>8.1} ns   1.00x  (floor)",
+        "empty XDP program (XDP_PASS)", floor
+    );
     for (name, frame) in &cases {
         let (ns, ret) = measure(dp.xdp_program(), frame, repeat, rounds)?;
-        println!("{name:<46} {ns:>8.1} ns   {:.2}x  {}", ns / floor, verdict_name(ret));
+        println!(
+            "{name:<46} {ns:>8.1} ns   {:.2}x  {}",
+            ns / floor,
+            verdict_name(ret)
+        );
     }
     println!();
     println!("goal: accept/drop paths at most 1.5x the empty program");
