@@ -14,21 +14,23 @@ pub mod traffic;
 
 use std::path::PathBuf;
 
-/// Path of one of the workspace's binaries (`farmd`, `farmctl`), built next to the test binary.
+/// Path of one of the workspace's binaries (`farmd`, `farmctl`), built in the same profile as
+/// the running executable: next to it (a binary) or one level up (a test in `deps/`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("test binary lives in target/<profile>/deps");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (`cargo build`; `cargo xtask test` does it)",
-        p.display()
-    );
-    p
+    let dir = exe.parent().expect("executable has a directory");
+    let candidates = [dir.join(name), dir.parent().unwrap_or(dir).join(name)];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is missing next to {}: build the workspace first (`cargo build`; \
+                 `cargo xtask test` does it)",
+                exe.display()
+            )
+        })
 }
 
 /// Whether this process may run the system tests (root). When it may not: in CI (`CI` set) this

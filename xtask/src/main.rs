@@ -245,6 +245,8 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 fn run_bin(bin: &str, args: &[String]) -> Result<()> {
+    // farmd and farmctl are binaries of another package: build them in the same profile.
+    status(cargo().args(["build", "--quiet", "--release", "-p", "farm-daemon", "--bins"]))?;
     status(
         cargo()
             .args([

@@ -139,7 +139,20 @@ fn print_status(s: &Status) {
     }
     println!();
     for v in &s.vips {
-        println!("VIP {:<40} {}", v.address, v.rules.join(", "));
+        println!("VIP {}", v.address);
+        let mut line = String::from("   ");
+        for r in &v.rules {
+            if line.len() + r.len() + 2 > 78 {
+                println!("{line}");
+                line = String::from("   ");
+            }
+            line.push(' ');
+            line.push_str(r);
+        }
+        if v.rules.is_empty() {
+            line.push_str(" (no port rules: every packet by client address)");
+        }
+        println!("{line}");
     }
     println!();
     let t = &s.traffic;
