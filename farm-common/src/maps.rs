@@ -37,6 +37,7 @@ pub const PROG_XDP: &str = "farm_xdp";
 pub const PROG_EGRESS: &str = "farm_egress";
 pub const PROG_INGRESS: &str = "farm_ingress";
 pub const PROG_EMPTY: &str = "farm_empty";
+pub const PROG_TX: &str = "farm_tx";
 
 /// The single entry of `FARM_CONTROL`: what the daemon tells the data plane besides the buckets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -22,7 +22,7 @@ use aya::{
 use farm_common::{
     BUCKETS, BucketCounters, BucketEntry, Control, MAP_BUCKET_COUNTERS, MAP_BUCKETS_0,
     MAP_BUCKETS_1, MAP_CONTROL, MAP_STATS, MAP_VIPS_0, MAP_VIPS_1, PROG_EGRESS, PROG_EMPTY,
-    PROG_INGRESS, PROG_XDP, PortRule, VIP_SLOTS, VipInfo, VipKey, VipSlot, stat, vip_slot,
+    PROG_INGRESS, PROG_TX, PROG_XDP, PortRule, VIP_SLOTS, VipInfo, VipKey, VipSlot, stat, vip_slot,
 };
 
 use crate::config::{self, Vip};
@@ -111,7 +111,7 @@ impl Dataplane {
     pub fn load() -> Result<Self, DataplaneError> {
         raise_memlock();
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
-        for name in [PROG_XDP, PROG_EMPTY] {
+        for name in [PROG_XDP, PROG_EMPTY, PROG_TX] {
             let p: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::Missing(name))?
@@ -165,6 +165,11 @@ impl Dataplane {
     /// The empty XDP program (XDP_PASS): the benchmark floor and the test switch's program.
     pub fn empty_program(&mut self) -> &mut Xdp {
         self.program(PROG_EMPTY)
+    }
+
+    /// The XDP_TX program (the benchmark's frame generator).
+    pub fn tx_program(&mut self) -> &mut Xdp {
+        self.program(PROG_TX)
     }
 
     fn program(&mut self, name: &str) -> &mut Xdp {
@@ -383,23 +388,24 @@ impl Dataplane {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Counters of one bucket, summed over CPUs.
+    pub fn bucket_counter(&self, b: u32) -> Result<BucketCounters, DataplaneError> {
+        let v = self
+            .counters
+            .get(&b, 0)
+            .map_err(map_err(MAP_BUCKET_COUNTERS))?;
+        Ok(v.iter().fold(BucketCounters::default(), |mut a, c| {
+            a.accepted_packets += c.accepted_packets;
+            a.accepted_bytes += c.accepted_bytes;
+            a.dropped_packets += c.dropped_packets;
+            a.dropped_bytes += c.dropped_bytes;
+            a
+        }))
+    }
+
     /// Per-bucket counters, summed over CPUs.
     pub fn bucket_counters(&self) -> Result<Vec<BucketCounters>, DataplaneError> {
-        (0..BUCKETS)
-            .map(|b| {
-                let v = self
-                    .counters
-                    .get(&b, 0)
-                    .map_err(map_err(MAP_BUCKET_COUNTERS))?;
-                Ok(v.iter().fold(BucketCounters::default(), |mut a, c| {
-                    a.accepted_packets += c.accepted_packets;
-                    a.accepted_bytes += c.accepted_bytes;
-                    a.dropped_packets += c.dropped_packets;
-                    a.dropped_bytes += c.dropped_bytes;
-                    a
-                }))
-            })
-            .collect()
+        (0..BUCKETS).map(|b| self.bucket_counter(b)).collect()
     }
 
     /// The data plane's event and error counters, by name, summed over CPUs.

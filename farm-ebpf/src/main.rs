@@ -102,6 +102,14 @@ pub fn farm_empty(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Returns XDP_TX: run through BPF_PROG_TEST_RUN in live-frames mode it transmits a frame out of
+/// an interface at line rate (the benchmark's traffic generator; farmd never attaches it).
+#[cfg(target_arch = "bpf")]
+#[xdp]
+pub fn farm_tx(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
+}
+
 #[cfg(target_arch = "bpf")]
 #[classifier]
 pub fn farm_egress(ctx: TcContext) -> i32 {

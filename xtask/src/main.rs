@@ -58,7 +58,9 @@ fn main() -> ExitCode {
         Task::Bench { what, args } => {
             let mut all = vec![what];
             all.extend(args);
-            run_bin("farm-bench", &all)
+            // The comparison with the kernel's own filter needs nftables and ethtool.
+            ensure_tools(&[("nft", "nftables"), ("ethtool", "ethtool")])
+                .and_then(|()| run_bin("farm-bench", &all))
         }
     };
     match r {
@@ -246,7 +248,14 @@ fn test(extra: &[String]) -> Result<()> {
 
 fn run_bin(bin: &str, args: &[String]) -> Result<()> {
     // farmd and farmctl are binaries of another package: build them in the same profile.
-    status(cargo().args(["build", "--quiet", "--release", "-p", "farm-daemon", "--bins"]))?;
+    status(cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "farm-daemon",
+        "--bins",
+    ]))?;
     status(
         cargo()
             .args([
