@@ -157,20 +157,11 @@ fn setup() -> Result<()> {
     }
 
     step(4, total, "system tools for the tests (ip, bridge, nsenter)");
-    let missing: Vec<&str> = [
+    ensure_tools(&[
         ("ip", "iproute2"),
         ("bridge", "iproute2"),
         ("nsenter", "util-linux"),
-    ]
-    .into_iter()
-    .filter(|(tool, _)| output(Command::new("which").arg(tool)).is_none())
-    .map(|(_, pkg)| pkg)
-    .collect();
-    if missing.is_empty() {
-        eprintln!("      present");
-    } else {
-        apt_install(&missing)?;
-    }
+    ])?;
 
     eprintln!("setup done in {:.0?}", started.elapsed());
     Ok(())
@@ -212,6 +203,21 @@ fn install_bpf_linker(sysroot: &str) -> Result<()> {
             .args(["--no-default-features", "--features", LLVM_FEATURE])
             .env("LLVM_PREFIX", &prefix),
     )
+}
+
+/// Installs the Debian packages of the tools (command, package) that are not on PATH.
+fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = tools
+        .iter()
+        .filter(|(tool, _)| output(Command::new("which").arg(tool)).is_none())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        eprintln!("      present");
+        return Ok(());
+    }
+    apt_install(&missing)
 }
 
 fn apt_install(pkgs: &[&str]) -> Result<()> {
