@@ -6,7 +6,8 @@
 //!
 //! Ingress: some drivers (veth) run native XDP on an skb whose packet type was already set from
 //! the original destination MAC, and do not reset it after the program rewrote that MAC; the
-//! stack then drops the frame as "for another host". Frames the XDP program accepted carry the
+//! stack then drops the frame as "for another host" (unicast cluster MAC), or TCP drops it as
+//! not addressed to this host (multicast cluster MAC). Frames the XDP program accepted carry the
 //! interface's own MAC, so they are marked as ours here.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
@@ -15,7 +16,6 @@ use farm_common::stat;
 use crate::{ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV6, ipv6, maps};
 
 const PACKET_HOST: u32 = 0;
-const PACKET_OTHERHOST: u32 = 3;
 
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> i32 {
@@ -27,7 +27,7 @@ pub fn egress(ctx: &TcContext) -> i32 {
 pub fn ingress(ctx: &TcContext) -> i32 {
     // SAFETY: reading a field of the context the kernel passed us.
     let pkt_type = unsafe { (*ctx.skb.skb).pkt_type };
-    if pkt_type == PACKET_OTHERHOST
+    if pkt_type != PACKET_HOST
         && let Some(ctl) = maps::control()
         && let Ok(dst) = ctx.load::<[u8; 6]>(0)
         && dst == ctl.if_mac

@@ -76,7 +76,12 @@ pub struct Topology {
     pub client_v6: Vec<Ipv6Addr>,
     switch_xdp: Option<Dataplane>,
     pub switch: Netns,
+    /// Held for the topology's life, dropped last: the system tests of one test binary take
+    /// turns, so that their timings are not those of six farms sharing two cores.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 pub fn node_addr4(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 201, 0, 11 + i as u8)
@@ -94,6 +99,8 @@ pub fn client_addr6(k: usize) -> Ipv6Addr {
 impl Topology {
     /// Builds switch, nodes and client, and starts the servers (not farmd).
     pub fn build(spec: Spec) -> Self {
+        // A test that panicked while holding the lock poisons it; the next one may still run.
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         netns::remove_stale();
         let stem = netns::unique_stem();
         let dir = std::env::temp_dir().join(format!("farm-test-{stem}"));
@@ -172,6 +179,7 @@ impl Topology {
             client_v6,
             switch_xdp: Some(switch_xdp),
             switch,
+            _serial: serial,
         };
         for i in 0..t.nodes.len() {
             std::fs::write(&t.nodes[i].config, t.config_for(i, &t.vip_section()))

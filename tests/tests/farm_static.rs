@@ -70,10 +70,26 @@ fn assert_even(answered: &BTreeMap<String, usize>, nodes: usize, total: usize) {
     }
 }
 
+/// TCP connections the nodes' servers accepted so far.
+fn accepts(t: &Topology) -> u64 {
+    t.nodes
+        .iter()
+        .map(|n| {
+            n.server
+                .as_ref()
+                .expect("server")
+                .tcp_accepts
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum()
+}
+
+/// Checks `answers` to `expected` connections made after the servers had accepted `baseline`.
 fn check_tcp(
     t: &Topology,
     answers: &[TcpAnswer],
     expected: usize,
+    baseline: u64,
     predicted: &HashMap<IpAddr, String>,
 ) {
     let failed: Vec<&TcpAnswer> = answers.iter().filter(|a| a.node.is_none()).collect();
@@ -99,17 +115,7 @@ fn check_tcp(
     }
     // Exactly one node accepted each connection: the servers' accept counts add up to the
     // number of connections (a second node accepting a SYN would show as an extra accept).
-    let accepts: u64 = t
-        .nodes
-        .iter()
-        .map(|n| {
-            n.server
-                .as_ref()
-                .expect("server")
-                .tcp_accepts
-                .load(std::sync::atomic::Ordering::Relaxed)
-        })
-        .sum();
+    let accepts = accepts(t) - baseline;
     assert_eq!(
         accepts as usize, expected,
         "accepts on all nodes: {accepts}"
@@ -131,8 +137,9 @@ fn tcp_ipv4_client_affinity_three_nodes() {
     let requests: Vec<(IpAddr, SocketAddr)> = (0..CONNECTIONS)
         .map(|k| (sources[k % sources.len()], t.vip4(TCP_PORT)))
         .collect();
+    let baseline = accepts(&t);
     let answers = traffic::tcp_requests(&t.client, requests, 4, Duration::from_secs(3));
-    check_tcp(&t, &answers, CONNECTIONS, &predicted);
+    check_tcp(&t, &answers, CONNECTIONS, baseline, &predicted);
 
     // The data plane counted what it accepted, and what it dropped for the other nodes.
     for i in 0..3 {
@@ -200,8 +207,9 @@ fn ipv6_vip_tcp_and_udp() {
     let requests: Vec<(IpAddr, SocketAddr)> = (0..CONNECTIONS)
         .map(|k| (sources[k % sources.len()], t.vip6(TCP_PORT)))
         .collect();
+    let baseline = accepts(&t);
     let answers = traffic::tcp_requests(&t.client, requests, 4, Duration::from_secs(3));
-    check_tcp(&t, &answers, CONNECTIONS, &predicted);
+    check_tcp(&t, &answers, CONNECTIONS, baseline, &predicted);
 
     resolve_vips(&t);
     let answers = traffic::udp_requests(
@@ -315,5 +323,45 @@ fn neighbour_entry_is_cluster_mac_and_node_addresses_unaffected() {
     assert!(
         answered >= 2,
         "ARP and NDP for the VIPs answered from XDP: {answered}"
+    );
+}
+
+#[test]
+fn multicast_cluster_mac_mode() {
+    if !require_root("multicast_cluster_mac_mode") {
+        return;
+    }
+    let mut t = Topology::build(Spec {
+        nodes: 3,
+        client_addrs: CLIENT_ADDRS,
+        mac_mode: "multicast",
+        ..Spec::default()
+    });
+    t.start_all();
+    let status = t.status(0).expect("status");
+    assert_eq!(status.mac_mode, "multicast");
+    let first_octet = u8::from_str_radix(&status.cluster_mac[..2], 16).expect("mac");
+    assert_eq!(
+        first_octet & 1,
+        1,
+        "multicast bit set: {}",
+        status.cluster_mac
+    );
+    let sources: Vec<IpAddr> = t.client_v4.iter().map(|&a| IpAddr::V4(a)).collect();
+    let predicted = predicted_owners(&t, 0, &sources);
+    resolve_vips(&t);
+    let requests: Vec<(IpAddr, SocketAddr)> = (0..CONNECTIONS)
+        .map(|k| (sources[k % sources.len()], t.vip4(TCP_PORT)))
+        .collect();
+    let baseline = accepts(&t);
+    let answers = traffic::tcp_requests(&t.client, requests, 4, Duration::from_secs(3));
+    check_tcp(&t, &answers, CONNECTIONS, baseline, &predicted);
+    let neigh = t
+        .client
+        .ip_out(&["neigh", "show", &farm_tests::topology::VIP4.to_string()]);
+    assert!(
+        neigh.contains(&format!("lladdr {}", status.cluster_mac)),
+        "client's neighbour entry {neigh:?} is not the cluster MAC {}",
+        status.cluster_mac
     );
 }

@@ -4,75 +4,26 @@
 //! The bucket table marks even buckets as this node's, so the expected verdict of every frame
 //! follows from `farm_common::bucket_of` — the same function the program runs.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use farm_common::{BUCKETS, BucketEntry, BucketKey, HashKey, affinity, bucket_of, proto_mask};
-use farm_daemon::{
-    config::{Rule, Vip},
-    dataplane::Dataplane,
+use farm_common::{BUCKETS, BucketEntry, BucketKey};
+use farm_daemon::dataplane::Dataplane;
+use farm_tests::{
+    fixture::{UDP_CONN_PORT, VIP4, VIP6, client4, client6, dataplane, mine},
+    frames::*,
+    require_root,
 };
-use farm_tests::{frames::*, require_root};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 
-const KEY: HashKey = HashKey {
-    k0: 0x5eed_0000_0000_0001,
-    k1: 0x5eed_0000_0000_0002,
-};
-const VIP4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
 const ROUTER4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const OTHER4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
-const UDP_CONN_PORT: u16 = 5000;
-
-fn mine(k: BucketKey) -> bool {
-    bucket_of(&KEY, k).is_multiple_of(2)
-}
 
 fn verdict(k: BucketKey) -> u32 {
     if mine(k) { XDP_PASS } else { XDP_DROP }
-}
-
-fn rules() -> Vec<Rule> {
-    vec![
-        Rule {
-            protocols: proto_mask::TCP,
-            port_lo: 80,
-            port_hi: 80,
-            affinity: affinity::CLIENT,
-        },
-        Rule {
-            protocols: proto_mask::UDP,
-            port_lo: UDP_CONN_PORT,
-            port_hi: UDP_CONN_PORT + 100,
-            affinity: affinity::CONNECTION,
-        },
-    ]
-}
-
-fn dataplane() -> Dataplane {
-    let mut dp = Dataplane::load().expect("load the XDP program");
-    dp.set_identity(KEY, IF_MAC, CLUSTER_MAC).expect("identity");
-    dp.set_vips(&[
-        Vip {
-            address: IpAddr::V4(VIP4),
-            rules: rules(),
-        },
-        Vip {
-            address: IpAddr::V6(VIP6),
-            rules: rules(),
-        },
-    ])
-    .expect("vips");
-    let entries: Vec<BucketEntry> = (0..BUCKETS)
-        .map(|b| BucketEntry::owned_by(if b % 2 == 0 { 0 } else { 1 }, 0))
-        .collect();
-    dp.set_buckets(&entries).expect("buckets");
-    dp.arm(std::time::Duration::from_secs(600)).expect("arm");
-    dp
 }
 
 fn run(dp: &mut Dataplane, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -87,21 +38,6 @@ fn run(dp: &mut Dataplane, frame: &[u8]) -> (u32, Vec<u8>) {
         .expect("BPF_PROG_TEST_RUN");
     out.truncate(r.data_size_out as usize);
     (r.return_value, out)
-}
-
-/// First client address (from `base`) whose client-affinity bucket is / is not ours.
-fn client4(want_mine: bool) -> Ipv4Addr {
-    (1..=250u8)
-        .map(|i| Ipv4Addr::new(203, 0, 113, i))
-        .find(|a| mine(BucketKey::V4(a.octets())) == want_mine)
-        .expect("some address of each kind")
-}
-
-fn client6(want_mine: bool) -> Ipv6Addr {
-    (1..=250u16)
-        .map(|i| Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, i))
-        .find(|a| mine(BucketKey::V6(a.octets())) == want_mine)
-        .expect("some address of each kind")
 }
 
 /// A frame to the cluster MAC carrying an IPv4 packet.

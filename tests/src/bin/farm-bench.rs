@@ -8,25 +8,22 @@
 //! 1.3.1 cannot load on kernel 6.18).
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
-use farm_common::{BUCKETS, BucketEntry, BucketKey, HashKey, affinity, bucket_of, proto_mask};
+use farm_common::{BUCKETS, BucketEntry, BucketKey, affinity, bucket_of, proto_mask};
 use farm_daemon::{
     config::{Rule, Vip},
     dataplane::Dataplane,
 };
-use farm_tests::{frames::*, netns::Netns};
-
-const KEY: HashKey = HashKey {
-    k0: 0x0123_4567_89ab_cdef,
-    k1: 0x0fed_cba9_8765_4321,
+use farm_tests::{
+    fixture::{self, KEY, VIP4, VIP6, client6},
+    frames::*,
+    netns::Netns,
 };
-const VIP4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -45,24 +42,6 @@ fn flag(args: &[String], name: &str, default: u32) -> Result<u32> {
             .with_context(|| format!("{name} takes a number")),
         None => Ok(default),
     }
-}
-
-fn mine(k: BucketKey) -> bool {
-    bucket_of(&KEY, k).is_multiple_of(2)
-}
-
-fn client4(want_mine: bool) -> Ipv4Addr {
-    (1..=250u8)
-        .map(|i| Ipv4Addr::new(203, 0, 113, i))
-        .find(|a| mine(BucketKey::V4(a.octets())) == want_mine)
-        .expect("address")
-}
-
-fn client6(want_mine: bool) -> Ipv6Addr {
-    (1..=250u16)
-        .map(|i| Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, i))
-        .find(|a| mine(BucketKey::V6(a.octets())) == want_mine)
-        .expect("address")
 }
 
 /// Median ns/packet over `rounds` runs of `repeat` iterations.
@@ -103,31 +82,10 @@ fn dataplane(args: &[String]) -> Result<()> {
     }
     let repeat = flag(args, "--repeat", 1_000_000)?;
     let rounds = flag(args, "--rounds", 7)?;
-    let mut dp = Dataplane::load()?;
-    dp.set_identity(KEY, IF_MAC, CLUSTER_MAC)?;
-    let rules = vec![Rule {
-        protocols: proto_mask::TCP,
-        port_lo: 80,
-        port_hi: 80,
-        affinity: affinity::CLIENT,
-    }];
-    dp.set_vips(&[
-        Vip {
-            address: IpAddr::V4(VIP4),
-            rules: rules.clone(),
-        },
-        Vip {
-            address: IpAddr::V6(VIP6),
-            rules,
-        },
-    ])?;
-    let entries: Vec<BucketEntry> = (0..BUCKETS)
-        .map(|b| BucketEntry::owned_by(if b % 2 == 0 { 0 } else { 1 }, 0))
-        .collect();
-    dp.set_buckets(&entries)?;
-    dp.arm(Duration::from_secs(3600))?;
+    let mut dp = fixture::dataplane();
 
-    let (m4, t4, t6, m6) = (client4(true), client4(false), client6(false), client6(true));
+    let (m4, t4) = (fixture::client4(true), fixture::client4(false));
+    let (m6, t6) = (client6(true), client6(false));
     let syn = tcp(40000, 80);
     let v4 = |src: Ipv4Addr, dst: Ipv4Addr| {
         eth(
