@@ -7,5 +7,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod heartbeat;
+pub mod membership;
 pub mod netlink;
 pub mod secret;

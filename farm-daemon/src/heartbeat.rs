@@ -1,0 +1,345 @@
+//! The heartbeat message: what members tell each other several times a second, authenticated
+//! with the cluster key.
+//!
+//! Wire format (big-endian), 64 bytes plus the sender's id:
+//!
+//! ```text
+//!  0  magic "FRMH"            4
+//!  4  version (1)             1
+//!  5  state                   1   joining, active, draining, leaving, unhealthy
+//!  6  weight                  2
+//!  8  incarnation             8   set once per farmd start; a restart is a new incarnation
+//! 16  sequence                8   +1 per message within an incarnation
+//! 24  view digest             8   hash of the members the sender sees serving
+//! 32  config digest           8   hash of the member list and weights it was configured with
+//! 40  id length               1
+//! 41  network index           1   which heartbeat network the message was sent on
+//! 42  reserved                6
+//! 48  id                      n   1..=63 bytes
+//! 48+n  HMAC-SHA256           16  over everything before it, truncated
+//! ```
+//!
+//! Decoding never panics: truncated, oversized, foreign, unauthenticated and replayed messages
+//! are rejected with a reason, which the daemon counts.
+
+use hmac::{Hmac, Mac as _};
+use sha2::Sha256;
+
+pub const MAGIC: [u8; 4] = *b"FRMH";
+pub const VERSION: u8 = 1;
+const FIXED: usize = 48;
+const TAG: usize = 16;
+pub const MAX_ID: usize = 63;
+pub const MAX_LEN: usize = FIXED + MAX_ID + TAG;
+
+/// A member's state as it announces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Started, not yet serving.
+    Joining,
+    /// Serving its share.
+    Active,
+    /// Handing its buckets to the others before leaving or on request.
+    Draining,
+    /// Stopping.
+    Leaving,
+    /// Its health checks fail.
+    Unhealthy,
+}
+
+impl State {
+    fn to_u8(self) -> u8 {
+        match self {
+            State::Joining => 0,
+            State::Active => 1,
+            State::Draining => 2,
+            State::Leaving => 3,
+            State::Unhealthy => 4,
+        }
+    }
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => State::Joining,
+            1 => State::Active,
+            2 => State::Draining,
+            3 => State::Leaving,
+            4 => State::Unhealthy,
+            _ => return None,
+        })
+    }
+}
+
+/// A heartbeat's content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub id: String,
+    pub state: State,
+    pub weight: u16,
+    pub incarnation: u64,
+    pub seq: u64,
+    pub view_digest: u64,
+    pub config_digest: u64,
+    pub network: u8,
+}
+
+/// Why a datagram was not accepted. Each reason has its own counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, thiserror::Error)]
+pub enum Reject {
+    #[error("too short")]
+    Truncated,
+    #[error("too long")]
+    Oversized,
+    #[error("not a farm heartbeat (bad magic)")]
+    BadMagic,
+    #[error("unknown protocol version")]
+    BadVersion,
+    #[error("malformed field")]
+    Malformed,
+    #[error("authentication failed (wrong cluster key or altered)")]
+    BadMac,
+    #[error("sender is not a configured member")]
+    UnknownSender,
+    #[error("replayed or out of date (incarnation/sequence not newer)")]
+    Replayed,
+    #[error("sent by this node (a loop, or another node with this id)")]
+    FromSelf,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 9] = [
+        Reject::Truncated,
+        Reject::Oversized,
+        Reject::BadMagic,
+        Reject::BadVersion,
+        Reject::Malformed,
+        Reject::BadMac,
+        Reject::UnknownSender,
+        Reject::Replayed,
+        Reject::FromSelf,
+    ];
+
+    /// Counter name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reject::Truncated => "truncated",
+            Reject::Oversized => "oversized",
+            Reject::BadMagic => "bad_magic",
+            Reject::BadVersion => "bad_version",
+            Reject::Malformed => "malformed",
+            Reject::BadMac => "bad_mac",
+            Reject::UnknownSender => "unknown_sender",
+            Reject::Replayed => "replayed",
+            Reject::FromSelf => "from_self",
+        }
+    }
+}
+
+fn mac(key: &[u8; 32], data: &[u8]) -> [u8; TAG] {
+    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(data);
+    let full = m.finalize().into_bytes();
+    let mut t = [0u8; TAG];
+    t.copy_from_slice(&full[..TAG]);
+    t
+}
+
+/// Encodes and authenticates `hb`.
+pub fn encode(key: &[u8; 32], hb: &Heartbeat) -> Vec<u8> {
+    let id = hb.id.as_bytes();
+    assert!(
+        !id.is_empty() && id.len() <= MAX_ID,
+        "ids are validated by config"
+    );
+    let mut b = Vec::with_capacity(FIXED + id.len() + TAG);
+    b.extend_from_slice(&MAGIC);
+    b.push(VERSION);
+    b.push(hb.state.to_u8());
+    b.extend_from_slice(&hb.weight.to_be_bytes());
+    b.extend_from_slice(&hb.incarnation.to_be_bytes());
+    b.extend_from_slice(&hb.seq.to_be_bytes());
+    b.extend_from_slice(&hb.view_digest.to_be_bytes());
+    b.extend_from_slice(&hb.config_digest.to_be_bytes());
+    b.push(id.len() as u8);
+    b.push(hb.network);
+    b.extend_from_slice(&[0; 6]);
+    b.extend_from_slice(id);
+    let tag = mac(key, &b);
+    b.extend_from_slice(&tag);
+    b
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Decodes and authenticates a datagram (no replay check: see [`ReplayGuard`]).
+pub fn decode(key: &[u8; 32], b: &[u8]) -> Result<Heartbeat, Reject> {
+    if b.len() > MAX_LEN {
+        return Err(Reject::Oversized);
+    }
+    if b.len() < FIXED + 1 + TAG {
+        return Err(Reject::Truncated);
+    }
+    if b[..4] != MAGIC {
+        return Err(Reject::BadMagic);
+    }
+    if b[4] != VERSION {
+        return Err(Reject::BadVersion);
+    }
+    let id_len = b[40] as usize;
+    if id_len == 0 || id_len > MAX_ID {
+        return Err(Reject::Malformed);
+    }
+    if b.len() != FIXED + id_len + TAG {
+        return Err(if b.len() < FIXED + id_len + TAG {
+            Reject::Truncated
+        } else {
+            Reject::Malformed
+        });
+    }
+    let body = &b[..FIXED + id_len];
+    let want = mac(key, body);
+    // Constant-time comparison of the tag.
+    let diff = want
+        .iter()
+        .zip(&b[FIXED + id_len..])
+        .fold(0u8, |acc, (a, c)| acc | (a ^ c));
+    if diff != 0 {
+        return Err(Reject::BadMac);
+    }
+    let state = State::from_u8(b[5]).ok_or(Reject::Malformed)?;
+    let id = std::str::from_utf8(&b[FIXED..FIXED + id_len]).map_err(|_| Reject::Malformed)?;
+    Ok(Heartbeat {
+        id: id.to_string(),
+        state,
+        weight: u16::from_be_bytes([b[6], b[7]]),
+        incarnation: be64(b, 8),
+        seq: be64(b, 16),
+        view_digest: be64(b, 24),
+        config_digest: be64(b, 32),
+        network: b[41],
+    })
+}
+
+/// Per-sender replay protection: a message is fresh only if its (incarnation, sequence) is
+/// newer than the newest seen from that sender. A sender whose incarnation goes backwards (its
+/// clock moved) is accepted again once it has been forgotten (declared lost and `forget`ed).
+#[derive(Debug, Default, Clone)]
+pub struct ReplayGuard {
+    newest: Option<(u64, u64)>,
+}
+
+impl ReplayGuard {
+    pub fn check(&mut self, incarnation: u64, seq: u64) -> Result<(), Reject> {
+        match self.newest {
+            Some(n) if (incarnation, seq) <= n => Err(Reject::Replayed),
+            _ => {
+                self.newest = Some((incarnation, seq));
+                Ok(())
+            }
+        }
+    }
+
+    pub fn forget(&mut self) {
+        self.newest = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: [u8; 32] = [7; 32];
+
+    fn hb() -> Heartbeat {
+        Heartbeat {
+            id: "web1".into(),
+            state: State::Active,
+            weight: 3,
+            incarnation: 1_700_000_000_000,
+            seq: 42,
+            view_digest: 0xdead_beef,
+            config_digest: 0x1234,
+            network: 1,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let b = encode(&KEY, &hb());
+        assert_eq!(b.len(), FIXED + 4 + TAG);
+        assert_eq!(decode(&KEY, &b), Ok(hb()));
+    }
+
+    #[test]
+    fn every_kind_of_bad_input_is_rejected_with_its_reason() {
+        let good = encode(&KEY, &hb());
+        assert_eq!(decode(&[8; 32], &good), Err(Reject::BadMac), "wrong key");
+        for i in 0..good.len() {
+            let mut b = good.clone();
+            b[i] ^= 0x01;
+            assert!(
+                decode(&KEY, &b).is_err(),
+                "flipped bit in byte {i} accepted"
+            );
+        }
+        for n in 0..good.len() {
+            assert!(
+                decode(&KEY, &good[..n]).is_err(),
+                "truncated to {n} accepted"
+            );
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert_eq!(decode(&KEY, &long), Err(Reject::Malformed));
+        assert_eq!(decode(&KEY, &vec![0u8; 2000]), Err(Reject::Oversized));
+        assert_eq!(
+            decode(
+                &KEY,
+                b"GET / HTTP/1.1\r\n\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+            ),
+            Err(Reject::BadMagic)
+        );
+        let mut v = good.clone();
+        v[4] = 9;
+        assert_eq!(decode(&KEY, &v), Err(Reject::BadVersion));
+    }
+
+    #[test]
+    fn replays_are_refused() {
+        let mut g = ReplayGuard::default();
+        assert!(g.check(5, 1).is_ok());
+        assert!(g.check(5, 2).is_ok());
+        assert_eq!(g.check(5, 2), Err(Reject::Replayed));
+        assert_eq!(g.check(5, 1), Err(Reject::Replayed));
+        assert_eq!(g.check(4, 100), Err(Reject::Replayed), "older incarnation");
+        assert!(
+            g.check(6, 0).is_ok(),
+            "a restart (new incarnation) starts again at 0"
+        );
+        g.forget();
+        assert!(
+            g.check(1, 0).is_ok(),
+            "a forgotten peer may come back with any incarnation"
+        );
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for len in 0..300 {
+            for _ in 0..20 {
+                let b: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                let _ = decode(&KEY, &b);
+            }
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! Who is alive and who serves, as this node sees it: built from heartbeats, on the monotonic
+//! clock only (a wall-clock jump changes nothing).
+//!
+//! A peer is alive while it has been heard on at least one heartbeat network within the loss
+//! window (interval x loss threshold). It serves when it is alive and announces `active`. This
+//! node serves when it is `active` and has quorum:
+//! - three or more configured members: it sees a strict majority of them alive (itself included);
+//! - two members: its peer is alive, or the witness answers;
+//! - one member: always.
+//!
+//! Pure logic, no I/O: the daemon feeds it heartbeats and the time.
+
+use std::time::{Duration, Instant};
+
+use crate::{
+    assign::Candidate,
+    heartbeat::{Heartbeat, Reject, ReplayGuard, State},
+};
+
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub id: String,
+    pub weight: u32,
+    /// Last time heard, per heartbeat network.
+    pub last_heard: Vec<Option<Instant>>,
+    /// What it last announced.
+    pub state: Option<State>,
+    pub incarnation: u64,
+    pub view_digest: u64,
+    pub config_digest: u64,
+    guard: ReplayGuard,
+    /// Whether it counted as alive at the last `tick`.
+    pub alive: bool,
+}
+
+/// A change `tick` noticed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    PeerLost { id: String, silent_for: Duration },
+    PeerBack { id: String },
+    QuorumLost,
+    QuorumRegained,
+}
+
+pub struct Membership {
+    pub me: usize,
+    pub peers: Vec<Peer>,
+    pub my_state: State,
+    pub loss_window: Duration,
+    networks: usize,
+    has_witness: bool,
+    quorum: bool,
+}
+
+impl Membership {
+    /// `members`: (id, configured weight) in config order (sorted by id); `me` indexes it.
+    pub fn new(
+        members: &[(String, u32)],
+        me: usize,
+        networks: usize,
+        loss_window: Duration,
+        has_witness: bool,
+    ) -> Self {
+        let peers = members
+            .iter()
+            .map(|(id, w)| Peer {
+                id: id.clone(),
+                weight: *w,
+                last_heard: vec![None; networks],
+                state: None,
+                incarnation: 0,
+                view_digest: 0,
+                config_digest: 0,
+                guard: ReplayGuard::default(),
+                alive: false,
+            })
+            .collect();
+        Self {
+            me,
+            peers,
+            my_state: State::Joining,
+            loss_window,
+            networks,
+            has_witness,
+            quorum: false,
+        }
+    }
+
+    /// Takes in an authenticated heartbeat received on network `net`.
+    pub fn receive(&mut self, hb: &Heartbeat, net: usize, now: Instant) -> Result<usize, Reject> {
+        let i = self
+            .peers
+            .iter()
+            .position(|p| p.id == hb.id)
+            .ok_or(Reject::UnknownSender)?;
+        if i == self.me {
+            return Err(Reject::FromSelf);
+        }
+        if net >= self.networks {
+            return Err(Reject::Malformed);
+        }
+        let p = &mut self.peers[i];
+        p.guard.check(hb.incarnation, hb.seq)?;
+        p.last_heard[net] = Some(now);
+        p.state = Some(hb.state);
+        p.incarnation = hb.incarnation;
+        p.view_digest = hb.view_digest;
+        p.config_digest = hb.config_digest;
+        Ok(i)
+    }
+
+    fn heard_within(&self, i: usize, now: Instant) -> bool {
+        self.peers[i]
+            .last_heard
+            .iter()
+            .flatten()
+            .any(|&t| now.saturating_duration_since(t) <= self.loss_window)
+    }
+
+    /// Whether network `net` carries heartbeats from peer `i` (heard within the loss window).
+    pub fn network_alive(&self, i: usize, net: usize, now: Instant) -> bool {
+        self.peers[i].last_heard[net]
+            .is_some_and(|t| now.saturating_duration_since(t) <= self.loss_window)
+    }
+
+    /// Re-evaluates liveness and quorum; returns what changed.
+    pub fn tick(&mut self, now: Instant, witness_reachable: bool) -> Vec<Event> {
+        let mut events = Vec::new();
+        for i in 0..self.peers.len() {
+            if i == self.me {
+                self.peers[i].alive = true;
+                continue;
+            }
+            let alive = self.heard_within(i, now);
+            let p = &mut self.peers[i];
+            if p.alive && !alive {
+                let last = p.last_heard.iter().flatten().max().copied();
+                events.push(Event::PeerLost {
+                    id: p.id.clone(),
+                    silent_for: last.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
+                });
+                // A peer that comes back may have restarted with any incarnation.
+                p.guard.forget();
+                p.state = None;
+            } else if !p.alive && alive {
+                events.push(Event::PeerBack { id: p.id.clone() });
+            }
+            p.alive = alive;
+        }
+        let quorum = self.compute_quorum(witness_reachable);
+        if quorum != self.quorum {
+            events.push(if quorum {
+                Event::QuorumRegained
+            } else {
+                Event::QuorumLost
+            });
+            self.quorum = quorum;
+        }
+        events
+    }
+
+    fn compute_quorum(&self, witness_reachable: bool) -> bool {
+        let n = self.peers.len();
+        let alive = self.peers.iter().filter(|p| p.alive).count();
+        match n {
+            0 | 1 => true,
+            2 => alive == 2 || (self.has_witness && witness_reachable) || !self.has_witness,
+            _ => alive * 2 > n,
+        }
+    }
+
+    pub fn has_quorum(&self) -> bool {
+        self.quorum
+    }
+
+    /// The view the bucket assignment is computed from. This node counts as serving only with
+    /// quorum; without quorum the daemon releases every bucket anyway.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        self.peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Candidate {
+                id: p.id.clone(),
+                weight: p.weight,
+                serving: if i == self.me {
+                    self.my_state == State::Active && self.quorum
+                } else {
+                    p.alive && p.state == Some(State::Active)
+                },
+            })
+            .collect()
+    }
+
+    /// A digest of the view (who serves), to compare with the peers'.
+    pub fn view_digest(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for c in self.candidates() {
+            for b in c.id.bytes().chain([c.serving as u8, 0xff]) {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        h
+    }
+}
+
+/// A digest of the configuration every member must share (member ids and weights), so that a
+/// member configured differently is noticed.
+pub fn config_digest(members: &[(String, u32)]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (id, w) in members {
+        for b in id.bytes().chain(w.to_be_bytes()).chain([0xff]) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(n: usize) -> Vec<(String, u32)> {
+        (0..n).map(|i| (format!("n{}", i + 1), 1)).collect()
+    }
+
+    fn hb(id: &str, seq: u64, state: State) -> Heartbeat {
+        Heartbeat {
+            id: id.into(),
+            state,
+            weight: 1,
+            incarnation: 1,
+            seq,
+            view_digest: 0,
+            config_digest: 0,
+            network: 0,
+        }
+    }
+
+    const W: Duration = Duration::from_millis(400);
+
+    #[test]
+    fn peers_come_and_go_with_heartbeats() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(&members(3), 0, 2, W, false);
+        m.my_state = State::Active;
+        assert_eq!(m.tick(t0, false), vec![]);
+        assert!(!m.has_quorum(), "alone among three: no quorum");
+        m.receive(&hb("n2", 1, State::Active), 0, t0).unwrap();
+        let ev = m.tick(t0, false);
+        assert!(ev.contains(&Event::PeerBack { id: "n2".into() }));
+        assert!(ev.contains(&Event::QuorumRegained));
+        let serving: Vec<bool> = m.candidates().iter().map(|c| c.serving).collect();
+        assert_eq!(serving, vec![true, true, false]);
+        // Heard on the second network only: still alive.
+        m.receive(&hb("n2", 2, State::Active), 1, t0 + W).unwrap();
+        assert!(
+            m.tick(t0 + W + Duration::from_millis(100), false)
+                .is_empty()
+        );
+        assert!(m.network_alive(1, 1, t0 + W + Duration::from_millis(100)));
+        assert!(!m.network_alive(1, 0, t0 + W + Duration::from_millis(100)));
+        // Silent past the window: lost, quorum gone.
+        let ev = m.tick(t0 + 2 * W + Duration::from_millis(1), false);
+        assert!(matches!(ev[0], Event::PeerLost { .. }));
+        assert!(ev.contains(&Event::QuorumLost));
+        assert!(
+            !m.candidates()[0].serving,
+            "no quorum: this node does not serve"
+        );
+    }
+
+    #[test]
+    fn replays_self_and_strangers_are_refused() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(&members(2), 0, 1, W, true);
+        assert_eq!(
+            m.receive(&hb("n1", 1, State::Active), 0, t0),
+            Err(Reject::FromSelf)
+        );
+        assert_eq!(
+            m.receive(&hb("x", 1, State::Active), 0, t0),
+            Err(Reject::UnknownSender)
+        );
+        m.receive(&hb("n2", 5, State::Active), 0, t0).unwrap();
+        assert_eq!(
+            m.receive(&hb("n2", 5, State::Active), 0, t0),
+            Err(Reject::Replayed)
+        );
+        assert_eq!(
+            m.receive(&hb("n2", 4, State::Active), 0, t0),
+            Err(Reject::Replayed)
+        );
+    }
+
+    #[test]
+    fn two_members_need_the_peer_or_the_witness() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(&members(2), 0, 1, W, true);
+        m.my_state = State::Active;
+        m.tick(t0, false);
+        assert!(!m.has_quorum(), "no peer, no witness");
+        m.tick(t0, true);
+        assert!(m.has_quorum(), "witness answers");
+        m.receive(&hb("n2", 1, State::Active), 0, t0).unwrap();
+        m.tick(t0, false);
+        assert!(m.has_quorum(), "peer seen");
+        // Without a configured witness, a lone member of two keeps serving (and says so in
+        // the docs: a partition then makes both serve everything).
+        let mut m = Membership::new(&members(2), 0, 1, W, false);
+        m.tick(t0, false);
+        assert!(m.has_quorum());
+    }
+
+    #[test]
+    fn a_peer_that_is_not_active_does_not_serve() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(&members(3), 0, 1, W, false);
+        m.my_state = State::Active;
+        m.receive(&hb("n2", 1, State::Joining), 0, t0).unwrap();
+        m.receive(&hb("n3", 1, State::Draining), 0, t0).unwrap();
+        m.tick(t0, false);
+        assert!(
+            m.has_quorum(),
+            "alive members count for quorum whatever their state"
+        );
+        let serving: Vec<bool> = m.candidates().iter().map(|c| c.serving).collect();
+        assert_eq!(serving, vec![true, false, false]);
+    }
+
+    #[test]
+    fn view_digest_changes_with_the_view() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(&members(3), 0, 1, W, false);
+        m.my_state = State::Active;
+        m.receive(&hb("n2", 1, State::Active), 0, t0).unwrap();
+        m.tick(t0, false);
+        let a = m.view_digest();
+        m.receive(&hb("n3", 1, State::Active), 0, t0).unwrap();
+        m.tick(t0, false);
+        assert_ne!(a, m.view_digest());
+        assert_ne!(config_digest(&members(3)), config_digest(&members(2)));
+    }
+}
