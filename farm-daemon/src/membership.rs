@@ -164,7 +164,8 @@ impl Membership {
         let alive = self.peers.iter().filter(|p| p.alive).count();
         match n {
             0 | 1 => true,
-            2 => alive == 2 || (self.has_witness && witness_reachable) || !self.has_witness,
+            // Without a witness a lone member keeps serving (documented split-brain case).
+            2 => alive == 2 || !self.has_witness || witness_reachable,
             _ => alive * 2 > n,
         }
     }
