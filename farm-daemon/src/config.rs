@@ -68,6 +68,26 @@ struct RawConfig {
     runtime: RawRuntime,
     #[serde(default)]
     dataplane: RawDataplane,
+    #[serde(default)]
+    heartbeat: RawHeartbeat,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHeartbeat {
+    interval_ms: u64,
+    loss_threshold: u32,
+    port: u16,
+}
+
+impl Default for RawHeartbeat {
+    fn default() -> Self {
+        Self {
+            interval_ms: 50,
+            loss_threshold: 8,
+            port: 7946,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +106,7 @@ struct RawCluster {
     cluster_mac: Option<String>,
     #[serde(default = "default_deadman_ms")]
     deadman_timeout_ms: u64,
+    witness: Option<String>,
     #[serde(default)]
     members: Vec<RawMember>,
 }
@@ -97,6 +118,8 @@ struct RawMember {
     address: String,
     #[serde(default = "default_weight")]
     weight: u32,
+    #[serde(default)]
+    heartbeat_addresses: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,7 +196,7 @@ fn default_mac_mode() -> String {
     "unicast".into()
 }
 fn default_deadman_ms() -> u64 {
-    500
+    300
 }
 fn default_weight() -> u32 {
     1
@@ -210,6 +233,23 @@ pub struct Member {
     pub id: String,
     pub address: IpAddr,
     pub weight: u32,
+    /// The member's address on each heartbeat network: `address` first, then
+    /// `heartbeat_addresses`.
+    pub heartbeat_addrs: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub interval: Duration,
+    pub loss_threshold: u32,
+    pub port: u16,
+}
+
+impl Heartbeat {
+    /// A peer not heard for this long is lost.
+    pub fn loss_window(&self) -> Duration {
+        self.interval * self.loss_threshold
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,6 +285,9 @@ pub struct Config {
     pub bpffs: PathBuf,
     pub xdp_mode: XdpMode,
     pub announce_interval: Duration,
+    pub heartbeat: Heartbeat,
+    /// Decides for a member of a two-member farm that has lost its peer.
+    pub witness: Option<IpAddr>,
 }
 
 impl Config {
@@ -433,13 +476,49 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
                 format!("{} is out of range: allowed 0 (standby) to 1000", m.weight),
             );
         }
+        let mut heartbeat_addrs: Vec<IpAddr> = address.into_iter().collect();
+        for (k, a) in m.heartbeat_addresses.iter().enumerate() {
+            match a.parse::<IpAddr>() {
+                Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => {
+                    if !addrs.insert(ip) {
+                        e.push(
+                            format!("{f}.heartbeat_addresses[{k}]"),
+                            format!("{ip} is listed twice"),
+                        );
+                    }
+                    heartbeat_addrs.push(ip);
+                }
+                _ => e.push(
+                    format!("{f}.heartbeat_addresses[{k}]"),
+                    format!("{a:?} is not a unicast IP address"),
+                ),
+            }
+        }
         if let Some(address) = address {
             members.push(Member {
                 id: m.id.clone(),
                 address,
                 weight: m.weight,
+                heartbeat_addrs,
             });
         }
+    }
+    if let Some(first) = c.members.first()
+        && let Some((i, m)) = c
+            .members
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.heartbeat_addresses.len() != first.heartbeat_addresses.len())
+    {
+        e.push(
+            format!("cluster.members[{i}].heartbeat_addresses"),
+            format!(
+                "lists {} address(es) but cluster.members[0] lists {}: every member needs one \
+                 address per heartbeat network",
+                m.heartbeat_addresses.len(),
+                first.heartbeat_addresses.len()
+            ),
+        );
     }
     members.sort_by(|a, b| a.id.cmp(&b.id));
     let me = members.iter().position(|m| m.id == raw.node.id);
@@ -629,6 +708,54 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         );
     }
 
+    let hb = &raw.heartbeat;
+    if !(10..=10_000).contains(&hb.interval_ms) {
+        e.push(
+            "heartbeat.interval_ms",
+            format!(
+                "{} is out of range: allowed 10 to 10000 (milliseconds)",
+                hb.interval_ms
+            ),
+        );
+    }
+    if !(2..=100).contains(&hb.loss_threshold) {
+        e.push(
+            "heartbeat.loss_threshold",
+            format!(
+                "{} is out of range: allowed 2 to 100 (missed heartbeats before a peer is lost)",
+                hb.loss_threshold
+            ),
+        );
+    }
+    if hb.port == 0 {
+        e.push("heartbeat.port", "must be a UDP port from 1 to 65535");
+    }
+    let loss_window_ms = hb.interval_ms * hb.loss_threshold as u64;
+    if raw.cluster.deadman_timeout_ms > loss_window_ms {
+        e.push(
+            "cluster.deadman_timeout_ms",
+            format!(
+                "{} ms is longer than the heartbeat loss window ({} ms = heartbeat.interval_ms x \
+                 loss_threshold): a member whose farmd died would keep serving after its peers \
+                 took its buckets; use at most {loss_window_ms}",
+                raw.cluster.deadman_timeout_ms, loss_window_ms
+            ),
+        );
+    }
+    let witness = match &raw.cluster.witness {
+        None => None,
+        Some(w) => match w.parse::<IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => Some(ip),
+            _ => {
+                e.push(
+                    "cluster.witness",
+                    format!("{w:?} is not a unicast IP address (a host both members can ping)"),
+                );
+                None
+            }
+        },
+    };
+
     if !e.0.is_empty() {
         return Err(e.0);
     }
@@ -647,6 +774,12 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         bpffs: raw.runtime.bpffs,
         xdp_mode,
         announce_interval: Duration::from_secs(raw.dataplane.announce_interval_s),
+        heartbeat: Heartbeat {
+            interval: Duration::from_millis(hb.interval_ms),
+            loss_threshold: hb.loss_threshold,
+            port: hb.port,
+        },
+        witness,
     })
 }
 
@@ -747,7 +880,9 @@ rules = [ { protocol = "tcp", ports = 80 }, { protocol = "udp", ports = "5000-51
         assert_eq!(c.me().weight, 2);
         assert_eq!(c.members[1].weight, 1, "weight defaults to 1");
         assert_eq!(c.mac_mode, MacMode::Unicast);
-        assert_eq!(c.deadman_timeout, Duration::from_millis(500));
+        assert_eq!(c.deadman_timeout, Duration::from_millis(300));
+        assert_eq!(c.heartbeat.loss_window(), Duration::from_millis(400));
+        assert_eq!(c.members[0].heartbeat_addrs, vec![c.members[0].address]);
         assert_eq!(c.vips[0].rules[1].affinity, affinity::CONNECTION);
         assert_eq!(
             (c.vips[0].rules[1].port_lo, c.vips[0].rules[1].port_hi),
@@ -829,5 +964,44 @@ rules = [ { protocol = "tcp", ports = 80 }, { protocol = "udp", ports = "5000-51
         assert_eq!(parse_ports(&RawPorts::One(0)), None);
         assert_eq!(parse_mac("02:fa:00:00:00:01"), Some([2, 0xfa, 0, 0, 0, 1]));
         assert_eq!(parse_mac("02:fa:00:00:00"), None);
+    }
+
+    #[test]
+    fn heartbeat_settings_and_deadman_rule() {
+        let bad = GOOD.replace(
+            "secret_file = \"/etc/farm/cluster.key\"",
+            "secret_file = \"/etc/farm/cluster.key\"\ndeadman_timeout_ms = 1000\nwitness = \"nowhere\"",
+        ) + "\n[heartbeat]\ninterval_ms = 5\n";
+        let errors = field_errors(&bad);
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"heartbeat.interval_ms"), "{fields:?}");
+        assert!(fields.contains(&"cluster.witness"), "{fields:?}");
+        let ok = GOOD.to_string() + "\n[heartbeat]\ninterval_ms = 100\nloss_threshold = 3\n";
+        assert_eq!(
+            parse(&ok).unwrap().heartbeat.loss_window(),
+            Duration::from_millis(300)
+        );
+        let slow_deadman = GOOD.replace(
+            "secret_file = \"/etc/farm/cluster.key\"",
+            "secret_file = \"/etc/farm/cluster.key\"\ndeadman_timeout_ms = 500",
+        );
+        let errors = field_errors(&slow_deadman);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.field == "cluster.deadman_timeout_ms" && e.message.contains("400")),
+            "{errors:?}"
+        );
+        let uneven = GOOD.replace(
+            "address = \"192.0.2.12\"",
+            "address = \"192.0.2.12\"\nheartbeat_addresses = [\"198.51.100.12\"]",
+        );
+        let errors = field_errors(&uneven);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.field.ends_with("heartbeat_addresses")),
+            "{errors:?}"
+        );
     }
 }

@@ -40,6 +40,11 @@ pub struct Status {
     pub serving: bool,
     pub uptime_s: f64,
     pub buckets_total: u32,
+    /// Whether this node has quorum (sees enough members, or the witness) and may serve.
+    pub quorum: bool,
+    /// Digest of this node's view; equal on every node when they agree.
+    pub view_digest: String,
+    pub heartbeat: HeartbeatStatus,
     pub members: Vec<MemberStatus>,
     pub vips: Vec<VipStatus>,
     pub traffic: Traffic,
@@ -48,11 +53,35 @@ pub struct Status {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatStatus {
+    pub interval_ms: u64,
+    pub loss_threshold: u32,
+    /// Per heartbeat network: how many peers are heard on it.
+    pub networks: Vec<NetworkStatus>,
+    pub counters: crate::cluster::Counters,
+    pub witness: Option<WitnessStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkStatus {
+    pub index: usize,
+    pub peers_heard: usize,
+    pub peers: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WitnessStatus {
+    pub address: IpAddr,
+    pub reachable: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemberStatus {
     pub id: String,
     pub address: IpAddr,
     pub weight: u32,
-    /// "serving" (static membership: every configured member is assumed to serve).
+    /// As this node sees it: serving, joining, draining, leaving, unhealthy, no-quorum (this
+    /// node), lost (was heard, now silent), unknown (never heard).
     pub state: String,
     pub buckets: usize,
     pub this_node: bool,

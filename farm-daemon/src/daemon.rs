@@ -20,10 +20,11 @@ use tokio::{
 use crate::{
     announce::{AnnounceError, Announcer},
     assign::{self, Candidate},
+    cluster::{Cluster, ClusterError, Datagram},
     config::{Config, MacMode, format_mac},
     control::{
-        MemberStatus, Placement, Request, Response, Status, Traffic, VipStatus, WhoisEntry,
-        parse_client,
+        HeartbeatStatus, MemberStatus, NetworkStatus, Placement, Request, Response, Status,
+        Traffic, VipStatus, WhoisEntry, WitnessStatus, parse_client,
     },
     dataplane::{self, Dataplane, DataplaneError},
     netlink::{LinkFacts, Netlink, NetlinkError},
@@ -40,6 +41,8 @@ pub enum DaemonError {
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
     Announce(#[from] AnnounceError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -95,6 +98,10 @@ pub struct Daemon {
     undo: Vec<Undo>,
     _lock: File,
     lock_path: PathBuf,
+    cluster: Cluster,
+    heartbeats: Option<tokio::sync::mpsc::Receiver<Datagram>>,
+    /// Whether this node may serve (quorum), as last applied.
+    quorum: bool,
 }
 
 /// The identity of this network namespace, so that lock files and pins of farmds in different
@@ -148,6 +155,7 @@ impl Daemon {
         let cluster_mac = cfg
             .cluster_mac
             .unwrap_or_else(|| secret.cluster_mac(cfg.mac_mode));
+        let message_key = secret.message_key();
         drop(secret);
 
         std::fs::create_dir_all(&cfg.state_dir)
@@ -157,6 +165,9 @@ impl Daemon {
             .state_dir
             .join(format!("farmd-{ns}-{}.lock", cfg.interface));
         let lock = take_lock(&lock_path, &cfg.interface)?;
+        // Heartbeat sockets next: an address that is not this host's fails here, before the
+        // host is touched.
+        let (cluster, heartbeats) = Cluster::bind(&cfg, message_key).await?;
 
         let netlink = Netlink::connect()?;
         let link = netlink.link(&cfg.interface).await?;
@@ -202,6 +213,9 @@ impl Daemon {
             _lock: lock,
             lock_path,
             cfg,
+            cluster,
+            heartbeats: Some(heartbeats),
+            quorum: false,
         };
         match d.setup(&pin_dir).await {
             Ok(listener) => Ok((d, listener)),
@@ -217,7 +231,8 @@ impl Daemon {
         let listener = bind_socket(&self.cfg.socket)?;
         self.undo.push(Undo::Socket(self.cfg.socket.clone()));
 
-        self.recompute_buckets()?;
+        // Joining: nothing is ours until this node has listened to the farm for a loss window.
+        self.apply_view(self.cluster.membership.candidates(), false)?;
 
         let index = self.link.index;
         match self.netlink.add_mac_filter(index, self.cluster_mac).await {
@@ -257,26 +272,33 @@ impl Daemon {
         Ok(listener)
     }
 
-    /// Bucket owners from the (static) member list, written to the data plane.
-    fn recompute_buckets(&mut self) -> Result<(), DaemonError> {
-        let candidates: Vec<Candidate> = self
-            .cfg
-            .members
-            .iter()
-            .map(|m| Candidate {
-                id: m.id.clone(),
-                weight: m.weight,
-                serving: true,
-            })
-            .collect();
+    /// Bucket owners from the view (who serves), written to the data plane. Without quorum
+    /// this node takes none.
+    fn apply_view(&mut self, candidates: Vec<Candidate>, quorum: bool) -> Result<(), DaemonError> {
         self.owners = assign::assign(&self.hash_key, &candidates);
-        let me = self.cfg.me as u8;
+        self.quorum = quorum;
+        let me = if quorum {
+            self.cfg.me as u8
+        } else {
+            farm_common::NO_OWNER
+        };
         let entries: Vec<BucketEntry> = self
             .owners
             .iter()
             .map(|&o| BucketEntry::owned_by(o, me))
             .collect();
-        self.dp.set_buckets(&entries)?;
+        let written = self.dp.set_buckets(&entries)?;
+        let mine = assign::shares(&self.owners, self.cfg.members.len())[self.cfg.me];
+        let serving: Vec<&str> = candidates
+            .iter()
+            .filter(|c| c.serving)
+            .map(|c| c.id.as_str())
+            .collect();
+        tracing::info!(
+            "bucket map: serving [{}]; this node owns {} of {BUCKETS} ({written} entries written)",
+            serving.join(", "),
+            if quorum { mine } else { 0 }
+        );
         Ok(())
     }
 
@@ -335,6 +357,9 @@ impl Daemon {
         // Announce at once, twice more a second apart, then every announce_interval.
         let mut announce_at = tokio::time::Instant::now();
         let mut announced = 0u32;
+        let mut heartbeat = tokio::time::interval(self.cfg.heartbeat.interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeats = self.heartbeats.take().expect("run once");
 
         tracing::info!(
             "farmd serving: node {} on {} (XDP {} mode), cluster MAC {} ({}), {} VIP(s), owns {} \
@@ -360,6 +385,17 @@ impl Daemon {
                         tracing::error!("refreshing the dead-man switch failed: {e}");
                     }
                 }
+                _ = heartbeat.tick() => {
+                    self.cluster.send();
+                    if let Some((view, quorum)) = self.cluster.tick(tokio::time::Instant::now())
+                        && let Err(e) = self.apply_view(view, quorum)
+                    {
+                        tracing::error!("updating the bucket map failed: {e}");
+                    }
+                }
+                Some(d) = heartbeats.recv() => {
+                    self.cluster.receive(&d, tokio::time::Instant::now());
+                }
                 _ = tokio::time::sleep_until(announce_at) => {
                     if let Err(e) = announcer.announce(
                         self.link.mac,
@@ -381,6 +417,11 @@ impl Daemon {
                 },
             }
         };
+        // Tell the peers first, so they take this node's buckets at once rather than after the
+        // loss window; twice, in case one is lost.
+        self.cluster.leave();
+        tokio::time::sleep(self.cfg.heartbeat.interval.min(Duration::from_millis(50))).await;
+        self.cluster.leave();
         self.teardown().await;
         tracing::info!("farmd stopped; host restored");
         result
@@ -469,6 +510,61 @@ impl Daemon {
         }
     }
 
+    fn member_state(&self, i: usize) -> String {
+        use crate::heartbeat::State;
+        let m = &self.cluster.membership;
+        let name = |s: State| {
+            serde_json::to_value(s)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        };
+        if i == m.me {
+            return match m.my_state {
+                State::Active if self.quorum => "serving".into(),
+                State::Active => "no-quorum".into(),
+                s => name(s),
+            };
+        }
+        let p = &m.peers[i];
+        if !p.alive {
+            return if p.last_heard.iter().any(Option::is_some) {
+                "lost".into()
+            } else {
+                "unknown".into()
+            };
+        }
+        match p.state {
+            Some(State::Active) => "serving".into(),
+            Some(s) => name(s),
+            None => "unknown".into(),
+        }
+    }
+
+    fn heartbeat_status(&self) -> HeartbeatStatus {
+        let m = &self.cluster.membership;
+        let now = std::time::Instant::now();
+        let nets = self.cfg.me().heartbeat_addrs.len();
+        HeartbeatStatus {
+            interval_ms: self.cfg.heartbeat.interval.as_millis() as u64,
+            loss_threshold: self.cfg.heartbeat.loss_threshold,
+            networks: (0..nets)
+                .map(|net| NetworkStatus {
+                    index: net,
+                    peers_heard: (0..m.peers.len())
+                        .filter(|&i| i != m.me && m.network_alive(i, net, now))
+                        .count(),
+                    peers: m.peers.len() - 1,
+                })
+                .collect(),
+            counters: self.cluster.counters.clone(),
+            witness: self.cluster.witness_addr().map(|address| WitnessStatus {
+                address,
+                reachable: self.cluster.witness_reachable().unwrap_or(false),
+            }),
+        }
+    }
+
     fn status(&self) -> Result<Status, DaemonError> {
         let shares = assign::shares(&self.owners, self.cfg.members.len());
         let members = self
@@ -480,7 +576,7 @@ impl Daemon {
                 id: m.id.clone(),
                 address: m.address,
                 weight: m.weight,
-                state: "serving".into(),
+                state: self.member_state(i),
                 buckets: shares[i],
                 this_node: i == self.cfg.me,
             })
@@ -546,6 +642,9 @@ impl Daemon {
             serving: ctl.deadline_ns != 0 && ctl.deadline_ns >= dataplane::coarse_now_ns(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             buckets_total: BUCKETS,
+            quorum: self.quorum,
+            view_digest: format!("{:016x}", self.cluster.membership.view_digest()),
+            heartbeat: self.heartbeat_status(),
             members,
             vips,
             traffic,

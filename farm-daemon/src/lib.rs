@@ -3,6 +3,7 @@
 
 pub mod announce;
 pub mod assign;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -11,3 +12,4 @@ pub mod heartbeat;
 pub mod membership;
 pub mod netlink;
 pub mod secret;
+pub mod witness;

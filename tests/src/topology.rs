@@ -46,7 +46,7 @@ impl Default for Spec {
             nodes: 3,
             client_addrs: 16,
             mac_mode: "unicast",
-            deadman_ms: 500,
+            deadman_ms: 300,
             weights: Vec::new(),
         }
     }
@@ -265,9 +265,60 @@ deadman_timeout_ms = {}
         self.wait_serving(i, Duration::from_secs(30));
     }
 
+    /// Starts farmd everywhere and waits until the farm has converged.
     pub fn start_all(&mut self) {
         for i in 0..self.nodes.len() {
             self.start_farmd(i);
+        }
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        self.wait_converged(&all, Duration::from_secs(20));
+    }
+
+    /// Waits (bounded) until every node in `nodes` sees exactly those nodes serving, with the
+    /// same view.
+    pub fn wait_converged(&self, nodes: &[usize], within: Duration) {
+        let deadline = Instant::now() + within;
+        let want: Vec<String> = nodes.iter().map(|&i| self.nodes[i].name.clone()).collect();
+        loop {
+            let statuses: Vec<Result<Status, String>> =
+                nodes.iter().map(|&i| self.status(i)).collect();
+            let converged = statuses.iter().all(|s| {
+                s.as_ref().is_ok_and(|s| {
+                    let serving: Vec<String> = s
+                        .members
+                        .iter()
+                        .filter(|m| m.state == "serving")
+                        .map(|m| m.id.clone())
+                        .collect();
+                    serving == want
+                })
+            }) && statuses
+                .iter()
+                .filter_map(|s| s.as_ref().ok().map(|s| s.view_digest.clone()))
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                == 1;
+            if converged {
+                return;
+            }
+            if Instant::now() > deadline {
+                let summary: Vec<String> = statuses
+                    .iter()
+                    .map(|s| match s {
+                        Ok(s) => format!(
+                            "{}: {:?}",
+                            s.node,
+                            s.members
+                                .iter()
+                                .map(|m| (&m.id, &m.state))
+                                .collect::<Vec<_>>()
+                        ),
+                        Err(e) => e.clone(),
+                    })
+                    .collect();
+                panic!("farm did not converge on {want:?} within {within:?}: {summary:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

@@ -116,6 +116,45 @@ fn print_status(s: &Status) {
         "cluster MAC {} ({})  dead-man {} ms  up {:.0} s",
         s.cluster_mac, s.mac_mode, s.deadman_timeout_ms, s.uptime_s
     );
+    let hb = &s.heartbeat;
+    println!(
+        "quorum {}  view {}  heartbeat {} ms, lost after {} missed",
+        if s.quorum {
+            "yes"
+        } else {
+            "NO (serving nothing)"
+        },
+        s.view_digest,
+        hb.interval_ms,
+        hb.loss_threshold
+    );
+    let nets: Vec<String> = hb
+        .networks
+        .iter()
+        .map(|n| format!("net{} {}/{} peers heard", n.index, n.peers_heard, n.peers))
+        .collect();
+    println!("heartbeat networks: {}", nets.join(", "));
+    if let Some(w) = &hb.witness {
+        println!(
+            "witness {} {}",
+            w.address,
+            if w.reachable {
+                "reachable"
+            } else {
+                "NOT reachable"
+            }
+        );
+    }
+    let rejected: Vec<String> = hb
+        .counters
+        .rejected
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    if !rejected.is_empty() {
+        println!("heartbeats rejected: {}", rejected.join(" "));
+    }
     println!();
     println!(
         "{:<20} {:<24} {:>6} {:<9} {:>8} {:>6}",

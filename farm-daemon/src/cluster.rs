@@ -1,0 +1,278 @@
+//! The heartbeat runtime: sockets on each heartbeat network, sending, receiving (authenticated,
+//! counted per reason), and the membership they feed.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::{net::UdpSocket, sync::mpsc, time::Instant};
+
+use crate::{
+    assign::Candidate,
+    config::Config,
+    heartbeat::{self, Heartbeat, Reject, State},
+    membership::{Event, Membership, config_digest},
+    witness::{Witness, WitnessError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(
+        "cannot bind the heartbeat socket {addr} (network {net}): {source}; is {ip} an address \
+         of this host? (cluster.members: this node's address / heartbeat_addresses)",
+        ip = addr.ip()
+    )]
+    Bind {
+        addr: SocketAddr,
+        net: usize,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Witness(#[from] WitnessError),
+}
+
+/// A datagram received on heartbeat network `net`.
+pub struct Datagram {
+    pub net: usize,
+    pub bytes: Vec<u8>,
+}
+
+/// Heartbeat traffic counters.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Counters {
+    /// Per peer id, per network: sent and accepted.
+    pub sent: BTreeMap<String, Vec<u64>>,
+    pub received: BTreeMap<String, Vec<u64>>,
+    /// Rejected datagrams by reason.
+    pub rejected: BTreeMap<String, u64>,
+    /// Peers declared lost.
+    pub peers_lost: u64,
+}
+
+pub struct Cluster {
+    pub membership: Membership,
+    key: [u8; 32],
+    incarnation: u64,
+    seq: u64,
+    config_digest: u64,
+    sockets: Vec<Arc<UdpSocket>>,
+    /// Per peer, per network: where its heartbeats go.
+    peer_addrs: Vec<Vec<SocketAddr>>,
+    witness: Option<Witness>,
+    witness_window: Duration,
+    joined_at: Instant,
+    pub counters: Counters,
+    /// The view last applied to the data plane.
+    applied: Option<(Vec<Candidate>, bool)>,
+}
+
+impl Cluster {
+    /// Binds the heartbeat sockets (before anything on the host is changed) and starts the
+    /// receivers, which feed the returned channel.
+    pub async fn bind(
+        cfg: &Config,
+        key: [u8; 32],
+    ) -> Result<(Self, mpsc::Receiver<Datagram>), ClusterError> {
+        let me = cfg.me();
+        let networks = me.heartbeat_addrs.len();
+        let (tx, rx) = mpsc::channel(1024);
+        let mut sockets = Vec::new();
+        for (net, ip) in me.heartbeat_addrs.iter().enumerate() {
+            let addr = SocketAddr::new(*ip, cfg.heartbeat.port);
+            let s = UdpSocket::bind(addr)
+                .await
+                .map_err(|source| ClusterError::Bind { addr, net, source })?;
+            let s = Arc::new(s);
+            let (rs, tx) = (s.clone(), tx.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok((n, _)) = rs.recv_from(&mut buf).await {
+                    let d = Datagram {
+                        net,
+                        bytes: buf[..n].to_vec(),
+                    };
+                    if tx.send(d).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            sockets.push(s);
+        }
+        let members: Vec<(String, u32)> = cfg
+            .members
+            .iter()
+            .map(|m| (m.id.clone(), m.weight))
+            .collect();
+        let peer_addrs = cfg
+            .members
+            .iter()
+            .map(|m| {
+                m.heartbeat_addrs
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, cfg.heartbeat.port))
+                    .collect()
+            })
+            .collect();
+        let loss_window = cfg.heartbeat.loss_window();
+        let witness = match cfg.witness {
+            Some(w) => Some(Witness::start(
+                w,
+                cfg.heartbeat.interval.max(Duration::from_millis(100)),
+            )?),
+            None => None,
+        };
+        let mut counters = Counters::default();
+        for m in &cfg.members {
+            counters.sent.insert(m.id.clone(), vec![0; networks]);
+            counters.received.insert(m.id.clone(), vec![0; networks]);
+        }
+        for r in Reject::ALL {
+            counters.rejected.insert(r.name().into(), 0);
+        }
+        Ok((
+            Self {
+                membership: Membership::new(
+                    &members,
+                    cfg.me,
+                    networks,
+                    loss_window,
+                    cfg.witness.is_some(),
+                ),
+                key,
+                incarnation: SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64),
+                seq: 0,
+                config_digest: config_digest(&members),
+                sockets,
+                peer_addrs,
+                witness,
+                witness_window: loss_window.max(Duration::from_millis(500)),
+                joined_at: Instant::now(),
+                counters,
+                applied: None,
+            },
+            rx,
+        ))
+    }
+
+    /// Sends one heartbeat to every peer on every network.
+    pub fn send(&mut self) {
+        self.seq += 1;
+        let me = self.membership.me;
+        let view_digest = self.membership.view_digest();
+        for (net, sock) in self.sockets.iter().enumerate() {
+            let hb = Heartbeat {
+                id: self.membership.peers[me].id.clone(),
+                state: self.membership.my_state,
+                weight: self.membership.peers[me].weight as u16,
+                incarnation: self.incarnation,
+                seq: self.seq,
+                view_digest,
+                config_digest: self.config_digest,
+                network: net as u8,
+            };
+            let bytes = heartbeat::encode(&self.key, &hb);
+            for (i, addrs) in self.peer_addrs.iter().enumerate() {
+                if i == me {
+                    continue;
+                }
+                // A full socket buffer loses one heartbeat, which the loss threshold absorbs.
+                if sock.try_send_to(&bytes, addrs[net]).is_ok()
+                    && let Some(c) = self.counters.sent.get_mut(&self.membership.peers[i].id)
+                {
+                    c[net] += 1;
+                }
+            }
+        }
+    }
+
+    /// Takes in one received datagram.
+    pub fn receive(&mut self, d: &Datagram, now: Instant) {
+        let result = heartbeat::decode(&self.key, &d.bytes).and_then(|hb| {
+            self.membership
+                .receive(&hb, d.net, now.into_std())
+                .map(|i| (i, hb))
+        });
+        match result {
+            Ok((i, hb)) => {
+                if let Some(c) = self.counters.received.get_mut(&self.membership.peers[i].id) {
+                    c[d.net] += 1;
+                }
+                if hb.config_digest != self.config_digest {
+                    tracing::warn!(
+                        "member {} runs with another member list or weights than this node: \
+                         their bucket maps differ; make the configurations agree",
+                        hb.id
+                    );
+                }
+            }
+            Err(r) => {
+                *self.counters.rejected.entry(r.name().into()).or_default() += 1;
+                tracing::debug!("heartbeat rejected on network {}: {r}", d.net);
+            }
+        }
+    }
+
+    /// Re-evaluates membership. Returns the view to apply when it changed: the candidates and
+    /// whether this node may serve (quorum).
+    pub fn tick(&mut self, now: Instant) -> Option<(Vec<Candidate>, bool)> {
+        if self.membership.my_state == State::Joining
+            && now.duration_since(self.joined_at) >= self.membership.loss_window
+        {
+            self.membership.my_state = State::Active;
+            tracing::info!("joined: heard the farm for one loss window, now active");
+        }
+        let witness = self
+            .witness
+            .as_ref()
+            .is_some_and(|w| w.reachable(self.witness_window));
+        for e in self.membership.tick(now.into_std(), witness) {
+            match e {
+                Event::PeerLost { id, silent_for } => {
+                    self.counters.peers_lost += 1;
+                    tracing::warn!(
+                        "member {id} lost: not heard for {} ms on any heartbeat network; its \
+                         buckets move to the others",
+                        silent_for.as_millis()
+                    );
+                }
+                Event::PeerBack { id } => tracing::info!("member {id} heard again"),
+                Event::QuorumLost => tracing::error!(
+                    "lost quorum: this node sees too few members{}; releasing every bucket",
+                    if self.witness.is_some() {
+                        " and cannot reach the witness"
+                    } else {
+                        ""
+                    }
+                ),
+                Event::QuorumRegained => tracing::info!("quorum: serving again"),
+            }
+        }
+        let view = (self.membership.candidates(), self.membership.has_quorum());
+        if self.applied.as_ref() == Some(&view) {
+            return None;
+        }
+        self.applied = Some(view.clone());
+        Some(view)
+    }
+
+    /// Announces that this node leaves (peers take its buckets at once).
+    pub fn leave(&mut self) {
+        self.membership.my_state = State::Leaving;
+        self.send();
+    }
+
+    pub fn witness_addr(&self) -> Option<IpAddr> {
+        self.witness.as_ref().map(|w| w.addr)
+    }
+
+    pub fn witness_reachable(&self) -> Option<bool> {
+        self.witness
+            .as_ref()
+            .map(|w| w.reachable(self.witness_window))
+    }
+}

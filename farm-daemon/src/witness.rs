@@ -1,0 +1,223 @@
+//! The witness: a host a two-member farm pings to decide which side of a partition may serve.
+//! A thread sends an ICMP echo request every `interval` and records when the last reply came.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open an ICMP socket to probe the witness {witness}: {source}")]
+pub struct WitnessError {
+    witness: IpAddr,
+    source: std::io::Error,
+}
+
+/// Reachability of the witness, updated by a background thread.
+pub struct Witness {
+    pub addr: IpAddr,
+    started: Instant,
+    /// Milliseconds after `started` of the last reply (0 = never).
+    last_reply_ms: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Witness {
+    pub fn start(addr: IpAddr, interval: Duration) -> Result<Self, WitnessError> {
+        let (domain, proto) = match addr {
+            IpAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_ICMP),
+            IpAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_ICMPV6),
+        };
+        // SAFETY: plain socket(2); the result is checked.
+        let fd = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+        if fd < 0 {
+            return Err(WitnessError {
+                witness: addr,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 50_000,
+        };
+        // SAFETY: valid option pointer and length.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        let started = Instant::now();
+        let last_reply_ms = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (last, stop2) = (last_reply_ms.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("witness".into())
+            .spawn(move || probe_loop(fd, addr, interval, started, &last, &stop2))
+            .expect("spawn witness thread");
+        Ok(Self {
+            addr,
+            started,
+            last_reply_ms,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Whether the witness answered within `within`.
+    pub fn reachable(&self, within: Duration) -> bool {
+        let last = self.last_reply_ms.load(Ordering::Relaxed);
+        last != 0
+            && self
+                .started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last))
+                <= within
+    }
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn echo_request(v6: bool, id: u16, seq: u16) -> Vec<u8> {
+    let mut m = vec![if v6 { 128 } else { 8 }, 0, 0, 0];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(b"farm-witness");
+    if !v6 {
+        // ICMPv4 checksum (the kernel computes the ICMPv6 one for raw ICMPv6 sockets).
+        let mut sum: u32 = 0;
+        for c in m.chunks(2) {
+            sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        m[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    }
+    m
+}
+
+fn probe_loop(
+    fd: OwnedFd,
+    addr: IpAddr,
+    interval: Duration,
+    started: Instant,
+    last: &AtomicU64,
+    stop: &AtomicBool,
+) {
+    let v6 = addr.is_ipv6();
+    let id = (std::process::id() & 0xffff) as u16;
+    let dst: socket_addr::Raw = socket_addr::Raw::new(SocketAddr::new(addr, 0));
+    let mut seq: u16 = 0;
+    let mut next = Instant::now();
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::Relaxed) {
+        if Instant::now() >= next {
+            seq = seq.wrapping_add(1);
+            let m = echo_request(v6, id, seq);
+            // SAFETY: valid buffer and address for the lengths given.
+            unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    m.as_ptr().cast(),
+                    m.len(),
+                    0,
+                    dst.ptr(),
+                    dst.len(),
+                )
+            };
+            next += interval;
+        }
+        // SAFETY: valid buffer; the socket has a receive timeout.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            continue;
+        }
+        let pkt = &buf[..n as usize];
+        // Raw ICMPv4 sockets deliver the IP header too; ICMPv6 ones do not.
+        let icmp = if v6 {
+            pkt
+        } else {
+            let ihl = ((pkt[0] & 0x0f) as usize) * 4;
+            if pkt.len() < ihl + 8 || pkt[12..16] != octets(addr)[..] {
+                continue;
+            }
+            &pkt[ihl..]
+        };
+        let reply_type = if v6 { 129 } else { 0 };
+        if icmp.len() >= 8 && icmp[0] == reply_type && icmp[4..6] == id.to_be_bytes() {
+            last.store(
+                started.elapsed().as_millis().max(1) as u64,
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+fn octets(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+mod socket_addr {
+    use std::net::SocketAddr;
+
+    /// A `sockaddr_in`/`sockaddr_in6` for sendto(2).
+    pub enum Raw {
+        V4(libc::sockaddr_in),
+        V6(libc::sockaddr_in6),
+    }
+
+    impl Raw {
+        pub fn new(a: SocketAddr) -> Self {
+            match a {
+                SocketAddr::V4(v4) => {
+                    // SAFETY: zeroed sockaddr_in is valid.
+                    let mut s: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+                    s.sin_family = libc::AF_INET as u16;
+                    s.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+                    Raw::V4(s)
+                }
+                SocketAddr::V6(v6) => {
+                    // SAFETY: zeroed sockaddr_in6 is valid.
+                    let mut s: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+                    s.sin6_family = libc::AF_INET6 as u16;
+                    s.sin6_addr.s6_addr = v6.ip().octets();
+                    Raw::V6(s)
+                }
+            }
+        }
+        pub fn ptr(&self) -> *const libc::sockaddr {
+            match self {
+                Raw::V4(s) => (s as *const libc::sockaddr_in).cast(),
+                Raw::V6(s) => (s as *const libc::sockaddr_in6).cast(),
+            }
+        }
+        pub fn len(&self) -> u32 {
+            match self {
+                Raw::V4(_) => std::mem::size_of::<libc::sockaddr_in>() as u32,
+                Raw::V6(_) => std::mem::size_of::<libc::sockaddr_in6>() as u32,
+            }
+        }
+    }
+}
