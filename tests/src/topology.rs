@@ -431,6 +431,23 @@ deadman_timeout_ms = {}
         PathBuf::from("/sys/fs/bpf/farm").join(format!("{}-eth0", self.nodes[i].ns.inode()))
     }
 
+    /// Loads an nftables ruleset (text for `nft -f -`) in node `i`'s namespace.
+    pub fn nft(&self, i: usize, rules: &str) {
+        use std::io::Write as _;
+        let mut c = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.nodes[i].ns.path()))
+            .args(["nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nft (cargo xtask setup installs nftables)");
+        c.stdin
+            .take()
+            .expect("stdin")
+            .write_all(rules.as_bytes())
+            .expect("write rules");
+        assert!(c.wait().expect("nft").success(), "nft rejected:\n{rules}");
+    }
+
     pub fn vip4(&self, port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(VIP4), port)
     }

@@ -156,11 +156,12 @@ fn setup() -> Result<()> {
         install_bpf_linker(&sysroot)?;
     }
 
-    step(4, total, "system tools for the tests (ip, bridge, nsenter)");
+    step(4, total, "system tools for the tests (ip, bridge, nsenter, nft)");
     ensure_tools(&[
         ("ip", "iproute2"),
         ("bridge", "iproute2"),
         ("nsenter", "util-linux"),
+        ("nft", "nftables"),
     ])?;
 
     eprintln!("setup done in {:.0?}", started.elapsed());
