@@ -321,3 +321,51 @@ fn drain(
         }
     }
 }
+
+/// Holds one keep-alive connection from `src` to `dst` and sends a request every 20 ms until
+/// `stop`, counting requests answered and errors (a failed or reset connection is one error,
+/// and ends the loop).
+pub fn keep_alive(
+    src: IpAddr,
+    dst: SocketAddr,
+    stop: &AtomicBool,
+    requests: &AtomicU64,
+    errors: &AtomicU64,
+) {
+    let connect = || -> std::io::Result<(TcpStream, BufReader<TcpStream>)> {
+        let domain = if dst.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        s.bind(&SocketAddr::new(src, 0).into())?;
+        s.connect_timeout(&dst.into(), Duration::from_secs(2))?;
+        let c: TcpStream = s.into();
+        c.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut r = BufReader::new(c.try_clone()?);
+        let mut greeting = String::new();
+        r.read_line(&mut greeting)?;
+        Ok((c, r))
+    };
+    let (mut w, mut r) = match connect() {
+        Ok(x) => x,
+        Err(_) => {
+            errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        line.clear();
+        let ok = w.write_all(b"ping\n").is_ok()
+            && r.read_line(&mut line).is_ok_and(|n| n > 0)
+            && line.ends_with("ping\n");
+        if !ok {
+            errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        requests.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

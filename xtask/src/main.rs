@@ -156,7 +156,11 @@ fn setup() -> Result<()> {
         install_bpf_linker(&sysroot)?;
     }
 
-    step(4, total, "system tools for the tests (ip, bridge, nsenter, nft)");
+    step(
+        4,
+        total,
+        "system tools for the tests (ip, bridge, nsenter, nft)",
+    );
     ensure_tools(&[
         ("ip", "iproute2"),
         ("bridge", "iproute2"),

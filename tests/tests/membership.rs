@@ -1,0 +1,405 @@
+//! Heartbeats and membership on real farms: forged and replayed heartbeats change nothing, a
+//! node cut off from heartbeats stops serving while the others serve everything, a two-node
+//! farm's witness decides, heavy heartbeat loss causes no failover, and a node whose link is cut
+//! is replaced within the loss window while the survivors' connections see no error.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use farm_daemon::{
+    heartbeat::{self, Heartbeat, State},
+    secret::Secret,
+};
+use farm_tests::{
+    require_root,
+    topology::{Spec, TCP_PORT, Topology},
+    traffic,
+};
+
+const HB_PORT: u16 = 7946;
+
+/// Owner of each client address per `farmctl whois` on node `from`.
+fn owners(t: &Topology, from: usize) -> BTreeMap<IpAddr, String> {
+    let names: Vec<String> = t.client_v4.iter().map(|a| a.to_string()).collect();
+    t.whois(from, &names)
+        .into_iter()
+        .map(|w| {
+            (
+                w.client.parse().expect("addr"),
+                w.by_client.and_then(|p| p.owner).expect("owner"),
+            )
+        })
+        .collect()
+}
+
+fn accepts(t: &Topology) -> u64 {
+    t.nodes
+        .iter()
+        .map(|n| {
+            n.server
+                .as_ref()
+                .expect("server")
+                .tcp_accepts
+                .load(Ordering::Relaxed)
+        })
+        .sum()
+}
+
+/// One connection from every client address; asserts each is answered by its predicted owner
+/// and accepted exactly once.
+fn every_client_answered_once(t: &Topology, predicted: &BTreeMap<IpAddr, String>) {
+    let before = accepts(t);
+    let reqs: Vec<(IpAddr, SocketAddr)> =
+        predicted.keys().map(|&a| (a, t.vip4(TCP_PORT))).collect();
+    let n = reqs.len();
+    let answers = traffic::tcp_requests(&t.client, reqs, 4, Duration::from_secs(3));
+    for a in &answers {
+        assert_eq!(a.node.as_ref(), predicted.get(&a.src), "{a:?}");
+    }
+    assert_eq!(
+        (accepts(t) - before) as usize,
+        n,
+        "a connection was accepted twice"
+    );
+}
+
+#[test]
+fn forged_replayed_and_random_heartbeats_change_nothing() {
+    if !require_root("forged_replayed_and_random_heartbeats_change_nothing") {
+        return;
+    }
+    let mut t = Topology::build(Spec {
+        nodes: 3,
+        client_addrs: 50,
+        ..Spec::default()
+    });
+    t.start_all();
+    let before = t.status(0).expect("status");
+    let real_key = Secret::load(&t.key_file()).expect("key").message_key();
+    let target = SocketAddr::new(IpAddr::V4(t.nodes[0].addr4), HB_PORT);
+    let leave = |key: &[u8; 32], incarnation: u64, seq: u64| {
+        heartbeat::encode(
+            key,
+            &Heartbeat {
+                id: "n2".into(),
+                state: State::Leaving,
+                weight: 1,
+                incarnation,
+                seq,
+                view_digest: 0,
+                config_digest: 0,
+                network: 0,
+            },
+        )
+    };
+    let sent = t.client.run(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("udp");
+        let mut n = 0u64;
+        // Forged: "n2 is leaving", signed with the wrong key.
+        for seq in 0..50 {
+            s.send_to(&leave(&[0x42; 32], u64::MAX, seq), target)
+                .expect("send");
+            n += 1;
+        }
+        // Replayed: correctly signed, but older than n2's real incarnation (a capture from an
+        // earlier run of n2 looks exactly like this).
+        for seq in 0..50 {
+            s.send_to(&leave(&real_key, 1, seq), target).expect("send");
+            n += 1;
+        }
+        // Random bytes and truncated messages.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for len in [0usize, 3, 10, 47, 60, 64, 80, 127, 128, 500, 1400] {
+            for _ in 0..10 {
+                let b: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                s.send_to(&b, target).expect("send");
+                n += 1;
+            }
+        }
+        let valid = leave(&real_key, 1, 0);
+        s.send_to(&valid[..30], target).expect("send");
+        n + 1
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    let after = t.status(0).expect("status");
+    let rejected = &after.heartbeat.counters.rejected;
+    let total: u64 = rejected.values().sum();
+    assert!(
+        total >= sent - 10,
+        "rejected {total} of {sent}: {rejected:?}"
+    );
+    assert!(rejected["bad_mac"] >= 50, "{rejected:?}");
+    assert!(rejected["replayed"] >= 50, "{rejected:?}");
+    assert!(
+        rejected["truncated"] + rejected["bad_magic"] >= 10,
+        "{rejected:?}"
+    );
+    // Nothing moved: everyone still serving, same shares, nobody lost.
+    assert_eq!(after.heartbeat.counters.peers_lost, 0);
+    for (m, b) in after.members.iter().zip(&before.members) {
+        assert_eq!(m.state, "serving", "{m:?}");
+        assert_eq!(m.buckets, b.buckets);
+    }
+    t.wait_converged(&[0, 1, 2], Duration::from_secs(2));
+}
+
+#[test]
+fn heartbeat_partition_isolated_node_stops_the_others_serve_everything() {
+    if !require_root("heartbeat_partition_isolated_node_stops_the_others_serve_everything") {
+        return;
+    }
+    let mut t = Topology::build(Spec {
+        nodes: 3,
+        client_addrs: 300,
+        ..Spec::default()
+    });
+    t.start_all();
+    // n3 loses its heartbeats, in and out; its data path stays intact.
+    t.nft(
+        2,
+        &format!(
+            "table inet cut {{\n  chain in {{\n    type filter hook input priority 0;\n    udp dport {HB_PORT} drop\n  }}\n\
+             \x20 chain out {{\n    type filter hook output priority 0;\n    udp dport {HB_PORT} drop\n  }}\n}}\n"
+        ),
+    );
+    t.wait_converged(&[0, 1], Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while t.status(2).expect("status").quorum {
+        assert!(
+            Instant::now() < deadline,
+            "the isolated node kept its quorum"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s3 = t.status(2).expect("status");
+    assert!(
+        s3.members.iter().all(|m| m.this_node || m.state == "lost"),
+        "{:?}",
+        s3.members
+    );
+    let predicted = owners(&t, 0);
+    assert!(
+        predicted.values().all(|o| o != "n3"),
+        "n3 still owns clients"
+    );
+    // Every client is answered exactly once, by n1 or n2.
+    every_client_answered_once(&t, &predicted);
+}
+
+#[test]
+fn two_nodes_the_side_without_the_witness_releases() {
+    if !require_root("two_nodes_the_side_without_the_witness_releases") {
+        return;
+    }
+    let mut t = Topology::build(Spec {
+        nodes: 2,
+        client_addrs: 200,
+        ..Spec::default()
+    });
+    // The witness: the client host (it answers pings).
+    let witness = t.client_v4[0];
+    for i in 0..2 {
+        let cfg = std::fs::read_to_string(&t.nodes[i].config)
+            .expect("config")
+            .replace(
+                "[cluster]\n",
+                &format!("[cluster]\nwitness = \"{witness}\"\n"),
+            );
+        std::fs::write(&t.nodes[i].config, cfg).expect("config");
+    }
+    t.start_all();
+    // n1 loses both its peer's heartbeats and the witness; n2 only loses n1.
+    t.nft(
+        0,
+        &format!(
+            "table inet cut {{\n  chain in {{\n    type filter hook input priority 0;\n    udp dport {HB_PORT} drop\n\
+             \x20   ip saddr {witness} icmp type echo-reply drop\n  }}\n  chain out {{\n    type filter hook \
+             output priority 0;\n    udp dport {HB_PORT} drop\n  }}\n}}\n"
+        ),
+    );
+    t.wait_converged(&[1], Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while t.status(0).expect("status").quorum {
+        assert!(
+            Instant::now() < deadline,
+            "n1 kept serving without peer or witness"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s2 = t.status(1).expect("status");
+    assert!(s2.quorum, "n2 reaches the witness");
+    assert_eq!(
+        s2.heartbeat.witness.as_ref().map(|w| w.reachable),
+        Some(true)
+    );
+    let predicted = owners(&t, 1);
+    assert!(predicted.values().all(|o| o == "n2"));
+    every_client_answered_once(&t, &predicted);
+}
+
+#[test]
+fn twenty_percent_heartbeat_loss_for_a_minute_causes_no_failover() {
+    if !require_root("twenty_percent_heartbeat_loss_for_a_minute_causes_no_failover") {
+        return;
+    }
+    let mut t = Topology::build(Spec {
+        nodes: 3,
+        client_addrs: 10,
+        ..Spec::default()
+    });
+    t.start_all();
+    let before: Vec<_> = (0..3).map(|i| t.status(i).expect("status")).collect();
+    for i in 0..3 {
+        t.nft(
+            i,
+            &format!(
+                "table inet loss {{\n  chain in {{\n    type filter hook input priority 0;\n\
+                 \x20   udp dport {HB_PORT} numgen random mod 5 == 0 counter drop\n  }}\n}}\n"
+            ),
+        );
+    }
+    let received_before: u64 = before[0]
+        .heartbeat
+        .counters
+        .received
+        .values()
+        .flatten()
+        .sum();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(60));
+    for i in 0..3 {
+        let s = t.status(i).expect("status");
+        assert_eq!(
+            s.heartbeat.counters.peers_lost, 0,
+            "{}: a peer was declared lost",
+            s.node
+        );
+        for (m, b) in s.members.iter().zip(&before[i].members) {
+            assert_eq!(m.state, "serving", "{}: {m:?}", s.node);
+            assert_eq!(m.buckets, b.buckets, "{}: buckets moved", s.node);
+        }
+        let received: u64 = s.heartbeat.counters.received.values().flatten().sum();
+        let sent: u64 = s.heartbeat.counters.sent.values().flatten().sum();
+        eprintln!("{}: heartbeats sent {sent}, accepted {received}", s.node);
+    }
+    // The loss really happened: n1 accepted about 80% of what two peers at 20 Hz sent.
+    let s = t.status(0).expect("status");
+    let received: u64 = s
+        .heartbeat
+        .counters
+        .received
+        .values()
+        .flatten()
+        .sum::<u64>()
+        - received_before;
+    let offered = 2.0 * 20.0 * started.elapsed().as_secs_f64();
+    let share = received as f64 / offered;
+    eprintln!(
+        "n1 accepted {received} of ~{offered:.0} heartbeats ({:.0}%)",
+        share * 100.0
+    );
+    assert!(
+        (0.7..0.9).contains(&share),
+        "loss not applied as configured: {share:.2}"
+    );
+}
+
+#[test]
+fn link_cut_failover_under_load_survivors_see_no_error() {
+    if !require_root("link_cut_failover_under_load_survivors_see_no_error") {
+        return;
+    }
+    let mut t = Topology::build(Spec {
+        nodes: 3,
+        client_addrs: 300,
+        ..Spec::default()
+    });
+    t.start_all();
+    let predicted = owners(&t, 0);
+    let victims: Vec<IpAddr> = predicted
+        .iter()
+        .filter(|(_, o)| *o == "n2")
+        .map(|(a, _)| *a)
+        .collect();
+    let survivors: Vec<IpAddr> = predicted
+        .iter()
+        .filter(|(_, o)| *o != "n2")
+        .map(|(a, _)| *a)
+        .take(8)
+        .collect();
+
+    // Long keep-alive connections held by the survivors: a request every 20 ms on each.
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let requests = Arc::new(AtomicU64::new(0));
+    let mut keepalive = Vec::new();
+    for &src in &survivors {
+        let (stop, errors, requests, dst) = (
+            stop.clone(),
+            errors.clone(),
+            requests.clone(),
+            t.vip4(TCP_PORT),
+        );
+        keepalive.push(
+            t.client
+                .spawn(move || traffic::keep_alive(src, dst, &stop, &requests, &errors)),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Cut n2's link at the switch.
+    let cut_at = Instant::now();
+    t.switch.ip(&["link", "set", "n2", "down"]);
+    let mut recovered = None;
+    let mut k = 0;
+    while cut_at.elapsed() < Duration::from_secs(5) {
+        let src = victims[k % victims.len()];
+        k += 1;
+        let a = t.client.run({
+            let dst = t.vip4(TCP_PORT);
+            move || traffic::tcp_request(src, dst, Duration::from_millis(100))
+        });
+        if a.node.is_some() {
+            recovered = Some(cut_at.elapsed());
+            break;
+        }
+    }
+    let recovered = recovered.expect("n2's clients were never taken over");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for h in keepalive {
+        h.join().expect("keep-alive thread");
+    }
+    eprintln!(
+        "link cut: n2's clients served again after {:.0} ms; {} keep-alive requests on the \
+         survivors, {} errors",
+        recovered.as_secs_f64() * 1000.0,
+        requests.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed)
+    );
+    assert!(recovered < Duration::from_secs(2), "{recovered:?}");
+    assert!(requests.load(Ordering::Relaxed) > 100);
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "survivors' connections saw errors"
+    );
+    // All of n2's clients are now served by n1 or n3, as the survivors predict.
+    let now = owners(&t, 0);
+    assert!(now.values().all(|o| o != "n2"));
+    every_client_answered_once(&t, &now);
+}
