@@ -264,6 +264,11 @@ pub mod stat {
     pub const VIP_CLAIM_DROPPED: u32 = 8;
     /// Egress: ARP/NDP from a VIP rewritten to carry the cluster MAC.
     pub const EGRESS_REWRITTEN: u32 = 9;
+    /// Totals of the per-bucket counters (so that status needs no scan of every bucket).
+    pub const ACCEPTED_PACKETS: u32 = 10;
+    pub const ACCEPTED_BYTES: u32 = 11;
+    pub const DROPPED_PACKETS: u32 = 12;
+    pub const DROPPED_BYTES: u32 = 13;
     // Parse errors, by kind. VIP-bound frames with a parse error are dropped; frames whose
     // destination cannot even be read are passed (the kernel drops them too).
     pub const ERR_ETH_SHORT: u32 = 16;
@@ -290,10 +295,10 @@ pub mod stat {
         "icmp_errors_classified",
         "vip_claim_dropped",
         "egress_rewritten",
-        "",
-        "",
-        "",
-        "",
+        "accepted_packets",
+        "accepted_bytes",
+        "dropped_packets",
+        "dropped_bytes",
         "",
         "",
         "err_eth_short",

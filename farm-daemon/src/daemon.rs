@@ -71,6 +71,9 @@ pub enum DaemonError {
     InterfaceDown(String),
 }
 
+/// Control requests from client tasks to the main loop, each with where to send the answer.
+type ControlQueue = tokio::sync::mpsc::Sender<(Request, tokio::sync::oneshot::Sender<Response>)>;
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
     let what = what.into();
     move |source| DaemonError::Io { what, source }
@@ -360,6 +363,7 @@ impl Daemon {
         let mut heartbeat = tokio::time::interval(self.cfg.heartbeat.interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heartbeats = self.heartbeats.take().expect("run once");
+        let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(16);
 
         tracing::info!(
             "farmd serving: node {} on {} (XDP {} mode), cluster MAC {} ({}), {} VIP(s), owns {} \
@@ -412,9 +416,12 @@ impl Daemon {
                     };
                 }
                 conn = listener.accept() => match conn {
-                    Ok((stream, _)) => self.serve_client(stream).await,
+                    Ok((stream, _)) => Self::serve_client(stream, control_tx.clone()),
                     Err(e) => tracing::warn!("control socket: {e}"),
                 },
+                Some((req, reply)) = control_rx.recv() => {
+                    let _ = reply.send(self.handle(req));
+                }
             }
         };
         // Tell the peers first, so they take this node's buckets at once rather than after the
@@ -427,28 +434,41 @@ impl Daemon {
         result
     }
 
-    async fn serve_client(&mut self, stream: UnixStream) {
-        let (r, mut w) = stream.into_split();
-        let mut line = String::new();
-        let read = tokio::time::timeout(
-            Duration::from_secs(2),
-            BufReader::new(r).read_line(&mut line),
-        )
-        .await;
-        let response = match read {
-            Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                Ok(req) => self.handle(req),
-                Err(e) => Response::Error {
-                    message: format!("bad request: {e}"),
+    /// Reads one request from a control client and writes the answer, in its own task: a slow
+    /// or silent client never holds up heartbeats. Only `handle` runs on the main loop.
+    fn serve_client(stream: UnixStream, requests: ControlQueue) {
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let read = tokio::time::timeout(
+                Duration::from_secs(2),
+                BufReader::new(r).read_line(&mut line),
+            )
+            .await;
+            let response = match read {
+                Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        if requests.send((req, tx)).await.is_err() {
+                            return;
+                        }
+                        match rx.await {
+                            Ok(r) => r,
+                            Err(_) => return,
+                        }
+                    }
+                    Err(e) => Response::Error {
+                        message: format!("bad request: {e}"),
+                    },
                 },
-            },
-            _ => return,
-        };
-        let mut out = serde_json::to_string(&response).unwrap_or_else(|e| {
-            format!(r#"{{"result":"error","message":"encoding the answer: {e}"}}"#)
+                _ => return,
+            };
+            let mut out = serde_json::to_string(&response).unwrap_or_else(|e| {
+                format!(r#"{{"result":"error","message":"encoding the answer: {e}"}}"#)
+            });
+            out.push('\n');
+            let _ = tokio::time::timeout(Duration::from_secs(2), w.write_all(out.as_bytes())).await;
         });
-        out.push('\n');
-        let _ = tokio::time::timeout(Duration::from_secs(2), w.write_all(out.as_bytes())).await;
     }
 
     /// Answers one control request.
@@ -611,21 +631,16 @@ impl Daemon {
                     .collect(),
             })
             .collect();
-        let traffic = self
-            .dp
-            .bucket_counters()?
-            .iter()
-            .fold(Traffic::default(), |mut t, c| {
-                t.accepted_packets += c.accepted_packets;
-                t.accepted_bytes += c.accepted_bytes;
-                t.dropped_packets += c.dropped_packets;
-                t.dropped_bytes += c.dropped_bytes;
-                t
-            });
-        let counters = self
-            .dp
-            .stats()?
+        let stats = self.dp.stats()?;
+        let traffic = Traffic {
+            accepted_packets: stats["accepted_packets"],
+            accepted_bytes: stats["accepted_bytes"],
+            dropped_packets: stats["dropped_packets"],
+            dropped_bytes: stats["dropped_bytes"],
+        };
+        let counters = stats
             .into_iter()
+            .filter(|(k, _)| !k.starts_with("accepted_") && !k.starts_with("dropped_"))
             .map(|(k, v)| (k.to_string(), v))
             .collect();
         let ctl = self.dp.control();

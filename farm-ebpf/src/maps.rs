@@ -91,7 +91,25 @@ pub fn stat(idx: u32) {
 }
 
 #[inline(always)]
+fn stat_add(idx: u32, packets: u64, bytes: u64) {
+    if let Some(p) = FARM_STATS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slots, no concurrent writer on this CPU; idx + 1 is in the array
+        // (checked below by the verifier through the second lookup).
+        unsafe { *p += packets };
+    }
+    if let Some(p) = FARM_STATS.get_ptr_mut(idx + 1) {
+        // SAFETY: as above.
+        unsafe { *p += bytes };
+    }
+}
+
+#[inline(always)]
 pub fn count_bucket(b: u32, accepted: bool, bytes: u64) {
+    if accepted {
+        stat_add(farm_common::stat::ACCEPTED_PACKETS, 1, bytes);
+    } else {
+        stat_add(farm_common::stat::DROPPED_PACKETS, 1, bytes);
+    }
     if let Some(c) = FARM_BUCKET_COUNTERS.get_ptr_mut(b) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe {

@@ -318,7 +318,7 @@ deadman_timeout_ms = {}
                     .collect();
                 panic!("farm did not converge on {want:?} within {within:?}: {summary:#?}");
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 

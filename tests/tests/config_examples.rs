@@ -29,7 +29,7 @@ fn every_example_validates() {
 fn examples_say_what_they_claim() {
     let r = example("reference.toml");
     assert_eq!(r.members.len(), 2);
-    assert_eq!(r.deadman_timeout.as_millis(), 500);
+    assert_eq!(r.deadman_timeout.as_millis(), 300);
     let w = example("web-farm.toml");
     assert_eq!(w.members.len(), 3);
     assert_eq!(w.vips.len(), 2);

@@ -82,6 +82,10 @@ fn forged_replayed_and_random_heartbeats_change_nothing() {
     });
     t.start_all();
     let before = t.status(0).expect("status");
+    // Control clients that connect and never send anything must not hold up n1's heartbeats.
+    let silent: Vec<std::os::unix::net::UnixStream> = (0..5)
+        .map(|_| std::os::unix::net::UnixStream::connect(&t.nodes[0].socket).expect("connect"))
+        .collect();
     let real_key = Secret::load(&t.key_file()).expect("key").message_key();
     let target = SocketAddr::new(IpAddr::V4(t.nodes[0].addr4), HB_PORT);
     let leave = |key: &[u8; 32], incarnation: u64, seq: u64| {
@@ -134,8 +138,13 @@ fn forged_replayed_and_random_heartbeats_change_nothing() {
         s.send_to(&valid[..30], target).expect("send");
         n + 1
     });
-    std::thread::sleep(Duration::from_millis(600));
+    std::thread::sleep(Duration::from_millis(2500));
+    drop(silent);
     let after = t.status(0).expect("status");
+    for i in [1, 2] {
+        let s = t.status(i).expect("status");
+        assert_eq!(s.heartbeat.counters.peers_lost, 0, "{} lost a peer", s.node);
+    }
     let rejected = &after.heartbeat.counters.rejected;
     let total: u64 = rejected.values().sum();
     assert!(
