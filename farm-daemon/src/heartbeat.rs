@@ -208,6 +208,11 @@ pub fn decode(key: &[u8; 32], b: &[u8]) -> Result<Heartbeat, Reject> {
     if diff != 0 {
         return Err(Reject::BadMac);
     }
+    // Reserved bytes must be zero: one encoding per message (found by the fuzzer: they were
+    // ignored, so an authenticated message from a later version would have been misread).
+    if b[42..48] != [0; 6] {
+        return Err(Reject::Malformed);
+    }
     let state = State::from_u8(b[5]).ok_or(Reject::Malformed)?;
     let id = std::str::from_utf8(&b[FIXED..FIXED + id_len]).map_err(|_| Reject::Malformed)?;
     Ok(Heartbeat {
@@ -304,6 +309,16 @@ mod tests {
         let mut v = good.clone();
         v[4] = 9;
         assert_eq!(decode(&KEY, &v), Err(Reject::BadVersion));
+    }
+
+    #[test]
+    fn reserved_bytes_must_be_zero_even_when_signed() {
+        let mut b = encode(&KEY, &hb());
+        b.truncate(b.len() - TAG);
+        b[47] = 1;
+        let tag = mac(&KEY, &b);
+        b.extend_from_slice(&tag);
+        assert_eq!(decode(&KEY, &b), Err(Reject::Malformed));
     }
 
     #[test]

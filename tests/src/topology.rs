@@ -404,6 +404,42 @@ deadman_timeout_ms = {}
         serde_json::from_slice(&out.stdout).expect("farmctl whois --json output")
     }
 
+    /// Owner of each client (client affinity) as `farmctl whois` on node `from` predicts it.
+    pub fn owners(
+        &self,
+        from: usize,
+        clients: &[IpAddr],
+    ) -> std::collections::BTreeMap<IpAddr, String> {
+        let names: Vec<String> = clients.iter().map(|c| c.to_string()).collect();
+        self.whois(from, &names)
+            .into_iter()
+            .map(|w| {
+                let owner = w
+                    .by_client
+                    .and_then(|p| p.owner)
+                    .unwrap_or_else(|| panic!("no owner for {}", w.client));
+                (w.client.parse().expect("client address"), owner)
+            })
+            .collect()
+    }
+
+    /// The client's IPv4 addresses, as `IpAddr`.
+    pub fn clients4(&self) -> Vec<IpAddr> {
+        self.client_v4.iter().map(|&a| IpAddr::V4(a)).collect()
+    }
+
+    /// TCP connections the nodes' servers have accepted so far.
+    pub fn tcp_accepts(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| {
+                n.server.as_ref().map_or(0, |s| {
+                    s.tcp_accepts.load(std::sync::atomic::Ordering::Relaxed)
+                })
+            })
+            .sum()
+    }
+
     /// Sends a signal to node `i`'s farmd; for SIGTERM/SIGINT waits (bounded) for it to exit
     /// and returns its exit status.
     pub fn signal_farmd(&mut self, i: usize, sig: i32) -> Option<std::process::ExitStatus> {

@@ -28,17 +28,7 @@ fn farm() -> Topology {
 
 /// Owner of each client as farmctl predicts it (client affinity), from node `from`.
 fn predicted_owners(t: &Topology, from: usize, clients: &[IpAddr]) -> HashMap<IpAddr, String> {
-    let names: Vec<String> = clients.iter().map(|c| c.to_string()).collect();
-    t.whois(from, &names)
-        .into_iter()
-        .map(|e| {
-            let owner = e
-                .by_client
-                .and_then(|p| p.owner)
-                .unwrap_or_else(|| panic!("no owner for {}", e.client));
-            (e.client.parse().expect("client address"), owner)
-        })
-        .collect()
+    t.owners(from, clients).into_iter().collect()
 }
 
 /// One TCP request to each VIP from the client, so that its neighbour entries exist.
@@ -68,20 +58,6 @@ fn assert_even(answered: &BTreeMap<String, usize>, nodes: usize, total: usize) {
             dev * 100.0
         );
     }
-}
-
-/// TCP connections the nodes' servers accepted so far.
-fn accepts(t: &Topology) -> u64 {
-    t.nodes
-        .iter()
-        .map(|n| {
-            n.server
-                .as_ref()
-                .expect("server")
-                .tcp_accepts
-                .load(std::sync::atomic::Ordering::Relaxed)
-        })
-        .sum()
 }
 
 /// Checks `answers` to `expected` connections made after the servers had accepted `baseline`.
@@ -115,7 +91,7 @@ fn check_tcp(
     }
     // Exactly one node accepted each connection: the servers' accept counts add up to the
     // number of connections (a second node accepting a SYN would show as an extra accept).
-    let accepts = accepts(t) - baseline;
+    let accepts = t.tcp_accepts() - baseline;
     assert_eq!(
         accepts as usize, expected,
         "accepts on all nodes: {accepts}"
@@ -137,7 +113,7 @@ fn tcp_ipv4_client_affinity_three_nodes() {
     let requests: Vec<(IpAddr, SocketAddr)> = (0..CONNECTIONS)
         .map(|k| (sources[k % sources.len()], t.vip4(TCP_PORT)))
         .collect();
-    let baseline = accepts(&t);
+    let baseline = t.tcp_accepts();
     let answers = traffic::tcp_requests(&t.client, requests, 4, Duration::from_secs(3));
     check_tcp(&t, &answers, CONNECTIONS, baseline, &predicted);
 
@@ -207,7 +183,7 @@ fn ipv6_vip_tcp_and_udp() {
     let requests: Vec<(IpAddr, SocketAddr)> = (0..CONNECTIONS)
         .map(|k| (sources[k % sources.len()], t.vip6(TCP_PORT)))
         .collect();
-    let baseline = accepts(&t);
+    let baseline = t.tcp_accepts();
     let answers = traffic::tcp_requests(&t.client, requests, 4, Duration::from_secs(3));
     check_tcp(&t, &answers, CONNECTIONS, baseline, &predicted);
 
@@ -353,7 +329,7 @@ fn multicast_cluster_mac_mode() {
     let requests: Vec<(IpAddr, SocketAddr)> = (0..CONNECTIONS)
         .map(|k| (sources[k % sources.len()], t.vip4(TCP_PORT)))
         .collect();
-    let baseline = accepts(&t);
+    let baseline = t.tcp_accepts();
     let answers = traffic::tcp_requests(&t.client, requests, 4, Duration::from_secs(3));
     check_tcp(&t, &answers, CONNECTIONS, baseline, &predicted);
     let neigh = t

@@ -25,37 +25,10 @@ use farm_tests::{
 
 const HB_PORT: u16 = 7946;
 
-/// Owner of each client address per `farmctl whois` on node `from`.
-fn owners(t: &Topology, from: usize) -> BTreeMap<IpAddr, String> {
-    let names: Vec<String> = t.client_v4.iter().map(|a| a.to_string()).collect();
-    t.whois(from, &names)
-        .into_iter()
-        .map(|w| {
-            (
-                w.client.parse().expect("addr"),
-                w.by_client.and_then(|p| p.owner).expect("owner"),
-            )
-        })
-        .collect()
-}
-
-fn accepts(t: &Topology) -> u64 {
-    t.nodes
-        .iter()
-        .map(|n| {
-            n.server
-                .as_ref()
-                .expect("server")
-                .tcp_accepts
-                .load(Ordering::Relaxed)
-        })
-        .sum()
-}
-
 /// One connection from every client address; asserts each is answered by its predicted owner
 /// and accepted exactly once.
 fn every_client_answered_once(t: &Topology, predicted: &BTreeMap<IpAddr, String>) {
-    let before = accepts(t);
+    let before = t.tcp_accepts();
     let reqs: Vec<(IpAddr, SocketAddr)> =
         predicted.keys().map(|&a| (a, t.vip4(TCP_PORT))).collect();
     let n = reqs.len();
@@ -64,7 +37,7 @@ fn every_client_answered_once(t: &Topology, predicted: &BTreeMap<IpAddr, String>
         assert_eq!(a.node.as_ref(), predicted.get(&a.src), "{a:?}");
     }
     assert_eq!(
-        (accepts(t) - before) as usize,
+        (t.tcp_accepts() - before) as usize,
         n,
         "a connection was accepted twice"
     );
@@ -200,7 +173,7 @@ fn heartbeat_partition_isolated_node_stops_the_others_serve_everything() {
         "{:?}",
         s3.members
     );
-    let predicted = owners(&t, 0);
+    let predicted = t.owners(0, &t.clients4());
     assert!(
         predicted.values().all(|o| o != "n3"),
         "n3 still owns clients"
@@ -255,7 +228,7 @@ fn two_nodes_the_side_without_the_witness_releases() {
         s2.heartbeat.witness.as_ref().map(|w| w.reachable),
         Some(true)
     );
-    let predicted = owners(&t, 1);
+    let predicted = t.owners(1, &t.clients4());
     assert!(predicted.values().all(|o| o == "n2"));
     every_client_answered_once(&t, &predicted);
 }
@@ -338,7 +311,7 @@ fn link_cut_failover_under_load_survivors_see_no_error() {
         ..Spec::default()
     });
     t.start_all();
-    let predicted = owners(&t, 0);
+    let predicted = t.owners(0, &t.clients4());
     let victims: Vec<IpAddr> = predicted
         .iter()
         .filter(|(_, o)| *o == "n2")
@@ -408,7 +381,7 @@ fn link_cut_failover_under_load_survivors_see_no_error() {
         "survivors' connections saw errors"
     );
     // All of n2's clients are now served by n1 or n3, as the survivors predict.
-    let now = owners(&t, 0);
+    let now = t.owners(0, &t.clients4());
     assert!(now.values().all(|o| o != "n2"));
     every_client_answered_once(&t, &now);
 }
