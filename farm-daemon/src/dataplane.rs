@@ -403,11 +403,6 @@ impl Dataplane {
         }))
     }
 
-    /// Per-bucket counters, summed over CPUs.
-    pub fn bucket_counters(&self) -> Result<Vec<BucketCounters>, DataplaneError> {
-        (0..BUCKETS).map(|b| self.bucket_counter(b)).collect()
-    }
-
     /// The data plane's event and error counters, by name, summed over CPUs.
     pub fn stats(&self) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
         let mut out = BTreeMap::new();
