@@ -75,11 +75,11 @@ pub mod bucket_state {
     pub const NOT_MINE: u8 = 0;
     /// This node owns the bucket: accept.
     pub const MINE: u8 = 1;
-    /// Reserved for the planned handover (membership issue): this node is the new owner and
-    /// accepts new connections and packets of its own sockets.
+    /// Handover, new owner: accepts TCP SYNs (new connections) and TCP packets of its own
+    /// sockets; leaves other TCP packets and all non-TCP traffic to the previous owner.
     pub const INCOMING: u8 = 2;
-    /// Reserved for the planned handover: this node is the previous owner and accepts only
-    /// packets of its established connections.
+    /// Handover, previous owner: accepts TCP packets of its own sockets (never a SYN) and all
+    /// non-TCP traffic until the handover ends.
     pub const OUTGOING: u8 = 3;
 }
 
@@ -269,6 +269,9 @@ pub mod stat {
     pub const ACCEPTED_BYTES: u32 = 11;
     pub const DROPPED_PACKETS: u32 = 12;
     pub const DROPPED_BYTES: u32 = 13;
+    /// Packets of buckets in handover accepted / dropped by the handover rule.
+    pub const HANDOVER_ACCEPTED: u32 = 14;
+    pub const HANDOVER_DROPPED: u32 = 15;
     // Parse errors, by kind. VIP-bound frames with a parse error are dropped; frames whose
     // destination cannot even be read are passed (the kernel drops them too).
     pub const ERR_ETH_SHORT: u32 = 16;
@@ -299,8 +302,8 @@ pub mod stat {
         "accepted_bytes",
         "dropped_packets",
         "dropped_bytes",
-        "",
-        "",
+        "handover_accepted",
+        "handover_dropped",
         "err_eth_short",
         "err_vlan_short",
         "err_ipv4_short",

@@ -100,7 +100,7 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
         // Every fragment of a datagram carries the same source address, and only the first one
         // carries ports: hashing all fragments on the client address keeps them together.
         maps::stat(stat::FRAGMENTS);
-        return verdict::deliver(ctx, ctl, BucketKey::V4(h.src));
+        return verdict::deliver(ctx, ctl, BucketKey::V4(h.src), None);
     }
     let l4 = l3 + (h.ihl_bytes & 0x3c);
     match h.proto {
@@ -111,7 +111,8 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
             let sport = [ports[0], ports[1]];
             let dport = u16::from_be_bytes([ports[2], ports[3]]);
             let key = key_for(vip, h.proto, h.src, sport, dport);
-            verdict::deliver(ctx, ctl, key)
+            let tcp = (h.proto == IPPROTO_TCP).then_some(verdict::Tcp { l3, l4, v6: false });
+            verdict::deliver(ctx, ctl, key, tcp)
         }
         IPPROTO_ICMP => {
             let Some(icmp) = load::<[u8; 8]>(ctx, l4) else {
@@ -121,13 +122,13 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
             if ty == ICMP_DEST_UNREACH || ty == ICMP_TIME_EXCEEDED {
                 maps::stat(stat::ICMP_ERRORS);
                 return match icmp_error_key(ctx, vip, l4 + 8) {
-                    Some(key) => verdict::deliver(ctx, ctl, key),
+                    Some(key) => verdict::deliver(ctx, ctl, key, None),
                     None => verdict::malformed(stat::ERR_ICMP_INNER),
                 };
             }
-            verdict::deliver(ctx, ctl, BucketKey::V4(h.src))
+            verdict::deliver(ctx, ctl, BucketKey::V4(h.src), None)
         }
-        _ => verdict::deliver(ctx, ctl, BucketKey::V4(h.src)),
+        _ => verdict::deliver(ctx, ctl, BucketKey::V4(h.src), None),
     }
 }
 

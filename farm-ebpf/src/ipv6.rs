@@ -135,7 +135,7 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
     };
     if t.is_fragment {
         maps::stat(stat::FRAGMENTS);
-        return verdict::deliver(ctx, ctl, BucketKey::V6(src));
+        return verdict::deliver(ctx, ctl, BucketKey::V6(src), None);
     }
     let l4 = t.off;
     match t.proto {
@@ -145,7 +145,8 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
             };
             let sport = [ports[0], ports[1]];
             let dport = u16::from_be_bytes([ports[2], ports[3]]);
-            verdict::deliver(ctx, ctl, key_for(vip, t.proto, src, sport, dport))
+            let tcp = (t.proto == IPPROTO_TCP).then_some(verdict::Tcp { l3, l4, v6: true });
+            verdict::deliver(ctx, ctl, key_for(vip, t.proto, src, sport, dport), tcp)
         }
         IPPROTO_ICMPV6 => {
             let Some(icmp) = load::<[u8; 8]>(ctx, l4) else {
@@ -160,14 +161,14 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
                 ICMPV6_DEST_UNREACH | ICMPV6_PKT_TOOBIG | ICMPV6_TIME_EXCEED => {
                     maps::stat(stat::ICMP_ERRORS);
                     match icmp_error_key(ctx, vip, l4 + 8) {
-                        Some(key) => verdict::deliver(ctx, ctl, key),
+                        Some(key) => verdict::deliver(ctx, ctl, key, None),
                         None => verdict::malformed(stat::ERR_ICMP_INNER),
                     }
                 }
-                _ => verdict::deliver(ctx, ctl, BucketKey::V6(src)),
+                _ => verdict::deliver(ctx, ctl, BucketKey::V6(src), None),
             }
         }
-        _ => verdict::deliver(ctx, ctl, BucketKey::V6(src)),
+        _ => verdict::deliver(ctx, ctl, BucketKey::V6(src), None),
     }
 }
 

@@ -70,7 +70,7 @@ pub fn solicitation(ctx: &XdpContext, ctl: &Control, l3: usize, l4: usize, src: 
     };
     if maps::vip(ctl, &target).is_none() {
         // Unicast to a VIP but about another address: ordinary VIP traffic.
-        return verdict::deliver(ctx, ctl, BucketKey::V6(src));
+        return verdict::deliver(ctx, ctl, BucketKey::V6(src), None);
     }
     if maps::vip(ctl, &src).is_some() {
         maps::stat(stat::VIP_CLAIM_DROPPED);

@@ -1,9 +1,28 @@
 //! The decision for a frame addressed to a VIP: dead-man switch, bucket, ownership, counters.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{bpf_sock_tuple, xdp_action},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_sk_release, bpf_skc_lookup_tcp},
+    programs::XdpContext,
+};
 use farm_common::{BucketKey, Control, bucket_of, bucket_state, stat};
 
-use crate::{maps, ptr};
+use crate::{
+    maps,
+    ptr::{self, load, load_u8},
+};
+
+/// Where a TCP segment's headers are: during a handover its socket is looked up.
+#[derive(Clone, Copy)]
+pub struct Tcp {
+    pub l3: usize,
+    pub l4: usize,
+    pub v6: bool,
+}
+
+const TCP_LISTEN: u32 = 10;
+/// BPF_F_CURRENT_NETNS (-1): look the socket up in the namespace of the receiving device.
+const CURRENT_NETNS: u64 = u64::MAX;
 
 /// Whether the daemon has refreshed the dead-man deadline recently enough.
 #[inline(always)]
@@ -22,16 +41,30 @@ pub fn mine(ctl: &Control, b: u32) -> bool {
     }
 }
 
-/// Accept or drop a VIP frame hashed on `key`.
+/// Accept or drop a VIP frame hashed on `key` (`tcp`: where its TCP headers are, for TCP).
 #[inline(always)]
-pub fn deliver(ctx: &XdpContext, ctl: &Control, key: BucketKey) -> u32 {
+pub fn deliver(ctx: &XdpContext, ctl: &Control, key: BucketKey, tcp: Option<Tcp>) -> u32 {
     if !alive(ctl) {
         maps::stat(stat::DEADMAN_DROP);
         return xdp_action::XDP_DROP;
     }
     let b = bucket_of(&ctl.key(), key);
     let len = ptr::frame_len(ctx);
-    if mine(ctl, b) {
+    let state = maps::bucket(ctl, b).map_or(bucket_state::NOT_MINE, |e| e.state);
+    let take = match state {
+        bucket_state::MINE => true,
+        bucket_state::INCOMING | bucket_state::OUTGOING => {
+            let take = handover(ctx, state, tcp);
+            maps::stat(if take {
+                stat::HANDOVER_ACCEPTED
+            } else {
+                stat::HANDOVER_DROPPED
+            });
+            take
+        }
+        _ => false,
+    };
+    if take {
         maps::count_bucket(b, true, len);
         accept(ctx, ctl)
     } else {
@@ -55,4 +88,78 @@ pub fn accept(ctx: &XdpContext, ctl: &Control) -> u32 {
 pub fn malformed(idx: u32) -> u32 {
     maps::stat(idx);
     xdp_action::XDP_DROP
+}
+
+/// The handover rule. Because every member sees every packet, a moving bucket needs no
+/// forwarding: the new owner takes new connections and its own, the previous owner keeps its
+/// established connections, and anything else would only make one of them answer with a reset.
+#[inline(always)]
+fn handover(ctx: &XdpContext, state: u8, tcp: Option<Tcp>) -> bool {
+    let Some(t) = tcp else {
+        // UDP and the rest stay with the previous owner until the handover ends.
+        return state == bucket_state::OUTGOING;
+    };
+    let syn = load_u8(ctx, t.l4 + 13).is_some_and(|f| f & 0x12 == 0x02);
+    if state == bucket_state::INCOMING {
+        syn || own_socket(ctx, t)
+    } else {
+        !syn && own_socket(ctx, t)
+    }
+}
+
+/// Whether this host has a socket for the segment other than a listener (a listener matches
+/// every segment to its port, including other members' connections).
+#[inline(always)]
+fn own_socket(ctx: &XdpContext, t: Tcp) -> bool {
+    // SAFETY: an all-zero tuple is a valid value of this plain-data union.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size;
+    let Some(ports) = load::<[u8; 4]>(ctx, t.l4) else {
+        return false;
+    };
+    let sport = u16::from_ne_bytes([ports[0], ports[1]]);
+    let dport = u16::from_ne_bytes([ports[2], ports[3]]);
+    if t.v6 {
+        let Some(a) = load::<[u8; 32]>(ctx, t.l3 + 8) else {
+            return false;
+        };
+        // SAFETY: writing the ipv6 member of the union.
+        let v6 = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
+        let mut i = 0;
+        while i < 4 {
+            v6.saddr[i] = u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]);
+            v6.daddr[i] = u32::from_ne_bytes([
+                a[16 + 4 * i],
+                a[16 + 4 * i + 1],
+                a[16 + 4 * i + 2],
+                a[16 + 4 * i + 3],
+            ]);
+            i += 1;
+        }
+        v6.sport = sport;
+        v6.dport = dport;
+        size = 36;
+    } else {
+        let Some(a) = load::<[u8; 8]>(ctx, t.l3 + 12) else {
+            return false;
+        };
+        // SAFETY: writing the ipv4 member of the union.
+        let v4 = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
+        v4.saddr = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+        v4.daddr = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
+        v4.sport = sport;
+        v4.dport = dport;
+        size = 12;
+    }
+    // SAFETY: helper on our context with a tuple of the given size; the socket it returns is
+    // released before returning.
+    unsafe {
+        let sk = bpf_skc_lookup_tcp(ctx.ctx.cast(), &mut tuple, size, CURRENT_NETNS, 0);
+        if sk.is_null() {
+            return false;
+        }
+        let state = (*sk).state;
+        bpf_sk_release(sk.cast());
+        state != TCP_LISTEN
+    }
 }

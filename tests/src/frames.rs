@@ -82,12 +82,17 @@ impl V4 {
     }
 }
 
-/// A TCP header (20 bytes, SYN set) with some payload.
+/// A TCP header (20 bytes) with SYN set.
 pub fn tcp(sport: u16, dport: u16) -> Vec<u8> {
+    tcp_flags(sport, dport, 0x02)
+}
+
+/// A TCP header (20 bytes) with the given flags (0x10 = ACK, 0x02 = SYN, ...).
+pub fn tcp_flags(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut t = Vec::with_capacity(20);
     t.extend_from_slice(&sport.to_be_bytes());
     t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
     t
 }
 

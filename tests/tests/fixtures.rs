@@ -721,3 +721,157 @@ fn bucket_table_swap_is_whole() {
     );
     assert_eq!(run(&mut dp, &frame).0, XDP_PASS);
 }
+
+/// The handover rules against real sockets: inside a namespace with the VIPs and a client on
+/// loopback, a listener on VIP:80 and one established connection from the client's port 40000.
+#[test]
+fn handover_keeps_connections_with_their_owner() {
+    if !require_root("handover_keeps_connections_with_their_owner") {
+        return;
+    }
+    use farm_common::bucket_state::{INCOMING, OUTGOING};
+    use std::net::{IpAddr, SocketAddr, TcpListener};
+
+    let ns = farm_tests::netns::Netns::new(format!("{}-ho", farm_tests::netns::unique_stem()));
+    let (c4, c6) = (client4(false), client6(false));
+    ns.ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
+    ns.ip(&["addr", "add", &format!("{c4}/32"), "dev", "lo"]);
+    ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"]);
+    ns.ip(&["addr", "add", &format!("{c6}/128"), "dev", "lo", "nodad"]);
+    let failures = ns.run(move || {
+        let l4 = TcpListener::bind((VIP4, 80)).expect("listen v4");
+        let l6 = TcpListener::bind((VIP6, 80)).expect("listen v6");
+        let connect = |from: IpAddr, to: SocketAddr| {
+            let domain = if to.is_ipv4() {
+                socket2::Domain::IPV4
+            } else {
+                socket2::Domain::IPV6
+            };
+            let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).expect("socket");
+            s.bind(&SocketAddr::new(from, 40000).into()).expect("bind");
+            s.connect(&to.into()).expect("connect");
+            s
+        };
+        let _c4 = connect(IpAddr::V4(c4), SocketAddr::new(IpAddr::V4(VIP4), 80));
+        let _s4 = l4.accept().expect("accept v4");
+        let _c6 = connect(IpAddr::V6(c6), SocketAddr::new(IpAddr::V6(VIP6), 80));
+        let _s6 = l6.accept().expect("accept v6");
+
+        let mut dp = dataplane();
+        let set = |dp: &mut Dataplane, state: u8| {
+            let mut entries: Vec<BucketEntry> = (0..BUCKETS)
+                .map(|b| BucketEntry::owned_by(if b % 2 == 0 { 0 } else { 1 }, 0))
+                .collect();
+            for k in [BucketKey::V4(c4.octets()), BucketKey::V6(c6.octets())] {
+                let b = farm_common::bucket_of(&farm_tests::fixture::KEY, k) as usize;
+                entries[b] = BucketEntry {
+                    state,
+                    owner: 0,
+                    prev_owner: 1,
+                    flags: 0,
+                };
+            }
+            dp.set_buckets(&entries).expect("buckets");
+        };
+        let v4 = |sport: u16, flags: u8| {
+            eth(
+                CLUSTER_MAC,
+                CLIENT_MAC,
+                0x0800,
+                &V4::new(c4, VIP4, 6).build(&tcp_flags(sport, 80, flags)),
+            )
+        };
+        let v6 = |sport: u16, flags: u8| {
+            eth(
+                CLUSTER_MAC,
+                CLIENT_MAC,
+                0x86dd,
+                &ipv6(c6, VIP6, 6, &[], &tcp_flags(sport, 80, flags)),
+            )
+        };
+        let udp4 = eth(
+            CLUSTER_MAC,
+            CLIENT_MAC,
+            0x0800,
+            &V4::new(c4, VIP4, 17).build(&udp(40000, 53, b"q")),
+        );
+        let (syn, ack) = (0x02u8, 0x10u8);
+        let cases: Vec<(&str, u8, Vec<u8>, u32)> = vec![
+            (
+                "new owner: SYN of a new connection",
+                INCOMING,
+                v4(40001, syn),
+                XDP_PASS,
+            ),
+            (
+                "new owner: segment of a connection it does not hold",
+                INCOMING,
+                v4(40001, ack),
+                XDP_DROP,
+            ),
+            (
+                "new owner: segment of its own connection",
+                INCOMING,
+                v4(40000, ack),
+                XDP_PASS,
+            ),
+            (
+                "new owner: UDP stays with the previous owner",
+                INCOMING,
+                udp4.clone(),
+                XDP_DROP,
+            ),
+            ("new owner: IPv6 SYN", INCOMING, v6(40001, syn), XDP_PASS),
+            (
+                "previous owner: no new connections",
+                OUTGOING,
+                v4(40001, syn),
+                XDP_DROP,
+            ),
+            (
+                "previous owner: its established connection",
+                OUTGOING,
+                v4(40000, ack),
+                XDP_PASS,
+            ),
+            (
+                "previous owner: only its listener matches (not its connection)",
+                OUTGOING,
+                v4(40001, ack),
+                XDP_DROP,
+            ),
+            (
+                "previous owner: UDP until the handover ends",
+                OUTGOING,
+                udp4.clone(),
+                XDP_PASS,
+            ),
+            (
+                "previous owner: its established IPv6 connection",
+                OUTGOING,
+                v6(40000, ack),
+                XDP_PASS,
+            ),
+            (
+                "previous owner: IPv6 segment matching only the listener",
+                OUTGOING,
+                v6(40002, ack),
+                XDP_DROP,
+            ),
+        ];
+        let mut failures = Vec::new();
+        for (name, state, frame, want) in cases {
+            set(&mut dp, state);
+            let (got, _) = run(&mut dp, &frame);
+            if got != want {
+                failures.push(format!("{name}: verdict {got}, want {want}"));
+            }
+        }
+        let stats = dp.stats().expect("stats");
+        if stats["handover_accepted"] < 5 || stats["handover_dropped"] < 5 {
+            failures.push(format!("handover counters: {stats:?}"));
+        }
+        failures
+    });
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
