@@ -67,6 +67,9 @@ pub struct Cluster {
     pub counters: Counters,
     /// The view last applied to the data plane.
     applied: Option<(Vec<Candidate>, bool)>,
+    /// Serving set of the settled bucket map, and the target this node has handed over for.
+    pub settled: u64,
+    pub handed_over: u64,
 }
 
 impl Cluster {
@@ -154,6 +157,8 @@ impl Cluster {
                 joined_at: Instant::now(),
                 counters,
                 applied: None,
+                settled: 0,
+                handed_over: 0,
             },
             rx,
         ))
@@ -174,6 +179,8 @@ impl Cluster {
                 view_digest,
                 config_digest: self.config_digest,
                 network: net as u8,
+                settled: self.settled,
+                handed_over: self.handed_over,
             };
             let bytes = heartbeat::encode(&self.key, &hb);
             for (i, addrs) in self.peer_addrs.iter().enumerate() {

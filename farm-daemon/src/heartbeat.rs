@@ -1,7 +1,7 @@
 //! The heartbeat message: what members tell each other several times a second, authenticated
 //! with the cluster key.
 //!
-//! Wire format (big-endian), 64 bytes plus the sender's id:
+//! Wire format (big-endian), 80 bytes plus the sender's id:
 //!
 //! ```text
 //!  0  magic "FRMH"            4
@@ -15,8 +15,10 @@
 //! 40  id length               1
 //! 41  network index           1   which heartbeat network the message was sent on
 //! 42  reserved                6
-//! 48  id                      n   1..=63 bytes
-//! 48+n  HMAC-SHA256           16  over everything before it, truncated
+//! 48  settled                 8   members (bit = index by id) serving in the sender's settled map
+//! 56  handed over             8   the target set for which the sender has handed its buckets over
+//! 64  id                      n   1..=63 bytes
+//! 64+n  HMAC-SHA256           16  over everything before it, truncated
 //! ```
 //!
 //! Decoding never panics: truncated, oversized, foreign, unauthenticated and replayed messages
@@ -27,7 +29,7 @@ use sha2::Sha256;
 
 pub const MAGIC: [u8; 4] = *b"FRMH";
 pub const VERSION: u8 = 1;
-const FIXED: usize = 48;
+const FIXED: usize = 64;
 const TAG: usize = 16;
 pub const MAX_ID: usize = 63;
 pub const MAX_LEN: usize = FIXED + MAX_ID + TAG;
@@ -81,6 +83,10 @@ pub struct Heartbeat {
     pub view_digest: u64,
     pub config_digest: u64,
     pub network: u8,
+    /// Members serving in the sender's settled bucket map (bit i = member i, sorted by id).
+    pub settled: u64,
+    /// The target set of members for which the sender has finished handing over its buckets.
+    pub handed_over: u64,
 }
 
 /// Why a datagram was not accepted. Each reason has its own counter.
@@ -163,6 +169,8 @@ pub fn encode(key: &[u8; 32], hb: &Heartbeat) -> Vec<u8> {
     b.push(id.len() as u8);
     b.push(hb.network);
     b.extend_from_slice(&[0; 6]);
+    b.extend_from_slice(&hb.settled.to_be_bytes());
+    b.extend_from_slice(&hb.handed_over.to_be_bytes());
     b.extend_from_slice(id);
     let tag = mac(key, &b);
     b.extend_from_slice(&tag);
@@ -224,6 +232,8 @@ pub fn decode(key: &[u8; 32], b: &[u8]) -> Result<Heartbeat, Reject> {
         view_digest: be64(b, 24),
         config_digest: be64(b, 32),
         network: b[41],
+        settled: be64(b, 48),
+        handed_over: be64(b, 56),
     })
 }
 
@@ -267,6 +277,8 @@ mod tests {
             view_digest: 0xdead_beef,
             config_digest: 0x1234,
             network: 1,
+            settled: 0b101,
+            handed_over: 0b111,
         }
     }
 
@@ -302,7 +314,7 @@ mod tests {
         assert_eq!(
             decode(
                 &KEY,
-                b"GET / HTTP/1.1\r\n\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+                b"GET / HTTP/1.1\r\nHost: farm\r\nUser-Agent: test\r\n\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
             ),
             Err(Reject::BadMagic)
         );

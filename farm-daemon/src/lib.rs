@@ -12,4 +12,5 @@ pub mod heartbeat;
 pub mod membership;
 pub mod netlink;
 pub mod secret;
+pub mod transition;
 pub mod witness;

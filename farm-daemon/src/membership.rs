@@ -28,6 +28,9 @@ pub struct Peer {
     pub incarnation: u64,
     pub view_digest: u64,
     pub config_digest: u64,
+    /// Its settled serving set and the target it has handed over for (see `transition`).
+    pub settled: u64,
+    pub handed_over: u64,
     guard: ReplayGuard,
     /// Whether it counted as alive at the last `tick`.
     pub alive: bool,
@@ -71,6 +74,8 @@ impl Membership {
                 incarnation: 0,
                 view_digest: 0,
                 config_digest: 0,
+                settled: 0,
+                handed_over: 0,
                 guard: ReplayGuard::default(),
                 alive: false,
             })
@@ -106,6 +111,8 @@ impl Membership {
         p.incarnation = hb.incarnation;
         p.view_digest = hb.view_digest;
         p.config_digest = hb.config_digest;
+        p.settled = hb.settled;
+        p.handed_over = hb.handed_over;
         Ok(i)
     }
 
@@ -236,6 +243,8 @@ mod tests {
             view_digest: 0,
             config_digest: 0,
             network: 0,
+            settled: 0,
+            handed_over: 0,
         }
     }
 

@@ -14,15 +14,16 @@ fuzz_target!(|data: &[u8]| {
     // Also through a valid MAC: take the input as the fields of a heartbeat, sign it, decode.
     if data.len() >= 40 {
         let mut signed = data.to_vec();
-        signed.truncate(48 + 63);
-        if signed.len() < 49 {
+        signed.truncate(64 + 63);
+        if signed.len() < 65 {
             return;
         }
         signed[..4].copy_from_slice(b"FRMH");
         signed[4] = 1;
-        let id_len = (signed.len() - 48).min(63);
+        let id_len = (signed.len() - 64).min(63);
         signed[40] = id_len as u8;
-        signed.truncate(48 + id_len);
+        signed[42..48].fill(0);
+        signed.truncate(64 + id_len);
         use hmac::{Hmac, Mac as _};
         let mut m = Hmac::<sha2::Sha256>::new_from_slice(&KEY).expect("key");
         m.update(&signed);

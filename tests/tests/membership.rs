@@ -73,6 +73,8 @@ fn forged_replayed_and_random_heartbeats_change_nothing() {
                 view_digest: 0,
                 config_digest: 0,
                 network: 0,
+                settled: 0,
+                handed_over: 0,
             },
         )
     };

@@ -1,0 +1,184 @@
+//! Moving buckets between live members without breaking connections.
+//!
+//! Every node keeps two serving sets (bit i = member i, members sorted by id): the *settled* set,
+//! whose bucket map every member served when the last change finished, and the *target* set,
+//! who should serve now. A bucket whose settled owner is alive but is not its target owner is in
+//! handover: the new owner marks it INCOMING (takes SYNs and its own connections), the previous
+//! owner OUTGOING (keeps its established connections and non-TCP traffic), nobody else takes it.
+//! A bucket whose settled owner is gone moves at once. Each previous owner announces when it has
+//! handed over for the target (no connections left in its outgoing buckets, or a timeout); when
+//! every previous owner has, the target becomes the settled set. Every node computes the same
+//! plan from the same two sets.
+
+use farm_common::{BUCKETS, BucketEntry, HashKey, NO_OWNER, bucket_state};
+
+use crate::assign::{self, Candidate};
+
+/// The serving set of a view, as a mask.
+pub fn mask(candidates: &[Candidate]) -> u64 {
+    candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.serving)
+        .fold(0, |m, (i, _)| m | (1 << i))
+}
+
+fn candidates_of(members: &[(String, u32)], mask: u64) -> Vec<Candidate> {
+    members
+        .iter()
+        .enumerate()
+        .map(|(i, (id, w))| Candidate {
+            id: id.clone(),
+            weight: *w,
+            serving: mask & (1 << i) != 0,
+        })
+        .collect()
+}
+
+/// What this node's data plane should hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub entries: Vec<BucketEntry>,
+    /// Owner of each bucket in the target map.
+    pub owners: Vec<u8>,
+    /// Buckets this node hands over.
+    pub outgoing: Vec<u32>,
+    /// Members that hand buckets over (must announce they have).
+    pub givers: u64,
+}
+
+/// The plan of node `me` for moving from `settled` to `target`, `alive` being the members heard
+/// (a previous owner that is gone gives nothing over). Without `quorum` this node takes nothing.
+pub fn plan(
+    seed: &HashKey,
+    members: &[(String, u32)],
+    me: usize,
+    settled: u64,
+    target: u64,
+    alive: u64,
+    quorum: bool,
+) -> Plan {
+    let t = assign::assign(seed, &candidates_of(members, target));
+    let s = if settled == target {
+        t.clone()
+    } else {
+        assign::assign(seed, &candidates_of(members, settled))
+    };
+    let me8 = me as u8;
+    let mut entries = Vec::with_capacity(BUCKETS as usize);
+    let mut outgoing = Vec::new();
+    let mut givers = 0u64;
+    for b in 0..BUCKETS as usize {
+        let (from, to) = (s[b], t[b]);
+        let handover = from != to
+            && from != NO_OWNER
+            && to != NO_OWNER
+            && alive & (1 << from) != 0;
+        let e = if !quorum {
+            BucketEntry::owned_by(to, NO_OWNER)
+        } else if handover {
+            givers |= 1 << from;
+            let state = if me8 == to {
+                bucket_state::INCOMING
+            } else if me8 == from {
+                outgoing.push(b as u32);
+                bucket_state::OUTGOING
+            } else {
+                bucket_state::NOT_MINE
+            };
+            BucketEntry {
+                state,
+                owner: to,
+                prev_owner: from,
+                flags: 0,
+            }
+        } else {
+            BucketEntry::owned_by(to, me8)
+        };
+        entries.push(e);
+    }
+    Plan {
+        entries,
+        owners: t,
+        outgoing,
+        givers,
+    }
+}
+
+/// Whether the move to `target` is complete: every giver that is still alive has announced it
+/// handed over for exactly this target.
+pub fn complete(plan: &Plan, target: u64, alive: u64, handed_over: &[u64]) -> bool {
+    (0..handed_over.len())
+        .filter(|&i| plan.givers & (1 << i) != 0 && alive & (1 << i) != 0)
+        .all(|i| handed_over[i] == target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: HashKey = HashKey { k0: 11, k1: 22 };
+
+    fn members() -> Vec<(String, u32)> {
+        ["a", "b", "c"].iter().map(|s| (s.to_string(), 1)).collect()
+    }
+
+    fn count(p: &Plan, state: u8) -> usize {
+        p.entries.iter().filter(|e| e.state == state).count()
+    }
+
+    #[test]
+    fn join_hands_over_the_joiners_share() {
+        let all = 0b111;
+        let (settled, target) = (0b011, 0b111);
+        let joiner = plan(&SEED, &members(), 2, settled, target, all, true);
+        let third = BUCKETS as usize / 3;
+        assert!((count(&joiner, bucket_state::INCOMING) as i64 - third as i64).abs() <= 1);
+        assert_eq!(count(&joiner, bucket_state::MINE), 0);
+        assert_eq!(joiner.givers, 0b011);
+        let a = plan(&SEED, &members(), 0, settled, target, all, true);
+        let b = plan(&SEED, &members(), 1, settled, target, all, true);
+        assert_eq!(
+            a.outgoing.len() + b.outgoing.len(),
+            count(&joiner, bucket_state::INCOMING),
+            "what the joiner takes is what the others give"
+        );
+        // Same target owners everywhere.
+        assert_eq!(a.owners, joiner.owners);
+        assert!(!complete(&a, target, all, &[0, 0, 0]));
+        assert!(complete(&a, target, all, &[target, target, 0]));
+    }
+
+    #[test]
+    fn a_lost_members_buckets_move_at_once() {
+        let (settled, target, alive) = (0b111, 0b011, 0b011);
+        let p = plan(&SEED, &members(), 0, settled, target, alive, true);
+        assert_eq!(count(&p, bucket_state::INCOMING), 0);
+        assert_eq!(count(&p, bucket_state::OUTGOING), 0);
+        assert_eq!(p.givers, 0);
+        assert!(complete(&p, target, alive, &[0, 0, 0]));
+        assert!((count(&p, bucket_state::MINE) as i64 - BUCKETS as i64 / 2).abs() <= 1);
+    }
+
+    #[test]
+    fn a_draining_member_gives_everything_it_has() {
+        let (settled, target, alive) = (0b111, 0b011, 0b111);
+        let c = plan(&SEED, &members(), 2, settled, target, alive, true);
+        assert!((c.outgoing.len() as i64 - BUCKETS as i64 / 3).abs() <= 1);
+        assert_eq!(c.givers, 0b100);
+        assert!(complete(&c, target, alive, &[0, 0, target]));
+    }
+
+    #[test]
+    fn no_quorum_takes_nothing() {
+        let p = plan(&SEED, &members(), 0, 0b111, 0b111, 0b111, false);
+        assert_eq!(count(&p, bucket_state::NOT_MINE), BUCKETS as usize);
+    }
+
+    #[test]
+    fn settled_plan_is_the_plain_assignment() {
+        let p = plan(&SEED, &members(), 1, 0b111, 0b111, 0b111, true);
+        assert_eq!(p.givers, 0);
+        assert_eq!(count(&p, bucket_state::INCOMING) + count(&p, bucket_state::OUTGOING), 0);
+    }
+}
