@@ -11,7 +11,6 @@ use std::{
 use tokio::{net::UdpSocket, sync::mpsc, time::Instant};
 
 use crate::{
-    assign::Candidate,
     config::Config,
     heartbeat::{self, Heartbeat, Reject, State},
     membership::{Event, Membership, config_digest},
@@ -65,11 +64,6 @@ pub struct Cluster {
     witness_window: Duration,
     joined_at: Instant,
     pub counters: Counters,
-    /// The view last applied to the data plane.
-    applied: Option<(Vec<Candidate>, bool)>,
-    /// Serving set of the settled bucket map, and the target this node has handed over for.
-    pub settled: u64,
-    pub handed_over: u64,
 }
 
 impl Cluster {
@@ -156,16 +150,14 @@ impl Cluster {
                 witness_window: loss_window.max(Duration::from_millis(500)),
                 joined_at: Instant::now(),
                 counters,
-                applied: None,
-                settled: 0,
-                handed_over: 0,
             },
             rx,
         ))
     }
 
-    /// Sends one heartbeat to every peer on every network.
-    pub fn send(&mut self) {
+    /// Sends one heartbeat to every peer on every network, announcing this node's settled
+    /// serving set and the target it has handed over for.
+    pub fn send(&mut self, settled: u64, handed_over: u64) {
         self.seq += 1;
         let me = self.membership.me;
         let view_digest = self.membership.view_digest();
@@ -179,8 +171,8 @@ impl Cluster {
                 view_digest,
                 config_digest: self.config_digest,
                 network: net as u8,
-                settled: self.settled,
-                handed_over: self.handed_over,
+                settled,
+                handed_over,
             };
             let bytes = heartbeat::encode(&self.key, &hb);
             for (i, addrs) in self.peer_addrs.iter().enumerate() {
@@ -224,9 +216,8 @@ impl Cluster {
         }
     }
 
-    /// Re-evaluates membership. Returns the view to apply when it changed: the candidates and
-    /// whether this node may serve (quorum).
-    pub fn tick(&mut self, now: Instant) -> Option<(Vec<Candidate>, bool)> {
+    /// Re-evaluates membership (and logs what changed).
+    pub fn tick(&mut self, now: Instant) {
         if self.membership.my_state == State::Joining
             && now.duration_since(self.joined_at) >= self.membership.loss_window
         {
@@ -259,18 +250,12 @@ impl Cluster {
                 Event::QuorumRegained => tracing::info!("quorum: serving again"),
             }
         }
-        let view = (self.membership.candidates(), self.membership.has_quorum());
-        if self.applied.as_ref() == Some(&view) {
-            return None;
-        }
-        self.applied = Some(view.clone());
-        Some(view)
     }
 
     /// Announces that this node leaves (peers take its buckets at once).
-    pub fn leave(&mut self) {
+    pub fn leave(&mut self, settled: u64, handed_over: u64) {
         self.membership.my_state = State::Leaving;
-        self.send();
+        self.send(settled, handed_over);
     }
 
     pub fn witness_addr(&self) -> Option<IpAddr> {

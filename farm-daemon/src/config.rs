@@ -70,6 +70,24 @@ struct RawConfig {
     dataplane: RawDataplane,
     #[serde(default)]
     heartbeat: RawHeartbeat,
+    #[serde(default)]
+    handover: RawHandover,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHandover {
+    drain_timeout_s: u64,
+    udp_idle_ms: u64,
+}
+
+impl Default for RawHandover {
+    fn default() -> Self {
+        Self {
+            drain_timeout_s: 60,
+            udp_idle_ms: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,6 +304,12 @@ pub struct Config {
     pub xdp_mode: XdpMode,
     pub announce_interval: Duration,
     pub heartbeat: Heartbeat,
+    /// A member handing buckets over to another live member waits at most this long for its
+    /// connections in them to end.
+    pub drain_timeout: Duration,
+    /// UDP (and other non-TCP) traffic of a moving bucket stays with the previous owner at
+    /// least this long.
+    pub udp_idle: Duration,
     /// Decides for a member of a two-member farm that has lost its peer.
     pub witness: Option<IpAddr>,
 }
@@ -742,6 +766,18 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
             ),
         );
     }
+    if !(1..=3600).contains(&raw.handover.drain_timeout_s) {
+        e.push(
+            "handover.drain_timeout_s",
+            format!("{} is out of range: allowed 1 to 3600 (seconds)", raw.handover.drain_timeout_s),
+        );
+    }
+    if raw.handover.udp_idle_ms > 60_000 {
+        e.push(
+            "handover.udp_idle_ms",
+            format!("{} is out of range: allowed 0 to 60000 (milliseconds)", raw.handover.udp_idle_ms),
+        );
+    }
     let witness = match &raw.cluster.witness {
         None => None,
         Some(w) => match w.parse::<IpAddr>() {
@@ -780,6 +816,8 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
             port: hb.port,
         },
         witness,
+        drain_timeout: Duration::from_secs(raw.handover.drain_timeout_s),
+        udp_idle: Duration::from_millis(raw.handover.udp_idle_ms),
     })
 }
 

@@ -42,6 +42,8 @@ pub struct Status {
     pub buckets_total: u32,
     /// Whether this node has quorum (sees enough members, or the witness) and may serve.
     pub quorum: bool,
+    /// A bucket move between live members in progress, if any.
+    pub handover: Option<crate::handover::Progress>,
     /// Digest of this node's view; equal on every node when they agree.
     pub view_digest: String,
     pub heartbeat: HeartbeatStatus,

@@ -19,9 +19,10 @@ use tokio::{
 
 use crate::{
     announce::{AnnounceError, Announcer},
-    assign::{self, Candidate},
+    assign,
     cluster::{Cluster, ClusterError, Datagram},
     config::{Config, MacMode, format_mac},
+    handover::Handover,
     control::{
         HeartbeatStatus, MemberStatus, NetworkStatus, Placement, Request, Response, Status,
         Traffic, VipStatus, WhoisEntry, WitnessStatus, parse_client,
@@ -105,6 +106,9 @@ pub struct Daemon {
     heartbeats: Option<tokio::sync::mpsc::Receiver<Datagram>>,
     /// Whether this node may serve (quorum), as last applied.
     quorum: bool,
+    handover: Handover,
+    /// The bucket entries last written to the data plane.
+    applied: Vec<BucketEntry>,
 }
 
 /// The identity of this network namespace, so that lock files and pins of farmds in different
@@ -171,6 +175,14 @@ impl Daemon {
         // Heartbeat sockets next: an address that is not this host's fails here, before the
         // host is touched.
         let (cluster, heartbeats) = Cluster::bind(&cfg, message_key).await?;
+        let handover = Handover::new(
+            cfg.members.iter().map(|m| (m.id.clone(), m.weight)).collect(),
+            cfg.me,
+            hash_key,
+            cfg.vips.clone(),
+            cfg.drain_timeout,
+            cfg.udp_idle,
+        );
 
         let netlink = Netlink::connect()?;
         let link = netlink.link(&cfg.interface).await?;
@@ -219,6 +231,8 @@ impl Daemon {
             cluster,
             heartbeats: Some(heartbeats),
             quorum: false,
+            handover,
+            applied: Vec::new(),
         };
         match d.setup(&pin_dir).await {
             Ok(listener) => Ok((d, listener)),
@@ -235,7 +249,7 @@ impl Daemon {
         self.undo.push(Undo::Socket(self.cfg.socket.clone()));
 
         // Joining: nothing is ours until this node has listened to the farm for a loss window.
-        self.apply_view(self.cluster.membership.candidates(), false)?;
+        self.advance()?;
 
         let index = self.link.index;
         match self.netlink.add_mac_filter(index, self.cluster_mac).await {
@@ -275,32 +289,35 @@ impl Daemon {
         Ok(listener)
     }
 
-    /// Bucket owners from the view (who serves), written to the data plane. Without quorum
-    /// this node takes none.
-    fn apply_view(&mut self, candidates: Vec<Candidate>, quorum: bool) -> Result<(), DaemonError> {
-        self.owners = assign::assign(&self.hash_key, &candidates);
-        self.quorum = quorum;
-        let me = if quorum {
-            self.cfg.me as u8
-        } else {
-            farm_common::NO_OWNER
-        };
-        let entries: Vec<BucketEntry> = self
-            .owners
-            .iter()
-            .map(|&o| BucketEntry::owned_by(o, me))
-            .collect();
-        let written = self.dp.set_buckets(&entries)?;
-        let mine = assign::shares(&self.owners, self.cfg.members.len())[self.cfg.me];
-        let serving: Vec<&str> = candidates
-            .iter()
+    /// Brings the data plane to this node's current plan (see `handover`): written only when
+    /// it changed. Without quorum this node takes none.
+    fn advance(&mut self) -> Result<(), DaemonError> {
+        let plan = self
+            .handover
+            .step(&self.cluster.membership, std::time::Instant::now());
+        self.quorum = self.cluster.membership.has_quorum();
+        self.owners = plan.owners;
+        if plan.entries == self.applied {
+            return Ok(());
+        }
+        let written = self.dp.set_buckets(&plan.entries)?;
+        self.applied = plan.entries;
+        let count = |st: u8| self.applied.iter().filter(|e| e.state == st).count();
+        let serving: Vec<String> = self
+            .cluster
+            .membership
+            .candidates()
+            .into_iter()
             .filter(|c| c.serving)
-            .map(|c| c.id.as_str())
+            .map(|c| c.id)
             .collect();
         tracing::info!(
-            "bucket map: serving [{}]; this node owns {} of {BUCKETS} ({written} entries written)",
+            "bucket map: serving [{}]; this node owns {}, takes over {}, hands over {} \
+             ({written} entries written)",
             serving.join(", "),
-            if quorum { mine } else { 0 }
+            count(farm_common::bucket_state::MINE),
+            count(farm_common::bucket_state::INCOMING),
+            count(farm_common::bucket_state::OUTGOING),
         );
         Ok(())
     }
@@ -390,10 +407,9 @@ impl Daemon {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    self.cluster.send();
-                    if let Some((view, quorum)) = self.cluster.tick(tokio::time::Instant::now())
-                        && let Err(e) = self.apply_view(view, quorum)
-                    {
+                    self.cluster.send(self.handover.settled, self.handover.handed_over);
+                    self.cluster.tick(tokio::time::Instant::now());
+                    if let Err(e) = self.advance() {
                         tracing::error!("updating the bucket map failed: {e}");
                     }
                 }
@@ -426,9 +442,10 @@ impl Daemon {
         };
         // Tell the peers first, so they take this node's buckets at once rather than after the
         // loss window; twice, in case one is lost.
-        self.cluster.leave();
+        let (settled, handed) = (self.handover.settled, self.handover.handed_over);
+        self.cluster.leave(settled, handed);
         tokio::time::sleep(self.cfg.heartbeat.interval.min(Duration::from_millis(50))).await;
-        self.cluster.leave();
+        self.cluster.leave(settled, handed);
         self.teardown().await;
         tracing::info!("farmd stopped; host restored");
         result
@@ -658,6 +675,7 @@ impl Daemon {
             uptime_s: self.started.elapsed().as_secs_f64(),
             buckets_total: BUCKETS,
             quorum: self.quorum,
+            handover: self.handover.progress(),
             view_digest: format!("{:016x}", self.cluster.membership.view_digest()),
             heartbeat: self.heartbeat_status(),
             members,

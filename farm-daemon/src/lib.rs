@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod handover;
 pub mod heartbeat;
 pub mod membership;
 pub mod netlink;

@@ -290,7 +290,7 @@ deadman_timeout_ms = {}
                         .filter(|m| m.state == "serving")
                         .map(|m| m.id.clone())
                         .collect();
-                    serving == want
+                    serving == want && s.handover.is_none()
                 })
             }) && statuses
                 .iter()

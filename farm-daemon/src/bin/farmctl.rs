@@ -128,6 +128,18 @@ fn print_status(s: &Status) {
         hb.interval_ms,
         hb.loss_threshold
     );
+    if let Some(h) = &s.handover {
+        println!(
+            "moving buckets: [{}] -> [{}], {} ms; handing over {} bucket(s), {} connection(s) \
+             left; waiting for [{}]",
+            h.settled.join(", "),
+            h.target.join(", "),
+            h.elapsed_ms,
+            h.outgoing_buckets,
+            h.connections_left,
+            h.waiting_for.join(", ")
+        );
+    }
     let nets: Vec<String> = hb
         .networks
         .iter()

@@ -1,0 +1,303 @@
+//! The runtime of bucket moves (see `transition` for the rules): which plan this node applies,
+//! whether it has handed over its outgoing buckets (no connection left in them, after at least
+//! the UDP idle time, or the drain timeout), and when the whole move is complete.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use farm_common::{BUCKETS, BucketKey, HashKey, affinity, bucket_of, proto_mask};
+
+use crate::{
+    config::Vip,
+    heartbeat::State,
+    membership::Membership,
+    transition::{self, Plan},
+};
+
+/// Where a move stands, for status.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub settled: Vec<String>,
+    pub target: Vec<String>,
+    /// Buckets this node hands over, and its connections still in them.
+    pub outgoing_buckets: usize,
+    pub connections_left: usize,
+    /// Members whose hand-over is awaited.
+    pub waiting_for: Vec<String>,
+    pub elapsed_ms: u64,
+}
+
+type PlanKey = (u64, u64, u64, bool);
+
+pub struct Handover {
+    members: Vec<(String, u32)>,
+    me: usize,
+    seed: HashKey,
+    vips: Vec<Vip>,
+    drain_timeout: Duration,
+    udp_idle: Duration,
+    /// The serving set of the settled map, and the target this node has handed over for.
+    pub settled: u64,
+    pub handed_over: u64,
+    cached: Option<(PlanKey, Plan)>,
+    started: Option<(u64, Instant)>,
+    last_scan: Option<Instant>,
+    connections_left: usize,
+    progress: Option<Progress>,
+    /// Whether this node served at the previous step.
+    was_serving: bool,
+}
+
+fn names(members: &[(String, u32)], mask: u64) -> Vec<String> {
+    members
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| mask & (1 << i) != 0)
+        .map(|(_, (id, _))| id.clone())
+        .collect()
+}
+
+impl Handover {
+    pub fn new(
+        members: Vec<(String, u32)>,
+        me: usize,
+        seed: HashKey,
+        vips: Vec<Vip>,
+        drain_timeout: Duration,
+        udp_idle: Duration,
+    ) -> Self {
+        Self {
+            members,
+            me,
+            seed,
+            vips,
+            drain_timeout,
+            udp_idle,
+            settled: 0,
+            handed_over: 0,
+            cached: None,
+            started: None,
+            last_scan: None,
+            connections_left: 0,
+            progress: None,
+            was_serving: false,
+        }
+    }
+
+    fn plan(&mut self, key: PlanKey) -> &Plan {
+        if self.cached.as_ref().map(|(k, _)| *k) != Some(key) {
+            let (settled, target, alive, quorum) = key;
+            let p = transition::plan(
+                &self.seed,
+                &self.members,
+                self.me,
+                settled,
+                target,
+                alive,
+                quorum,
+            );
+            self.cached = Some((key, p));
+        }
+        &self.cached.as_ref().expect("just set").1
+    }
+
+    /// One step: returns the plan to apply now.
+    pub fn step(&mut self, m: &Membership, now: Instant) -> Plan {
+        let candidates = m.candidates();
+        let target = transition::mask(&candidates);
+        let quorum = m.has_quorum();
+        let alive = m
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.alive)
+            .fold(0u64, |a, (i, _)| a | (1 << i));
+        let serving = candidates[self.me].serving;
+        if !serving || !self.was_serving {
+            // Not serving, or serving from this step on (joined, or back from a partition):
+            // take the farm's settled set from the members that serve, so that this node starts
+            // from the map the others actually serve and takes its buckets over by handover.
+            let mut votes: Vec<(u64, usize)> = Vec::new();
+            for (i, p) in m.peers.iter().enumerate() {
+                if i != self.me && p.alive && p.state == Some(State::Active) {
+                    match votes.iter_mut().find(|(s, _)| *s == p.settled) {
+                        Some(v) => v.1 += 1,
+                        None => votes.push((p.settled, 1)),
+                    }
+                }
+            }
+            self.settled = votes
+                .iter()
+                .max_by_key(|(s, n)| (*n, *s))
+                .map_or(target, |(s, _)| *s);
+        }
+        self.was_serving = serving;
+        if self.settled == target {
+            self.handed_over = target;
+            self.started = None;
+            self.progress = None;
+            return self.plan((target, target, alive, quorum)).clone();
+        }
+        let settled = self.settled;
+        let plan = self.plan((settled, target, alive, quorum)).clone();
+        let started = match self.started {
+            Some((t, at)) if t == target => at,
+            _ => {
+                self.started = Some((target, now));
+                self.last_scan = None;
+                now
+            }
+        };
+        let elapsed = now.saturating_duration_since(started);
+        if plan.outgoing.is_empty() {
+            self.connections_left = 0;
+        } else if self
+            .last_scan
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(250))
+        {
+            self.connections_left = self.connections_in(&plan.outgoing);
+            self.last_scan = Some(now);
+        }
+        let done = plan.outgoing.is_empty()
+            || (elapsed >= self.udp_idle && self.connections_left == 0)
+            || elapsed >= self.drain_timeout;
+        if done && self.handed_over != target {
+            if !plan.outgoing.is_empty() {
+                tracing::info!(
+                    "handed over {} bucket(s) after {} ms ({} connection(s) left)",
+                    plan.outgoing.len(),
+                    elapsed.as_millis(),
+                    self.connections_left
+                );
+            }
+            self.handed_over = target;
+        }
+        let handed: Vec<u64> = (0..m.peers.len())
+            .map(|i| {
+                if i == self.me {
+                    self.handed_over
+                } else {
+                    m.peers[i].handed_over
+                }
+            })
+            .collect();
+        if transition::complete(&plan, target, alive, &handed) {
+            tracing::info!(
+                "bucket move complete: serving [{}]",
+                names(&self.members, target).join(", ")
+            );
+            self.settled = target;
+            self.started = None;
+            self.progress = None;
+            return self.plan((target, target, alive, quorum)).clone();
+        }
+        let waiting = plan.givers & alive & !(0..m.peers.len()).fold(0u64, |a, i| {
+            if handed[i] == target { a | (1 << i) } else { a }
+        });
+        self.progress = Some(Progress {
+            settled: names(&self.members, settled),
+            target: names(&self.members, target),
+            outgoing_buckets: plan.outgoing.len(),
+            connections_left: self.connections_left,
+            waiting_for: names(&self.members, waiting),
+            elapsed_ms: elapsed.as_millis() as u64,
+        });
+        plan
+    }
+
+    pub fn progress(&self) -> Option<Progress> {
+        self.progress.clone()
+    }
+
+    /// This node's TCP connections to a VIP whose bucket is in `buckets`.
+    fn connections_in(&self, buckets: &[u32]) -> usize {
+        let mut set = vec![false; BUCKETS as usize];
+        for &b in buckets {
+            set[b as usize] = true;
+        }
+        let mut n = 0;
+        for (path, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+            let Ok(text) = std::fs::read_to_string(path) else {
+                continue;
+            };
+            for line in text.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() < 4 {
+                    continue;
+                }
+                // Listening, time-wait and closed sockets hold no connection to keep.
+                if matches!(f[3], "0A" | "06" | "07") {
+                    continue;
+                }
+                let (Some((local, lport)), Some((remote, rport))) =
+                    (parse_addr(f[1], v6), parse_addr(f[2], v6))
+                else {
+                    continue;
+                };
+                let Some(vip) = self.vips.iter().find(|v| v.address == local) else {
+                    continue;
+                };
+                let conn = vip.rules.iter().any(|r| {
+                    r.protocols & proto_mask::TCP != 0
+                        && (r.port_lo..=r.port_hi).contains(&lport)
+                        && r.affinity == affinity::CONNECTION
+                });
+                let key = match (remote, conn) {
+                    (IpAddr::V4(a), false) => BucketKey::V4(a.octets()),
+                    (IpAddr::V4(a), true) => BucketKey::V4Port(a.octets(), rport.to_be_bytes()),
+                    (IpAddr::V6(a), false) => BucketKey::V6(a.octets()),
+                    (IpAddr::V6(a), true) => BucketKey::V6Port(a.octets(), rport.to_be_bytes()),
+                };
+                if set[bucket_of(&self.seed, key) as usize] {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+}
+
+/// `0100007F:0050` (IPv4, words in host order) or 32 hex digits (IPv6) and a port.
+fn parse_addr(s: &str, v6: bool) -> Option<(IpAddr, u16)> {
+    let (a, p) = s.split_once(':')?;
+    let port = u16::from_str_radix(p, 16).ok()?;
+    let word = |i: usize| -> Option<[u8; 4]> {
+        Some(u32::from_str_radix(a.get(i * 8..i * 8 + 8)?, 16).ok()?.to_ne_bytes())
+    };
+    let ip = if v6 {
+        let mut o = [0u8; 16];
+        for i in 0..4 {
+            o[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+        }
+        let v6 = Ipv6Addr::from(o);
+        // IPv4 connections on a dual-stack socket.
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        }
+    } else {
+        IpAddr::V4(Ipv4Addr::from(word(0)?))
+    };
+    Some((ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_tcp_addresses() {
+        assert_eq!(
+            parse_addr("0100007F:0050", false),
+            Some(("127.0.0.1".parse().unwrap(), 80))
+        );
+        // ::ffff:10.0.0.1 port 8080, as /proc/net/tcp6 prints it on little-endian hosts.
+        assert_eq!(
+            parse_addr("0000000000000000FFFF00000100000A:1F90", true),
+            Some(("10.0.0.1".parse().unwrap(), 8080))
+        );
+        assert_eq!(parse_addr("zz:1", false), None);
+    }
+}
