@@ -769,13 +769,19 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
     if !(1..=3600).contains(&raw.handover.drain_timeout_s) {
         e.push(
             "handover.drain_timeout_s",
-            format!("{} is out of range: allowed 1 to 3600 (seconds)", raw.handover.drain_timeout_s),
+            format!(
+                "{} is out of range: allowed 1 to 3600 (seconds)",
+                raw.handover.drain_timeout_s
+            ),
         );
     }
     if raw.handover.udp_idle_ms > 60_000 {
         e.push(
             "handover.udp_idle_ms",
-            format!("{} is out of range: allowed 0 to 60000 (milliseconds)", raw.handover.udp_idle_ms),
+            format!(
+                "{} is out of range: allowed 0 to 60000 (milliseconds)",
+                raw.handover.udp_idle_ms
+            ),
         );
     }
     let witness = match &raw.cluster.witness {

@@ -22,12 +22,12 @@ use crate::{
     assign,
     cluster::{Cluster, ClusterError, Datagram},
     config::{Config, MacMode, format_mac},
-    handover::Handover,
     control::{
         HeartbeatStatus, MemberStatus, NetworkStatus, Placement, Request, Response, Status,
         Traffic, VipStatus, WhoisEntry, WitnessStatus, parse_client,
     },
     dataplane::{self, Dataplane, DataplaneError},
+    handover::Handover,
     netlink::{LinkFacts, Netlink, NetlinkError},
     secret::{Secret, SecretError},
 };
@@ -176,7 +176,10 @@ impl Daemon {
         // host is touched.
         let (cluster, heartbeats) = Cluster::bind(&cfg, message_key).await?;
         let handover = Handover::new(
-            cfg.members.iter().map(|m| (m.id.clone(), m.weight)).collect(),
+            cfg.members
+                .iter()
+                .map(|m| (m.id.clone(), m.weight))
+                .collect(),
             cfg.me,
             hash_key,
             cfg.vips.clone(),

@@ -193,9 +193,12 @@ impl Handover {
             self.progress = None;
             return self.plan((target, target, alive, quorum)).clone();
         }
-        let waiting = plan.givers & alive & !(0..m.peers.len()).fold(0u64, |a, i| {
-            if handed[i] == target { a | (1 << i) } else { a }
-        });
+        let waiting =
+            plan.givers
+                & alive
+                & !(0..m.peers.len()).fold(0u64, |a, i| {
+                    if handed[i] == target { a | (1 << i) } else { a }
+                });
         self.progress = Some(Progress {
             settled: names(&self.members, settled),
             target: names(&self.members, target),
@@ -264,7 +267,11 @@ fn parse_addr(s: &str, v6: bool) -> Option<(IpAddr, u16)> {
     let (a, p) = s.split_once(':')?;
     let port = u16::from_str_radix(p, 16).ok()?;
     let word = |i: usize| -> Option<[u8; 4]> {
-        Some(u32::from_str_radix(a.get(i * 8..i * 8 + 8)?, 16).ok()?.to_ne_bytes())
+        Some(
+            u32::from_str_radix(a.get(i * 8..i * 8 + 8)?, 16)
+                .ok()?
+                .to_ne_bytes(),
+        )
     };
     let ip = if v6 {
         let mut o = [0u8; 16];

@@ -70,10 +70,7 @@ pub fn plan(
     let mut givers = 0u64;
     for b in 0..BUCKETS as usize {
         let (from, to) = (s[b], t[b]);
-        let handover = from != to
-            && from != NO_OWNER
-            && to != NO_OWNER
-            && alive & (1 << from) != 0;
+        let handover = from != to && from != NO_OWNER && to != NO_OWNER && alive & (1 << from) != 0;
         let e = if !quorum {
             BucketEntry::owned_by(to, NO_OWNER)
         } else if handover {
@@ -179,6 +176,9 @@ mod tests {
     fn settled_plan_is_the_plain_assignment() {
         let p = plan(&SEED, &members(), 1, 0b111, 0b111, 0b111, true);
         assert_eq!(p.givers, 0);
-        assert_eq!(count(&p, bucket_state::INCOMING) + count(&p, bucket_state::OUTGOING), 0);
+        assert_eq!(
+            count(&p, bucket_state::INCOMING) + count(&p, bucket_state::OUTGOING),
+            0
+        );
     }
 }

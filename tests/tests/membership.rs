@@ -387,3 +387,113 @@ fn link_cut_failover_under_load_survivors_see_no_error() {
     assert!(now.values().all(|o| o != "n2"));
     every_client_answered_once(&t, &now);
 }
+
+#[test]
+fn cut_node_comes_back_without_breaking_a_connection() {
+    if !require_root("cut_node_comes_back_without_breaking_a_connection") {
+        return;
+    }
+    let mut t = Topology::build(Spec {
+        nodes: 3,
+        client_addrs: 300,
+        ..Spec::default()
+    });
+    t.start_all();
+    let before = t.owners(0, &t.clients4());
+    let victims: Vec<IpAddr> = before
+        .iter()
+        .filter(|(_, o)| *o == "n2")
+        .map(|(a, _)| *a)
+        .collect();
+    let others: Vec<IpAddr> = before
+        .iter()
+        .filter(|(_, o)| *o != "n2")
+        .map(|(a, _)| *a)
+        .take(4)
+        .collect();
+
+    // n2 is cut off; n1 and n3 take its clients.
+    t.switch.ip(&["link", "set", "n2", "down"]);
+    t.wait_converged(&[0, 2], Duration::from_secs(10));
+
+    // Long connections opened during the outage: n2's clients are now held by n1 and n3.
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let requests = Arc::new(AtomicU64::new(0));
+    let mut keepalive = Vec::new();
+    for &src in victims.iter().take(6).chain(&others) {
+        let (stop, errors, requests, dst) = (
+            stop.clone(),
+            errors.clone(),
+            requests.clone(),
+            t.vip4(TCP_PORT),
+        );
+        keepalive.push(
+            t.client
+                .spawn(move || traffic::keep_alive(src, dst, &stop, &requests, &errors)),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    // n2 comes back: it takes its buckets over by handover.
+    t.switch.ip(&["link", "set", "n2", "up"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let progress = loop {
+        let s = t.status(0).expect("status");
+        if let Some(h) = s.handover
+            && s.members
+                .iter()
+                .any(|m| m.id == "n2" && m.state == "serving")
+        {
+            break h;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n2 never rejoined: {:?}",
+            s.members
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // While n1 still holds connections of n2's clients, new connections go to n2.
+    let fresh: Vec<(IpAddr, SocketAddr)> = victims
+        .iter()
+        .skip(6)
+        .take(20)
+        .map(|&a| (a, t.vip4(TCP_PORT)))
+        .collect();
+    let answers = traffic::tcp_requests(&t.client, fresh, 2, Duration::from_secs(3));
+    for a in &answers {
+        assert_eq!(
+            a.node.as_deref(),
+            Some("n2"),
+            "new connection during the handover: {a:?}"
+        );
+    }
+    let during = t.status(0).expect("status").handover;
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    for h in keepalive {
+        h.join().expect("keep-alive thread");
+    }
+    eprintln!(
+        "rejoin: handover {progress:?}; while held: {during:?}; {} keep-alive requests, {} errors",
+        requests.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed)
+    );
+    assert!(requests.load(Ordering::Relaxed) > 100);
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "a connection broke during the rejoin"
+    );
+    let during = during.expect("the handover was still waiting for n1's connections");
+    assert!(
+        during.connections_left > 0 || during.waiting_for.iter().any(|m| m == "n3"),
+        "{during:?}"
+    );
+    // With the long connections closed the move completes and n2 has its share back.
+    t.wait_converged(&[0, 1, 2], Duration::from_secs(15));
+    let after = t.owners(0, &t.clients4());
+    assert_eq!(after, before, "n2 got exactly its old share back");
+    every_client_answered_once(&t, &after);
+}
