@@ -157,10 +157,9 @@ impl Cluster {
 
     /// Sends one heartbeat to every peer on every network, announcing this node's settled
     /// serving set and the target it has handed over for.
-    pub fn send(&mut self, settled: u64, handed_over: u64) {
+    pub fn send(&mut self, applied: u64, settled: u64, handed_over: u64) {
         self.seq += 1;
         let me = self.membership.me;
-        let view_digest = self.membership.view_digest();
         for (net, sock) in self.sockets.iter().enumerate() {
             let hb = Heartbeat {
                 id: self.membership.peers[me].id.clone(),
@@ -168,7 +167,7 @@ impl Cluster {
                 weight: self.membership.peers[me].weight as u16,
                 incarnation: self.incarnation,
                 seq: self.seq,
-                view_digest,
+                applied,
                 config_digest: self.config_digest,
                 network: net as u8,
                 settled,
@@ -219,10 +218,11 @@ impl Cluster {
     /// Re-evaluates membership (and logs what changed).
     pub fn tick(&mut self, now: Instant) {
         if self.membership.my_state == State::Joining
+            && self.membership.has_quorum()
             && now.duration_since(self.joined_at) >= self.membership.loss_window
         {
             self.membership.my_state = State::Active;
-            tracing::info!("joined: heard the farm for one loss window, now active");
+            tracing::info!("joined: heard the farm for one loss window with quorum, now active");
         }
         let witness = self
             .witness
@@ -239,23 +239,34 @@ impl Cluster {
                     );
                 }
                 Event::PeerBack { id } => tracing::info!("member {id} heard again"),
-                Event::QuorumLost => tracing::error!(
-                    "lost quorum: this node sees too few members{}; releasing every bucket",
-                    if self.witness.is_some() {
-                        " and cannot reach the witness"
-                    } else {
-                        ""
+                Event::QuorumLost => {
+                    if self.membership.my_state == State::Active {
+                        self.membership.my_state = State::Joining;
                     }
-                ),
-                Event::QuorumRegained => tracing::info!("quorum: serving again"),
+                    tracing::error!(
+                        "lost quorum: this node sees too few members{}; releasing every bucket",
+                        if self.witness.is_some() {
+                            " and cannot reach the witness"
+                        } else {
+                            ""
+                        }
+                    )
+                }
+                Event::QuorumRegained => {
+                    // Its view is as incomplete as a starting node's (it may hear some members
+                    // before others): it serves again only after a loss window with quorum, or
+                    // it would take buckets of members it has simply not heard yet.
+                    self.joined_at = now;
+                    tracing::info!("quorum: listening for one loss window, then serving");
+                }
             }
         }
     }
 
     /// Announces that this node leaves (peers take its buckets at once).
-    pub fn leave(&mut self, settled: u64, handed_over: u64) {
+    pub fn leave(&mut self, applied: u64, settled: u64, handed_over: u64) {
         self.membership.my_state = State::Leaving;
-        self.send(settled, handed_over);
+        self.send(applied, settled, handed_over);
     }
 
     pub fn witness_addr(&self) -> Option<IpAddr> {

@@ -410,7 +410,7 @@ impl Daemon {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    self.cluster.send(self.handover.settled, self.handover.handed_over);
+                    self.cluster.send(self.handover.applied, self.handover.settled, self.handover.handed_over);
                     self.cluster.tick(tokio::time::Instant::now());
                     if let Err(e) = self.advance() {
                         tracing::error!("updating the bucket map failed: {e}");
@@ -445,10 +445,11 @@ impl Daemon {
         };
         // Tell the peers first, so they take this node's buckets at once rather than after the
         // loss window; twice, in case one is lost.
-        let (settled, handed) = (self.handover.settled, self.handover.handed_over);
-        self.cluster.leave(settled, handed);
+        let h = &self.handover;
+        let (applied, settled, handed) = (h.applied, h.settled, h.handed_over);
+        self.cluster.leave(applied, settled, handed);
         tokio::time::sleep(self.cfg.heartbeat.interval.min(Duration::from_millis(50))).await;
-        self.cluster.leave(settled, handed);
+        self.cluster.leave(applied, settled, handed);
         self.teardown().await;
         tracing::info!("farmd stopped; host restored");
         result

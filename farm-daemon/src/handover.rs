@@ -29,7 +29,8 @@ pub struct Progress {
     pub elapsed_ms: u64,
 }
 
-type PlanKey = (u64, u64, u64, bool);
+/// (settled, target, alive, ready, quorum)
+type PlanKey = (u64, u64, u64, u64, bool);
 
 pub struct Handover {
     members: Vec<(String, u32)>,
@@ -41,6 +42,9 @@ pub struct Handover {
     /// The serving set of the settled map, and the target this node has handed over for.
     pub settled: u64,
     pub handed_over: u64,
+    /// The target of the plan last returned (and applied by the daemon before it next sends a
+    /// heartbeat).
+    pub applied: u64,
     cached: Option<(PlanKey, Plan)>,
     started: Option<(u64, Instant)>,
     last_scan: Option<Instant>,
@@ -77,6 +81,7 @@ impl Handover {
             udp_idle,
             settled: 0,
             handed_over: 0,
+            applied: 0,
             cached: None,
             started: None,
             last_scan: None,
@@ -88,7 +93,7 @@ impl Handover {
 
     fn plan(&mut self, key: PlanKey) -> &Plan {
         if self.cached.as_ref().map(|(k, _)| *k) != Some(key) {
-            let (settled, target, alive, quorum) = key;
+            let (settled, target, alive, ready, quorum) = key;
             let p = transition::plan(
                 &self.seed,
                 &self.members,
@@ -96,6 +101,7 @@ impl Handover {
                 settled,
                 target,
                 alive,
+                ready,
                 quorum,
             );
             self.cached = Some((key, p));
@@ -134,14 +140,22 @@ impl Handover {
                 .map_or(target, |(s, _)| *s);
         }
         self.was_serving = serving;
+        self.applied = target;
         if self.settled == target {
             self.handed_over = target;
             self.started = None;
             self.progress = None;
-            return self.plan((target, target, alive, quorum)).clone();
+            return self.plan((target, target, alive, alive, quorum)).clone();
         }
+        // Members that have applied this target (their outgoing buckets no longer take SYNs).
+        let ready = m
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| *i == self.me || p.applied == target)
+            .fold(0u64, |a, (i, _)| a | (1 << i));
         let settled = self.settled;
-        let plan = self.plan((settled, target, alive, quorum)).clone();
+        let plan = self.plan((settled, target, alive, ready, quorum)).clone();
         let started = match self.started {
             Some((t, at)) if t == target => at,
             _ => {
@@ -191,7 +205,7 @@ impl Handover {
             self.settled = target;
             self.started = None;
             self.progress = None;
-            return self.plan((target, target, alive, quorum)).clone();
+            return self.plan((target, target, alive, alive, quorum)).clone();
         }
         let waiting =
             plan.givers

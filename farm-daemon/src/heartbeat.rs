@@ -10,7 +10,7 @@
 //!  6  weight                  2
 //!  8  incarnation             8   set once per farmd start; a restart is a new incarnation
 //! 16  sequence                8   +1 per message within an incarnation
-//! 24  view digest             8   hash of the members the sender sees serving
+//! 24  applied                 8   serving set (member mask) of the map the sender has applied
 //! 32  config digest           8   hash of the member list and weights it was configured with
 //! 40  id length               1
 //! 41  network index           1   which heartbeat network the message was sent on
@@ -80,7 +80,9 @@ pub struct Heartbeat {
     pub weight: u16,
     pub incarnation: u64,
     pub seq: u64,
-    pub view_digest: u64,
+    /// The serving set (bit i = member i) of the bucket map the sender has applied to its data
+    /// plane: a member taking buckets over waits until their previous owner has applied the move.
+    pub applied: u64,
     pub config_digest: u64,
     pub network: u8,
     /// Members serving in the sender's settled bucket map (bit i = member i, sorted by id).
@@ -164,7 +166,7 @@ pub fn encode(key: &[u8; 32], hb: &Heartbeat) -> Vec<u8> {
     b.extend_from_slice(&hb.weight.to_be_bytes());
     b.extend_from_slice(&hb.incarnation.to_be_bytes());
     b.extend_from_slice(&hb.seq.to_be_bytes());
-    b.extend_from_slice(&hb.view_digest.to_be_bytes());
+    b.extend_from_slice(&hb.applied.to_be_bytes());
     b.extend_from_slice(&hb.config_digest.to_be_bytes());
     b.push(id.len() as u8);
     b.push(hb.network);
@@ -229,7 +231,7 @@ pub fn decode(key: &[u8; 32], b: &[u8]) -> Result<Heartbeat, Reject> {
         weight: u16::from_be_bytes([b[6], b[7]]),
         incarnation: be64(b, 8),
         seq: be64(b, 16),
-        view_digest: be64(b, 24),
+        applied: be64(b, 24),
         config_digest: be64(b, 32),
         network: b[41],
         settled: be64(b, 48),
@@ -274,7 +276,7 @@ mod tests {
             weight: 3,
             incarnation: 1_700_000_000_000,
             seq: 42,
-            view_digest: 0xdead_beef,
+            applied: 0b011,
             config_digest: 0x1234,
             network: 1,
             settled: 0b101,

@@ -26,7 +26,8 @@ pub struct Peer {
     /// What it last announced.
     pub state: Option<State>,
     pub incarnation: u64,
-    pub view_digest: u64,
+    /// The serving set of the map it has applied.
+    pub applied: u64,
     pub config_digest: u64,
     /// Its settled serving set and the target it has handed over for (see `transition`).
     pub settled: u64,
@@ -72,7 +73,7 @@ impl Membership {
                 last_heard: vec![None; networks],
                 state: None,
                 incarnation: 0,
-                view_digest: 0,
+                applied: 0,
                 config_digest: 0,
                 settled: 0,
                 handed_over: 0,
@@ -109,7 +110,7 @@ impl Membership {
         p.last_heard[net] = Some(now);
         p.state = Some(hb.state);
         p.incarnation = hb.incarnation;
-        p.view_digest = hb.view_digest;
+        p.applied = hb.applied;
         p.config_digest = hb.config_digest;
         p.settled = hb.settled;
         p.handed_over = hb.handed_over;
@@ -240,7 +241,7 @@ mod tests {
             weight: 1,
             incarnation: 1,
             seq,
-            view_digest: 0,
+            applied: 0,
             config_digest: 0,
             network: 0,
             settled: 0,

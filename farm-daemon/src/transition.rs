@@ -48,7 +48,14 @@ pub struct Plan {
 }
 
 /// The plan of node `me` for moving from `settled` to `target`, `alive` being the members heard
-/// (a previous owner that is gone gives nothing over). Without `quorum` this node takes nothing.
+/// (a previous owner that is gone gives nothing over) and `ready` those that have applied the
+/// move (their buckets are OUTGOING): a bucket is taken over (INCOMING) only once its previous
+/// owner is ready, so that no SYN is ever accepted by two members. Without `quorum` this node
+/// takes nothing.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the plan is a function of exactly these"
+)]
 pub fn plan(
     seed: &HashKey,
     members: &[(String, u32)],
@@ -56,6 +63,7 @@ pub fn plan(
     settled: u64,
     target: u64,
     alive: u64,
+    ready: u64,
     quorum: bool,
 ) -> Plan {
     let t = assign::assign(seed, &candidates_of(members, target));
@@ -75,7 +83,7 @@ pub fn plan(
             BucketEntry::owned_by(to, NO_OWNER)
         } else if handover {
             givers |= 1 << from;
-            let state = if me8 == to {
+            let state = if me8 == to && ready & (1 << from) != 0 {
                 bucket_state::INCOMING
             } else if me8 == from {
                 outgoing.push(b as u32);
@@ -128,13 +136,19 @@ mod tests {
     fn join_hands_over_the_joiners_share() {
         let all = 0b111;
         let (settled, target) = (0b011, 0b111);
-        let joiner = plan(&SEED, &members(), 2, settled, target, all, true);
+        let waiting = plan(&SEED, &members(), 2, settled, target, all, 0, true);
+        assert_eq!(
+            count(&waiting, bucket_state::INCOMING),
+            0,
+            "givers not ready: take nothing"
+        );
+        let joiner = plan(&SEED, &members(), 2, settled, target, all, all, true);
         let third = BUCKETS as usize / 3;
         assert!((count(&joiner, bucket_state::INCOMING) as i64 - third as i64).abs() <= 1);
         assert_eq!(count(&joiner, bucket_state::MINE), 0);
         assert_eq!(joiner.givers, 0b011);
-        let a = plan(&SEED, &members(), 0, settled, target, all, true);
-        let b = plan(&SEED, &members(), 1, settled, target, all, true);
+        let a = plan(&SEED, &members(), 0, settled, target, all, all, true);
+        let b = plan(&SEED, &members(), 1, settled, target, all, all, true);
         assert_eq!(
             a.outgoing.len() + b.outgoing.len(),
             count(&joiner, bucket_state::INCOMING),
@@ -149,7 +163,7 @@ mod tests {
     #[test]
     fn a_lost_members_buckets_move_at_once() {
         let (settled, target, alive) = (0b111, 0b011, 0b011);
-        let p = plan(&SEED, &members(), 0, settled, target, alive, true);
+        let p = plan(&SEED, &members(), 0, settled, target, alive, alive, true);
         assert_eq!(count(&p, bucket_state::INCOMING), 0);
         assert_eq!(count(&p, bucket_state::OUTGOING), 0);
         assert_eq!(p.givers, 0);
@@ -160,7 +174,7 @@ mod tests {
     #[test]
     fn a_draining_member_gives_everything_it_has() {
         let (settled, target, alive) = (0b111, 0b011, 0b111);
-        let c = plan(&SEED, &members(), 2, settled, target, alive, true);
+        let c = plan(&SEED, &members(), 2, settled, target, alive, alive, true);
         assert!((c.outgoing.len() as i64 - BUCKETS as i64 / 3).abs() <= 1);
         assert_eq!(c.givers, 0b100);
         assert!(complete(&c, target, alive, &[0, 0, target]));
@@ -168,13 +182,13 @@ mod tests {
 
     #[test]
     fn no_quorum_takes_nothing() {
-        let p = plan(&SEED, &members(), 0, 0b111, 0b111, 0b111, false);
+        let p = plan(&SEED, &members(), 0, 0b111, 0b111, 0b111, 0b111, false);
         assert_eq!(count(&p, bucket_state::NOT_MINE), BUCKETS as usize);
     }
 
     #[test]
     fn settled_plan_is_the_plain_assignment() {
-        let p = plan(&SEED, &members(), 1, 0b111, 0b111, 0b111, true);
+        let p = plan(&SEED, &members(), 1, 0b111, 0b111, 0b111, 0b111, true);
         assert_eq!(p.givers, 0);
         assert_eq!(
             count(&p, bucket_state::INCOMING) + count(&p, bucket_state::OUTGOING),
