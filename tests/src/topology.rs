@@ -423,6 +423,24 @@ deadman_timeout_ms = {}
             .collect()
     }
 
+    /// The client's IPv4 addresses that node `node` serves, and (at most `others`) that it does
+    /// not, per `farmctl whois` on node 0.
+    pub fn clients_of(&self, node: &str, others: usize) -> (Vec<IpAddr>, Vec<IpAddr>) {
+        let owners = self.owners(0, &self.clients4());
+        let mine = owners
+            .iter()
+            .filter(|(_, o)| *o == node)
+            .map(|(a, _)| *a)
+            .collect();
+        let rest = owners
+            .iter()
+            .filter(|(_, o)| *o != node)
+            .map(|(a, _)| *a)
+            .take(others)
+            .collect();
+        (mine, rest)
+    }
+
     /// The client's IPv4 addresses, as `IpAddr`.
     pub fn clients4(&self) -> Vec<IpAddr> {
         self.client_v4.iter().map(|&a| IpAddr::V4(a)).collect()

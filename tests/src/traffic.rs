@@ -369,3 +369,45 @@ pub fn keep_alive(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Keep-alive connections from several sources, each on its own thread (see `keep_alive`).
+pub struct KeepAlives {
+    stop: Arc<AtomicBool>,
+    requests: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl KeepAlives {
+    /// One keep-alive connection from each of `sources` to `dst`, inside `ns`.
+    pub fn start(ns: &Netns, sources: &[IpAddr], dst: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let threads = sources
+            .iter()
+            .map(|&src| {
+                let (stop, requests, errors) = (stop.clone(), requests.clone(), errors.clone());
+                ns.spawn(move || keep_alive(src, dst, &stop, &requests, &errors))
+            })
+            .collect();
+        Self {
+            stop,
+            requests,
+            errors,
+            threads,
+        }
+    }
+
+    /// Stops them; returns (requests answered, errors).
+    pub fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            t.join().expect("keep-alive thread");
+        }
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+        )
+    }
+}

@@ -33,26 +33,6 @@ fn host_state(t: &Topology, i: usize) -> String {
     format!("addrs: {addrs}\nlink: {link:?}\nfilter: {filter}")
 }
 
-/// Clients (from the client's addresses) that node `i` serves, per farmctl.
-fn clients_of(t: &Topology, i: usize, n: usize) -> (Vec<IpAddr>, Vec<IpAddr>) {
-    let all: Vec<String> = t.client_v4.iter().map(|a| a.to_string()).collect();
-    let who = t.whois(0, &all);
-    let mut mine = Vec::new();
-    let mut others = Vec::new();
-    for w in who {
-        let owner = w.by_client.and_then(|p| p.owner).expect("owner");
-        let a: IpAddr = w.client.parse().expect("addr");
-        if owner == t.nodes[i].name {
-            mine.push(a);
-        } else {
-            others.push(a);
-        }
-    }
-    mine.truncate(n);
-    others.truncate(n);
-    (mine, others)
-}
-
 fn requests(t: &Topology, sources: &[IpAddr]) -> Vec<traffic::TcpAnswer> {
     let reqs: Vec<(IpAddr, SocketAddr)> = sources.iter().map(|&s| (s, t.vip4(TCP_PORT))).collect();
     traffic::tcp_requests(&t.client, reqs, 4, Duration::from_millis(700))
@@ -69,7 +49,8 @@ fn killed_daemon_stops_serving_and_peers_take_over() {
         ..Spec::default()
     });
     t.start_all();
-    let (victim_clients, other_clients) = clients_of(&t, 1, 20);
+    let (mut victim_clients, other_clients) = t.clients_of("n2", 20);
+    victim_clients.truncate(20);
     assert!(victim_clients.len() >= 10 && other_clients.len() >= 10);
     for a in requests(
         &t,

@@ -1,15 +1,12 @@
 //! Heartbeats and membership on real farms: forged and replayed heartbeats change nothing, a
 //! node cut off from heartbeats stops serving while the others serve everything, a two-node
-//! farm's witness decides, heavy heartbeat loss causes no failover, and a node whose link is cut
-//! is replaced within the loss window while the survivors' connections see no error.
+//! farm's witness decides, heavy heartbeat loss causes no failover, a node whose link is cut is
+//! replaced within the loss window while the survivors' connections see no error, and when it
+//! comes back it takes its share over without breaking a connection.
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr, UdpSocket},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
     time::{Duration, Instant},
 };
 
@@ -313,36 +310,10 @@ fn link_cut_failover_under_load_survivors_see_no_error() {
         ..Spec::default()
     });
     t.start_all();
-    let predicted = t.owners(0, &t.clients4());
-    let victims: Vec<IpAddr> = predicted
-        .iter()
-        .filter(|(_, o)| *o == "n2")
-        .map(|(a, _)| *a)
-        .collect();
-    let survivors: Vec<IpAddr> = predicted
-        .iter()
-        .filter(|(_, o)| *o != "n2")
-        .map(|(a, _)| *a)
-        .take(8)
-        .collect();
+    let (victims, survivors) = t.clients_of("n2", 8);
 
     // Long keep-alive connections held by the survivors: a request every 20 ms on each.
-    let stop = Arc::new(AtomicBool::new(false));
-    let errors = Arc::new(AtomicU64::new(0));
-    let requests = Arc::new(AtomicU64::new(0));
-    let mut keepalive = Vec::new();
-    for &src in &survivors {
-        let (stop, errors, requests, dst) = (
-            stop.clone(),
-            errors.clone(),
-            requests.clone(),
-            t.vip4(TCP_PORT),
-        );
-        keepalive.push(
-            t.client
-                .spawn(move || traffic::keep_alive(src, dst, &stop, &requests, &errors)),
-        );
-    }
+    let keepalive = traffic::KeepAlives::start(&t.client, &survivors, t.vip4(TCP_PORT));
     std::thread::sleep(Duration::from_millis(500));
 
     // Cut n2's link at the switch.
@@ -364,24 +335,15 @@ fn link_cut_failover_under_load_survivors_see_no_error() {
     }
     let recovered = recovered.expect("n2's clients were never taken over");
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    for h in keepalive {
-        h.join().expect("keep-alive thread");
-    }
+    let (requests, errors) = keepalive.finish();
     eprintln!(
-        "link cut: n2's clients served again after {:.0} ms; {} keep-alive requests on the \
-         survivors, {} errors",
+        "link cut: n2's clients served again after {:.0} ms; {requests} keep-alive requests on \
+         the survivors, {errors} errors",
         recovered.as_secs_f64() * 1000.0,
-        requests.load(Ordering::Relaxed),
-        errors.load(Ordering::Relaxed)
     );
     assert!(recovered < Duration::from_secs(2), "{recovered:?}");
-    assert!(requests.load(Ordering::Relaxed) > 100);
-    assert_eq!(
-        errors.load(Ordering::Relaxed),
-        0,
-        "survivors' connections saw errors"
-    );
+    assert!(requests > 100);
+    assert_eq!(errors, 0, "survivors' connections saw errors");
     // All of n2's clients are now served by n1 or n3, as the survivors predict.
     let now = t.owners(0, &t.clients4());
     assert!(now.values().all(|o| o != "n2"));
@@ -400,39 +362,15 @@ fn cut_node_comes_back_without_breaking_a_connection() {
     });
     t.start_all();
     let before = t.owners(0, &t.clients4());
-    let victims: Vec<IpAddr> = before
-        .iter()
-        .filter(|(_, o)| *o == "n2")
-        .map(|(a, _)| *a)
-        .collect();
-    let others: Vec<IpAddr> = before
-        .iter()
-        .filter(|(_, o)| *o != "n2")
-        .map(|(a, _)| *a)
-        .take(4)
-        .collect();
+    let (victims, others) = t.clients_of("n2", 4);
 
     // n2 is cut off; n1 and n3 take its clients.
     t.switch.ip(&["link", "set", "n2", "down"]);
     t.wait_converged(&[0, 2], Duration::from_secs(10));
 
     // Long connections opened during the outage: n2's clients are now held by n1 and n3.
-    let stop = Arc::new(AtomicBool::new(false));
-    let errors = Arc::new(AtomicU64::new(0));
-    let requests = Arc::new(AtomicU64::new(0));
-    let mut keepalive = Vec::new();
-    for &src in victims.iter().take(6).chain(&others) {
-        let (stop, errors, requests, dst) = (
-            stop.clone(),
-            errors.clone(),
-            requests.clone(),
-            t.vip4(TCP_PORT),
-        );
-        keepalive.push(
-            t.client
-                .spawn(move || traffic::keep_alive(src, dst, &stop, &requests, &errors)),
-        );
-    }
+    let held: Vec<IpAddr> = victims.iter().take(6).chain(&others).copied().collect();
+    let keepalive = traffic::KeepAlives::start(&t.client, &held, t.vip4(TCP_PORT));
     std::thread::sleep(Duration::from_millis(500));
 
     // n2 comes back: it takes its buckets over by handover.
@@ -471,21 +409,13 @@ fn cut_node_comes_back_without_breaking_a_connection() {
     }
     let during = t.status(0).expect("status").handover;
     std::thread::sleep(Duration::from_millis(1000));
-    stop.store(true, Ordering::Relaxed);
-    for h in keepalive {
-        h.join().expect("keep-alive thread");
-    }
+    let (requests, errors) = keepalive.finish();
     eprintln!(
-        "rejoin: handover {progress:?}; while held: {during:?}; {} keep-alive requests, {} errors",
-        requests.load(Ordering::Relaxed),
-        errors.load(Ordering::Relaxed)
+        "rejoin: handover {progress:?}; while held: {during:?}; {requests} keep-alive requests, \
+         {errors} errors"
     );
-    assert!(requests.load(Ordering::Relaxed) > 100);
-    assert_eq!(
-        errors.load(Ordering::Relaxed),
-        0,
-        "a connection broke during the rejoin"
-    );
+    assert!(requests > 100);
+    assert_eq!(errors, 0, "a connection broke during the rejoin");
     let during = during.expect("the handover was still waiting for n1's connections");
     assert!(
         during.connections_left > 0 || during.waiting_for.iter().any(|m| m == "n3"),
