@@ -38,6 +38,8 @@ pub struct Spec {
     pub deadman_ms: u64,
     /// Weight of each node (defaults to 1).
     pub weights: Vec<u32>,
+    /// The cluster key; random when `None`.
+    pub secret: Option<[u8; 32]>,
 }
 
 impl Default for Spec {
@@ -48,6 +50,7 @@ impl Default for Spec {
             mac_mode: "unicast",
             deadman_ms: 300,
             weights: Vec::new(),
+            secret: None,
         }
     }
 }
@@ -106,8 +109,11 @@ impl Topology {
         let dir = std::env::temp_dir().join(format!("farm-test-{stem}"));
         std::fs::create_dir_all(&dir).expect("test dir");
         let key = dir.join("cluster.key");
-        let mut secret = [0u8; 32];
-        getrandom(&mut secret);
+        let secret = spec.secret.unwrap_or_else(|| {
+            let mut s = [0u8; 32];
+            getrandom(&mut s);
+            s
+        });
         std::fs::write(&key, secret).expect("key");
         set_mode(&key, 0o600);
 
