@@ -33,6 +33,26 @@ fn host_state(t: &Topology, i: usize) -> String {
     format!("addrs: {addrs}\nlink: {link:?}\nfilter: {filter}")
 }
 
+/// Runs `farmd ARGS PATH` in node `i`'s namespace: its exit code and stderr.
+fn farmd_in(
+    t: &Topology,
+    i: usize,
+    args: &[&str],
+    path: &std::path::Path,
+) -> (Option<i32>, String) {
+    let out = t.nodes[i]
+        .ns
+        .command(&bin("farmd"))
+        .args(args)
+        .arg(path)
+        .output()
+        .expect("run farmd");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn requests(t: &Topology, sources: &[IpAddr]) -> Vec<traffic::TcpAnswer> {
     let reqs: Vec<(IpAddr, SocketAddr)> = sources.iter().map(|&s| (s, t.vip4(TCP_PORT))).collect();
     traffic::tcp_requests(&t.client, reqs, 4, Duration::from_millis(700))
@@ -187,15 +207,8 @@ fn second_daemon_on_the_same_interface_refuses() {
         .replace("n1.sock", "n1-second.sock");
     let path = t.dir.join("second.toml");
     std::fs::write(&path, cfg).expect("write");
-    let out = t.nodes[0]
-        .ns
-        .command(&bin("farmd"))
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .expect("run farmd");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = farmd_in(&t, 0, &["--config"], &path);
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("another farmd is already running on interface eth0"),
         "{err}"
@@ -236,15 +249,8 @@ fn invalid_config_names_every_field_and_touches_nothing() {
     // weight = -1 is a type error caught by the parser; test the field errors separately.
     std::fs::write(&path, bad.replace("weight = -1", "weight = 1")).expect("write");
     for args in [vec!["--config"], vec!["--check-config"]] {
-        let out = t.nodes[0]
-            .ns
-            .command(&bin("farmd"))
-            .args(&args)
-            .arg(&path)
-            .output()
-            .expect("run farmd");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let (code, err) = farmd_in(&t, 0, &args, &path);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
         for field in [
             "cluster.mac_mode",
             "vip[0].address",
@@ -263,15 +269,8 @@ fn invalid_config_names_every_field_and_touches_nothing() {
     }
     // A type error names the field too.
     std::fs::write(&path, good.replace("weight = 1", "weight = -1")).expect("write");
-    let out = t.nodes[0]
-        .ns
-        .command(&bin("farmd"))
-        .arg("--check-config")
-        .arg(&path)
-        .output()
-        .expect("run farmd");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = farmd_in(&t, 0, &["--check-config"], &path);
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("weight"), "{err}");
     // A key file others can read is refused, before anything is touched.
     std::fs::write(&path, &good).expect("write");
@@ -279,29 +278,12 @@ fn invalid_config_names_every_field_and_touches_nothing() {
     let keep = std::fs::metadata(&key).expect("key").permissions();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .expect("chmod");
-    let out = t.nodes[0]
-        .ns
-        .command(&bin("farmd"))
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .expect("run farmd");
+    let (code, err) = farmd_in(&t, 0, &["--config"], &path);
     std::fs::set_permissions(&key, keep).expect("chmod back");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0));
+    assert_ne!(code, Some(0));
     assert!(err.contains("chmod 600"), "{err}");
     assert_eq!(host_state(&t, 0), before);
     // And the good config passes --check-config.
-    let out = t.nodes[0]
-        .ns
-        .command(&bin("farmd"))
-        .arg("--check-config")
-        .arg(&t.nodes[0].config)
-        .output()
-        .expect("run farmd");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, err) = farmd_in(&t, 0, &["--check-config"], &t.nodes[0].config);
+    assert_eq!(code, Some(0), "{err}");
 }
