@@ -63,6 +63,7 @@ pub struct Cluster {
     witness: Option<Witness>,
     witness_window: Duration,
     joined_at: Instant,
+    join_deferred: bool,
     pub counters: Counters,
 }
 
@@ -149,6 +150,7 @@ impl Cluster {
                 witness,
                 witness_window: loss_window.max(Duration::from_millis(500)),
                 joined_at: Instant::now(),
+                join_deferred: false,
                 counters,
             },
             rx,
@@ -215,14 +217,24 @@ impl Cluster {
         }
     }
 
-    /// Re-evaluates membership (and logs what changed).
-    pub fn tick(&mut self, now: Instant) {
+    /// Re-evaluates membership (and logs what changed). A joining node becomes active after
+    /// one loss window with quorum, and only when `may_join` (no other bucket move is in
+    /// progress: one planned change at a time).
+    pub fn tick(&mut self, now: Instant, may_join: bool) {
         if self.membership.my_state == State::Joining
             && self.membership.has_quorum()
             && now.duration_since(self.joined_at) >= self.membership.loss_window
         {
-            self.membership.my_state = State::Active;
-            tracing::info!("joined: heard the farm for one loss window with quorum, now active");
+            if may_join {
+                self.membership.my_state = State::Active;
+                self.join_deferred = false;
+                tracing::info!(
+                    "joined: heard the farm for one loss window with quorum, now active"
+                );
+            } else if !self.join_deferred {
+                self.join_deferred = true;
+                tracing::info!("joining waits for the bucket move in progress to complete");
+            }
         }
         let witness = self
             .witness

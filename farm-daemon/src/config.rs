@@ -79,6 +79,7 @@ struct RawConfig {
 struct RawHandover {
     drain_timeout_s: u64,
     udp_idle_ms: u64,
+    stop_drain_timeout_s: u64,
 }
 
 impl Default for RawHandover {
@@ -86,6 +87,7 @@ impl Default for RawHandover {
         Self {
             drain_timeout_s: 60,
             udp_idle_ms: 1000,
+            stop_drain_timeout_s: 30,
         }
     }
 }
@@ -310,6 +312,9 @@ pub struct Config {
     /// UDP (and other non-TCP) traffic of a moving bucket stays with the previous owner at
     /// least this long.
     pub udp_idle: Duration,
+    /// On SIGTERM a serving member first drains (hands its buckets over the connection-keeping
+    /// way) for at most this long; zero leaves at once.
+    pub stop_drain_timeout: Duration,
     /// Decides for a member of a two-member farm that has lost its peer.
     pub witness: Option<IpAddr>,
 }
@@ -775,6 +780,16 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
             ),
         );
     }
+    if raw.handover.stop_drain_timeout_s > 3600 {
+        e.push(
+            "handover.stop_drain_timeout_s",
+            format!(
+                "{} is out of range: allowed 0 (leave at once) to 3600 (seconds); keep it below \
+                 the service manager's stop timeout (systemd TimeoutStopSec)",
+                raw.handover.stop_drain_timeout_s
+            ),
+        );
+    }
     if raw.handover.udp_idle_ms > 60_000 {
         e.push(
             "handover.udp_idle_ms",
@@ -824,6 +839,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         witness,
         drain_timeout: Duration::from_secs(raw.handover.drain_timeout_s),
         udp_idle: Duration::from_millis(raw.handover.udp_idle_ms),
+        stop_drain_timeout: Duration::from_secs(raw.handover.stop_drain_timeout_s),
     })
 }
 

@@ -16,7 +16,31 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
-    Whois { clients: Vec<String> },
+    Whois {
+        clients: Vec<String>,
+    },
+    /// Hand this node's buckets to the others, keeping connections (see `handover`).
+    Drain {
+        /// Even when no other member serves (the VIPs then go unanswered).
+        #[serde(default)]
+        force: bool,
+    },
+    /// Take this node's share back after a drain.
+    Resume,
+}
+
+/// What became of a drain or resume request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The bucket move started.
+    Started,
+    /// Another move is in progress; this one starts when it completes.
+    Queued,
+    /// Nothing to do (already draining, drained or serving).
+    Unchanged,
+    /// A queued request was withdrawn.
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -24,6 +48,7 @@ pub enum Request {
 pub enum Response {
     Status(Box<Status>),
     Whois { entries: Vec<WhoisEntry> },
+    Planned { outcome: Outcome, message: String },
     Error { message: String },
 }
 
@@ -44,6 +69,12 @@ pub struct Status {
     pub quorum: bool,
     /// A bucket move between live members in progress, if any.
     pub handover: Option<crate::handover::Progress>,
+    /// A drain or resume of this node waiting for another move to complete.
+    #[serde(default)]
+    pub queued: Option<String>,
+    /// farmd is stopping (draining first, up to handover.stop_drain_timeout_s).
+    #[serde(default)]
+    pub stopping: bool,
     /// Digest of this node's view; equal on every node when they agree.
     pub view_digest: String,
     pub heartbeat: HeartbeatStatus,
@@ -82,8 +113,9 @@ pub struct MemberStatus {
     pub id: String,
     pub address: IpAddr,
     pub weight: u32,
-    /// As this node sees it: serving, joining, draining, leaving, unhealthy, no-quorum (this
-    /// node), lost (was heard, now silent), unknown (never heard).
+    /// As this node sees it: serving, joining, draining (handing its buckets over), drained
+    /// (holds none), leaving, unhealthy, no-quorum (this node), lost (was heard, now silent),
+    /// unknown (never heard).
     pub state: String,
     pub buckets: usize,
     pub this_node: bool,

@@ -23,11 +23,12 @@ use crate::{
     cluster::{Cluster, ClusterError, Datagram},
     config::{Config, MacMode, format_mac},
     control::{
-        HeartbeatStatus, MemberStatus, NetworkStatus, Placement, Request, Response, Status,
+        HeartbeatStatus, MemberStatus, NetworkStatus, Outcome, Placement, Request, Response, Status,
         Traffic, VipStatus, WhoisEntry, WitnessStatus, parse_client,
     },
     dataplane::{self, Dataplane, DataplaneError},
     handover::Handover,
+    heartbeat::State,
     netlink::{LinkFacts, Netlink, NetlinkError},
     secret::{Secret, SecretError},
 };
@@ -109,6 +110,26 @@ pub struct Daemon {
     handover: Handover,
     /// The bucket entries last written to the data plane.
     applied: Vec<BucketEntry>,
+    /// A drain or resume waiting for another bucket move to complete.
+    queued: Option<Planned>,
+    /// Set on SIGTERM/SIGINT while draining before leaving: leave by then at the latest.
+    stopping: Option<Instant>,
+}
+
+/// A planned change of this node's own state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Planned {
+    Drain,
+    Resume,
+}
+
+impl Planned {
+    fn name(self) -> &'static str {
+        match self {
+            Planned::Drain => "drain",
+            Planned::Resume => "resume",
+        }
+    }
 }
 
 /// The identity of this network namespace, so that lock files and pins of farmds in different
@@ -236,6 +257,8 @@ impl Daemon {
             quorum: false,
             handover,
             applied: Vec::new(),
+            queued: None,
+            stopping: None,
         };
         match d.setup(&pin_dir).await {
             Ok(listener) => Ok((d, listener)),
@@ -402,8 +425,8 @@ impl Daemon {
 
         let result = loop {
             tokio::select! {
-                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break Ok(()); }
-                _ = int.recv() => { tracing::info!("SIGINT: stopping"); break Ok(()); }
+                _ = term.recv() => if self.begin_stop("SIGTERM") { break Ok(()); },
+                _ = int.recv() => if self.begin_stop("SIGINT") { break Ok(()); },
                 _ = deadman.tick() => {
                     if let Err(e) = self.dp.arm(self.cfg.deadman_timeout) {
                         tracing::error!("refreshing the dead-man switch failed: {e}");
@@ -411,9 +434,14 @@ impl Daemon {
                 }
                 _ = heartbeat.tick() => {
                     self.cluster.send(self.handover.applied, self.handover.settled, self.handover.handed_over);
-                    self.cluster.tick(tokio::time::Instant::now());
+                    let may_join = self.move_in_progress().is_none();
+                    self.cluster.tick(tokio::time::Instant::now(), may_join);
+                    self.start_queued();
                     if let Err(e) = self.advance() {
                         tracing::error!("updating the bucket map failed: {e}");
+                    }
+                    if self.stop_due() {
+                        break Ok(());
                     }
                 }
                 Some(d) = heartbeats.recv() => {
@@ -439,7 +467,14 @@ impl Daemon {
                     Err(e) => tracing::warn!("control socket: {e}"),
                 },
                 Some((req, reply)) = control_rx.recv() => {
-                    let _ = reply.send(self.handle(req));
+                    let response = self.handle(req);
+                    // A drain or resume that started shows in the next heartbeat at once.
+                    if matches!(response, Response::Planned { outcome: Outcome::Started, .. })
+                        && let Err(e) = self.advance()
+                    {
+                        tracing::error!("updating the bucket map failed: {e}");
+                    }
+                    let _ = reply.send(response);
                 }
             }
         };
@@ -492,9 +527,232 @@ impl Daemon {
         });
     }
 
+    /// A bucket move in progress anywhere in this node's view, described; `None` when every
+    /// member that is heard serves its settled map.
+    fn move_in_progress(&self) -> Option<String> {
+        let names = |mask: u64| -> String {
+            self.cfg
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, m)| m.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let h = &self.handover;
+        if h.settled != h.applied {
+            return Some(format!(
+                "buckets are moving from [{}] to [{}]",
+                names(h.settled),
+                names(h.applied)
+            ));
+        }
+        let m = &self.cluster.membership;
+        m.peers
+            .iter()
+            .enumerate()
+            .find(|(i, p)| *i != m.me && p.alive && p.state.is_some() && p.settled != p.applied)
+            .map(|(_, p)| {
+                format!(
+                    "member {} is moving buckets from [{}] to [{}]",
+                    p.id,
+                    names(p.settled),
+                    names(p.applied)
+                )
+            })
+    }
+
+    /// Whether a member other than this one serves.
+    fn others_serve(&self) -> bool {
+        let me = self.cfg.me;
+        self.cluster
+            .membership
+            .candidates()
+            .iter()
+            .enumerate()
+            .any(|(i, c)| i != me && c.serving)
+    }
+
+    /// Whether this node is draining and holds no bucket any more.
+    fn drained(&self) -> bool {
+        self.cluster.membership.my_state == State::Draining
+            && self.handover.settled == self.handover.applied
+            && !self.owners.iter().any(|&o| o as usize == self.cfg.me)
+    }
+
+    /// Starts a drain or resume now.
+    fn apply(&mut self, p: Planned) {
+        let m = &mut self.cluster.membership;
+        match p {
+            Planned::Drain => {
+                m.my_state = State::Draining;
+                tracing::info!(
+                    "draining: handing this node's buckets to the others (connections are kept \
+                     for up to {} s)",
+                    self.cfg.drain_timeout.as_secs()
+                );
+            }
+            Planned::Resume => {
+                // Back to joining when quorum went meanwhile: it serves again after a loss
+                // window with quorum, as a starting node does.
+                m.my_state = if m.has_quorum() {
+                    State::Active
+                } else {
+                    State::Joining
+                };
+                tracing::info!("resuming: taking this node's share back");
+            }
+        }
+    }
+
+    /// Starts a queued drain or resume once no other move is in progress.
+    fn start_queued(&mut self) {
+        if let Some(p) = self.queued
+            && self.move_in_progress().is_none()
+        {
+            self.queued = None;
+            self.apply(p);
+        }
+    }
+
+    /// A drain or resume request: at once, or queued behind the move in progress.
+    fn plan_change(&mut self, p: Planned, force: bool) -> Response {
+        let state = self.cluster.membership.my_state;
+        let planned = |outcome, message: String| Response::Planned { outcome, message };
+        if state == State::Leaving || self.stopping.is_some() {
+            return Response::Error {
+                message: "farmd is stopping".into(),
+            };
+        }
+        if self.queued == Some(p) {
+            return planned(
+                Outcome::Queued,
+                format!("a {} is already queued", p.name()),
+            );
+        }
+        if let Some(q) = self.queued.take() {
+            // The opposite request withdraws the queued one.
+            return planned(
+                Outcome::Cancelled,
+                format!("the queued {} is withdrawn; nothing changes", q.name()),
+            );
+        }
+        match (p, state) {
+            (Planned::Drain, State::Draining) => {
+                return planned(
+                    Outcome::Unchanged,
+                    if self.drained() {
+                        "already drained".into()
+                    } else {
+                        "already draining".into()
+                    },
+                );
+            }
+            (Planned::Drain, State::Joining | State::Unhealthy) => {
+                // It holds nothing: it simply stays out.
+                self.apply(p);
+                return planned(
+                    Outcome::Started,
+                    "this node serves nothing yet; it stays out until `farmctl resume`".into(),
+                );
+            }
+            (Planned::Drain, _) if !force && !self.others_serve() => {
+                return Response::Error {
+                    message: "no other member serves: draining this node would leave the VIPs \
+                              unanswered; use --force to drain anyway"
+                        .into(),
+                };
+            }
+            (Planned::Resume, State::Active | State::Joining) => {
+                return planned(Outcome::Unchanged, "not drained: nothing to resume".into());
+            }
+            _ => {}
+        }
+        // Undoing this node's own drain before it completed moves nothing back: at once.
+        let own_drain = {
+            let h = &self.handover;
+            p == Planned::Resume && h.settled ^ h.applied == 1 << self.cfg.me
+        };
+        match self.move_in_progress() {
+            Some(why) if !own_drain => {
+                self.queued = Some(p);
+                tracing::info!("{} queued: {why}", p.name());
+                planned(
+                    Outcome::Queued,
+                    format!(
+                        "queued: {why}; the {} starts when that completes (one planned change \
+                         at a time)",
+                        p.name()
+                    ),
+                )
+            }
+            _ => {
+                self.apply(p);
+                planned(Outcome::Started, format!("{} started", p.name()))
+            }
+        }
+    }
+
+    /// A stop signal: drain first (up to handover.stop_drain_timeout_s) when others serve;
+    /// returns whether to leave at once.
+    fn begin_stop(&mut self, signal: &str) -> bool {
+        if self.stopping.is_some() {
+            tracing::info!("{signal} again: leaving at once");
+            return true;
+        }
+        let timeout = self.cfg.stop_drain_timeout;
+        let state = self.cluster.membership.my_state;
+        if timeout.is_zero()
+            || !matches!(state, State::Active | State::Draining)
+            || !self.cluster.membership.has_quorum()
+            || !self.others_serve()
+            || self.drained()
+        {
+            tracing::info!("{signal}: stopping");
+            return true;
+        }
+        tracing::info!(
+            "{signal}: draining for at most {} s before leaving (send it again to leave at once)",
+            timeout.as_secs()
+        );
+        if state == State::Active {
+            self.queued = None;
+            // One planned change at a time still holds: it queues behind a move in progress
+            // (within the same bound).
+            let _ = self.plan_change(Planned::Drain, true);
+        }
+        self.stopping = Some(Instant::now() + timeout);
+        false
+    }
+
+    /// Whether a stop that drains first may leave now.
+    fn stop_due(&self) -> bool {
+        match self.stopping {
+            None => false,
+            Some(_) if self.drained() => {
+                tracing::info!("drained: stopping");
+                true
+            }
+            Some(by) if Instant::now() >= by => {
+                tracing::warn!(
+                    "stop drain timeout ({} s) passed: leaving with buckets still held",
+                    self.cfg.stop_drain_timeout.as_secs()
+                );
+                true
+            }
+            Some(_) => !self.others_serve() && {
+                tracing::warn!("no other member serves any more: stopping without a drain");
+                true
+            },
+        }
+    }
+
     /// Answers one control request.
-    pub fn handle(&self, req: Request) -> Response {
+    pub fn handle(&mut self, req: Request) -> Response {
         match req {
+            Request::Drain { force } => self.plan_change(Planned::Drain, force),
+            Request::Resume => self.plan_change(Planned::Resume, false),
             Request::Status => match self.status() {
                 Ok(s) => Response::Status(Box::new(s)),
                 Err(e) => Response::Error {
@@ -551,8 +809,7 @@ impl Daemon {
         }
     }
 
-    fn member_state(&self, i: usize) -> String {
-        use crate::heartbeat::State;
+    fn member_state(&self, i: usize, shares: &[usize]) -> String {
         let m = &self.cluster.membership;
         let name = |s: State| {
             serde_json::to_value(s)
@@ -564,6 +821,7 @@ impl Daemon {
             return match m.my_state {
                 State::Active if self.quorum => "serving".into(),
                 State::Active => "no-quorum".into(),
+                State::Draining if self.drained() => "drained".into(),
                 s => name(s),
             };
         }
@@ -577,6 +835,7 @@ impl Daemon {
         }
         match p.state {
             Some(State::Active) => "serving".into(),
+            Some(State::Draining) if shares[i] == 0 && p.settled == p.applied => "drained".into(),
             Some(s) => name(s),
             None => "unknown".into(),
         }
@@ -617,7 +876,7 @@ impl Daemon {
                 id: m.id.clone(),
                 address: m.address,
                 weight: m.weight,
-                state: self.member_state(i),
+                state: self.member_state(i, &shares),
                 buckets: shares[i],
                 this_node: i == self.cfg.me,
             })
@@ -680,6 +939,11 @@ impl Daemon {
             buckets_total: BUCKETS,
             quorum: self.quorum,
             handover: self.handover.progress(),
+            queued: self.queued.map(|p| match self.move_in_progress() {
+                Some(why) => format!("{} (waits: {why})", p.name()),
+                None => p.name().into(),
+            }),
+            stopping: self.stopping.is_some(),
             view_digest: format!("{:016x}", self.cluster.membership.view_digest()),
             heartbeat: self.heartbeat_status(),
             members,

@@ -1,9 +1,13 @@
 //! farmctl: asks a running farmd what it is doing.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use clap::{Parser, Subcommand};
-use farm_daemon::control::{self, Request, Response, Status, WhoisEntry};
+use farm_daemon::control::{self, Outcome, Request, Response, Status, WhoisEntry};
 
 /// farmctl - the command-line client of farmd.
 ///
@@ -11,8 +15,8 @@ use farm_daemon::control::{self, Request, Response, Status, WhoisEntry};
 #[derive(Parser, Debug)]
 #[command(
     version,
-    after_help = "Exit status: 0 success, 1 farmd answered with an error, \
-2 farmd could not be reached."
+    after_help = "Exit status: 0 success, 1 farmd answered with an error (or a drain/resume \
+did not complete within --timeout), 2 farmd could not be reached."
 )]
 struct Args {
     /// farmd's control socket (control.socket in its config).
@@ -39,15 +43,50 @@ enum Command {
         #[arg(value_name = "ADDR[:PORT]", required = true)]
         clients: Vec<String>,
     },
+    /// Hand this node's buckets to the other members without breaking connections.
+    ///
+    /// New connections go to the new owners at once; this node keeps serving the connections
+    /// it holds until they end (or handover.drain_timeout_s passes, which cuts the rest). Shows
+    /// progress until the node holds no bucket. Only one planned change runs at a time in the
+    /// farm: a drain requested while another move is in progress is queued. Refused when no
+    /// other member serves, unless --force. The drain lasts until `farmctl resume` or a
+    /// restart of farmd.
+    Drain {
+        /// Drain even if no other member serves (the VIPs then go unanswered).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Take this node's share back after a drain (the same connection-keeping way).
+    Resume {
+        #[command(flatten)]
+        wait: Wait,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct Wait {
+    /// Return once farmd has taken the request instead of waiting for the move to complete.
+    #[arg(long)]
+    no_wait: bool,
+    /// Stop waiting (exit status 1) after this many seconds; the move itself goes on.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    timeout: u64,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let req = match &args.command {
-        Command::Status => Request::Status,
-        Command::Whois { clients } => Request::Whois {
-            clients: clients.clone(),
-        },
+    let (req, wait) = match &args.command {
+        Command::Status => (Request::Status, None),
+        Command::Whois { clients } => (
+            Request::Whois {
+                clients: clients.clone(),
+            },
+            None,
+        ),
+        Command::Drain { force, wait } => (Request::Drain { force: *force }, Some(*wait)),
+        Command::Resume { wait } => (Request::Resume, Some(*wait)),
     };
     let resp = match control::request(&args.socket, &req, Duration::from_secs(10)) {
         Ok(r) => r,
@@ -56,16 +95,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let (Response::Planned { outcome, message }, Some(wait)) = (&resp, wait) {
+        let drain = matches!(req, Request::Drain { .. });
+        return follow(&args, drain, *outcome, message, wait);
+    }
     if args.json {
         match &resp {
             Response::Status(s) => print_json(s),
             Response::Whois { entries } => print_json(entries),
-            Response::Error { .. } => print_json(&resp),
+            Response::Planned { .. } | Response::Error { .. } => print_json(&resp),
         }
     } else {
         match &resp {
             Response::Status(s) => print_status(s),
             Response::Whois { entries } => print_whois(entries),
+            Response::Planned { message, .. } => println!("{message}"),
             Response::Error { .. } => {}
         }
     }
@@ -78,6 +122,105 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
         _ => ExitCode::SUCCESS,
+    }
+}
+
+/// Shows a drain or resume until it completes: a line per change of state (rewritten in place
+/// on a terminal). Exit status 0 when done, 1 when the wait timed out, 2 when farmd went away.
+fn follow(args: &Args, drain: bool, outcome: Outcome, message: &str, wait: Wait) -> ExitCode {
+    use std::io::{IsTerminal as _, Write as _};
+    let tty = std::io::stdout().is_terminal() && !args.json;
+    if !args.json {
+        println!("{message}");
+    }
+    let started = Instant::now();
+    let report = |done: bool, last: &str| {
+        if args.json {
+            print_json(&serde_json::json!({
+                "outcome": outcome,
+                "message": message,
+                "done": done,
+                "elapsed_s": started.elapsed().as_secs_f64(),
+                "last": last,
+            }));
+        }
+    };
+    if wait.no_wait || outcome == Outcome::Cancelled {
+        report(false, "");
+        return ExitCode::SUCCESS;
+    }
+    let mut last = String::new();
+    loop {
+        let status = match control::request(&args.socket, &Request::Status, Duration::from_secs(10))
+        {
+            Ok(Response::Status(s)) => s,
+            Ok(other) => {
+                eprintln!("farmctl: unexpected answer from farmd: {other:?}");
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                if tty {
+                    println!();
+                }
+                eprintln!("farmctl: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let me = status.members.iter().find(|m| m.this_node);
+        let state = me.map_or("?", |m| m.state.as_str());
+        let held = me.map_or(0, |m| m.buckets);
+        let done = if drain {
+            state == "drained"
+        } else {
+            state == "serving" && status.handover.is_none() && status.queued.is_none()
+        };
+        let t = started.elapsed().as_secs_f64();
+        let line = if done {
+            format!(
+                "{} after {t:.1} s: this node holds {held} bucket(s)",
+                if drain { "drained" } else { "resumed" }
+            )
+        } else if let Some(q) = &status.queued {
+            format!("queued: {q}")
+        } else if let Some(h) = &status.handover {
+            format!(
+                "{state}: {} bucket(s) handing over, {} connection(s) left; waiting for [{}]",
+                h.outgoing_buckets,
+                h.connections_left,
+                h.waiting_for.join(", ")
+            )
+        } else {
+            format!("{state}: this node holds {held} bucket(s)")
+        };
+        if line != last {
+            if tty {
+                print!("\r\x1b[2K[{t:>5.1} s] {}", truncate(&line, 68));
+                let _ = std::io::stdout().flush();
+            } else if !args.json {
+                println!("[{t:>5.1} s] {line}");
+            }
+            last = line;
+        }
+        if done {
+            if tty {
+                println!();
+            }
+            report(true, &last);
+            return ExitCode::SUCCESS;
+        }
+        if started.elapsed() >= Duration::from_secs(wait.timeout) {
+            if tty {
+                println!();
+            }
+            eprintln!(
+                "farmctl: still not {} after {} s; the move goes on (see farmctl status)",
+                if drain { "drained" } else { "resumed" },
+                wait.timeout
+            );
+            report(false, &last);
+            return ExitCode::from(1);
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -139,6 +282,12 @@ fn print_status(s: &Status) {
             h.connections_left,
             h.waiting_for.join(", ")
         );
+    }
+    if let Some(q) = &s.queued {
+        println!("queued: {q}");
+    }
+    if s.stopping {
+        println!("STOPPING: handing buckets over before leaving");
     }
     let nets: Vec<String> = hb
         .networks
