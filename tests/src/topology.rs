@@ -40,6 +40,11 @@ pub struct Spec {
     pub weights: Vec<u32>,
     /// The cluster key; random when `None`.
     pub secret: Option<[u8; 32]>,
+    /// The servers close each TCP connection cleanly after this many requests (as NGINX's
+    /// `keepalive_requests`); `None` keeps connections as long as clients hold them.
+    pub keepalive_requests: Option<u64>,
+    /// Extra configuration appended to every node's config (e.g. a `[handover]` section).
+    pub extra_config: String,
 }
 
 impl Default for Spec {
@@ -51,6 +56,8 @@ impl Default for Spec {
             deadman_ms: 300,
             weights: Vec::new(),
             secret: None,
+            keepalive_requests: None,
+            extra_config: String::new(),
         }
     }
 }
@@ -191,11 +198,12 @@ impl Topology {
             std::fs::write(&t.nodes[i].config, t.config_for(i, &t.vip_section()))
                 .expect("write config");
             let name = t.nodes[i].name.clone();
-            t.nodes[i].server = Some(Server::start(
+            t.nodes[i].server = Some(Server::start_with(
                 &t.nodes[i].ns,
                 &name,
                 &[TCP_PORT, TCP_CONN_PORT],
                 &[UDP_PORT],
+                t.spec.keepalive_requests,
             ));
         }
         t
@@ -255,6 +263,7 @@ deadman_timeout_ms = {}
             );
         }
         s.push_str(vips);
+        s.push_str(&self.spec.extra_config);
         let _ = write!(
             s,
             "\n[control]\nsocket = \"{}\"\n\n[runtime]\nstate_dir = \"{}\"\n",
@@ -484,6 +493,23 @@ deadman_timeout_ms = {}
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Runs `farmctl --socket <node i's socket> ARGS...` and returns its output.
+    pub fn farmctl(&self, i: usize, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(bin("farmctl"))
+            .arg("--socket")
+            .arg(&self.nodes[i].socket)
+            .args(args)
+            .output()
+            .expect("farmctl")
+    }
+
+    /// Accepted TCP connections of node `i`'s server so far.
+    pub fn node_accepts(&self, i: usize) -> u64 {
+        self.nodes[i].server.as_ref().map_or(0, |s| {
+            s.tcp_accepts.load(std::sync::atomic::Ordering::Relaxed)
+        })
     }
 
     /// The bpffs directory where node `i`'s farmd pins its links.

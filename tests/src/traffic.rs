@@ -1,8 +1,11 @@
 //! Servers that answer with their node's name, and clients that use many source addresses.
 //!
 //! Server protocol: TCP: on accept, the server writes `<name>\n`; then every line the client
-//! sends is answered with `<name> <line>\n` until the client closes (keep-alive). UDP: every
-//! datagram is answered with `<name> <payload>`.
+//! sends is answered with `<name> <line>\n` until the client closes (keep-alive). A server with
+//! a keep-alive limit (as NGINX's `keepalive_requests`) answers the last request of a
+//! connection with `<name> <line> close\n` and closes it cleanly, as an HTTP server's
+//! `Connection: close` does; clients then reconnect. UDP: every datagram is answered with
+//! `<name> <payload>`.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -40,8 +43,20 @@ fn dual_stack(ty: Type, proto: Protocol, port: u16) -> Socket {
 }
 
 impl Server {
-    /// Starts TCP and UDP servers inside `ns`, answering as `name`.
+    /// Starts TCP and UDP servers inside `ns`, answering as `name`; keep-alive connections are
+    /// served for as long as the client holds them.
     pub fn start(ns: &Netns, name: &str, tcp_ports: &[u16], udp_ports: &[u16]) -> Self {
+        Self::start_with(ns, name, tcp_ports, udp_ports, None)
+    }
+
+    /// As `start`, closing every TCP connection cleanly after `keepalive_requests` requests.
+    pub fn start_with(
+        ns: &Netns,
+        name: &str,
+        tcp_ports: &[u16],
+        udp_ports: &[u16],
+        keepalive_requests: Option<u64>,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let tcp_accepts = Arc::new(AtomicU64::new(0));
         let udp_datagrams = Arc::new(AtomicU64::new(0));
@@ -66,7 +81,9 @@ impl Server {
                             count.fetch_add(1, Ordering::Relaxed);
                             let name = name.clone();
                             let stop = stop.clone();
-                            std::thread::spawn(move || serve_tcp(c, &name, &stop));
+                            std::thread::spawn(move || {
+                                serve_tcp(c, &name, &stop, keepalive_requests)
+                            });
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_millis(1))
@@ -113,7 +130,7 @@ impl Server {
     }
 }
 
-fn serve_tcp(c: TcpStream, name: &str, stop: &AtomicBool) {
+fn serve_tcp(c: TcpStream, name: &str, stop: &AtomicBool, limit: Option<u64>) {
     let _ = c.set_nonblocking(false);
     let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
     let mut w = match c.try_clone() {
@@ -125,11 +142,34 @@ fn serve_tcp(c: TcpStream, name: &str, stop: &AtomicBool) {
     }
     let mut r = BufReader::new(c);
     let mut line = String::new();
+    let mut served = 0u64;
     loop {
         line.clear();
         match r.read_line(&mut line) {
             Ok(0) => return,
             Ok(_) => {
+                served += 1;
+                if limit.is_some_and(|l| served >= l) {
+                    // Last answer, then a clean close: FIN first, then read until the client
+                    // closes too, so that nothing it sent meanwhile turns into a reset.
+                    let _ = w.write_all(format!("{name} {} close\n", line.trim_end()).as_bytes());
+                    let _ = w.shutdown(std::net::Shutdown::Write);
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    let mut sink = [0u8; 512];
+                    while Instant::now() < deadline {
+                        match r.get_mut().read(&mut sink) {
+                            Ok(0) => return,
+                            Ok(_) => {}
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => return,
+                        }
+                    }
+                    return;
+                }
                 if w.write_all(format!("{name} {}", line).as_bytes()).is_err() {
                     return;
                 }
@@ -322,16 +362,22 @@ fn drain(
     }
 }
 
-/// Holds one keep-alive connection from `src` to `dst` and sends a request every 20 ms until
-/// `stop`, counting requests answered and errors (a failed or reset connection is one error,
-/// and ends the loop).
-pub fn keep_alive(
-    src: IpAddr,
-    dst: SocketAddr,
-    stop: &AtomicBool,
-    requests: &AtomicU64,
-    errors: &AtomicU64,
-) {
+/// Counters of a keep-alive client (shared by the threads of one `KeepAlives`).
+#[derive(Debug, Default)]
+pub struct KeepAliveCounters {
+    /// Requests answered.
+    pub requests: AtomicU64,
+    /// Failed requests or connections (a reset, a timeout, a close without `close`).
+    pub errors: AtomicU64,
+    /// Clean closes by the server followed by a new connection.
+    pub reconnects: AtomicU64,
+}
+
+/// Holds a keep-alive connection from `src` to `dst` and sends a request every 20 ms until
+/// `stop`. When the server closes the connection cleanly (its answer ends in ` close`) it opens
+/// a new one, as an HTTP client does. A failed or reset connection is one error, and ends the
+/// loop.
+pub fn keep_alive(src: IpAddr, dst: SocketAddr, stop: &AtomicBool, c: &KeepAliveCounters) {
     let connect = || -> std::io::Result<(TcpStream, BufReader<TcpStream>)> {
         let domain = if dst.is_ipv4() {
             Domain::IPV4
@@ -345,36 +391,42 @@ pub fn keep_alive(
         c.set_read_timeout(Some(Duration::from_secs(1)))?;
         let mut r = BufReader::new(c.try_clone()?);
         let mut greeting = String::new();
-        r.read_line(&mut greeting)?;
+        if r.read_line(&mut greeting)? == 0 {
+            return Err(std::io::Error::other("closed before the greeting"));
+        }
         Ok((c, r))
     };
-    let (mut w, mut r) = match connect() {
-        Ok(x) => x,
-        Err(_) => {
-            errors.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-    };
     let mut line = String::new();
-    while !stop.load(Ordering::Relaxed) {
-        line.clear();
-        let ok = w.write_all(b"ping\n").is_ok()
-            && r.read_line(&mut line).is_ok_and(|n| n > 0)
-            && line.ends_with("ping\n");
-        if !ok {
-            errors.fetch_add(1, Ordering::Relaxed);
-            return;
+    'connection: while !stop.load(Ordering::Relaxed) {
+        let (mut w, mut r) = match connect() {
+            Ok(x) => x,
+            Err(_) => {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        while !stop.load(Ordering::Relaxed) {
+            line.clear();
+            let ok = w.write_all(b"ping\n").is_ok() && r.read_line(&mut line).is_ok_and(|n| n > 0);
+            if ok && line.ends_with("ping\n") {
+                c.requests.fetch_add(1, Ordering::Relaxed);
+            } else if ok && line.ends_with("ping close\n") {
+                c.requests.fetch_add(1, Ordering::Relaxed);
+                c.reconnects.fetch_add(1, Ordering::Relaxed);
+                continue 'connection;
+            } else {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        requests.fetch_add(1, Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// Keep-alive connections from several sources, each on its own thread (see `keep_alive`).
 pub struct KeepAlives {
     stop: Arc<AtomicBool>,
-    requests: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
+    counters: Arc<KeepAliveCounters>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -382,32 +434,129 @@ impl KeepAlives {
     /// One keep-alive connection from each of `sources` to `dst`, inside `ns`.
     pub fn start(ns: &Netns, sources: &[IpAddr], dst: SocketAddr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let requests = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(AtomicU64::new(0));
+        let counters = Arc::new(KeepAliveCounters::default());
         let threads = sources
             .iter()
             .map(|&src| {
-                let (stop, requests, errors) = (stop.clone(), requests.clone(), errors.clone());
-                ns.spawn(move || keep_alive(src, dst, &stop, &requests, &errors))
+                let (stop, counters) = (stop.clone(), counters.clone());
+                ns.spawn(move || keep_alive(src, dst, &stop, &counters))
             })
             .collect();
         Self {
             stop,
-            requests,
-            errors,
+            counters,
             threads,
         }
     }
 
+    /// Requests answered so far.
+    pub fn requests(&self) -> u64 {
+        self.counters.requests.load(Ordering::Relaxed)
+    }
+
     /// Stops them; returns (requests answered, errors).
-    pub fn finish(mut self) -> (u64, u64) {
+    pub fn finish(self) -> (u64, u64) {
+        let (requests, errors, _) = self.finish_all();
+        (requests, errors)
+    }
+
+    /// Stops them; returns (requests answered, errors, clean reconnects).
+    pub fn finish_all(mut self) -> (u64, u64, u64) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             t.join().expect("keep-alive thread");
         }
+        let c = &self.counters;
         (
-            self.requests.load(Ordering::Relaxed),
-            self.errors.load(Ordering::Relaxed),
+            c.requests.load(Ordering::Relaxed),
+            c.errors.load(Ordering::Relaxed),
+            c.reconnects.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// What a `NewConnections` load saw.
+#[derive(Debug, Default, Clone)]
+pub struct NewConnectionReport {
+    pub answered: u64,
+    /// Failed connections, with the first few errors.
+    pub failed: u64,
+    pub errors: Vec<String>,
+    /// Connections that took longer than 900 ms: a SYN was lost and retransmitted (nobody took
+    /// it), which users feel as a one-second stall.
+    pub slow: u64,
+    /// Answers per node.
+    pub by_node: std::collections::BTreeMap<String, u64>,
+}
+
+/// A stream of new TCP connections: `threads` threads inside `ns`, each cycling through its
+/// share of `sources`, one connection (connect, read the answer, close) at a time with a pause
+/// of `pause` between them.
+pub struct NewConnections {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<NewConnectionReport>>,
+}
+
+impl NewConnections {
+    pub fn start(
+        ns: &Netns,
+        sources: &[IpAddr],
+        dst: SocketAddr,
+        threads: usize,
+        pause: Duration,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let per = sources.len().div_ceil(threads.max(1)).max(1);
+        let threads = sources
+            .chunks(per)
+            .map(|chunk| {
+                let (stop, chunk) = (stop.clone(), chunk.to_vec());
+                ns.spawn(move || {
+                    let mut r = NewConnectionReport::default();
+                    let mut k = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let src = chunk[k % chunk.len()];
+                        k += 1;
+                        let t0 = Instant::now();
+                        let a = tcp_request(src, dst, Duration::from_secs(3));
+                        if t0.elapsed() > Duration::from_millis(900) {
+                            r.slow += 1;
+                        }
+                        match (a.node, a.error) {
+                            (Some(node), _) => {
+                                r.answered += 1;
+                                *r.by_node.entry(node).or_default() += 1;
+                            }
+                            (None, e) => {
+                                r.failed += 1;
+                                if r.errors.len() < 5 {
+                                    r.errors.push(format!("{src}: {}", e.unwrap_or_default()));
+                                }
+                            }
+                        }
+                        std::thread::sleep(pause);
+                    }
+                    r
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+
+    /// Stops the load and sums up what every thread saw.
+    pub fn finish(mut self) -> NewConnectionReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = NewConnectionReport::default();
+        for t in self.threads.drain(..) {
+            let r = t.join().expect("client thread");
+            total.answered += r.answered;
+            total.failed += r.failed;
+            total.slow += r.slow;
+            total.errors.extend(r.errors);
+            for (n, c) in r.by_node {
+                *total.by_node.entry(n).or_default() += c;
+            }
+        }
+        total
     }
 }
