@@ -61,11 +61,37 @@ pub struct Control {
     /// Which VIP table is live: 0 = `FARM_VIPS_0`, 1 = `FARM_VIPS_1` (swapped like buckets).
     pub vip_table: u8,
     pub _reserved: [u8; 3],
+    /// Handover switch points (bit i = member i), written together with `active_table` so a new
+    /// table never meets the masks of an old move:
+    /// - `givers_ready`: previous owners that have stopped taking new connections in their
+    ///   OUTGOING buckets; this node's INCOMING buckets from them take SYNs from then on (before,
+    ///   they take nothing). The switch is one write on each side, a heartbeat apart.
+    pub givers_ready: u64,
+    /// - `givers_done`: previous owners that have handed over (no connection left): their
+    ///   buckets are wholly the new owner's (INCOMING acts as MINE), and a previous owner whose
+    ///   own bit is set takes nothing of them any more (OUTGOING acts as NOT_MINE).
+    pub givers_done: u64,
 }
 
 impl Control {
     pub fn key(&self) -> crate::HashKey {
         crate::HashKey::from_bytes(&self.hash_key)
+    }
+
+    /// How this node treats a bucket in `entry`'s state, after the handover masks.
+    #[inline(always)]
+    pub fn effective_state(&self, entry: &BucketEntry) -> u8 {
+        let bit = if (entry.prev_owner as usize) < MAX_MEMBERS {
+            1u64 << entry.prev_owner
+        } else {
+            0
+        };
+        match entry.state {
+            bucket_state::INCOMING if self.givers_done & bit != 0 => bucket_state::MINE,
+            bucket_state::INCOMING if self.givers_ready & bit == 0 => bucket_state::NOT_MINE,
+            bucket_state::OUTGOING if self.givers_done & bit != 0 => bucket_state::NOT_MINE,
+            s => s,
+        }
     }
 }
 
@@ -336,7 +362,7 @@ mod pod {
 }
 
 // No implicit padding anywhere: the sizes are the sums of the fields.
-const _: () = assert!(core::mem::size_of::<Control>() == 8 + 16 + 4 + 4 + 6 + 6 + 1 + 3);
+const _: () = assert!(core::mem::size_of::<Control>() == 8 + 16 + 4 + 4 + 6 + 6 + 1 + 3 + 8 + 8);
 const _: () = assert!(core::mem::size_of::<VipSlot>() == 16 + 72 + 1 + 7);
 const _: () = assert!(core::mem::size_of::<BucketEntry>() == 4);
 const _: () = assert!(core::mem::size_of::<BucketCounters>() == 32);

@@ -190,15 +190,23 @@ impl Cluster {
         }
     }
 
-    /// Takes in one received datagram.
-    pub fn receive(&mut self, d: &Datagram, now: Instant) {
+    /// Takes in one received datagram. Returns whether it came from a peer that serves (or
+    /// drains) and announced another move state (applied, settled or handed-over set) than
+    /// before.
+    pub fn receive(&mut self, d: &Datagram, now: Instant) -> bool {
         let result = heartbeat::decode(&self.key, &d.bytes).and_then(|hb| {
+            let before = self
+                .membership
+                .peers
+                .iter()
+                .find(|p| p.id == hb.id)
+                .map(|p| (p.applied, p.settled, p.handed_over));
             self.membership
                 .receive(&hb, d.net, now.into_std())
-                .map(|i| (i, hb))
+                .map(|i| (i, hb, before))
         });
         match result {
-            Ok((i, hb)) => {
+            Ok((i, hb, before)) => {
                 if let Some(c) = self.counters.received.get_mut(&self.membership.peers[i].id) {
                     c[d.net] += 1;
                 }
@@ -209,10 +217,13 @@ impl Cluster {
                         hb.id
                     );
                 }
+                self.membership.peers[i].alive
+                    && before != Some((hb.applied, hb.settled, hb.handed_over))
             }
             Err(r) => {
                 *self.counters.rejected.entry(r.name().into()).or_default() += 1;
                 tracing::debug!("heartbeat rejected on network {}: {r}", d.net);
+                false
             }
         }
     }

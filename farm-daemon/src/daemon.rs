@@ -23,8 +23,8 @@ use crate::{
     cluster::{Cluster, ClusterError, Datagram},
     config::{Config, MacMode, format_mac},
     control::{
-        HeartbeatStatus, MemberStatus, NetworkStatus, Outcome, Placement, Request, Response, Status,
-        Traffic, VipStatus, WhoisEntry, WitnessStatus, parse_client,
+        HeartbeatStatus, MemberStatus, NetworkStatus, Outcome, Placement, Request, Response,
+        Status, Traffic, VipStatus, WhoisEntry, WitnessStatus, parse_client,
     },
     dataplane::{self, Dataplane, DataplaneError},
     handover::Handover,
@@ -315,36 +315,51 @@ impl Daemon {
         Ok(listener)
     }
 
-    /// Brings the data plane to this node's current plan (see `handover`): written only when
-    /// it changed. Without quorum this node takes none.
+    /// Brings the data plane to this node's current plan (see `handover`): the table written
+    /// only when it changed, the handover masks when they changed. Without quorum this node
+    /// takes none. When what this node announces changed (a move applied or handed over), the
+    /// peers are told at once rather than at the next heartbeat: each handover switch then
+    /// costs one message's latency, not a heartbeat interval.
     fn advance(&mut self) -> Result<(), DaemonError> {
-        let plan = self
+        let announced = (
+            self.handover.applied,
+            self.handover.settled,
+            self.handover.handed_over,
+        );
+        let step = self
             .handover
             .step(&self.cluster.membership, std::time::Instant::now());
         self.quorum = self.cluster.membership.has_quorum();
-        self.owners = plan.owners;
-        if plan.entries == self.applied {
-            return Ok(());
+        let (ready, done) = (step.givers_ready, step.givers_done);
+        if step.plan.entries == self.applied {
+            self.dp.set_handover_masks(ready, done)?;
+        } else {
+            let plan = step.plan;
+            let written = self.dp.set_buckets_and_masks(&plan.entries, ready, done)?;
+            self.applied.clone_from(&plan.entries);
+            self.owners.clone_from(&plan.owners);
+            let count = |st: u8| self.applied.iter().filter(|e| e.state == st).count();
+            let serving: Vec<String> = self
+                .cluster
+                .membership
+                .candidates()
+                .into_iter()
+                .filter(|c| c.serving)
+                .map(|c| c.id)
+                .collect();
+            tracing::info!(
+                "bucket map: serving [{}]; this node owns {}, takes over {}, hands over {} \
+                 ({written} entries written)",
+                serving.join(", "),
+                count(farm_common::bucket_state::MINE),
+                count(farm_common::bucket_state::INCOMING),
+                count(farm_common::bucket_state::OUTGOING),
+            );
         }
-        let written = self.dp.set_buckets(&plan.entries)?;
-        self.applied = plan.entries;
-        let count = |st: u8| self.applied.iter().filter(|e| e.state == st).count();
-        let serving: Vec<String> = self
-            .cluster
-            .membership
-            .candidates()
-            .into_iter()
-            .filter(|c| c.serving)
-            .map(|c| c.id)
-            .collect();
-        tracing::info!(
-            "bucket map: serving [{}]; this node owns {}, takes over {}, hands over {} \
-             ({written} entries written)",
-            serving.join(", "),
-            count(farm_common::bucket_state::MINE),
-            count(farm_common::bucket_state::INCOMING),
-            count(farm_common::bucket_state::OUTGOING),
-        );
+        let h = &self.handover;
+        if (h.applied, h.settled, h.handed_over) != announced {
+            self.cluster.send(h.applied, h.settled, h.handed_over);
+        }
         Ok(())
     }
 
@@ -445,7 +460,12 @@ impl Daemon {
                     }
                 }
                 Some(d) = heartbeats.recv() => {
-                    self.cluster.receive(&d, tokio::time::Instant::now());
+                    // A peer that applied or handed over a move: act on it now (see advance).
+                    if self.cluster.receive(&d, tokio::time::Instant::now())
+                        && let Err(e) = self.advance()
+                    {
+                        tracing::error!("updating the bucket map failed: {e}");
+                    }
                 }
                 _ = tokio::time::sleep_until(announce_at) => {
                     if let Err(e) = announcer.announce(
@@ -626,10 +646,7 @@ impl Daemon {
             };
         }
         if self.queued == Some(p) {
-            return planned(
-                Outcome::Queued,
-                format!("a {} is already queued", p.name()),
-            );
+            return planned(Outcome::Queued, format!("a {} is already queued", p.name()));
         }
         if let Some(q) = self.queued.take() {
             // The opposite request withdraws the queued one.
@@ -741,10 +758,12 @@ impl Daemon {
                 );
                 true
             }
-            Some(_) => !self.others_serve() && {
-                tracing::warn!("no other member serves any more: stopping without a drain");
-                true
-            },
+            Some(_) => {
+                !self.others_serve() && {
+                    tracing::warn!("no other member serves any more: stopping without a drain");
+                    true
+                }
+            }
         }
     }
 

@@ -232,6 +232,17 @@ impl Dataplane {
     /// entries that differ are written), then the program is switched to it in one write, so a
     /// packet sees either the old map or the new one, never a mix.
     pub fn set_buckets(&mut self, entries: &[BucketEntry]) -> Result<usize, DataplaneError> {
+        self.set_buckets_and_masks(entries, 0, 0)
+    }
+
+    /// Writes the idle bucket table, then makes it live together with the handover masks in
+    /// one write of the control word (a new table never meets an old move's masks).
+    pub fn set_buckets_and_masks(
+        &mut self,
+        entries: &[BucketEntry],
+        givers_ready: u64,
+        givers_done: u64,
+    ) -> Result<usize, DataplaneError> {
         assert_eq!(entries.len(), BUCKETS as usize);
         let idle = (self.control.active_table ^ 1) as usize;
         let name = if idle == 0 {
@@ -250,8 +261,26 @@ impl Dataplane {
             }
         }
         self.control.active_table = idle as u32;
+        self.control.givers_ready = givers_ready;
+        self.control.givers_done = givers_done;
         self.write_control()?;
         Ok(written)
+    }
+
+    /// Updates the handover masks of the live table (one write; none when unchanged). Returns
+    /// whether they changed.
+    pub fn set_handover_masks(
+        &mut self,
+        givers_ready: u64,
+        givers_done: u64,
+    ) -> Result<bool, DataplaneError> {
+        if (self.control.givers_ready, self.control.givers_done) == (givers_ready, givers_done) {
+            return Ok(false);
+        }
+        self.control.givers_ready = givers_ready;
+        self.control.givers_done = givers_done;
+        self.write_control()?;
+        Ok(true)
     }
 
     /// The live bucket table.

@@ -29,8 +29,16 @@ pub struct Progress {
     pub elapsed_ms: u64,
 }
 
-/// (settled, target, alive, ready, quorum)
-type PlanKey = (u64, u64, u64, u64, bool);
+/// (settled, target, alive, quorum)
+type PlanKey = (u64, u64, u64, bool);
+
+/// What the data plane should hold now: the plan's table and the handover masks of the
+/// control word (see `farm_common::Control::effective_state`).
+pub struct Step<'a> {
+    pub plan: &'a Plan,
+    pub givers_ready: u64,
+    pub givers_done: u64,
+}
 
 pub struct Handover {
     members: Vec<(String, u32)>,
@@ -93,7 +101,7 @@ impl Handover {
 
     fn plan(&mut self, key: PlanKey) -> &Plan {
         if self.cached.as_ref().map(|(k, _)| *k) != Some(key) {
-            let (settled, target, alive, ready, quorum) = key;
+            let (settled, target, alive, quorum) = key;
             let p = transition::plan(
                 &self.seed,
                 &self.members,
@@ -101,7 +109,6 @@ impl Handover {
                 settled,
                 target,
                 alive,
-                ready,
                 quorum,
             );
             self.cached = Some((key, p));
@@ -109,8 +116,16 @@ impl Handover {
         &self.cached.as_ref().expect("just set").1
     }
 
-    /// One step: returns the plan to apply now.
-    pub fn step(&mut self, m: &Membership, now: Instant) -> Plan {
+    fn settled_step(&mut self, key: PlanKey) -> Step<'_> {
+        Step {
+            plan: self.plan(key),
+            givers_ready: 0,
+            givers_done: 0,
+        }
+    }
+
+    /// One step: returns what to apply now.
+    pub fn step(&mut self, m: &Membership, now: Instant) -> Step<'_> {
         let candidates = m.candidates();
         let target = transition::mask(&candidates);
         let quorum = m.has_quorum();
@@ -145,7 +160,7 @@ impl Handover {
             self.handed_over = target;
             self.started = None;
             self.progress = None;
-            return self.plan((target, target, alive, alive, quorum)).clone();
+            return self.settled_step((target, target, alive, quorum));
         }
         // Members that have applied this target (their outgoing buckets no longer take SYNs).
         let ready = m
@@ -155,7 +170,11 @@ impl Handover {
             .filter(|(i, p)| *i == self.me || p.applied == target)
             .fold(0u64, |a, (i, _)| a | (1 << i));
         let settled = self.settled;
-        let plan = self.plan((settled, target, alive, ready, quorum)).clone();
+        let key = (settled, target, alive, quorum);
+        let (outgoing, givers) = {
+            let p = self.plan(key);
+            (p.outgoing.len(), p.givers)
+        };
         let started = match self.started {
             Some((t, at)) if t == target => at,
             _ => {
@@ -165,23 +184,23 @@ impl Handover {
             }
         };
         let elapsed = now.saturating_duration_since(started);
-        if plan.outgoing.is_empty() {
+        if outgoing == 0 {
             self.connections_left = 0;
         } else if self
             .last_scan
             .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(250))
         {
-            self.connections_left = self.connections_in(&plan.outgoing);
+            let buckets = self.plan(key).outgoing.clone();
+            self.connections_left = self.connections_in(&buckets);
             self.last_scan = Some(now);
         }
-        let done = plan.outgoing.is_empty()
+        let done = outgoing == 0
             || (elapsed >= self.udp_idle && self.connections_left == 0)
             || elapsed >= self.drain_timeout;
         if done && self.handed_over != target {
-            if !plan.outgoing.is_empty() {
+            if outgoing > 0 {
                 tracing::info!(
-                    "handed over {} bucket(s) after {} ms ({} connection(s) left)",
-                    plan.outgoing.len(),
+                    "handed over {outgoing} bucket(s) after {} ms ({} connection(s) left)",
                     elapsed.as_millis(),
                     self.connections_left
                 );
@@ -197,7 +216,14 @@ impl Handover {
                 }
             })
             .collect();
-        if transition::complete(&plan, target, alive, &handed) {
+        let done_mask =
+            (0..m.peers.len()).fold(
+                0u64,
+                |a, i| {
+                    if handed[i] == target { a | (1 << i) } else { a }
+                },
+            );
+        if transition::complete(givers, alive, done_mask) {
             tracing::info!(
                 "bucket move complete: serving [{}]",
                 names(&self.members, target).join(", ")
@@ -205,23 +231,22 @@ impl Handover {
             self.settled = target;
             self.started = None;
             self.progress = None;
-            return self.plan((target, target, alive, alive, quorum)).clone();
+            return self.settled_step((target, target, alive, quorum));
         }
-        let waiting =
-            plan.givers
-                & alive
-                & !(0..m.peers.len()).fold(0u64, |a, i| {
-                    if handed[i] == target { a | (1 << i) } else { a }
-                });
+        let waiting = givers & alive & !done_mask;
         self.progress = Some(Progress {
             settled: names(&self.members, settled),
             target: names(&self.members, target),
-            outgoing_buckets: plan.outgoing.len(),
+            outgoing_buckets: outgoing,
             connections_left: self.connections_left,
             waiting_for: names(&self.members, waiting),
             elapsed_ms: elapsed.as_millis() as u64,
         });
-        plan
+        Step {
+            plan: self.plan(key),
+            givers_ready: ready,
+            givers_done: done_mask & givers,
+        }
     }
 
     pub fn progress(&self) -> Option<Progress> {

@@ -32,11 +32,13 @@ pub fn alive(ctl: &Control) -> bool {
     ctl.deadline_ns != 0 && now <= ctl.deadline_ns
 }
 
-/// Whether this node currently answers for bucket `b` (owner, or new owner during a handover).
+/// Whether this node answers ARP/NDP for requesters in bucket `b`: the owner, and during a
+/// handover both the previous and the new owner (two replies carry the same cluster MAC, so
+/// nothing goes unanswered while the bucket moves).
 #[inline(always)]
 pub fn mine(ctl: &Control, b: u32) -> bool {
     match maps::bucket(ctl, b) {
-        Some(e) => e.state == bucket_state::MINE || e.state == bucket_state::INCOMING,
+        Some(e) => e.state != bucket_state::NOT_MINE,
         None => false,
     }
 }
@@ -50,7 +52,7 @@ pub fn deliver(ctx: &XdpContext, ctl: &Control, key: BucketKey, tcp: Option<Tcp>
     }
     let b = bucket_of(&ctl.key(), key);
     let len = ptr::frame_len(ctx);
-    let state = maps::bucket(ctl, b).map_or(bucket_state::NOT_MINE, |e| e.state);
+    let state = maps::bucket(ctl, b).map_or(bucket_state::NOT_MINE, |e| ctl.effective_state(e));
     let take = match state {
         bucket_state::MINE => true,
         bucket_state::INCOMING | bucket_state::OUTGOING => {

@@ -758,7 +758,9 @@ fn handover_keeps_connections_with_their_owner() {
         let _s6 = l6.accept().expect("accept v6");
 
         let mut dp = dataplane();
-        let set = |dp: &mut Dataplane, state: u8| {
+        // Member 1 hands the client's buckets to member 0 (this node as the new owner), or this
+        // node (as member 1) hands them to member 0; `ready`/`done`: the control masks.
+        let set = |dp: &mut Dataplane, state: u8, ready: u64, done: u64| {
             let mut entries: Vec<BucketEntry> = (0..BUCKETS)
                 .map(|b| BucketEntry::owned_by(if b % 2 == 0 { 0 } else { 1 }, 0))
                 .collect();
@@ -771,7 +773,8 @@ fn handover_keeps_connections_with_their_owner() {
                     flags: 0,
                 };
             }
-            dp.set_buckets(&entries).expect("buckets");
+            dp.set_buckets_and_masks(&entries, ready, done)
+                .expect("buckets");
         };
         let v4 = |sport: u16, flags: u8| {
             eth(
@@ -796,72 +799,142 @@ fn handover_keeps_connections_with_their_owner() {
             &V4::new(c4, VIP4, 17).build(&udp(40000, 53, b"q")),
         );
         let (syn, ack) = (0x02u8, 0x10u8);
-        let cases: Vec<(&str, u8, Vec<u8>, u32)> = vec![
+        // The previous owner's bit in the control masks.
+        const GIVER: u64 = 1 << 1;
+        const READY: u64 = GIVER;
+        let cases: Vec<(&str, u8, u64, u64, Vec<u8>, u32)> = vec![
             (
                 "new owner: SYN of a new connection",
                 INCOMING,
+                READY,
+                0,
                 v4(40001, syn),
                 XDP_PASS,
             ),
             (
                 "new owner: segment of a connection it does not hold",
                 INCOMING,
+                READY,
+                0,
                 v4(40001, ack),
                 XDP_DROP,
             ),
             (
                 "new owner: segment of its own connection",
                 INCOMING,
+                READY,
+                0,
                 v4(40000, ack),
                 XDP_PASS,
             ),
             (
                 "new owner: UDP stays with the previous owner",
                 INCOMING,
+                READY,
+                0,
                 udp4.clone(),
                 XDP_DROP,
             ),
-            ("new owner: IPv6 SYN", INCOMING, v6(40001, syn), XDP_PASS),
+            (
+                "new owner: IPv6 SYN",
+                INCOMING,
+                READY,
+                0,
+                v6(40001, syn),
+                XDP_PASS,
+            ),
             (
                 "previous owner: no new connections",
                 OUTGOING,
+                0,
+                0,
                 v4(40001, syn),
                 XDP_DROP,
             ),
             (
                 "previous owner: its established connection",
                 OUTGOING,
+                0,
+                0,
                 v4(40000, ack),
                 XDP_PASS,
             ),
             (
                 "previous owner: only its listener matches (not its connection)",
                 OUTGOING,
+                0,
+                0,
                 v4(40001, ack),
                 XDP_DROP,
             ),
             (
                 "previous owner: UDP until the handover ends",
                 OUTGOING,
+                0,
+                0,
                 udp4.clone(),
                 XDP_PASS,
             ),
             (
                 "previous owner: its established IPv6 connection",
                 OUTGOING,
+                0,
+                0,
                 v6(40000, ack),
                 XDP_PASS,
             ),
             (
                 "previous owner: IPv6 segment matching only the listener",
                 OUTGOING,
+                0,
+                0,
                 v6(40002, ack),
+                XDP_DROP,
+            ),
+            (
+                "new owner, previous owner not ready yet: SYN dropped (it may still take it)",
+                INCOMING,
+                0,
+                0,
+                v4(40001, syn),
+                XDP_DROP,
+            ),
+            (
+                "new owner, previous owner handed over: UDP is the new owner's",
+                INCOMING,
+                READY,
+                GIVER,
+                udp4.clone(),
+                XDP_PASS,
+            ),
+            (
+                "new owner, previous owner handed over: every segment",
+                INCOMING,
+                READY,
+                GIVER,
+                v4(40001, ack),
+                XDP_PASS,
+            ),
+            (
+                "previous owner, handed over: not even its old connection",
+                OUTGOING,
+                0,
+                GIVER,
+                v4(40000, ack),
+                XDP_DROP,
+            ),
+            (
+                "previous owner, handed over: no UDP",
+                OUTGOING,
+                0,
+                GIVER,
+                udp4.clone(),
                 XDP_DROP,
             ),
         ];
         let mut failures = Vec::new();
-        for (name, state, frame, want) in cases {
-            set(&mut dp, state);
+        for (name, state, ready, done, frame, want) in cases {
+            set(&mut dp, state, ready, done);
             let (got, _) = run(&mut dp, &frame);
             if got != want {
                 failures.push(format!("{name}: verdict {got}, want {want}"));

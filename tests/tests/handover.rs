@@ -28,7 +28,10 @@ fn request(t: &Topology, i: usize, what: &str) -> (Outcome, String) {
     assert!(o.status.success(), "farmctl {what}: {}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("farmctl --json output");
     let outcome: Outcome = serde_json::from_value(v["outcome"].clone()).expect("outcome");
-    (outcome, v["message"].as_str().unwrap_or_default().to_string())
+    (
+        outcome,
+        v["message"].as_str().unwrap_or_default().to_string(),
+    )
 }
 
 /// This node's state as node `i` reports it.
@@ -218,7 +221,11 @@ fn rolling_restart_under_load_fails_no_request() {
         report.slow
     );
     assert_eq!(errors, 0, "keep-alive requests failed");
-    assert_eq!(report.failed, 0, "new connections failed: {:?}", report.errors);
+    assert_eq!(
+        report.failed, 0,
+        "new connections failed: {:?}",
+        report.errors
+    );
     assert_eq!(
         report.slow, 0,
         "a SYN went unanswered (retransmitted) during the restart"
