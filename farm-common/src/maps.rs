@@ -63,9 +63,10 @@ pub struct Control {
     pub _reserved: [u8; 3],
     /// Handover switch points (bit i = member i), written together with `active_table` so a new
     /// table never meets the masks of an old move:
-    /// - `givers_ready`: previous owners that have stopped taking new connections in their
-    ///   OUTGOING buckets; this node's INCOMING buckets from them take SYNs from then on (before,
-    ///   they take nothing). The switch is one write on each side, a heartbeat apart.
+    /// - `givers_ready`: previous owners that have released their OUTGOING buckets (take no new
+    ///   connections in them). Until its bit is set, an OUTGOING bucket acts as MINE on the
+    ///   previous owner and an INCOMING one as NOT_MINE on the new owner; after, as the states
+    ///   say. The switch is one write on each side, one message apart.
     pub givers_ready: u64,
     /// - `givers_done`: previous owners that have handed over (no connection left): their
     ///   buckets are wholly the new owner's (INCOMING acts as MINE), and a previous owner whose
@@ -90,6 +91,7 @@ impl Control {
             bucket_state::INCOMING if self.givers_done & bit != 0 => bucket_state::MINE,
             bucket_state::INCOMING if self.givers_ready & bit == 0 => bucket_state::NOT_MINE,
             bucket_state::OUTGOING if self.givers_done & bit != 0 => bucket_state::NOT_MINE,
+            bucket_state::OUTGOING if self.givers_ready & bit == 0 => bucket_state::MINE,
             s => s,
         }
     }

@@ -12,6 +12,7 @@ use tokio::{net::UdpSocket, sync::mpsc, time::Instant};
 
 use crate::{
     config::Config,
+    handover::Announce,
     heartbeat::{self, Heartbeat, Reject, State},
     membership::{Event, Membership, config_digest},
     witness::{Witness, WitnessError},
@@ -157,9 +158,9 @@ impl Cluster {
         ))
     }
 
-    /// Sends one heartbeat to every peer on every network, announcing this node's settled
-    /// serving set and the target it has handed over for.
-    pub fn send(&mut self, applied: u64, settled: u64, handed_over: u64) {
+    /// Sends one heartbeat to every peer on every network, announcing where this node's bucket
+    /// moves stand.
+    pub fn send(&mut self, a: Announce) {
         self.seq += 1;
         let me = self.membership.me;
         for (net, sock) in self.sockets.iter().enumerate() {
@@ -169,11 +170,12 @@ impl Cluster {
                 weight: self.membership.peers[me].weight as u16,
                 incarnation: self.incarnation,
                 seq: self.seq,
-                applied,
+                applied: a.applied,
                 config_digest: self.config_digest,
                 network: net as u8,
-                settled,
-                handed_over,
+                settled: a.settled,
+                handed_over: a.handed_over,
+                released: a.released,
             };
             let bytes = heartbeat::encode(&self.key, &hb);
             for (i, addrs) in self.peer_addrs.iter().enumerate() {
@@ -200,7 +202,7 @@ impl Cluster {
                 .peers
                 .iter()
                 .find(|p| p.id == hb.id)
-                .map(|p| (p.applied, p.settled, p.handed_over));
+                .map(|p| (p.applied, p.settled, p.handed_over, p.released));
             self.membership
                 .receive(&hb, d.net, now.into_std())
                 .map(|i| (i, hb, before))
@@ -218,7 +220,7 @@ impl Cluster {
                     );
                 }
                 self.membership.peers[i].alive
-                    && before != Some((hb.applied, hb.settled, hb.handed_over))
+                    && before != Some((hb.applied, hb.settled, hb.handed_over, hb.released))
             }
             Err(r) => {
                 *self.counters.rejected.entry(r.name().into()).or_default() += 1;
@@ -287,9 +289,9 @@ impl Cluster {
     }
 
     /// Announces that this node leaves (peers take its buckets at once).
-    pub fn leave(&mut self, applied: u64, settled: u64, handed_over: u64) {
+    pub fn leave(&mut self, a: Announce) {
         self.membership.my_state = State::Leaving;
-        self.send(applied, settled, handed_over);
+        self.send(a);
     }
 
     pub fn witness_addr(&self) -> Option<IpAddr> {

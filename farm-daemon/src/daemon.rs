@@ -321,11 +321,7 @@ impl Daemon {
     /// peers are told at once rather than at the next heartbeat: each handover switch then
     /// costs one message's latency, not a heartbeat interval.
     fn advance(&mut self) -> Result<(), DaemonError> {
-        let announced = (
-            self.handover.applied,
-            self.handover.settled,
-            self.handover.handed_over,
-        );
+        let announced = self.handover.announce();
         let step = self
             .handover
             .step(&self.cluster.membership, std::time::Instant::now());
@@ -356,9 +352,9 @@ impl Daemon {
                 count(farm_common::bucket_state::OUTGOING),
             );
         }
-        let h = &self.handover;
-        if (h.applied, h.settled, h.handed_over) != announced {
-            self.cluster.send(h.applied, h.settled, h.handed_over);
+        let now = self.handover.announce();
+        if now != announced {
+            self.cluster.send(now);
         }
         Ok(())
     }
@@ -448,7 +444,7 @@ impl Daemon {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    self.cluster.send(self.handover.applied, self.handover.settled, self.handover.handed_over);
+                    self.cluster.send(self.handover.announce());
                     let may_join = self.move_in_progress().is_none();
                     self.cluster.tick(tokio::time::Instant::now(), may_join);
                     self.start_queued();
@@ -500,11 +496,10 @@ impl Daemon {
         };
         // Tell the peers first, so they take this node's buckets at once rather than after the
         // loss window; twice, in case one is lost.
-        let h = &self.handover;
-        let (applied, settled, handed) = (h.applied, h.settled, h.handed_over);
-        self.cluster.leave(applied, settled, handed);
+        let announce = self.handover.announce();
+        self.cluster.leave(announce);
         tokio::time::sleep(self.cfg.heartbeat.interval.min(Duration::from_millis(50))).await;
-        self.cluster.leave(applied, settled, handed);
+        self.cluster.leave(announce);
         self.teardown().await;
         tracing::info!("farmd stopped; host restored");
         result

@@ -32,6 +32,15 @@ pub struct Progress {
 /// (settled, target, alive, quorum)
 type PlanKey = (u64, u64, u64, bool);
 
+/// Where this node's bucket moves stand, as its heartbeats say (see `transition`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announce {
+    pub applied: u64,
+    pub settled: u64,
+    pub released: u64,
+    pub handed_over: u64,
+}
+
 /// What the data plane should hold now: the plan's table and the handover masks of the
 /// control word (see `farm_common::Control::effective_state`).
 pub struct Step<'a> {
@@ -53,6 +62,8 @@ pub struct Handover {
     /// The target of the plan last returned (and applied by the daemon before it next sends a
     /// heartbeat).
     pub applied: u64,
+    /// The target for which this node's outgoing buckets take no new connections.
+    pub released: u64,
     cached: Option<(PlanKey, Plan)>,
     started: Option<(u64, Instant)>,
     last_scan: Option<Instant>,
@@ -90,6 +101,7 @@ impl Handover {
             settled: 0,
             handed_over: 0,
             applied: 0,
+            released: 0,
             cached: None,
             started: None,
             last_scan: None,
@@ -114,6 +126,16 @@ impl Handover {
             self.cached = Some((key, p));
         }
         &self.cached.as_ref().expect("just set").1
+    }
+
+    /// What this node announces in its heartbeats.
+    pub fn announce(&self) -> Announce {
+        Announce {
+            applied: self.applied,
+            settled: self.settled,
+            released: self.released,
+            handed_over: self.handed_over,
+        }
     }
 
     fn settled_step(&mut self, key: PlanKey) -> Step<'_> {
@@ -158,22 +180,27 @@ impl Handover {
         self.applied = target;
         if self.settled == target {
             self.handed_over = target;
+            self.released = target;
             self.started = None;
             self.progress = None;
             return self.settled_step((target, target, alive, quorum));
         }
-        // Members that have applied this target (their outgoing buckets no longer take SYNs).
-        let ready = m
-            .peers
-            .iter()
-            .enumerate()
-            .filter(|(i, p)| *i == self.me || p.applied == target)
-            .fold(0u64, |a, (i, _)| a | (1 << i));
+        let me = self.me;
+        let mask_of = |f: &dyn Fn(&crate::membership::Peer) -> bool| {
+            m.peers
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| *i != me && f(p))
+                .fold(0u64, |a, (i, _)| a | (1 << i))
+        };
+        // Members whose table is written for this target, and those that have released their
+        // outgoing buckets for it.
+        let prepared = mask_of(&|p| p.applied == target) | (1 << self.me);
         let settled = self.settled;
         let key = (settled, target, alive, quorum);
-        let (outgoing, givers) = {
+        let (outgoing, givers, takers) = {
             let p = self.plan(key);
-            (p.outgoing.len(), p.givers)
+            (p.outgoing.len(), p.givers, p.takers)
         };
         let started = match self.started {
             Some((t, at)) if t == target => at,
@@ -184,6 +211,24 @@ impl Handover {
             }
         };
         let elapsed = now.saturating_duration_since(started);
+        if self.released != target
+            && (takers & alive & !prepared == 0 || elapsed >= self.drain_timeout)
+        {
+            if outgoing > 0 {
+                tracing::info!(
+                    "released {outgoing} bucket(s) to [{}] after {} ms: new connections go there",
+                    names(&self.members, takers).join(", "),
+                    elapsed.as_millis()
+                );
+            }
+            self.released = target;
+        }
+        let ready = mask_of(&|p| p.released == target)
+            | if self.released == target {
+                1 << self.me
+            } else {
+                0
+            };
         if outgoing == 0 {
             self.connections_left = 0;
         } else if self
@@ -194,9 +239,10 @@ impl Handover {
             self.connections_left = self.connections_in(&buckets);
             self.last_scan = Some(now);
         }
-        let done = outgoing == 0
-            || (elapsed >= self.udp_idle && self.connections_left == 0)
-            || elapsed >= self.drain_timeout;
+        let done = self.released == target
+            && (outgoing == 0
+                || (elapsed >= self.udp_idle && self.connections_left == 0)
+                || elapsed >= self.drain_timeout);
         if done && self.handed_over != target {
             if outgoing > 0 {
                 tracing::info!(

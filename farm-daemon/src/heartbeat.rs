@@ -1,24 +1,26 @@
 //! The heartbeat message: what members tell each other several times a second, authenticated
 //! with the cluster key.
 //!
-//! Wire format (big-endian), 80 bytes plus the sender's id:
+//! Wire format (big-endian), 88 bytes plus the sender's id:
 //!
 //! ```text
 //!  0  magic "FRMH"            4
-//!  4  version (1)             1
+//!  4  version (2)             1
 //!  5  state                   1   joining, active, draining, leaving, unhealthy
 //!  6  weight                  2
 //!  8  incarnation             8   set once per farmd start; a restart is a new incarnation
 //! 16  sequence                8   +1 per message within an incarnation
-//! 24  applied                 8   serving set (member mask) of the map the sender has applied
+//! 24  applied                 8   target serving set (member mask) the sender's table is written for
 //! 32  config digest           8   hash of the member list and weights it was configured with
 //! 40  id length               1
 //! 41  network index           1   which heartbeat network the message was sent on
 //! 42  reserved                6
 //! 48  settled                 8   members (bit = index by id) serving in the sender's settled map
 //! 56  handed over             8   the target set for which the sender has handed its buckets over
-//! 64  id                      n   1..=63 bytes
-//! 64+n  HMAC-SHA256           16  over everything before it, truncated
+//! 64  released                8   the target set for which the sender's outgoing buckets no longer
+//!                                 take new connections
+//! 72  id                      n   1..=63 bytes
+//! 72+n  HMAC-SHA256           16  over everything before it, truncated
 //! ```
 //!
 //! Decoding never panics: truncated, oversized, foreign, unauthenticated and replayed messages
@@ -28,8 +30,9 @@ use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
 pub const MAGIC: [u8; 4] = *b"FRMH";
-pub const VERSION: u8 = 1;
-const FIXED: usize = 64;
+pub const VERSION: u8 = 2;
+/// Bytes before the id.
+pub const FIXED: usize = 72;
 const TAG: usize = 16;
 pub const MAX_ID: usize = 63;
 pub const MAX_LEN: usize = FIXED + MAX_ID + TAG;
@@ -89,6 +92,9 @@ pub struct Heartbeat {
     pub settled: u64,
     /// The target set of members for which the sender has finished handing over its buckets.
     pub handed_over: u64,
+    /// The target set for which the sender's outgoing buckets no longer take new connections
+    /// (it releases them once every taker has applied the target).
+    pub released: u64,
 }
 
 /// Why a datagram was not accepted. Each reason has its own counter.
@@ -173,6 +179,7 @@ pub fn encode(key: &[u8; 32], hb: &Heartbeat) -> Vec<u8> {
     b.extend_from_slice(&[0; 6]);
     b.extend_from_slice(&hb.settled.to_be_bytes());
     b.extend_from_slice(&hb.handed_over.to_be_bytes());
+    b.extend_from_slice(&hb.released.to_be_bytes());
     b.extend_from_slice(id);
     let tag = mac(key, &b);
     b.extend_from_slice(&tag);
@@ -236,6 +243,7 @@ pub fn decode(key: &[u8; 32], b: &[u8]) -> Result<Heartbeat, Reject> {
         network: b[41],
         settled: be64(b, 48),
         handed_over: be64(b, 56),
+        released: be64(b, 64),
     })
 }
 
@@ -281,6 +289,7 @@ mod tests {
             network: 1,
             settled: 0b101,
             handed_over: 0b111,
+            released: 0b110,
         }
     }
 

@@ -32,6 +32,7 @@ pub struct Peer {
     /// Its settled serving set and the target it has handed over for (see `transition`).
     pub settled: u64,
     pub handed_over: u64,
+    pub released: u64,
     guard: ReplayGuard,
     /// Whether it counted as alive at the last `tick`.
     pub alive: bool,
@@ -77,6 +78,7 @@ impl Membership {
                 config_digest: 0,
                 settled: 0,
                 handed_over: 0,
+                released: 0,
                 guard: ReplayGuard::default(),
                 alive: false,
             })
@@ -114,6 +116,7 @@ impl Membership {
         p.config_digest = hb.config_digest;
         p.settled = hb.settled;
         p.handed_over = hb.handed_over;
+        p.released = hb.released;
         Ok(i)
     }
 
@@ -246,6 +249,7 @@ mod tests {
             network: 0,
             settled: 0,
             handed_over: 0,
+            released: 0,
         }
     }
 

@@ -5,10 +5,20 @@
 //! who should serve now. A bucket whose settled owner is alive but is not its target owner is in
 //! handover: the new owner marks it INCOMING (takes SYNs and its own connections), the previous
 //! owner OUTGOING (keeps its established connections and non-TCP traffic), nobody else takes it.
-//! A bucket whose settled owner is gone moves at once. Each previous owner announces when it has
-//! handed over for the target (no connections left in its outgoing buckets, or a timeout); when
-//! every previous owner has, the target becomes the settled set. Every node computes the same
-//! plan from the same two sets.
+//! A bucket whose settled owner is gone moves at once. Every node computes the same plan from
+//! the same two sets.
+//!
+//! A move goes through three announced steps (heartbeat fields, sent at once when they change):
+//! 1. *applied*: each member has written its table for the target. The previous owner's OUTGOING
+//!    buckets still act as MINE and the new owner's INCOMING ones as NOT_MINE (control masks).
+//! 2. *released*: once every member that takes its buckets has applied, the previous owner stops
+//!    taking new connections in them (one control write) and says so; each new owner then takes
+//!    SYNs (one control write). A SYN is never taken by two members, and waits for nobody
+//!    longer than one message's latency.
+//! 3. *handed over*: no connection of the previous owner is left in its outgoing buckets (after
+//!    at least the UDP idle time), or the drain timeout passed; its buckets are then wholly the
+//!    new owner's. When every previous owner has handed over, the target becomes the settled
+//!    set.
 
 use farm_common::{BUCKETS, BucketEntry, HashKey, NO_OWNER, bucket_state};
 
@@ -45,6 +55,9 @@ pub struct Plan {
     pub outgoing: Vec<u32>,
     /// Members that hand buckets over (must announce they have).
     pub givers: u64,
+    /// Members that take this node's outgoing buckets (it releases them once they all have
+    /// applied the move).
+    pub takers: u64,
 }
 
 /// The plan of node `me` for moving from `settled` to `target`, `alive` being the members heard
@@ -75,6 +88,7 @@ pub fn plan(
     let mut entries = Vec::with_capacity(BUCKETS as usize);
     let mut outgoing = Vec::new();
     let mut givers = 0u64;
+    let mut takers = 0u64;
     for b in 0..BUCKETS as usize {
         let (from, to) = (s[b], t[b]);
         let handover = from != to && from != NO_OWNER && to != NO_OWNER && alive & (1 << from) != 0;
@@ -86,6 +100,7 @@ pub fn plan(
                 bucket_state::INCOMING
             } else if me8 == from {
                 outgoing.push(b as u32);
+                takers |= 1 << to;
                 bucket_state::OUTGOING
             } else {
                 bucket_state::NOT_MINE
@@ -106,6 +121,7 @@ pub fn plan(
         owners: t,
         outgoing,
         givers,
+        takers,
     }
 }
 

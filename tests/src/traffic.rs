@@ -485,6 +485,9 @@ pub struct NewConnectionReport {
     /// Connections that took longer than 900 ms: a SYN was lost and retransmitted (nobody took
     /// it), which users feel as a one-second stall.
     pub slow: u64,
+    /// The first few slow connections: wall-clock start (to compare with farmd's logs), source,
+    /// duration and outcome.
+    pub slow_samples: Vec<String>,
     /// Answers per node.
     pub by_node: std::collections::BTreeMap<String, u64>,
 }
@@ -517,10 +520,22 @@ impl NewConnections {
                     while !stop.load(Ordering::Relaxed) {
                         let src = chunk[k % chunk.len()];
                         k += 1;
-                        let t0 = Instant::now();
+                        let (t0, wall) = (Instant::now(), std::time::SystemTime::now());
                         let a = tcp_request(src, dst, Duration::from_secs(3));
                         if t0.elapsed() > Duration::from_millis(900) {
                             r.slow += 1;
+                            if r.slow_samples.len() < 5 {
+                                let at = wall
+                                    .duration_since(std::time::UNIX_EPOCH)
+                                    .unwrap_or_default();
+                                r.slow_samples.push(format!(
+                                    "{}.{:03} (unix s) from {src}: {} ms, {:?}",
+                                    at.as_secs(),
+                                    at.subsec_millis(),
+                                    t0.elapsed().as_millis(),
+                                    a.node.as_ref().or(a.error.as_ref())
+                                ));
+                            }
                         }
                         match (a.node, a.error) {
                             (Some(node), _) => {
@@ -552,6 +567,7 @@ impl NewConnections {
             total.answered += r.answered;
             total.failed += r.failed;
             total.slow += r.slow;
+            total.slow_samples.extend(r.slow_samples);
             total.errors.extend(r.errors);
             for (n, c) in r.by_node {
                 *total.by_node.entry(n).or_default() += c;

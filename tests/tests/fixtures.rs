@@ -846,7 +846,7 @@ fn handover_keeps_connections_with_their_owner() {
             (
                 "previous owner: no new connections",
                 OUTGOING,
-                0,
+                READY,
                 0,
                 v4(40001, syn),
                 XDP_DROP,
@@ -854,7 +854,7 @@ fn handover_keeps_connections_with_their_owner() {
             (
                 "previous owner: its established connection",
                 OUTGOING,
-                0,
+                READY,
                 0,
                 v4(40000, ack),
                 XDP_PASS,
@@ -862,7 +862,7 @@ fn handover_keeps_connections_with_their_owner() {
             (
                 "previous owner: only its listener matches (not its connection)",
                 OUTGOING,
-                0,
+                READY,
                 0,
                 v4(40001, ack),
                 XDP_DROP,
@@ -870,7 +870,7 @@ fn handover_keeps_connections_with_their_owner() {
             (
                 "previous owner: UDP until the handover ends",
                 OUTGOING,
-                0,
+                READY,
                 0,
                 udp4.clone(),
                 XDP_PASS,
@@ -878,7 +878,7 @@ fn handover_keeps_connections_with_their_owner() {
             (
                 "previous owner: its established IPv6 connection",
                 OUTGOING,
-                0,
+                READY,
                 0,
                 v6(40000, ack),
                 XDP_PASS,
@@ -886,10 +886,18 @@ fn handover_keeps_connections_with_their_owner() {
             (
                 "previous owner: IPv6 segment matching only the listener",
                 OUTGOING,
-                0,
+                READY,
                 0,
                 v6(40002, ack),
                 XDP_DROP,
+            ),
+            (
+                "previous owner before it released: still takes SYNs (acts as owner)",
+                OUTGOING,
+                0,
+                0,
+                v4(40001, syn),
+                XDP_PASS,
             ),
             (
                 "new owner, previous owner not ready yet: SYN dropped (it may still take it)",

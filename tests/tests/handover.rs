@@ -228,7 +228,8 @@ fn rolling_restart_under_load_fails_no_request() {
     );
     assert_eq!(
         report.slow, 0,
-        "a SYN went unanswered (retransmitted) during the restart"
+        "a SYN went unanswered (retransmitted) during the restart: {:#?}",
+        report.slow_samples
     );
     assert!(requests > 500 && reconnects > 30, "the keep-alive load ran");
     assert!(report.answered > 300, "the new-connection load ran");

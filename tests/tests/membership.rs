@@ -72,6 +72,7 @@ fn forged_replayed_and_random_heartbeats_change_nothing() {
                 network: 0,
                 settled: 0,
                 handed_over: 0,
+                released: 0,
             },
         )
     };
