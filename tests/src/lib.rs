@@ -9,6 +9,7 @@
 
 pub mod fixture;
 pub mod frames;
+pub mod keepalived;
 pub mod netns;
 pub mod topology;
 pub mod traffic;

@@ -375,8 +375,8 @@ pub struct KeepAliveCounters {
 
 /// Holds a keep-alive connection from `src` to `dst` and sends a request every 20 ms until
 /// `stop`. When the server closes the connection cleanly (its answer ends in ` close`) it opens
-/// a new one, as an HTTP client does. A failed or reset connection is one error, and ends the
-/// loop.
+/// a new one, as an HTTP client does. A failed or reset connection is one error; the client
+/// then opens a new connection, as a retrying client would.
 pub fn keep_alive(src: IpAddr, dst: SocketAddr, stop: &AtomicBool, c: &KeepAliveCounters) {
     let connect = || -> std::io::Result<(TcpStream, BufReader<TcpStream>)> {
         let domain = if dst.is_ipv4() {
@@ -402,7 +402,8 @@ pub fn keep_alive(src: IpAddr, dst: SocketAddr, stop: &AtomicBool, c: &KeepAlive
             Ok(x) => x,
             Err(_) => {
                 c.errors.fetch_add(1, Ordering::Relaxed);
-                return;
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
             }
         };
         while !stop.load(Ordering::Relaxed) {
@@ -416,7 +417,8 @@ pub fn keep_alive(src: IpAddr, dst: SocketAddr, stop: &AtomicBool, c: &KeepAlive
                 continue 'connection;
             } else {
                 c.errors.fetch_add(1, Ordering::Relaxed);
-                return;
+                std::thread::sleep(Duration::from_millis(20));
+                continue 'connection;
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | test | demo | bench dataplane`.
+//! Developer tasks: `cargo xtask setup | test | demo | bench dataplane|failover|rolling`.
 //!
 //! xtask itself needs nothing but the stable toolchain, so that `cargo xtask setup` works on a
 //! machine that cannot build the eBPF program yet.
@@ -41,7 +41,10 @@ enum Task {
     Demo,
     /// Benchmarks that print figures.
     Bench {
-        #[arg(value_parser = ["dataplane"])]
+        /// dataplane: ns/packet and drop rate against nftables; failover: link-cut recovery
+        /// against keepalived (--trials N); rolling: failed requests of a rolling restart
+        /// against keepalived.
+        #[arg(value_parser = ["dataplane", "failover", "rolling"])]
         what: String,
         /// Extra arguments for the benchmark.
         #[arg(trailing_var_arg = true)]
@@ -58,9 +61,14 @@ fn main() -> ExitCode {
         Task::Bench { what, args } => {
             let mut all = vec![what];
             all.extend(args);
-            // The comparison with the kernel's own filter needs nftables and ethtool.
-            ensure_tools(&[("nft", "nftables"), ("ethtool", "ethtool")])
-                .and_then(|()| run_bin("farm-bench", &all))
+            // The comparisons need their peers: the kernel's own filter (nftables, ethtool) and
+            // keepalived.
+            ensure_tools(&[
+                ("nft", "nftables"),
+                ("ethtool", "ethtool"),
+                ("keepalived", "keepalived"),
+            ])
+            .and_then(|()| run_bin("farm-bench", &all))
         }
     };
     match r {

@@ -1,5 +1,7 @@
 //! farm-bench: benchmarks that print figures (run through `cargo xtask bench ...`).
 //!
+//! `failover` and `rolling`: recovery against keepalived (see `recovery`).
+//!
 //! `dataplane`: ns/packet of the XDP program from BPF_PROG_TEST_RUN with repeat, per path,
 //! next to the empty XDP program measured in the same run (the floor); then the drop rate of
 //! the XDP filter against the kernel's own tool for the job, an nftables `jhash ... mod 3` rule
@@ -25,11 +27,18 @@ use farm_tests::{
     netns::Netns,
 };
 
+mod recovery;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("dataplane") => dataplane(&args[1..]),
-        _ => bail!("usage: farm-bench dataplane [--repeat N] [--rounds N]"),
+        Some("failover") => recovery::failover(flag(&args[1..], "--trials", 20)? as usize),
+        Some("rolling") => recovery::rolling(),
+        _ => bail!(
+            "usage: farm-bench dataplane [--repeat N] [--rounds N] | failover [--trials N] | \
+             rolling"
+        ),
     }
 }
 
