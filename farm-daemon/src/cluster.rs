@@ -232,8 +232,9 @@ impl Cluster {
 
     /// Re-evaluates membership (and logs what changed). A joining node becomes active after
     /// one loss window with quorum, and only when `may_join` (no other bucket move is in
-    /// progress: one planned change at a time).
-    pub fn tick(&mut self, now: Instant, may_join: bool) {
+    /// progress: one planned change at a time). Returns whether anything changed.
+    pub fn tick(&mut self, now: Instant, may_join: bool) -> bool {
+        let state = self.membership.my_state;
         if self.membership.my_state == State::Joining
             && self.membership.has_quorum()
             && now.duration_since(self.joined_at) >= self.membership.loss_window
@@ -253,7 +254,9 @@ impl Cluster {
             .witness
             .as_ref()
             .is_some_and(|w| w.reachable(self.witness_window));
-        for e in self.membership.tick(now.into_std(), witness) {
+        let events = self.membership.tick(now.into_std(), witness);
+        let changed = !events.is_empty() || state != self.membership.my_state;
+        for e in events {
             match e {
                 Event::PeerLost { id, silent_for } => {
                     self.counters.peers_lost += 1;
@@ -286,6 +289,7 @@ impl Cluster {
                 }
             }
         }
+        changed
     }
 
     /// Announces that this node leaves (peers take its buckets at once).

@@ -416,6 +416,11 @@ impl Daemon {
         let mut announced = 0u32;
         let mut heartbeat = tokio::time::interval(self.cfg.heartbeat.interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Liveness is checked ten times per heartbeat interval, so a silent peer is noticed
+        // within a tenth of an interval after its loss window ends, not up to a whole interval.
+        let mut liveness =
+            tokio::time::interval((self.cfg.heartbeat.interval / 10).max(Duration::from_millis(2)));
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heartbeats = self.heartbeats.take().expect("run once");
         let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(16);
 
@@ -453,6 +458,14 @@ impl Daemon {
                     }
                     if self.stop_due() {
                         break Ok(());
+                    }
+                }
+                _ = liveness.tick() => {
+                    let may_join = self.move_in_progress().is_none();
+                    if self.cluster.tick(tokio::time::Instant::now(), may_join)
+                        && let Err(e) = self.advance()
+                    {
+                        tracing::error!("updating the bucket map failed: {e}");
                     }
                 }
                 Some(d) = heartbeats.recv() => {

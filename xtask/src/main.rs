@@ -47,7 +47,7 @@ enum Task {
         #[arg(value_parser = ["dataplane", "failover", "rolling"])]
         what: String,
         /// Extra arguments for the benchmark.
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
 }
