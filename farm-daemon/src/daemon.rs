@@ -322,9 +322,9 @@ impl Daemon {
     /// costs one message's latency, not a heartbeat interval.
     fn advance(&mut self) -> Result<(), DaemonError> {
         let announced = self.handover.announce();
-        let step = self
-            .handover
-            .step(&self.cluster.membership, std::time::Instant::now());
+        let t0 = std::time::Instant::now();
+        let step = self.handover.step(&self.cluster.membership, t0);
+        let planned = t0.elapsed();
         self.quorum = self.cluster.membership.has_quorum();
         let (ready, done) = (step.givers_ready, step.givers_done);
         if step.plan.entries == self.applied {
@@ -332,6 +332,7 @@ impl Daemon {
         } else {
             let plan = step.plan;
             let written = self.dp.set_buckets_and_masks(&plan.entries, ready, done)?;
+            let applied_in = t0.elapsed();
             self.applied.clone_from(&plan.entries);
             self.owners.clone_from(&plan.owners);
             let count = |st: u8| self.applied.iter().filter(|e| e.state == st).count();
@@ -345,11 +346,13 @@ impl Daemon {
                 .collect();
             tracing::info!(
                 "bucket map: serving [{}]; this node owns {}, takes over {}, hands over {} \
-                 ({written} entries written)",
+                 ({written} entries written; planned in {} us, live after {} us)",
                 serving.join(", "),
                 count(farm_common::bucket_state::MINE),
                 count(farm_common::bucket_state::INCOMING),
                 count(farm_common::bucket_state::OUTGOING),
+                planned.as_micros(),
+                applied_in.as_micros(),
             );
         }
         let now = self.handover.announce();
