@@ -802,7 +802,9 @@ fn handover_keeps_connections_with_their_owner() {
         // The previous owner's bit in the control masks.
         const GIVER: u64 = 1 << 1;
         const READY: u64 = GIVER;
-        let cases: Vec<(&str, u8, u64, u64, Vec<u8>, u32)> = vec![
+        // (name, bucket state, givers_ready, givers_done, frame, verdict)
+        type Case<'a> = (&'a str, u8, u64, u64, Vec<u8>, u32);
+        let cases: Vec<Case> = vec![
             (
                 "new owner: SYN of a new connection",
                 INCOMING,
