@@ -22,7 +22,7 @@ fn every_example_validates() {
             n += 1;
         }
     }
-    assert!(n >= 4, "expected the examples in config/, found {n}");
+    assert!(n >= 5, "expected the examples in config/, found {n}");
 }
 
 #[test]
@@ -40,6 +40,15 @@ fn examples_say_what_they_claim() {
         u.vips[0].rules[0].affinity,
         farm_common::affinity::CONNECTION
     );
+    let t = example("two-node-witness.toml");
+    assert_eq!(t.members.len(), 2);
+    assert!(t.witness.is_some());
+    assert!(
+        t.members.iter().all(|m| m.heartbeat_addrs.len() == 2),
+        "two heartbeat networks"
+    );
+    assert_eq!(t.drain_timeout.as_secs(), 20);
+    assert_eq!(t.stop_drain_timeout.as_secs(), 15);
     let g = example("weighted.toml");
     let weights: Vec<u32> = g.members.iter().map(|m| m.weight).collect();
     assert_eq!(
@@ -47,4 +56,29 @@ fn examples_say_what_they_claim() {
         vec![2, 1, 1, 0],
         "sorted by id: big, small1, small2, standby"
     );
+}
+
+/// The systemd unit starts farmd the documented way and gives SIGTERM's drain time to finish.
+#[test]
+fn systemd_unit_fits_farmd() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/farmd.service");
+    let unit = std::fs::read_to_string(&path).expect("config/farmd.service");
+    let value = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key}= missing in farmd.service"))
+            .to_string()
+    };
+    assert!(value("ExecStart").ends_with("farmd --config /etc/farm/farm.toml"));
+    assert!(value("ExecStartPre").contains("farmd --check-config /etc/farm/farm.toml"));
+    let stop: u64 = value("TimeoutStopSec").parse().expect("seconds");
+    let reference = example("reference.toml");
+    assert!(
+        stop > reference.stop_drain_timeout.as_secs() + 5,
+        "TimeoutStopSec {stop} must exceed handover.stop_drain_timeout_s"
+    );
+    for cap in ["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN"] {
+        assert!(value("CapabilityBoundingSet").contains(cap), "{cap}");
+    }
+    assert!(value("ReadWritePaths").contains("/sys/fs/bpf"));
 }
