@@ -72,6 +72,70 @@ struct RawConfig {
     heartbeat: RawHeartbeat,
     #[serde(default)]
     handover: RawHandover,
+    #[serde(default)]
+    check: Vec<RawCheck>,
+    #[serde(default)]
+    health: RawHealth,
+}
+
+/// One health check of the local application (`[[check]]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    name: Option<String>,
+    kind: String,
+    /// tcp: "HOST:PORT".
+    address: Option<String>,
+    /// http: "http://..." or "https://...".
+    url: Option<String>,
+    #[serde(default = "default_expect_status")]
+    expect_status: u16,
+    body_contains: Option<String>,
+    #[serde(default = "default_true")]
+    tls_verify: bool,
+    /// process: the process name (as in /proc/PID/comm).
+    process: Option<String>,
+    /// systemd: the unit.
+    unit: Option<String>,
+    /// command: program and arguments.
+    command: Option<Vec<String>>,
+    #[serde(default = "default_check_interval")]
+    interval_ms: u64,
+    timeout_ms: Option<u64>,
+    #[serde(default = "default_rise")]
+    rise: u32,
+    #[serde(default = "default_fall")]
+    fall: u32,
+}
+
+fn default_expect_status() -> u16 {
+    200
+}
+fn default_true() -> bool {
+    true
+}
+fn default_check_interval() -> u64 {
+    1000
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHealth {
+    max_moves_per_minute: u32,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self {
+            max_moves_per_minute: 4,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,6 +350,61 @@ pub struct Vip {
     pub rules: Vec<Rule>,
 }
 
+/// What a health check probes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// A TCP connection can be opened.
+    Tcp(std::net::SocketAddr),
+    /// An HTTP(S) GET answers with `expect_status` (and a body containing `body_contains`).
+    Http {
+        url: String,
+        expect_status: u16,
+        body_contains: Option<String>,
+        tls_verify: bool,
+    },
+    /// A process of this name runs.
+    Process(String),
+    /// `systemctl is-active` says the unit is active.
+    Systemd(String),
+    /// The command exits with status 0.
+    Command(Vec<String>),
+}
+
+impl Probe {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Probe::Tcp(_) => "tcp",
+            Probe::Http { .. } => "http",
+            Probe::Process(_) => "process",
+            Probe::Systemd(_) => "systemd",
+            Probe::Command(_) => "command",
+        }
+    }
+
+    /// What it probes, for humans.
+    pub fn target(&self) -> String {
+        match self {
+            Probe::Tcp(a) => a.to_string(),
+            Probe::Http { url, .. } => url.clone(),
+            Probe::Process(p) | Probe::Systemd(p) => p.clone(),
+            Probe::Command(c) => c.join(" "),
+        }
+    }
+}
+
+/// A health check of the local application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: String,
+    pub probe: Probe,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive passes that make a failing check pass, and failures that make a passing
+    /// check fail.
+    pub rise: u32,
+    pub fall: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub node_id: String,
@@ -317,6 +436,10 @@ pub struct Config {
     pub stop_drain_timeout: Duration,
     /// Decides for a member of a two-member farm that has lost its peer.
     pub witness: Option<IpAddr>,
+    /// Health checks of the local application; a failing one gives this member's buckets away.
+    pub checks: Vec<Check>,
+    /// At most this many bucket moves per minute caused by health checks (flap damping).
+    pub max_health_moves_per_minute: u32,
 }
 
 impl Config {
@@ -799,6 +922,17 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
             ),
         );
     }
+    let checks = validate_checks(&raw.check, &mut e);
+    if raw.health.max_moves_per_minute < 2 {
+        e.push(
+            "health.max_moves_per_minute",
+            format!(
+                "{} is too small: a member that went unhealthy must be able to come back; use \
+                 at least 2 (out and in)",
+                raw.health.max_moves_per_minute
+            ),
+        );
+    }
     let witness = match &raw.cluster.witness {
         None => None,
         Some(w) => match w.parse::<IpAddr>() {
@@ -840,7 +974,169 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         drain_timeout: Duration::from_secs(raw.handover.drain_timeout_s),
         udp_idle: Duration::from_millis(raw.handover.udp_idle_ms),
         stop_drain_timeout: Duration::from_secs(raw.handover.stop_drain_timeout_s),
+        checks,
+        max_health_moves_per_minute: raw.health.max_moves_per_minute,
     })
+}
+
+/// Validates the `[[check]]` entries: each needs exactly the field its kind probes.
+fn validate_checks(raw: &[RawCheck], e: &mut Errors) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    for (i, c) in raw.iter().enumerate() {
+        let at = |f: &str| format!("check[{i}].{f}");
+        let needs = |e: &mut Errors, field: &str, what: &str| {
+            e.push(
+                at(field),
+                format!("missing: a \"{}\" check needs {what}", c.kind),
+            );
+        };
+        let probe = match c.kind.as_str() {
+            "tcp" => match c.address.as_deref() {
+                None => {
+                    needs(
+                        e,
+                        "address",
+                        "address = \"HOST:PORT\", e.g. \"127.0.0.1:80\"",
+                    );
+                    None
+                }
+                Some(a) => match a.parse::<std::net::SocketAddr>() {
+                    Ok(sa) => Some(Probe::Tcp(sa)),
+                    Err(_) => {
+                        e.push(
+                            at("address"),
+                            format!("{a:?} is not ADDRESS:PORT, e.g. \"127.0.0.1:80\""),
+                        );
+                        None
+                    }
+                },
+            },
+            "http" => match c.url.as_deref() {
+                None => {
+                    needs(e, "url", "url = \"http://127.0.0.1/health\"");
+                    None
+                }
+                Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                    e.push(
+                        at("url"),
+                        format!("{u:?} must start with http:// or https://"),
+                    );
+                    None
+                }
+                Some(u) => {
+                    if !(100..=599).contains(&c.expect_status) {
+                        e.push(
+                            at("expect_status"),
+                            format!(
+                                "{} is not an HTTP status: allowed 100 to 599",
+                                c.expect_status
+                            ),
+                        );
+                    }
+                    Some(Probe::Http {
+                        url: u.to_string(),
+                        expect_status: c.expect_status,
+                        body_contains: c.body_contains.clone(),
+                        tls_verify: c.tls_verify,
+                    })
+                }
+            },
+            "process" => match c.process.as_deref() {
+                Some(p) if !p.is_empty() && p.len() <= 15 => Some(Probe::Process(p.into())),
+                Some(p) => {
+                    e.push(
+                        at("process"),
+                        format!(
+                            "{p:?}: a process name as /proc/PID/comm shows it (1 to 15 \
+                             characters, e.g. \"nginx\")"
+                        ),
+                    );
+                    None
+                }
+                None => {
+                    needs(e, "process", "process = \"nginx\"");
+                    None
+                }
+            },
+            "systemd" => match c.unit.as_deref() {
+                Some(u) if !u.is_empty() => Some(Probe::Systemd(u.into())),
+                _ => {
+                    needs(e, "unit", "unit = \"nginx.service\"");
+                    None
+                }
+            },
+            "command" => match &c.command {
+                Some(cmd) if !cmd.is_empty() && !cmd[0].is_empty() => {
+                    Some(Probe::Command(cmd.clone()))
+                }
+                _ => {
+                    needs(
+                        e,
+                        "command",
+                        "command = [\"/usr/local/bin/check\", \"--quick\"] (exit 0 = healthy)",
+                    );
+                    None
+                }
+            },
+            other => {
+                e.push(
+                    at("kind"),
+                    format!(
+                        "{other:?} is not a check kind: use \"tcp\", \"http\", \"process\", \
+                         \"systemd\" or \"command\""
+                    ),
+                );
+                None
+            }
+        };
+        if !(100..=3_600_000).contains(&c.interval_ms) {
+            e.push(
+                at("interval_ms"),
+                format!(
+                    "{} is out of range: allowed 100 to 3600000 (milliseconds)",
+                    c.interval_ms
+                ),
+            );
+        }
+        let timeout_ms = c.timeout_ms.unwrap_or((c.interval_ms * 4 / 5).max(50));
+        if timeout_ms == 0 || timeout_ms > c.interval_ms {
+            e.push(
+                at("timeout_ms"),
+                format!(
+                    "{timeout_ms} must be at least 1 and at most interval_ms ({}): a check \
+                     must end before the next one starts",
+                    c.interval_ms
+                ),
+            );
+        }
+        for (field, v) in [("rise", c.rise), ("fall", c.fall)] {
+            if !(1..=100).contains(&v) {
+                e.push(at(field), format!("{v} is out of range: allowed 1 to 100"));
+            }
+        }
+        let name = c
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", c.kind, i + 1));
+        if !valid_id(&name) {
+            e.push(at("name"), format!("{name:?} {ID_RULE}"));
+        }
+        if !names.insert(name.clone()) {
+            e.push(at("name"), format!("{name:?} is used by another check"));
+        }
+        if let Some(probe) = probe {
+            checks.push(Check {
+                name,
+                probe,
+                interval: Duration::from_millis(c.interval_ms),
+                timeout: Duration::from_millis(timeout_ms),
+                rise: c.rise,
+                fall: c.fall,
+            });
+        }
+    }
+    checks
 }
 
 const ID_RULE: &str =
@@ -1063,5 +1359,42 @@ rules = [ { protocol = "tcp", ports = 80 }, { protocol = "udp", ports = "5000-51
                 .any(|e| e.field.ends_with("heartbeat_addresses")),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn health_checks_are_validated_field_by_field() {
+        let good = format!(
+            "{GOOD}\n[[check]]\nname = \"nginx\"\nkind = \"http\"\nurl = \"http://127.0.0.1/health\"\n\
+             interval_ms = 500\n\n[[check]]\nkind = \"process\"\nprocess = \"nginx\"\n"
+        );
+        let c = parse(&good).unwrap();
+        assert_eq!(c.checks.len(), 2);
+        assert_eq!(
+            c.checks[0].timeout,
+            Duration::from_millis(400),
+            "4/5 of the interval"
+        );
+        assert_eq!((c.checks[0].rise, c.checks[0].fall), (2, 3));
+        assert_eq!(c.checks[1].name, "process-2");
+        assert_eq!(c.max_health_moves_per_minute, 4);
+        let bad = format!(
+            "{GOOD}\n[[check]]\nkind = \"http\"\nurl = \"ftp://x\"\n\n[[check]]\nkind = \"tcp\"\n\n\
+             [[check]]\nkind = \"ping\"\n\n[[check]]\nkind = \"command\"\ncommand = [\"true\"]\n\
+             interval_ms = 1000\ntimeout_ms = 2000\nrise = 0\n\n[health]\nmax_moves_per_minute = 1\n"
+        );
+        let fields: Vec<String> = field_errors(&bad).into_iter().map(|e| e.field).collect();
+        for f in [
+            "check[0].url",
+            "check[1].address",
+            "check[2].kind",
+            "check[3].timeout_ms",
+            "check[3].rise",
+            "health.max_moves_per_minute",
+        ] {
+            assert!(
+                fields.iter().any(|x| x == f),
+                "{f} not reported: {fields:?}"
+            );
+        }
     }
 }

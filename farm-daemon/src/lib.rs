@@ -3,6 +3,7 @@
 
 pub mod announce;
 pub mod assign;
+pub mod checks;
 pub mod cluster;
 pub mod config;
 pub mod control;
