@@ -382,6 +382,15 @@ impl Health {
         None
     }
 
+    /// Names of the checks that fail or have not passed yet.
+    pub fn failing(&self) -> Vec<String> {
+        self.checks
+            .iter()
+            .filter(|t| t.state != CheckState::Passing)
+            .map(|t| t.check.name.clone())
+            .collect()
+    }
+
     /// Whether a return is being held back by flap damping.
     pub fn damped(&self) -> bool {
         self.damped_logged

@@ -27,6 +27,8 @@ pub enum Request {
     },
     /// Take this node's share back after a drain.
     Resume,
+    /// The health checks and their last results.
+    Checks,
 }
 
 /// What became of a drain or resume request.
@@ -48,8 +50,19 @@ pub enum Outcome {
 pub enum Response {
     Status(Box<Status>),
     Whois { entries: Vec<WhoisEntry> },
-    Planned { outcome: Outcome, message: String },
-    Error { message: String },
+    Planned {
+        outcome: Outcome,
+        message: String,
+    },
+    Checks {
+        healthy: bool,
+        /// A return is held back by flap damping.
+        damped: bool,
+        checks: Vec<crate::checks::CheckStatus>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,6 +88,9 @@ pub struct Status {
     /// farmd is stopping (draining first, up to handover.stop_drain_timeout_s).
     #[serde(default)]
     pub stopping: bool,
+    /// Health checks that fail or have not passed yet.
+    #[serde(default)]
+    pub checks_failing: Vec<String>,
     /// Digest of this node's view; equal on every node when they agree.
     pub view_digest: String,
     pub heartbeat: HeartbeatStatus,

@@ -20,6 +20,7 @@ use tokio::{
 use crate::{
     announce::{AnnounceError, Announcer},
     assign,
+    checks::{self, Change, Health},
     cluster::{Cluster, ClusterError, Datagram},
     config::{Config, MacMode, format_mac},
     control::{
@@ -114,6 +115,8 @@ pub struct Daemon {
     queued: Option<Planned>,
     /// Set on SIGTERM/SIGINT while draining before leaving: leave by then at the latest.
     stopping: Option<Instant>,
+    /// The application's health, from the configured checks.
+    health: Health,
 }
 
 /// A planned change of this node's own state.
@@ -240,6 +243,7 @@ impl Daemon {
         dp.set_identity(hash_key, link.mac, cluster_mac)?;
         dp.set_vips(&cfg.vips)?;
 
+        let (cfg_checks, max_health_moves) = (cfg.checks.clone(), cfg.max_health_moves_per_minute);
         let mut d = Daemon {
             owners: Vec::new(),
             hash_key,
@@ -259,6 +263,7 @@ impl Daemon {
             applied: Vec::new(),
             queued: None,
             stopping: None,
+            health: Health::new(&cfg_checks, max_health_moves),
         };
         match d.setup(&pin_dir).await {
             Ok(listener) => Ok((d, listener)),
@@ -426,6 +431,13 @@ impl Daemon {
         liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heartbeats = self.heartbeats.take().expect("run once");
         let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(16);
+        let mut check_results = checks::start(&self.cfg.checks);
+        if !self.cfg.checks.is_empty() {
+            tracing::info!(
+                "{} health check(s); this member joins once they pass",
+                self.cfg.checks.len()
+            );
+        }
 
         tracing::info!(
             "farmd serving: node {} on {} (XDP {} mode), cluster MAC {} ({}), {} VIP(s), owns {} \
@@ -453,7 +465,11 @@ impl Daemon {
                 }
                 _ = heartbeat.tick() => {
                     self.cluster.send(self.handover.announce());
-                    let may_join = self.move_in_progress().is_none();
+                    // A return held back by flap damping happens once the minute allows it.
+                    if let Some(change) = self.health.evaluate(std::time::Instant::now()) {
+                        self.on_health(change);
+                    }
+                    let may_join = self.may_join();
                     self.cluster.tick(tokio::time::Instant::now(), may_join);
                     self.start_queued();
                     if let Err(e) = self.advance() {
@@ -463,8 +479,16 @@ impl Daemon {
                         break Ok(());
                     }
                 }
+                Some((i, outcome)) = check_results.recv() => {
+                    if let Some(change) = self.health.record(i, outcome, std::time::Instant::now()) {
+                        self.on_health(change);
+                        if let Err(e) = self.advance() {
+                            tracing::error!("updating the bucket map failed: {e}");
+                        }
+                    }
+                }
                 _ = liveness.tick() => {
-                    let may_join = self.move_in_progress().is_none();
+                    let may_join = self.may_join();
                     if self.cluster.tick(tokio::time::Instant::now(), may_join)
                         && let Err(e) = self.advance()
                     {
@@ -594,6 +618,46 @@ impl Daemon {
             })
     }
 
+    /// Whether a joining member may become active now: no bucket move in progress (one planned
+    /// change at a time) and the application healthy.
+    fn may_join(&self) -> bool {
+        self.health.healthy() && self.move_in_progress().is_none()
+    }
+
+    /// The application's health changed.
+    fn on_health(&mut self, change: Change) {
+        let state = self.cluster.membership.my_state;
+        match change {
+            Change::Unhealthy { answered, why } => {
+                if matches!(state, State::Active | State::Joining) {
+                    self.cluster.membership.my_state = State::Unhealthy;
+                    self.queued = None;
+                    self.handover.immediate = !answered;
+                    tracing::warn!(
+                        "unhealthy ({why}): giving this member's buckets away {}",
+                        if answered {
+                            "keeping its connections (the application still answers)"
+                        } else {
+                            "at once (the application does not answer)"
+                        }
+                    );
+                } else {
+                    tracing::warn!("unhealthy ({why}); this member is {state:?} and stays so");
+                }
+            }
+            Change::Healthy => {
+                if state == State::Unhealthy {
+                    tracing::info!("healthy again: taking this member's share back");
+                    if let Response::Planned { message, .. } =
+                        self.plan_change(Planned::Resume, false)
+                    {
+                        tracing::info!("{message}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Whether a member other than this one serves.
     fn others_serve(&self) -> bool {
         let me = self.cfg.me;
@@ -625,6 +689,7 @@ impl Daemon {
                 );
             }
             Planned::Resume => {
+                self.handover.immediate = false;
                 // Back to joining when quorum went meanwhile: it serves again after a loss
                 // window with quorum, as a starting node does.
                 m.my_state = if m.has_quorum() {
@@ -694,6 +759,15 @@ impl Daemon {
             }
             (Planned::Resume, State::Active | State::Joining) => {
                 return planned(Outcome::Unchanged, "not drained: nothing to resume".into());
+            }
+            (Planned::Resume, _) if !self.health.healthy() => {
+                return Response::Error {
+                    message: format!(
+                        "the health checks fail ({}): this member comes back by itself when \
+                         they pass (see farmctl checks)",
+                        self.health.failing().join(", ")
+                    ),
+                };
             }
             _ => {}
         }
@@ -783,6 +857,11 @@ impl Daemon {
         match req {
             Request::Drain { force } => self.plan_change(Planned::Drain, force),
             Request::Resume => self.plan_change(Planned::Resume, false),
+            Request::Checks => Response::Checks {
+                healthy: self.health.healthy(),
+                damped: self.health.damped(),
+                checks: self.health.status(std::time::Instant::now()),
+            },
             Request::Status => match self.status() {
                 Ok(s) => Response::Status(Box::new(s)),
                 Err(e) => Response::Error {
@@ -974,6 +1053,7 @@ impl Daemon {
                 None => p.name().into(),
             }),
             stopping: self.stopping.is_some(),
+            checks_failing: self.health.failing(),
             view_digest: format!("{:016x}", self.cluster.membership.view_digest()),
             heartbeat: self.heartbeat_status(),
             members,

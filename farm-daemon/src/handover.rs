@@ -64,6 +64,8 @@ pub struct Handover {
     pub applied: u64,
     /// The target for which this node's outgoing buckets take no new connections.
     pub released: u64,
+    /// Hand over without waiting for connections (the application does not answer anyway).
+    pub immediate: bool,
     cached: Option<(PlanKey, Plan)>,
     started: Option<(u64, Instant)>,
     last_scan: Option<Instant>,
@@ -102,6 +104,7 @@ impl Handover {
             handed_over: 0,
             applied: 0,
             released: 0,
+            immediate: false,
             cached: None,
             started: None,
             last_scan: None,
@@ -241,6 +244,7 @@ impl Handover {
         }
         let done = self.released == target
             && (outgoing == 0
+                || self.immediate
                 || (elapsed >= self.udp_idle && self.connections_left == 0)
                 || elapsed >= self.drain_timeout);
         if done && self.handed_over != target {

@@ -63,6 +63,11 @@ enum Command {
         #[command(flatten)]
         wait: Wait,
     },
+    /// The health checks of this node: state, streak, last result.
+    ///
+    /// A check passes after `rise` passes in a row and fails after `fall` failures in a row;
+    /// the node is healthy while every check passes. Exit status 1 when it is not.
+    Checks,
 }
 
 #[derive(clap::Args, Debug, Clone, Copy)]
@@ -87,6 +92,7 @@ fn main() -> ExitCode {
         ),
         Command::Drain { force, wait } => (Request::Drain { force: *force }, Some(*wait)),
         Command::Resume { wait } => (Request::Resume, Some(*wait)),
+        Command::Checks => (Request::Checks, None),
     };
     let resp = match control::request(&args.socket, &req, Duration::from_secs(10)) {
         Ok(r) => r,
@@ -103,13 +109,20 @@ fn main() -> ExitCode {
         match &resp {
             Response::Status(s) => print_json(s),
             Response::Whois { entries } => print_json(entries),
-            Response::Planned { .. } | Response::Error { .. } => print_json(&resp),
+            Response::Planned { .. } | Response::Checks { .. } | Response::Error { .. } => {
+                print_json(&resp)
+            }
         }
     } else {
         match &resp {
             Response::Status(s) => print_status(s),
             Response::Whois { entries } => print_whois(entries),
             Response::Planned { message, .. } => println!("{message}"),
+            Response::Checks {
+                healthy,
+                damped,
+                checks,
+            } => print_checks(*healthy, *damped, checks),
             Response::Error { .. } => {}
         }
     }
@@ -121,6 +134,7 @@ fn main() -> ExitCode {
         Response::Whois { entries } if entries.iter().any(|e| e.error.is_some()) => {
             ExitCode::from(1)
         }
+        Response::Checks { healthy: false, .. } => ExitCode::from(1),
         _ => ExitCode::SUCCESS,
     }
 }
@@ -289,6 +303,12 @@ fn print_status(s: &Status) {
     if s.stopping {
         println!("STOPPING: handing buckets over before leaving");
     }
+    if !s.checks_failing.is_empty() {
+        println!(
+            "health checks not passing: {} (farmctl checks)",
+            s.checks_failing.join(", ")
+        );
+    }
     let nets: Vec<String> = hb
         .networks
         .iter()
@@ -390,6 +410,57 @@ fn truncate(s: &str, n: usize) -> String {
         let mut t: String = s.chars().take(n - 1).collect();
         t.push('~');
         t
+    }
+}
+
+fn print_checks(healthy: bool, damped: bool, checks: &[farm_daemon::checks::CheckStatus]) {
+    if checks.is_empty() {
+        println!("no health checks configured ([[check]] in the config): always healthy");
+        return;
+    }
+    println!(
+        "{}{}",
+        if healthy { "healthy" } else { "UNHEALTHY" },
+        if damped {
+            " (checks pass, but flap damping holds this node out for now)"
+        } else {
+            ""
+        }
+    );
+    println!();
+    println!(
+        "{:<16} {:<8} {:<8} {:>7} {:>9}  LAST RESULT",
+        "CHECK", "KIND", "STATE", "STREAK", "AGE"
+    );
+    for c in checks {
+        let state = serde_json::to_value(c.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let last = c
+            .last
+            .as_ref()
+            .map_or("(none yet)".to_string(), |o| o.detail.clone());
+        let age = c
+            .last_age_ms
+            .map_or("-".to_string(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
+        println!(
+            "{:<16} {:<8} {:<8} {:>7} {:>9}  {}",
+            truncate(&c.name, 16),
+            c.kind,
+            state,
+            c.streak,
+            age,
+            truncate(&last, 26)
+        );
+        println!(
+            "{:<16} {} (every {} ms, rise {}, fall {})",
+            "",
+            truncate(&c.target, 40),
+            c.interval_ms,
+            c.rise,
+            c.fall
+        );
     }
 }
 
