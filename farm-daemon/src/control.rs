@@ -49,7 +49,9 @@ pub enum Outcome {
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Response {
     Status(Box<Status>),
-    Whois { entries: Vec<WhoisEntry> },
+    Whois {
+        entries: Vec<WhoisEntry>,
+    },
     Planned {
         outcome: Outcome,
         message: String,

@@ -578,3 +578,86 @@ impl NewConnections {
         total
     }
 }
+
+/// What a `HealthEndpoint` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// `200 OK`, body `ok`.
+    Ok,
+    /// `503 Service Unavailable`: the application answers, but says it is not well.
+    Unavailable,
+    /// The listener is closed: connections are refused (the application is gone).
+    Down,
+}
+
+/// A tiny HTTP server on 127.0.0.1:`port` inside a node, for the health checks, whose answer
+/// the test sets.
+pub struct HealthEndpoint {
+    state: Arc<std::sync::Mutex<Health>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HealthEndpoint {
+    pub fn start(ns: &Netns, port: u16) -> Self {
+        let state = Arc::new(std::sync::Mutex::new(Health::Ok));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        let thread = ns.spawn(move || {
+            let mut listener: Option<TcpListener> = None;
+            while !sp.load(Ordering::Relaxed) {
+                let now = *st.lock().expect("health state");
+                if now == Health::Down {
+                    listener = None;
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                let l = listener.get_or_insert_with(|| {
+                    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+                        .expect("socket");
+                    s.set_reuse_address(true).expect("reuseaddr");
+                    s.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+                        .expect("bind health endpoint");
+                    s.listen(64).expect("listen");
+                    let l: TcpListener = s.into();
+                    l.set_nonblocking(true).expect("nonblocking");
+                    l
+                });
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        let _ = c.set_nonblocking(false);
+                        let _ = c.set_read_timeout(Some(Duration::from_millis(500)));
+                        let mut req = [0u8; 1024];
+                        let _ = c.read(&mut req);
+                        let reply: &[u8] = if now == Health::Ok {
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                        } else {
+                            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\
+                              Connection: close\r\n\r\nbusy"
+                        };
+                        let _ = c.write_all(reply);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Self {
+            state,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn set(&self, h: Health) {
+        *self.state.lock().expect("health state") = h;
+    }
+}
+
+impl Drop for HealthEndpoint {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
