@@ -30,8 +30,14 @@ fn examples_say_what_they_claim() {
     let r = example("reference.toml");
     assert_eq!(r.members.len(), 2);
     assert_eq!(r.deadman_timeout.as_millis(), 300);
+    assert_eq!(
+        r.checks.len(),
+        2,
+        "reference shows an http and a process check"
+    );
     let w = example("web-farm.toml");
     assert_eq!(w.members.len(), 3);
+    assert_eq!(w.checks[0].probe.kind(), "http");
     assert_eq!(w.vips.len(), 2);
     assert!(w.vips[1].address.is_ipv6());
     let u = example("udp-api.toml");
