@@ -66,6 +66,8 @@ pub struct Cluster {
     joined_at: Instant,
     join_deferred: bool,
     pub counters: Counters,
+    /// Membership events since the daemon last took them (for notify hooks).
+    pub events: Vec<Event>,
 }
 
 impl Cluster {
@@ -153,6 +155,7 @@ impl Cluster {
                 joined_at: Instant::now(),
                 join_deferred: false,
                 counters,
+                events: Vec::new(),
             },
             rx,
         ))
@@ -256,6 +259,7 @@ impl Cluster {
             .is_some_and(|w| w.reachable(self.witness_window));
         let events = self.membership.tick(now.into_std(), witness);
         let changed = !events.is_empty() || state != self.membership.my_state;
+        self.events.extend(events.iter().cloned());
         for e in events {
             match e {
                 Event::PeerLost { id, silent_for } => {

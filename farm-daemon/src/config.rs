@@ -76,6 +76,41 @@ struct RawConfig {
     check: Vec<RawCheck>,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    hook: Vec<RawHook>,
+}
+
+/// A command run when something happens (`[[hook]]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    event: String,
+    command: Vec<String>,
+    #[serde(default = "default_hook_timeout")]
+    timeout_s: u64,
+}
+
+fn default_hook_timeout() -> u64 {
+    10
+}
+
+/// Events a hook can be run on.
+pub const HOOK_EVENTS: [&str; 7] = [
+    "became-active",
+    "drained",
+    "unhealthy",
+    "healthy",
+    "lost-quorum",
+    "peer-lost",
+    "peer-back",
+];
+
+/// A command run on an event, with the event in its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    pub event: String,
+    pub command: Vec<String>,
+    pub timeout: Duration,
 }
 
 /// One health check of the local application (`[[check]]`).
@@ -440,6 +475,7 @@ pub struct Config {
     pub checks: Vec<Check>,
     /// At most this many bucket moves per minute caused by health checks (flap damping).
     pub max_health_moves_per_minute: u32,
+    pub hooks: Vec<Hook>,
 }
 
 impl Config {
@@ -923,6 +959,45 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         );
     }
     let checks = validate_checks(&raw.check, &mut e);
+    let mut hooks = Vec::new();
+    for (i, h) in raw.hook.iter().enumerate() {
+        let mut ok = true;
+        if !HOOK_EVENTS.contains(&h.event.as_str()) {
+            ok = false;
+            e.push(
+                format!("hook[{i}].event"),
+                format!(
+                    "{:?} is not an event: use one of {}",
+                    h.event,
+                    HOOK_EVENTS.join(", ")
+                ),
+            );
+        }
+        if h.command.is_empty() || h.command[0].is_empty() {
+            ok = false;
+            e.push(
+                format!("hook[{i}].command"),
+                "missing: the program and its arguments, e.g. [\"/usr/local/bin/notify\", \"farm\"]",
+            );
+        }
+        if !(1..=300).contains(&h.timeout_s) {
+            ok = false;
+            e.push(
+                format!("hook[{i}].timeout_s"),
+                format!(
+                    "{} is out of range: allowed 1 to 300 (seconds)",
+                    h.timeout_s
+                ),
+            );
+        }
+        if ok {
+            hooks.push(Hook {
+                event: h.event.clone(),
+                command: h.command.clone(),
+                timeout: Duration::from_secs(h.timeout_s),
+            });
+        }
+    }
     if raw.health.max_moves_per_minute < 2 {
         e.push(
             "health.max_moves_per_minute",
@@ -976,6 +1051,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         stop_drain_timeout: Duration::from_secs(raw.handover.stop_drain_timeout_s),
         checks,
         max_health_moves_per_minute: raw.health.max_moves_per_minute,
+        hooks,
     })
 }
 

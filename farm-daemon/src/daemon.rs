@@ -30,6 +30,8 @@ use crate::{
     dataplane::{self, Dataplane, DataplaneError},
     handover::Handover,
     heartbeat::State,
+    hooks::{self, Hooks},
+    membership,
     netlink::{LinkFacts, Netlink, NetlinkError},
     secret::{Secret, SecretError},
 };
@@ -117,6 +119,9 @@ pub struct Daemon {
     stopping: Option<Instant>,
     /// The application's health, from the configured checks.
     health: Health,
+    hooks: Hooks,
+    /// This member's state as status shows it, at the last bucket-map step (for hooks).
+    last_state: String,
 }
 
 /// A planned change of this node's own state.
@@ -244,6 +249,7 @@ impl Daemon {
         dp.set_vips(&cfg.vips)?;
 
         let (cfg_checks, max_health_moves) = (cfg.checks.clone(), cfg.max_health_moves_per_minute);
+        let (hooks, node_id) = (cfg.hooks.clone(), cfg.node_id.clone());
         let mut d = Daemon {
             owners: Vec::new(),
             hash_key,
@@ -264,6 +270,8 @@ impl Daemon {
             queued: None,
             stopping: None,
             health: Health::new(&cfg_checks, max_health_moves),
+            hooks: Hooks::new(hooks, node_id),
+            last_state: String::new(),
         };
         match d.setup(&pin_dir).await {
             Ok(listener) => Ok((d, listener)),
@@ -364,7 +372,51 @@ impl Daemon {
         if now != announced {
             self.cluster.send(now);
         }
+        self.notify();
         Ok(())
+    }
+
+    /// Runs the notify hooks for what changed since the last step.
+    fn notify(&mut self) {
+        let me = self.cfg.node_id.clone();
+        for e in std::mem::take(&mut self.cluster.events) {
+            let event = match e {
+                membership::Event::PeerLost { id, silent_for } => hooks::Event {
+                    name: "peer-lost",
+                    member: id,
+                    detail: format!("not heard for {} ms", silent_for.as_millis()),
+                },
+                membership::Event::PeerBack { id } => hooks::Event {
+                    name: "peer-back",
+                    member: id,
+                    detail: String::new(),
+                },
+                membership::Event::QuorumLost => hooks::Event {
+                    name: "lost-quorum",
+                    member: me.clone(),
+                    detail: "this member releases every bucket".into(),
+                },
+                membership::Event::QuorumRegained => continue,
+            };
+            self.hooks.fire(&event);
+        }
+        let state = self.member_state(self.cfg.me, &[]);
+        if state != self.last_state {
+            let name = match state.as_str() {
+                "serving" => Some("became-active"),
+                "drained" => Some("drained"),
+                "unhealthy" => Some("unhealthy"),
+                _ => None,
+            };
+            if let Some(name) = name {
+                self.hooks.fire(&hooks::Event {
+                    name,
+                    member: me,
+                    detail: format!("was {}", self.last_state),
+                });
+            }
+            self.last_state = state;
+        }
     }
 
     /// Undoes every host change, newest first. Errors are logged, and the rest still undone.
@@ -646,6 +698,11 @@ impl Daemon {
                 }
             }
             Change::Healthy => {
+                self.hooks.fire(&hooks::Event {
+                    name: "healthy",
+                    member: self.cfg.node_id.clone(),
+                    detail: String::new(),
+                });
                 if state == State::Unhealthy {
                     tracing::info!("healthy again: taking this member's share back");
                     if let Response::Planned { message, .. } =

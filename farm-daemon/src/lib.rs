@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod handover;
 pub mod heartbeat;
+pub mod hooks;
 pub mod membership;
 pub mod netlink;
 pub mod secret;

@@ -39,12 +39,24 @@ fn failing_http_check_moves_buckets_away_and_back_without_a_failed_request() {
     if !require_root("failing_http_check_moves_buckets_away_and_back_without_a_failed_request") {
         return;
     }
+    let events = std::env::temp_dir().join(format!("farm-hook-events-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&events);
+    std::fs::create_dir_all(&events).expect("events dir");
+    let hook = |event: &str| {
+        format!(
+            "\n[[hook]]\nevent = \"{event}\"\ncommand = [\"sh\", \"-c\", \"echo $FARM_EVENT $FARM_MEMBER >> {}/$FARM_NODE\"]\n",
+            events.display()
+        )
+    };
     let mut t = Topology::build(Spec {
         nodes: 3,
         client_addrs: 200,
         extra_config: format!(
             "\n[[check]]\nname = \"web\"\nkind = \"http\"\nurl = \"http://127.0.0.1:{HEALTH_PORT}/health\"\n\
-             body_contains = \"ok\"\ninterval_ms = 200\nrise = 2\nfall = 2\n"
+             body_contains = \"ok\"\ninterval_ms = 200\nrise = 2\nfall = 2\n{}{}{}",
+            hook("became-active"),
+            hook("unhealthy"),
+            hook("healthy")
         ),
         // Servers end keep-alive connections after 50 requests, as NGINX does: a member coming
         // back gets its buckets as soon as the connections in them have turned over.
@@ -144,6 +156,24 @@ fn failing_http_check_moves_buckets_away_and_back_without_a_failed_request() {
         first.slow,
         report.answered,
         report.failed
+    );
+    // The notify hooks ran on n2 with the event in their environment.
+    std::thread::sleep(Duration::from_millis(300));
+    let n2_events = std::fs::read_to_string(events.join("n2")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&events);
+    // Hooks run in the background, so two fired together may finish in either order.
+    let mut seen: Vec<&str> = n2_events.lines().collect();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        [
+            "became-active n2",
+            "became-active n2",
+            "healthy n2",
+            "healthy n2",
+            "unhealthy n2",
+        ],
+        "hook events on n2: {n2_events}"
     );
     assert_eq!(errors, 0, "connections held by n1 saw errors");
     assert!(requests > 100);
