@@ -29,6 +29,65 @@ pub enum Request {
     Resume,
     /// The health checks and their last results.
     Checks,
+    /// The bucket map with this node's per-bucket counters.
+    Buckets {
+        /// One bucket in detail.
+        #[serde(default)]
+        bucket: Option<u32>,
+    },
+    /// Which buckets would move where if `member` failed now (nothing is changed).
+    SimulateFailure {
+        member: String,
+    },
+}
+
+/// The bucket map as one node sees it. Every node sees every packet, so its counters cover all
+/// members' traffic: accepted (its own buckets) plus dropped (the others').
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BucketReport {
+    pub buckets_total: u32,
+    pub members: Vec<MemberTraffic>,
+    /// The busiest buckets (packets seen), most first.
+    pub busiest: Vec<BucketInfo>,
+    /// The bucket asked for.
+    pub detail: Option<BucketInfo>,
+    /// Owner (member index into `members`, or null) of every bucket.
+    pub owners: Vec<Option<u8>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberTraffic {
+    pub id: String,
+    pub buckets: usize,
+    /// Packets and bytes to its buckets, as this node saw them.
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BucketInfo {
+    pub bucket: u32,
+    pub owner: Option<String>,
+    /// This node's handling: mine, not-mine, incoming, outgoing.
+    pub state: String,
+    pub accepted_packets: u64,
+    pub accepted_bytes: u64,
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+}
+
+/// Where a failed member's buckets would go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Simulation {
+    pub member: String,
+    /// Buckets it owns now.
+    pub buckets: usize,
+    /// (member, buckets it would take).
+    pub moves: Vec<(String, usize)>,
+    /// Buckets of other members that would move (0 by design).
+    pub others_moved: usize,
+    /// Whether the rest would still have quorum.
+    pub quorum_after: bool,
 }
 
 /// What became of a drain or resume request.
@@ -56,6 +115,8 @@ pub enum Response {
         outcome: Outcome,
         message: String,
     },
+    Buckets(Box<BucketReport>),
+    Simulation(Simulation),
     Checks {
         healthy: bool,
         /// A return is held back by flap damping.

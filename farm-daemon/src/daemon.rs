@@ -914,6 +914,13 @@ impl Daemon {
         match req {
             Request::Drain { force } => self.plan_change(Planned::Drain, force),
             Request::Resume => self.plan_change(Planned::Resume, false),
+            Request::Buckets { bucket } => match self.buckets(bucket) {
+                Ok(r) => Response::Buckets(Box::new(r)),
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            },
+            Request::SimulateFailure { member } => self.simulate_failure(&member),
             Request::Checks => Response::Checks {
                 healthy: self.health.healthy(),
                 damped: self.health.damped(),
@@ -929,6 +936,141 @@ impl Daemon {
                 entries: clients.iter().map(|c| self.whois(c)).collect(),
             },
         }
+    }
+
+    fn bucket_info(&self, b: u32) -> Result<crate::control::BucketInfo, DaemonError> {
+        let c = self.dp.bucket_counter(b)?;
+        let e = self.applied.get(b as usize).copied().unwrap_or_default();
+        Ok(crate::control::BucketInfo {
+            bucket: b,
+            owner: self.owner_name(b),
+            state: match self.dp.control().effective_state(&e) {
+                farm_common::bucket_state::MINE => "mine",
+                farm_common::bucket_state::INCOMING => "incoming",
+                farm_common::bucket_state::OUTGOING => "outgoing",
+                _ => "not-mine",
+            }
+            .into(),
+            accepted_packets: c.accepted_packets,
+            accepted_bytes: c.accepted_bytes,
+            dropped_packets: c.dropped_packets,
+            dropped_bytes: c.dropped_bytes,
+        })
+    }
+
+    fn buckets(&self, detail: Option<u32>) -> Result<crate::control::BucketReport, DaemonError> {
+        let n = self.cfg.members.len();
+        let mut members: Vec<crate::control::MemberTraffic> = self
+            .cfg
+            .members
+            .iter()
+            .map(|m| crate::control::MemberTraffic {
+                id: m.id.clone(),
+                buckets: 0,
+                packets: 0,
+                bytes: 0,
+            })
+            .collect();
+        let mut seen: Vec<(u64, u32)> = Vec::new();
+        for b in 0..BUCKETS {
+            let c = self.dp.bucket_counter(b)?;
+            let (packets, bytes) = (
+                c.accepted_packets + c.dropped_packets,
+                c.accepted_bytes + c.dropped_bytes,
+            );
+            if let Some(m) = self
+                .owners
+                .get(b as usize)
+                .and_then(|&o| members.get_mut(o as usize))
+            {
+                m.buckets += 1;
+                m.packets += packets;
+                m.bytes += bytes;
+            }
+            if packets > 0 {
+                seen.push((packets, b));
+            }
+        }
+        seen.sort_unstable_by(|a, b| b.cmp(a));
+        let busiest = seen
+            .iter()
+            .take(10)
+            .map(|&(_, b)| self.bucket_info(b))
+            .collect::<Result<_, _>>()?;
+        Ok(crate::control::BucketReport {
+            buckets_total: BUCKETS,
+            members,
+            busiest,
+            detail: match detail {
+                Some(b) if b < BUCKETS => Some(self.bucket_info(b)?),
+                _ => None,
+            },
+            owners: self
+                .owners
+                .iter()
+                .map(|&o| ((o as usize) < n).then_some(o))
+                .collect(),
+        })
+    }
+
+    fn simulate_failure(&self, member: &str) -> Response {
+        let Some(i) = self.cfg.members.iter().position(|m| m.id == member) else {
+            return Response::Error {
+                message: format!(
+                    "{member:?} is not a member; members: {}",
+                    self.cfg
+                        .members
+                        .iter()
+                        .map(|m| m.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+        };
+        let mut candidates = self.cluster.membership.candidates();
+        candidates[i].serving = false;
+        let after = assign::assign(&self.hash_key, &candidates);
+        let mut moves = vec![0usize; self.cfg.members.len()];
+        let (mut buckets, mut others_moved) = (0, 0);
+        for (&now, &then) in self.owners.iter().zip(&after) {
+            if now as usize == i {
+                buckets += 1;
+                if let Some(m) = moves.get_mut(then as usize) {
+                    *m += 1;
+                }
+            } else if now != then {
+                others_moved += 1;
+            }
+        }
+        let alive = self
+            .cluster
+            .membership
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(j, p)| *j != i && p.alive)
+            .count();
+        let n = self.cfg.members.len();
+        let quorum_after = match n {
+            0 | 1 => false,
+            // The survivor of two serves alone (with a witness: while the witness answers).
+            2 => true,
+            _ => alive * 2 > n,
+        };
+        Response::Simulation(crate::control::Simulation {
+            member: member.into(),
+            buckets,
+            moves: self
+                .cfg
+                .members
+                .iter()
+                .zip(moves)
+                .filter(|(_, c)| *c > 0)
+                .map(|(m, c)| (m.id.clone(), c))
+                .collect(),
+            others_moved,
+            quorum_after,
+        })
     }
 
     fn owner_name(&self, bucket: u32) -> Option<String> {

@@ -428,3 +428,82 @@ fn cut_node_comes_back_without_breaking_a_connection() {
     assert_eq!(after, before, "n2 got exactly its old share back");
     every_client_answered_once(&t, &after);
 }
+
+/// `farmctl buckets` accounts for every bucket and sees every member's traffic;
+/// `farmctl simulate-failure` predicts exactly where a member's buckets go when it fails.
+#[test]
+fn simulate_failure_predicts_the_real_failover() {
+    if !require_root("simulate_failure_predicts_the_real_failover") {
+        return;
+    }
+    let mut t = Topology::build(Spec {
+        nodes: 3,
+        client_addrs: 60,
+        ..Spec::default()
+    });
+    t.start_all();
+    let reqs: Vec<(IpAddr, SocketAddr)> = t
+        .clients4()
+        .iter()
+        .map(|&a| (a, t.vip4(TCP_PORT)))
+        .collect();
+    for a in traffic::tcp_requests(&t.client, reqs, 2, Duration::from_secs(3)) {
+        assert!(a.node.is_some(), "{a:?}");
+    }
+    let json = |i: usize, args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let o = t.farmctl(i, &all);
+        assert!(o.status.success(), "farmctl {args:?}: {o:?}");
+        serde_json::from_slice(&o.stdout).expect("farmctl --json")
+    };
+    let b = json(0, &["buckets", "--bucket", "7"]);
+    let members = b["members"].as_array().expect("members");
+    let total: u64 = members.iter().map(|m| m["buckets"].as_u64().unwrap()).sum();
+    assert_eq!(total, 65536);
+    assert!(
+        members.iter().all(|m| m["packets"].as_u64().unwrap() > 0),
+        "n1 sees every member's traffic: {members:?}"
+    );
+    assert_eq!(b["owners"].as_array().unwrap().len(), 65536);
+    assert_eq!(b["detail"]["bucket"], 7);
+
+    let sim = json(0, &["simulate-failure", "n2"]);
+    let n2_buckets = members[1]["buckets"].as_u64().unwrap();
+    assert_eq!(sim["buckets"].as_u64(), Some(n2_buckets));
+    assert_eq!(sim["others_moved"], 0);
+    assert_eq!(sim["quorum_after"], true);
+    let predicted: BTreeMap<String, u64> = sim["moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m[0].as_str().unwrap().to_string(), m[1].as_u64().unwrap()))
+        .collect();
+    assert_eq!(predicted.values().sum::<u64>(), n2_buckets);
+
+    // Now n2 really fails: its buckets go exactly where the simulation said.
+    let before: Vec<Option<u64>> = b["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64())
+        .collect();
+    t.switch.ip(&["link", "set", "n2", "down"]);
+    t.wait_converged(&[0, 2], Duration::from_secs(10));
+    let after = json(0, &["buckets"]);
+    let mut moved: BTreeMap<String, u64> = BTreeMap::new();
+    for (was, now) in before.iter().zip(after["owners"].as_array().unwrap()) {
+        if *was == Some(1) {
+            let id = format!("n{}", now.as_u64().unwrap() + 1);
+            *moved.entry(id).or_default() += 1;
+        } else {
+            assert_eq!(*was, now.as_u64(), "a bucket of n1 or n3 moved");
+        }
+    }
+    assert_eq!(moved, predicted);
+    // The simulation of a member that owns nothing now says so.
+    let o = t.farmctl(0, &["simulate-failure", "n2"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("owns no bucket"));
+    let o = t.farmctl(0, &["simulate-failure", "nope"]);
+    assert_eq!(o.status.code(), Some(1));
+}

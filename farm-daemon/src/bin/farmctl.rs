@@ -68,6 +68,20 @@ enum Command {
     /// A check passes after `rise` passes in a row and fails after `fall` failures in a row;
     /// the node is healthy while every check passes. Exit status 1 when it is not.
     Checks,
+    /// The bucket map: buckets and traffic per member, the busiest buckets.
+    ///
+    /// Every member sees every packet, so this node's counters cover the whole farm's traffic
+    /// (its own buckets accepted, the others' dropped). --json adds the owner of every bucket.
+    Buckets {
+        /// Show this bucket in detail (see `farmctl whois` for a client's bucket).
+        #[arg(long, value_name = "N")]
+        bucket: Option<u32>,
+    },
+    /// Which buckets would move where if MEMBER failed now. Changes nothing.
+    SimulateFailure {
+        #[arg(value_name = "MEMBER")]
+        member: String,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone, Copy)]
@@ -93,6 +107,13 @@ fn main() -> ExitCode {
         Command::Drain { force, wait } => (Request::Drain { force: *force }, Some(*wait)),
         Command::Resume { wait } => (Request::Resume, Some(*wait)),
         Command::Checks => (Request::Checks, None),
+        Command::Buckets { bucket } => (Request::Buckets { bucket: *bucket }, None),
+        Command::SimulateFailure { member } => (
+            Request::SimulateFailure {
+                member: member.clone(),
+            },
+            None,
+        ),
     };
     let resp = match control::request(&args.socket, &req, Duration::from_secs(10)) {
         Ok(r) => r,
@@ -109,6 +130,8 @@ fn main() -> ExitCode {
         match &resp {
             Response::Status(s) => print_json(s),
             Response::Whois { entries } => print_json(entries),
+            Response::Buckets(b) => print_json(b),
+            Response::Simulation(sim) => print_json(sim),
             Response::Planned { .. } | Response::Checks { .. } | Response::Error { .. } => {
                 print_json(&resp)
             }
@@ -118,6 +141,8 @@ fn main() -> ExitCode {
             Response::Status(s) => print_status(s),
             Response::Whois { entries } => print_whois(entries),
             Response::Planned { message, .. } => println!("{message}"),
+            Response::Buckets(b) => print_buckets(b),
+            Response::Simulation(sim) => print_simulation(sim),
             Response::Checks {
                 healthy,
                 damped,
@@ -411,6 +436,78 @@ fn truncate(s: &str, n: usize) -> String {
         t.push('~');
         t
     }
+}
+
+fn print_buckets(b: &control::BucketReport) {
+    println!(
+        "{:<20} {:>8} {:>6} {:>14} {:>12}",
+        "MEMBER", "BUCKETS", "SHARE", "PACKETS SEEN", "BYTES"
+    );
+    for m in &b.members {
+        println!(
+            "{:<20} {:>8} {:>5.1}% {:>14} {:>12}",
+            truncate(&m.id, 20),
+            m.buckets,
+            100.0 * m.buckets as f64 / b.buckets_total as f64,
+            m.packets,
+            human_bytes(m.bytes)
+        );
+    }
+    let info = |i: &control::BucketInfo| {
+        format!(
+            "{:>6} {:<16} {:<9} {:>10} {:>10} {:>12}",
+            i.bucket,
+            truncate(i.owner.as_deref().unwrap_or("(nobody)"), 16),
+            i.state,
+            i.accepted_packets,
+            i.dropped_packets,
+            human_bytes(i.accepted_bytes + i.dropped_bytes)
+        )
+    };
+    let header = format!(
+        "{:>6} {:<16} {:<9} {:>10} {:>10} {:>12}",
+        "BUCKET", "OWNER", "HERE", "ACCEPTED", "DROPPED", "BYTES"
+    );
+    if let Some(d) = &b.detail {
+        println!();
+        println!("{header}");
+        println!("{}", info(d));
+    }
+    if !b.busiest.is_empty() {
+        println!();
+        println!("busiest buckets (packets seen by this node):");
+        println!("{header}");
+        for i in &b.busiest {
+            println!("{}", info(i));
+        }
+    }
+}
+
+fn print_simulation(s: &control::Simulation) {
+    if s.buckets == 0 {
+        println!("{} owns no bucket now: nothing would move", s.member);
+        return;
+    }
+    let moves: Vec<String> = s.moves.iter().map(|(m, n)| format!("{n} to {m}")).collect();
+    println!(
+        "if {} failed now, its {} bucket(s) would move: {}",
+        s.member,
+        s.buckets,
+        if moves.is_empty() {
+            "to nobody (no other member serves: its clients go unanswered)".to_string()
+        } else {
+            moves.join(", ")
+        }
+    );
+    println!(
+        "buckets of other members that would move: {}; the rest would {}",
+        s.others_moved,
+        if s.quorum_after {
+            "keep quorum and serve"
+        } else {
+            "LOSE QUORUM and stop serving"
+        }
+    );
 }
 
 fn print_checks(healthy: bool, damped: bool, checks: &[farm_daemon::checks::CheckStatus]) {
