@@ -78,6 +78,26 @@ struct RawConfig {
     health: RawHealth,
     #[serde(default)]
     hook: Vec<RawHook>,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMetrics {
+    enabled: bool,
+    listen: String,
+    per_bucket: bool,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: "127.0.0.1:9464".into(),
+            per_bucket: false,
+        }
+    }
 }
 
 /// A command run when something happens (`[[hook]]`).
@@ -476,6 +496,10 @@ pub struct Config {
     /// At most this many bucket moves per minute caused by health checks (flap damping).
     pub max_health_moves_per_minute: u32,
     pub hooks: Vec<Hook>,
+    /// Where the Prometheus metrics endpoint listens (`None`: off).
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Export per-bucket series too (65536 of each).
+    pub metrics_per_bucket: bool,
 }
 
 impl Config {
@@ -959,6 +983,21 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         );
     }
     let checks = validate_checks(&raw.check, &mut e);
+    let metrics = match raw.metrics.listen.parse::<std::net::SocketAddr>() {
+        _ if !raw.metrics.enabled => None,
+        Ok(a) => Some(a),
+        Err(_) => {
+            e.push(
+                "metrics.listen",
+                format!(
+                    "{:?} is not ADDRESS:PORT; the default \"127.0.0.1:9464\" keeps the \
+                     endpoint on this host",
+                    raw.metrics.listen
+                ),
+            );
+            None
+        }
+    };
     let mut hooks = Vec::new();
     for (i, h) in raw.hook.iter().enumerate() {
         let mut ok = true;
@@ -1052,6 +1091,8 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         checks,
         max_health_moves_per_minute: raw.health.max_moves_per_minute,
         hooks,
+        metrics,
+        metrics_per_bucket: raw.metrics.per_bucket,
     })
 }
 

@@ -39,6 +39,18 @@ pub enum Request {
     SimulateFailure {
         member: String,
     },
+    /// The Prometheus text (used by the metrics endpoint).
+    Metrics,
+}
+
+/// The last failover this node took part in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailoverInfo {
+    /// The member that was lost.
+    pub member: String,
+    /// From the last heartbeat heard from it until the new bucket map was live here.
+    pub duration_ms: u64,
+    pub ago_s: f64,
 }
 
 /// The bucket map as one node sees it. Every node sees every packet, so its counters cover all
@@ -116,6 +128,9 @@ pub enum Response {
         message: String,
     },
     Buckets(Box<BucketReport>),
+    Metrics {
+        text: String,
+    },
     Simulation(Simulation),
     Checks {
         healthy: bool,
@@ -154,6 +169,11 @@ pub struct Status {
     /// Health checks that fail or have not passed yet.
     #[serde(default)]
     pub checks_failing: Vec<String>,
+    /// Members this node saw fail, and the last such failover.
+    #[serde(default)]
+    pub failovers: u64,
+    #[serde(default)]
+    pub last_failover: Option<FailoverInfo>,
     /// Digest of this node's view; equal on every node when they agree.
     pub view_digest: String,
     pub heartbeat: HeartbeatStatus,

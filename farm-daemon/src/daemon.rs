@@ -122,6 +122,13 @@ pub struct Daemon {
     hooks: Hooks,
     /// This member's state as status shows it, at the last bucket-map step (for hooks).
     last_state: String,
+    /// The metrics endpoint, bound at start (served once running).
+    metrics_listener: Option<tokio::net::TcpListener>,
+    /// How long the last bucket-map change took from planning to live.
+    last_apply: Duration,
+    failovers: u64,
+    /// (member lost, from its last heartbeat to the new map live here, when).
+    last_failover: Option<(String, Duration, Instant)>,
 }
 
 /// A planned change of this node's own state.
@@ -204,6 +211,16 @@ impl Daemon {
         // Heartbeat sockets next: an address that is not this host's fails here, before the
         // host is touched.
         let (cluster, heartbeats) = Cluster::bind(&cfg, message_key).await?;
+        let metrics_listener =
+            match cfg.metrics {
+                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                    DaemonError::Io {
+                        what: format!("binding the metrics endpoint {addr} (metrics.listen)"),
+                        source: e,
+                    }
+                })?),
+                None => None,
+            };
         let handover = Handover::new(
             cfg.members
                 .iter()
@@ -272,6 +289,10 @@ impl Daemon {
             health: Health::new(&cfg_checks, max_health_moves),
             hooks: Hooks::new(hooks, node_id),
             last_state: String::new(),
+            metrics_listener,
+            last_apply: Duration::ZERO,
+            failovers: 0,
+            last_failover: None,
         };
         match d.setup(&pin_dir).await {
             Ok(listener) => Ok((d, listener)),
@@ -346,6 +367,7 @@ impl Daemon {
             let plan = step.plan;
             let written = self.dp.set_buckets_and_masks(&plan.entries, ready, done)?;
             let applied_in = t0.elapsed();
+            self.last_apply = applied_in;
             self.applied.clone_from(&plan.entries);
             self.owners.clone_from(&plan.owners);
             let count = |st: u8| self.applied.iter().filter(|e| e.state == st).count();
@@ -381,11 +403,21 @@ impl Daemon {
         let me = self.cfg.node_id.clone();
         for e in std::mem::take(&mut self.cluster.events) {
             let event = match e {
-                membership::Event::PeerLost { id, silent_for } => hooks::Event {
-                    name: "peer-lost",
-                    member: id,
-                    detail: format!("not heard for {} ms", silent_for.as_millis()),
-                },
+                membership::Event::PeerLost { id, silent_for } => {
+                    let took = silent_for + self.last_apply;
+                    tracing::info!(
+                        "failover of {id}: {} ms from its last heartbeat to the new map live \
+                         here",
+                        took.as_millis()
+                    );
+                    self.failovers += 1;
+                    self.last_failover = Some((id.clone(), took, Instant::now()));
+                    hooks::Event {
+                        name: "peer-lost",
+                        member: id,
+                        detail: format!("not heard for {} ms", silent_for.as_millis()),
+                    }
+                }
                 membership::Event::PeerBack { id } => hooks::Event {
                     name: "peer-back",
                     member: id,
@@ -484,6 +516,23 @@ impl Daemon {
         let mut heartbeats = self.heartbeats.take().expect("run once");
         let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(16);
         let mut check_results = checks::start(&self.cfg.checks);
+        if let Some(l) = self.metrics_listener.take() {
+            if let Ok(a) = l.local_addr() {
+                tracing::info!("metrics at http://{a}/metrics");
+            }
+            let tx = control_tx.clone();
+            tokio::spawn(crate::metrics::serve(l, move || {
+                let tx = tx.clone();
+                async move {
+                    let (reply, rx) = tokio::sync::oneshot::channel();
+                    tx.send((Request::Metrics, reply)).await.ok()?;
+                    match rx.await.ok()? {
+                        Response::Metrics { text } => Some(text),
+                        _ => None,
+                    }
+                }
+            }));
+        }
         if !self.cfg.checks.is_empty() {
             tracing::info!(
                 "{} health check(s); this member joins once they pass",
@@ -921,6 +970,12 @@ impl Daemon {
                 },
             },
             Request::SimulateFailure { member } => self.simulate_failure(&member),
+            Request::Metrics => match self.metrics_text() {
+                Ok(text) => Response::Metrics { text },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            },
             Request::Checks => Response::Checks {
                 healthy: self.health.healthy(),
                 damped: self.health.damped(),
@@ -1011,6 +1066,211 @@ impl Daemon {
                 .map(|&o| ((o as usize) < n).then_some(o))
                 .collect(),
         })
+    }
+
+    /// Every series of the metrics endpoint.
+    fn metrics_text(&self) -> Result<String, DaemonError> {
+        let mut t = crate::metrics::Text::default();
+        let me = self.cfg.node_id.as_str();
+        let shares = assign::shares(&self.owners, self.cfg.members.len());
+        t.family("farm_up", "gauge", "1 while farmd runs.")
+            .sample("farm_up", &[("node", me)], 1.0);
+        t.family(
+            "farm_quorum",
+            "gauge",
+            "1 while this member has quorum (sees a majority, or the witness).",
+        )
+        .sample("farm_quorum", &[], self.quorum as u8 as f64);
+        t.family(
+            "farm_member_state",
+            "gauge",
+            "Each member's state as this member sees it (1 for the current state).",
+        );
+        for (i, m) in self.cfg.members.iter().enumerate() {
+            let st = self.member_state(i, &shares);
+            t.sample(
+                "farm_member_state",
+                &[("member", &m.id), ("state", &st)],
+                1.0,
+            );
+        }
+        t.family("farm_buckets_owned", "gauge", "Buckets each member owns.");
+        for (i, m) in self.cfg.members.iter().enumerate() {
+            t.sample("farm_buckets_owned", &[("member", &m.id)], shares[i] as f64);
+        }
+        // Per-member traffic from this node's per-bucket counters (every member sees every
+        // packet), and per bucket if asked for.
+        let n = self.cfg.members.len();
+        let mut packets = vec![0u64; n];
+        let mut bytes = vec![0u64; n];
+        let mut per_bucket = Vec::new();
+        for b in 0..BUCKETS {
+            let c = self.dp.bucket_counter(b)?;
+            let (p, y) = (
+                c.accepted_packets + c.dropped_packets,
+                c.accepted_bytes + c.dropped_bytes,
+            );
+            if let Some(o) = self.owners.get(b as usize).map(|&o| o as usize)
+                && o < n
+            {
+                packets[o] += p;
+                bytes[o] += y;
+            }
+            if self.cfg.metrics_per_bucket && p > 0 {
+                per_bucket.push((b, p, y));
+            }
+        }
+        t.family(
+            "farm_member_packets_total",
+            "counter",
+            "Packets to each member's current buckets, as this member saw them.",
+        );
+        for (i, m) in self.cfg.members.iter().enumerate() {
+            t.sample(
+                "farm_member_packets_total",
+                &[("member", &m.id)],
+                packets[i] as f64,
+            );
+        }
+        t.family(
+            "farm_member_bytes_total",
+            "counter",
+            "Bytes to each member's current buckets, as this member saw them.",
+        );
+        for (i, m) in self.cfg.members.iter().enumerate() {
+            t.sample(
+                "farm_member_bytes_total",
+                &[("member", &m.id)],
+                bytes[i] as f64,
+            );
+        }
+        if self.cfg.metrics_per_bucket {
+            t.family(
+                "farm_bucket_packets_total",
+                "counter",
+                "Packets per bucket (buckets that saw any), as this member saw them.",
+            );
+            for (b, p, _) in &per_bucket {
+                t.sample(
+                    "farm_bucket_packets_total",
+                    &[("bucket", &b.to_string())],
+                    *p as f64,
+                );
+            }
+            t.family("farm_bucket_bytes_total", "counter", "Bytes per bucket.");
+            for (b, _, y) in &per_bucket {
+                t.sample(
+                    "farm_bucket_bytes_total",
+                    &[("bucket", &b.to_string())],
+                    *y as f64,
+                );
+            }
+        }
+        let stats = self.dp.stats()?;
+        t.family(
+            "farm_xdp_total",
+            "counter",
+            "XDP data-plane counters (accepted/dropped packets and bytes, ARP/NDP answered, \
+             parse errors by kind).",
+        );
+        for (k, v) in &stats {
+            t.sample("farm_xdp_total", &[("counter", k)], *v as f64);
+        }
+        let c = &self.cluster.counters;
+        let nets = self.cfg.me().heartbeat_addrs.len();
+        t.family(
+            "farm_heartbeats_sent_total",
+            "counter",
+            "Heartbeats sent, per peer and heartbeat network.",
+        );
+        for (peer, v) in &c.sent {
+            for (net, n) in v.iter().enumerate().take(nets) {
+                if peer != me {
+                    t.sample(
+                        "farm_heartbeats_sent_total",
+                        &[("peer", peer), ("network", &net.to_string())],
+                        *n as f64,
+                    );
+                }
+            }
+        }
+        t.family(
+            "farm_heartbeats_received_total",
+            "counter",
+            "Authenticated heartbeats received, per peer and heartbeat network.",
+        );
+        for (peer, v) in &c.received {
+            for (net, n) in v.iter().enumerate().take(nets) {
+                if peer != me {
+                    t.sample(
+                        "farm_heartbeats_received_total",
+                        &[("peer", peer), ("network", &net.to_string())],
+                        *n as f64,
+                    );
+                }
+            }
+        }
+        t.family(
+            "farm_heartbeats_rejected_total",
+            "counter",
+            "Datagrams on the heartbeat port that were dropped, by reason.",
+        );
+        for (reason, n) in &c.rejected {
+            t.sample(
+                "farm_heartbeats_rejected_total",
+                &[("reason", reason)],
+                *n as f64,
+            );
+        }
+        t.family(
+            "farm_failovers_total",
+            "counter",
+            "Members this member saw fail (not heard for the loss window).",
+        )
+        .sample("farm_failovers_total", &[], self.failovers as f64);
+        if let Some((m, d, _)) = &self.last_failover {
+            t.family(
+                "farm_last_failover_seconds",
+                "gauge",
+                "The last failover: from the lost member's last heartbeat to the new map live.",
+            )
+            .sample(
+                "farm_last_failover_seconds",
+                &[("member", m)],
+                d.as_secs_f64(),
+            );
+        }
+        let now = std::time::Instant::now();
+        t.family(
+            "farm_check_passing",
+            "gauge",
+            "1 while a health check passes (after rise/fall).",
+        );
+        let checks = self.health.status(now);
+        for ch in &checks {
+            t.sample(
+                "farm_check_passing",
+                &[("check", &ch.name)],
+                (ch.state == crate::checks::CheckState::Passing) as u8 as f64,
+            );
+        }
+        t.family(
+            "farm_healthy",
+            "gauge",
+            "1 while every health check passes.",
+        )
+        .sample("farm_healthy", &[], self.health.healthy() as u8 as f64);
+        t.family(
+            "farm_handover_connections_left",
+            "gauge",
+            "Connections this member still holds in buckets it hands over.",
+        )
+        .sample(
+            "farm_handover_connections_left",
+            &[],
+            self.handover.progress().map_or(0, |p| p.connections_left) as f64,
+        );
+        Ok(t.finish())
     }
 
     fn simulate_failure(&self, member: &str) -> Response {
@@ -1253,6 +1513,14 @@ impl Daemon {
             }),
             stopping: self.stopping.is_some(),
             checks_failing: self.health.failing(),
+            failovers: self.failovers,
+            last_failover: self.last_failover.as_ref().map(|(m, d, at)| {
+                crate::control::FailoverInfo {
+                    member: m.clone(),
+                    duration_ms: d.as_millis() as u64,
+                    ago_s: at.elapsed().as_secs_f64(),
+                }
+            }),
             view_digest: format!("{:016x}", self.cluster.membership.view_digest()),
             heartbeat: self.heartbeat_status(),
             members,

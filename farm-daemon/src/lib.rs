@@ -13,6 +13,7 @@ pub mod handover;
 pub mod heartbeat;
 pub mod hooks;
 pub mod membership;
+pub mod metrics;
 pub mod netlink;
 pub mod secret;
 pub mod transition;

@@ -429,8 +429,33 @@ fn cut_node_comes_back_without_breaking_a_connection() {
     every_client_answered_once(&t, &after);
 }
 
+/// Scrapes node `i`'s metrics endpoint (127.0.0.1:9464 inside its namespace): value of each
+/// sample line, keyed by the series (name and labels).
+fn scrape(t: &Topology, i: usize) -> BTreeMap<String, f64> {
+    let text = t.nodes[i].ns.run(|| {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9464").expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("response");
+        out
+    });
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, v) = l.rsplit_once(' ').expect("sample line");
+            (series.to_string(), v.parse().expect("sample value"))
+        })
+        .collect()
+}
+
 /// `farmctl buckets` accounts for every bucket and sees every member's traffic;
-/// `farmctl simulate-failure` predicts exactly where a member's buckets go when it fails.
+/// `farmctl simulate-failure` predicts exactly where a member's buckets go when it fails; the
+/// metrics endpoint has the key series, and they move.
 #[test]
 fn simulate_failure_predicts_the_real_failover() {
     if !require_root("simulate_failure_predicts_the_real_failover") {
@@ -439,6 +464,7 @@ fn simulate_failure_predicts_the_real_failover() {
     let mut t = Topology::build(Spec {
         nodes: 3,
         client_addrs: 60,
+        extra_config: "\n[metrics]\nenabled = true\n".into(),
         ..Spec::default()
     });
     t.start_all();
@@ -467,6 +493,25 @@ fn simulate_failure_predicts_the_real_failover() {
     );
     assert_eq!(b["owners"].as_array().unwrap().len(), 65536);
     assert_eq!(b["detail"]["bucket"], 7);
+    let m0 = scrape(&t, 0);
+    for key in [
+        "farm_up{node=\"n1\"}",
+        "farm_quorum",
+        "farm_member_state{member=\"n2\",state=\"serving\"}",
+        "farm_failovers_total",
+        "farm_healthy",
+    ] {
+        assert!(m0.contains_key(key), "{key} missing: {m0:#?}");
+    }
+    assert_eq!(
+        m0["farm_buckets_owned{member=\"n2\"}"],
+        members[1]["buckets"].as_u64().unwrap() as f64
+    );
+    assert!(m0["farm_member_packets_total{member=\"n3\"}"] > 0.0);
+    assert!(m0["farm_xdp_total{counter=\"accepted_packets\"}"] > 0.0);
+    let hb = "farm_heartbeats_received_total{peer=\"n3\",network=\"0\"}";
+    assert!(m0[hb] > 0.0);
+    assert_eq!(m0["farm_failovers_total"], 0.0);
 
     let sim = json(0, &["simulate-failure", "n2"]);
     let n2_buckets = members[1]["buckets"].as_u64().unwrap();
@@ -501,6 +546,16 @@ fn simulate_failure_predicts_the_real_failover() {
         }
     }
     assert_eq!(moved, predicted);
+    // The metrics moved with it.
+    let m1 = scrape(&t, 0);
+    assert_eq!(m1["farm_buckets_owned{member=\"n2\"}"], 0.0);
+    assert_eq!(m1["farm_failovers_total"], 1.0);
+    let took = m1["farm_last_failover_seconds{member=\"n2\"}"];
+    assert!((0.3..3.0).contains(&took), "failover took {took} s");
+    assert!(m1[hb] > m0[hb], "heartbeats from n3 keep coming");
+    assert!(m1.contains_key("farm_member_state{member=\"n2\",state=\"lost\"}"));
+    let status = t.status(0).expect("status");
+    assert_eq!(status.last_failover.expect("last failover").member, "n2");
     // The simulation of a member that owns nothing now says so.
     let o = t.farmctl(0, &["simulate-failure", "n2"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("owns no bucket"));

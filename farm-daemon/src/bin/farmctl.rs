@@ -131,6 +131,7 @@ fn main() -> ExitCode {
             Response::Status(s) => print_json(s),
             Response::Whois { entries } => print_json(entries),
             Response::Buckets(b) => print_json(b),
+            Response::Metrics { text } => print!("{text}"),
             Response::Simulation(sim) => print_json(sim),
             Response::Planned { .. } | Response::Checks { .. } | Response::Error { .. } => {
                 print_json(&resp)
@@ -142,6 +143,7 @@ fn main() -> ExitCode {
             Response::Whois { entries } => print_whois(entries),
             Response::Planned { message, .. } => println!("{message}"),
             Response::Buckets(b) => print_buckets(b),
+            Response::Metrics { text } => print!("{text}"),
             Response::Simulation(sim) => print_simulation(sim),
             Response::Checks {
                 healthy,
@@ -327,6 +329,13 @@ fn print_status(s: &Status) {
     }
     if s.stopping {
         println!("STOPPING: handing buckets over before leaving");
+    }
+    if let Some(f) = &s.last_failover {
+        println!(
+            "last failover: {} lost {:.0} s ago, its buckets served here {} ms after its last \
+             heartbeat ({} in all)",
+            f.member, f.ago_s, f.duration_ms, s.failovers
+        );
     }
     if !s.checks_failing.is_empty() {
         println!(
