@@ -195,23 +195,17 @@ impl Cluster {
         }
     }
 
-    /// Takes in one received datagram. Returns whether it came from a peer that serves (or
-    /// drains) and announced another move state (applied, settled or handed-over set) than
-    /// before.
+    /// Takes in one received datagram. Returns whether it came from a live peer that announced
+    /// another move state than before (see `membership::Received`).
     pub fn receive(&mut self, d: &Datagram, now: Instant) -> bool {
         let result = heartbeat::decode(&self.key, &d.bytes).and_then(|hb| {
-            let before = self
-                .membership
-                .peers
-                .iter()
-                .find(|p| p.id == hb.id)
-                .map(|p| (p.applied, p.settled, p.handed_over, p.released));
             self.membership
                 .receive(&hb, d.net, now.into_std())
-                .map(|i| (i, hb, before))
+                .map(|r| (r, hb))
         });
         match result {
-            Ok((i, hb, before)) => {
+            Ok((r, hb)) => {
+                let i = r.index;
                 if let Some(c) = self.counters.received.get_mut(&self.membership.peers[i].id) {
                     c[d.net] += 1;
                 }
@@ -222,8 +216,7 @@ impl Cluster {
                         hb.id
                     );
                 }
-                self.membership.peers[i].alive
-                    && before != Some((hb.applied, hb.settled, hb.handed_over, hb.released))
+                self.membership.peers[i].alive && r.moved
             }
             Err(r) => {
                 *self.counters.rejected.entry(r.name().into()).or_default() += 1;

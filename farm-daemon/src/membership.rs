@@ -38,6 +38,16 @@ pub struct Peer {
     pub alive: bool,
 }
 
+/// A heartbeat taken in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// The sender's index.
+    pub index: usize,
+    /// Whether it announced another move state (applied, settled, released or handed-over
+    /// set) than its previous heartbeat.
+    pub moved: bool,
+}
+
 /// A change `tick` noticed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -95,7 +105,12 @@ impl Membership {
     }
 
     /// Takes in an authenticated heartbeat received on network `net`.
-    pub fn receive(&mut self, hb: &Heartbeat, net: usize, now: Instant) -> Result<usize, Reject> {
+    pub fn receive(
+        &mut self,
+        hb: &Heartbeat,
+        net: usize,
+        now: Instant,
+    ) -> Result<Received, Reject> {
         let i = self
             .peers
             .iter()
@@ -109,6 +124,8 @@ impl Membership {
         }
         let p = &mut self.peers[i];
         p.guard.check(hb.incarnation, hb.seq)?;
+        let moved = (p.applied, p.settled, p.handed_over, p.released)
+            != (hb.applied, hb.settled, hb.handed_over, hb.released);
         p.last_heard[net] = Some(now);
         p.state = Some(hb.state);
         p.incarnation = hb.incarnation;
@@ -117,7 +134,7 @@ impl Membership {
         p.settled = hb.settled;
         p.handed_over = hb.handed_over;
         p.released = hb.released;
-        Ok(i)
+        Ok(Received { index: i, moved })
     }
 
     fn heard_within(&self, i: usize, now: Instant) -> bool {
