@@ -131,6 +131,15 @@ pub struct Daemon {
     last_failover: Option<(String, Duration, Instant)>,
 }
 
+/// A bucket move: who is moving (a peer's index, or `None` for this node), from which serving
+/// set to which.
+#[derive(Debug, Clone, Copy)]
+struct Move {
+    by: Option<usize>,
+    from: u64,
+    to: u64,
+}
+
 /// A planned change of this node's own state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Planned {
@@ -683,46 +692,49 @@ impl Daemon {
         });
     }
 
-    /// A bucket move in progress anywhere in this node's view, described; `None` when every
-    /// member that is heard serves its settled map.
-    fn move_in_progress(&self) -> Option<String> {
-        let names = |mask: u64| -> String {
-            self.cfg
-                .members
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| mask & (1 << i) != 0)
-                .map(|(_, m)| m.id.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+    /// A bucket move in progress anywhere in this node's view; `None` when every member that
+    /// is heard serves its settled map. Checked on every liveness tick: no strings here.
+    fn current_move(&self) -> Option<Move> {
         let h = &self.handover;
         if h.settled != h.applied {
-            return Some(format!(
-                "buckets are moving from [{}] to [{}]",
-                names(h.settled),
-                names(h.applied)
-            ));
+            return Some(Move {
+                by: None,
+                from: h.settled,
+                to: h.applied,
+            });
         }
         let m = &self.cluster.membership;
         m.peers
             .iter()
             .enumerate()
             .find(|(i, p)| *i != m.me && p.alive && p.state.is_some() && p.settled != p.applied)
-            .map(|(_, p)| {
-                format!(
-                    "member {} is moving buckets from [{}] to [{}]",
-                    p.id,
-                    names(p.settled),
-                    names(p.applied)
-                )
+            .map(|(i, p)| Move {
+                by: Some(i),
+                from: p.settled,
+                to: p.applied,
             })
+    }
+
+    /// The move in progress, for people; `None` when there is none.
+    fn describe_move(&self) -> Option<String> {
+        let mv = self.current_move()?;
+        let (from, to) = (
+            self.handover.names(mv.from).join(", "),
+            self.handover.names(mv.to).join(", "),
+        );
+        Some(match mv.by {
+            None => format!("buckets are moving from [{from}] to [{to}]"),
+            Some(i) => format!(
+                "member {} is moving buckets from [{from}] to [{to}]",
+                self.cfg.members[i].id
+            ),
+        })
     }
 
     /// Whether a joining member may become active now: no bucket move in progress (one planned
     /// change at a time) and the application healthy.
     fn may_join(&self) -> bool {
-        self.health.healthy() && self.move_in_progress().is_none()
+        self.health.healthy() && self.current_move().is_none()
     }
 
     /// The application's health changed.
@@ -811,7 +823,7 @@ impl Daemon {
     /// Starts a queued drain or resume once no other move is in progress.
     fn start_queued(&mut self) {
         if let Some(p) = self.queued
-            && self.move_in_progress().is_none()
+            && self.current_move().is_none()
         {
             self.queued = None;
             self.apply(p);
@@ -882,7 +894,7 @@ impl Daemon {
             let h = &self.handover;
             p == Planned::Resume && h.settled ^ h.applied == 1 << self.cfg.me
         };
-        match self.move_in_progress() {
+        match self.describe_move() {
             Some(why) if !own_drain => {
                 self.queued = Some(p);
                 tracing::info!("{} queued: {why}", p.name());
@@ -1507,7 +1519,7 @@ impl Daemon {
             buckets_total: BUCKETS,
             quorum: self.quorum,
             handover: self.handover.progress(),
-            queued: self.queued.map(|p| match self.move_in_progress() {
+            queued: self.queued.map(|p| match self.describe_move() {
                 Some(why) => format!("{} (waits: {why})", p.name()),
                 None => p.name().into(),
             }),

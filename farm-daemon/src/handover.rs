@@ -75,15 +75,6 @@ pub struct Handover {
     was_serving: bool,
 }
 
-fn names(members: &[(String, u32)], mask: u64) -> Vec<String> {
-    members
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| mask & (1 << i) != 0)
-        .map(|(_, (id, _))| id.clone())
-        .collect()
-}
-
 impl Handover {
     pub fn new(
         members: Vec<(String, u32)>,
@@ -129,6 +120,16 @@ impl Handover {
             self.cached = Some((key, p));
         }
         &self.cached.as_ref().expect("just set").1
+    }
+
+    /// The ids of the members in `mask`.
+    pub fn names(&self, mask: u64) -> Vec<String> {
+        self.members
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, (id, _))| id.clone())
+            .collect()
     }
 
     /// What this node announces in its heartbeats.
@@ -220,7 +221,7 @@ impl Handover {
             if outgoing > 0 {
                 tracing::info!(
                     "released {outgoing} bucket(s) to [{}] after {} ms: new connections go there",
-                    names(&self.members, takers).join(", "),
+                    self.names(takers).join(", "),
                     elapsed.as_millis()
                 );
             }
@@ -276,7 +277,7 @@ impl Handover {
         if transition::complete(givers, alive, done_mask) {
             tracing::info!(
                 "bucket move complete: serving [{}]",
-                names(&self.members, target).join(", ")
+                self.names(target).join(", ")
             );
             self.settled = target;
             self.started = None;
@@ -285,11 +286,11 @@ impl Handover {
         }
         let waiting = givers & alive & !done_mask;
         self.progress = Some(Progress {
-            settled: names(&self.members, settled),
-            target: names(&self.members, target),
+            settled: self.names(settled),
+            target: self.names(target),
             outgoing_buckets: outgoing,
             connections_left: self.connections_left,
-            waiting_for: names(&self.members, waiting),
+            waiting_for: self.names(waiting),
             elapsed_ms: elapsed.as_millis() as u64,
         });
         Step {
