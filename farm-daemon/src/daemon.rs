@@ -1025,8 +1025,11 @@ impl Daemon {
         })
     }
 
-    fn buckets(&self, detail: Option<u32>) -> Result<crate::control::BucketReport, DaemonError> {
-        let n = self.cfg.members.len();
+    /// Traffic per member (its current buckets) and per bucket that saw any, from this node's
+    /// per-bucket counters: every member sees every packet, so they cover the whole farm.
+    fn traffic(
+        &self,
+    ) -> Result<(Vec<crate::control::MemberTraffic>, Vec<(u32, u64, u64)>), DaemonError> {
         let mut members: Vec<crate::control::MemberTraffic> = self
             .cfg
             .members
@@ -1038,7 +1041,7 @@ impl Daemon {
                 bytes: 0,
             })
             .collect();
-        let mut seen: Vec<(u64, u32)> = Vec::new();
+        let mut seen = Vec::new();
         for b in 0..BUCKETS {
             let c = self.dp.bucket_counter(b)?;
             let (packets, bytes) = (
@@ -1055,14 +1058,20 @@ impl Daemon {
                 m.bytes += bytes;
             }
             if packets > 0 {
-                seen.push((packets, b));
+                seen.push((b, packets, bytes));
             }
         }
-        seen.sort_unstable_by(|a, b| b.cmp(a));
+        Ok((members, seen))
+    }
+
+    fn buckets(&self, detail: Option<u32>) -> Result<crate::control::BucketReport, DaemonError> {
+        let n = self.cfg.members.len();
+        let (members, mut seen) = self.traffic()?;
+        seen.sort_unstable_by(|a, b| (b.1, b.0).cmp(&(a.1, a.0)));
         let busiest = seen
             .iter()
             .take(10)
-            .map(|&(_, b)| self.bucket_info(b))
+            .map(|&(b, _, _)| self.bucket_info(b))
             .collect::<Result<_, _>>()?;
         Ok(crate::control::BucketReport {
             buckets_total: BUCKETS,
@@ -1110,38 +1119,17 @@ impl Daemon {
         for (i, m) in self.cfg.members.iter().enumerate() {
             t.sample("farm_buckets_owned", &[("member", &m.id)], shares[i] as f64);
         }
-        // Per-member traffic from this node's per-bucket counters (every member sees every
-        // packet), and per bucket if asked for.
-        let n = self.cfg.members.len();
-        let mut packets = vec![0u64; n];
-        let mut bytes = vec![0u64; n];
-        let mut per_bucket = Vec::new();
-        for b in 0..BUCKETS {
-            let c = self.dp.bucket_counter(b)?;
-            let (p, y) = (
-                c.accepted_packets + c.dropped_packets,
-                c.accepted_bytes + c.dropped_bytes,
-            );
-            if let Some(o) = self.owners.get(b as usize).map(|&o| o as usize)
-                && o < n
-            {
-                packets[o] += p;
-                bytes[o] += y;
-            }
-            if self.cfg.metrics_per_bucket && p > 0 {
-                per_bucket.push((b, p, y));
-            }
-        }
+        let (traffic, per_bucket) = self.traffic()?;
         t.family(
             "farm_member_packets_total",
             "counter",
             "Packets to each member's current buckets, as this member saw them.",
         );
-        for (i, m) in self.cfg.members.iter().enumerate() {
+        for m in &traffic {
             t.sample(
                 "farm_member_packets_total",
                 &[("member", &m.id)],
-                packets[i] as f64,
+                m.packets as f64,
             );
         }
         t.family(
@@ -1149,11 +1137,11 @@ impl Daemon {
             "counter",
             "Bytes to each member's current buckets, as this member saw them.",
         );
-        for (i, m) in self.cfg.members.iter().enumerate() {
+        for m in &traffic {
             t.sample(
                 "farm_member_bytes_total",
                 &[("member", &m.id)],
-                bytes[i] as f64,
+                m.bytes as f64,
             );
         }
         if self.cfg.metrics_per_bucket {
