@@ -131,6 +131,9 @@ pub struct Daemon {
     last_failover: Option<(String, Duration, Instant)>,
 }
 
+/// (bucket, packets, bytes) of each bucket that saw traffic.
+type BucketTraffic = Vec<(u32, u64, u64)>;
+
 /// A bucket move: who is moving (a peer's index, or `None` for this node), from which serving
 /// set to which.
 #[derive(Debug, Clone, Copy)]
@@ -1027,9 +1030,7 @@ impl Daemon {
 
     /// Traffic per member (its current buckets) and per bucket that saw any, from this node's
     /// per-bucket counters: every member sees every packet, so they cover the whole farm.
-    fn traffic(
-        &self,
-    ) -> Result<(Vec<crate::control::MemberTraffic>, Vec<(u32, u64, u64)>), DaemonError> {
+    fn traffic(&self) -> Result<(Vec<crate::control::MemberTraffic>, BucketTraffic), DaemonError> {
         let mut members: Vec<crate::control::MemberTraffic> = self
             .cfg
             .members
