@@ -1068,7 +1068,7 @@ impl Daemon {
     fn buckets(&self, detail: Option<u32>) -> Result<crate::control::BucketReport, DaemonError> {
         let n = self.cfg.members.len();
         let (members, mut seen) = self.traffic()?;
-        seen.sort_unstable_by(|a, b| (b.1, b.0).cmp(&(a.1, a.0)));
+        seen.sort_unstable_by_key(|&(b, packets, _)| std::cmp::Reverse((packets, b)));
         let busiest = seen
             .iter()
             .take(10)
