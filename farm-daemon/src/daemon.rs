@@ -1303,21 +1303,10 @@ impl Daemon {
                 others_moved += 1;
             }
         }
-        let alive = self
+        let quorum_after = self
             .cluster
             .membership
-            .peers
-            .iter()
-            .enumerate()
-            .filter(|(j, p)| *j != i && p.alive)
-            .count();
-        let n = self.cfg.members.len();
-        let quorum_after = match n {
-            0 | 1 => false,
-            // The survivor of two serves alone (with a witness: while the witness answers).
-            2 => true,
-            _ => alive * 2 > n,
-        };
+            .quorum_without(i, self.cluster.witness_reachable().unwrap_or(false));
         Response::Simulation(crate::control::Simulation {
             member: member.into(),
             buckets,

@@ -188,8 +188,25 @@ impl Membership {
     }
 
     fn compute_quorum(&self, witness_reachable: bool) -> bool {
-        let n = self.peers.len();
         let alive = self.peers.iter().filter(|p| p.alive).count();
+        self.quorum_of(alive, witness_reachable)
+    }
+
+    /// Whether the members alive now, without member `i`, would have quorum (what-if for
+    /// `farmctl simulate-failure`). False when nobody would be left.
+    pub fn quorum_without(&self, i: usize, witness_reachable: bool) -> bool {
+        let alive = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(j, p)| *j != i && p.alive)
+            .count();
+        alive > 0 && self.quorum_of(alive, witness_reachable)
+    }
+
+    /// The quorum rule, for `alive` of the configured members.
+    fn quorum_of(&self, alive: usize, witness_reachable: bool) -> bool {
+        let n = self.peers.len();
         match n {
             0 | 1 => true,
             // Without a witness a lone member keeps serving (documented split-brain case).
@@ -373,5 +390,23 @@ mod tests {
         m.tick(t0, false);
         assert_ne!(a, m.view_digest());
         assert_ne!(config_digest(&members(3)), config_digest(&members(2)));
+    }
+
+    #[test]
+    fn quorum_without_a_member_follows_the_quorum_rule() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(&members(3), 0, 1, W, false);
+        m.my_state = State::Active;
+        m.receive(&hb("n2", 1, State::Active), 0, t0).unwrap();
+        m.receive(&hb("n3", 1, State::Active), 0, t0).unwrap();
+        m.tick(t0, false);
+        assert!(m.quorum_without(1, false), "two of three left");
+        let mut m = Membership::new(&members(2), 0, 1, W, true);
+        m.receive(&hb("n2", 1, State::Active), 0, t0).unwrap();
+        m.tick(t0, false);
+        assert!(!m.quorum_without(1, false), "alone, witness unreachable");
+        assert!(m.quorum_without(1, true), "alone, witness answers");
+        let m = Membership::new(&members(1), 0, 1, W, false);
+        assert!(!m.quorum_without(0, false), "nobody left");
     }
 }
