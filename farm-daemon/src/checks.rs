@@ -169,20 +169,33 @@ fn process_running(name: &str) -> Option<u32> {
 
 /// Runs a command with a time limit (killed when it passes); its exit code.
 async fn run(args: &[String], timeout: Duration) -> Result<i32, String> {
-    let mut child = tokio::process::Command::new(&args[0])
-        .args(&args[1..])
-        .stdin(std::process::Stdio::null())
+    let mut cmd = tokio::process::Command::new(&args[0]);
+    cmd.args(&args[1..])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    run_bounded(cmd, &args[0], timeout)
+        .await
+        .map(|st| st.code().unwrap_or(-1))
+}
+
+/// Runs `cmd` (stdin closed) and waits at most `timeout` for it; past that it is killed.
+/// `program` names it in the errors. Shared by checks and notify hooks.
+pub(crate) async fn run_bounded(
+    mut cmd: tokio::process::Command,
+    program: &str,
+    timeout: Duration,
+) -> Result<std::process::ExitStatus, String> {
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", args[0]))?;
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
     match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(Ok(st)) => Ok(st.code().unwrap_or(-1)),
-        Ok(Err(e)) => Err(format!("waiting for {}: {e}", args[0])),
+        Ok(Ok(st)) => Ok(st),
+        Ok(Err(e)) => Err(format!("waiting for {program}: {e}")),
         Err(_) => {
             let _ = child.kill().await;
-            Err(format!("{} did not finish within {timeout:?}", args[0]))
+            Err(format!("{program} did not finish within {timeout:?}"))
         }
     }
 }

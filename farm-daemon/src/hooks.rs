@@ -36,39 +36,22 @@ impl Hooks {
                 let unix = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
-                let child = tokio::process::Command::new(&h.command[0])
-                    .args(&h.command[1..])
+                let mut cmd = tokio::process::Command::new(&h.command[0]);
+                cmd.args(&h.command[1..])
                     .env("FARM_EVENT", e.name)
                     .env("FARM_NODE", &node)
                     .env("FARM_MEMBER", &e.member)
                     .env("FARM_DETAIL", &e.detail)
-                    .env("FARM_TIME", unix.to_string())
-                    .stdin(std::process::Stdio::null())
-                    .kill_on_drop(true)
-                    .spawn();
-                let mut child = match child {
-                    Ok(c) => c,
-                    Err(err) => {
-                        tracing::warn!("hook for {} cannot run {}: {err}", e.name, h.command[0]);
-                        return;
-                    }
-                };
-                match tokio::time::timeout(h.timeout, child.wait()).await {
-                    Ok(Ok(st)) if st.success() => {
+                    .env("FARM_TIME", unix.to_string());
+                match crate::checks::run_bounded(cmd, &h.command[0], h.timeout).await {
+                    Ok(st) if st.success() => {
                         tracing::info!("hook for {} ({}) done", e.name, h.command[0])
                     }
-                    Ok(Ok(st)) => {
+                    Ok(st) => {
                         tracing::warn!("hook for {} ({}) failed: {st}", e.name, h.command[0])
                     }
-                    Ok(Err(err)) => tracing::warn!("hook for {}: {err}", e.name),
-                    Err(_) => {
-                        let _ = child.kill().await;
-                        tracing::warn!(
-                            "hook for {} ({}) killed after {} s",
-                            e.name,
-                            h.command[0],
-                            h.timeout.as_secs()
-                        );
+                    Err(err) => {
+                        tracing::warn!("hook for {}: {err}", e.name)
                     }
                 }
             });
