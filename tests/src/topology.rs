@@ -401,16 +401,52 @@ deadman_timeout_ms = {}
         }
     }
 
+    /// Node `i`'s entry for itself in its status.
+    pub fn own_member(&self, i: usize) -> farm_daemon::control::MemberStatus {
+        self.status(i)
+            .expect("status")
+            .members
+            .into_iter()
+            .find(|m| m.this_node)
+            .expect("this node in status")
+    }
+
+    /// Waits (bounded) until node `i` reports `state` for itself and, with `owns_nothing`,
+    /// holds no bucket; returns how long it took.
+    pub fn wait_own_state(
+        &self,
+        i: usize,
+        state: &str,
+        owns_nothing: bool,
+        within: Duration,
+    ) -> Duration {
+        let start = Instant::now();
+        loop {
+            let s = self.status(i).expect("status");
+            let me = s.members.iter().find(|m| m.this_node).expect("this node");
+            if me.state == state && (!owns_nothing || me.buckets == 0) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < within,
+                "{} is {} with {} buckets, not {state} within {within:?}; handover {:?}, \
+                 queued {:?}, checks failing {:?}",
+                self.nodes[i].name,
+                me.state,
+                me.buckets,
+                s.handover,
+                s.queued,
+                s.checks_failing
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `farmctl whois --json` on node `i`, for many clients at once.
     pub fn whois(&self, i: usize, clients: &[String]) -> Vec<WhoisEntry> {
-        let out = std::process::Command::new(bin("farmctl"))
-            .arg("--socket")
-            .arg(&self.nodes[i].socket)
-            .arg("--json")
-            .arg("whois")
-            .args(clients)
-            .output()
-            .expect("farmctl");
+        let mut args = vec!["--json", "whois"];
+        args.extend(clients.iter().map(String::as_str));
+        let out = self.farmctl(i, &args);
         assert!(
             out.status.success(),
             "farmctl whois failed: {}",

@@ -34,34 +34,6 @@ fn request(t: &Topology, i: usize, what: &str) -> (Outcome, String) {
     )
 }
 
-/// This node's state as node `i` reports it.
-fn my_state(t: &Topology, i: usize) -> String {
-    let s = t.status(i).expect("status");
-    s.members
-        .iter()
-        .find(|m| m.this_node)
-        .map(|m| m.state.clone())
-        .expect("this node in status")
-}
-
-/// Waits (bounded) until node `i` reports `state` for itself.
-fn wait_state(t: &Topology, i: usize, state: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let now = my_state(t, i);
-        if now == state {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} did not become {state} within {within:?} (it is {now}): {:#?}",
-            t.nodes[i].name,
-            t.status(i).map(|s| (s.handover, s.queued, s.members))
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn drain_and_resume_queue_and_keep_every_connection() {
     if !require_root("drain_and_resume_queue_and_keep_every_connection") {
@@ -98,7 +70,7 @@ fn drain_and_resume_queue_and_keep_every_connection() {
     let s1 = t.status(0).expect("status");
     let h = s1.handover.expect("n1 is handing over");
     assert!(h.connections_left >= 6, "{h:?}");
-    assert_eq!(my_state(&t, 0), "draining");
+    assert_eq!(t.own_member(0).state, "draining");
     let fresh: Vec<_> = n1_clients[6..26]
         .iter()
         .map(|&a| (a, t.vip4(TCP_PORT)))
@@ -116,8 +88,8 @@ fn drain_and_resume_queue_and_keep_every_connection() {
     let (requests, errors) = held.finish();
     assert!(requests > 50);
     assert_eq!(errors, 0, "a held connection broke during the drain");
-    wait_state(&t, 0, "drained", Duration::from_secs(10));
-    wait_state(&t, 1, "drained", Duration::from_secs(15));
+    t.wait_own_state(0, "drained", false, Duration::from_secs(10));
+    t.wait_own_state(1, "drained", false, Duration::from_secs(15));
     let all: Vec<IpAddr> = t.clients4();
     let now = t.owners(2, &all);
     assert!(now.values().all(|o| o == "n3"), "n3 serves every client");
@@ -134,7 +106,7 @@ fn drain_and_resume_queue_and_keep_every_connection() {
     let o = t.farmctl(2, &["drain"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("--force"), "{}", text(&o));
-    assert_eq!(my_state(&t, 2), "serving");
+    assert_eq!(t.own_member(2).state, "serving");
 
     // Resume both (the second queues behind the first, or finds it done); the farm returns to
     // exactly the old map.

@@ -2,7 +2,7 @@
 //! the check's fall time (keeping connections while the application still answers, at once
 //! when it does not) and takes them back after rise, while no request to the others fails.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use farm_tests::{
     require_root,
@@ -11,28 +11,6 @@ use farm_tests::{
 };
 
 const HEALTH_PORT: u16 = 8081;
-
-/// Waits (bounded) until node `i` reports `state` for itself and owns `buckets` (if given);
-/// returns how long it took.
-fn wait_for(t: &Topology, i: usize, state: &str, owns_none: bool, within: Duration) -> Duration {
-    let start = Instant::now();
-    loop {
-        let s = t.status(i).expect("status");
-        let me = s.members.iter().find(|m| m.this_node).expect("this node");
-        if me.state == state && (!owns_none || me.buckets == 0) {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < within,
-            "{} is {} with {} buckets, not {state} within {within:?}; failing: {:?}",
-            t.nodes[i].name,
-            me.state,
-            me.buckets,
-            s.checks_failing
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn failing_http_check_moves_buckets_away_and_back_without_a_failed_request() {
@@ -88,7 +66,7 @@ fn failing_http_check_moves_buckets_away_and_back_without_a_failed_request() {
     // n2's application answers 503: after fall (2 x 200 ms) it is unhealthy and hands its
     // buckets over keeping connections.
     endpoints[1].set(Health::Unavailable);
-    let out = wait_for(&t, 1, "unhealthy", true, Duration::from_secs(10));
+    let out = t.wait_own_state(1, "unhealthy", true, Duration::from_secs(10));
     let checks = t.farmctl(1, &["checks"]);
     assert_eq!(
         checks.status.code(),
@@ -132,7 +110,7 @@ fn failing_http_check_moves_buckets_away_and_back_without_a_failed_request() {
 
     // n3's application is gone (connections refused): it gives its buckets away at once.
     endpoints[2].set(Health::Down);
-    let gone = wait_for(&t, 2, "unhealthy", true, Duration::from_secs(10));
+    let gone = t.wait_own_state(2, "unhealthy", true, Duration::from_secs(10));
     assert!(
         t.log(2)
             .contains("at once (the application does not answer)")
