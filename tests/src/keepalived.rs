@@ -2,7 +2,6 @@
 //! the same servers: the peer farm is measured against in the benchmarks.
 
 use std::{
-    fmt::Write as _,
     path::PathBuf,
     process::{Child, Stdio},
     time::{Duration, Instant},
@@ -37,9 +36,7 @@ impl Keepalived {
     }
 
     fn config(&self, i: usize) -> String {
-        let mut s = String::new();
-        let _ = write!(
-            s,
+        format!(
             "global_defs {{\n  vrrp_version 3\n  router_id n{}\n}}\n\
              vrrp_instance farm {{\n  state BACKUP\n  nopreempt\n  interface eth0\n  \
              virtual_router_id 51\n  priority {}\n  advert_int {}\n  \
@@ -47,8 +44,7 @@ impl Keepalived {
             i + 1,
             200 - 10 * i,
             self.advert.as_secs_f64()
-        );
-        s
+        )
     }
 
     /// Starts keepalived on node `i` (in the foreground, logging to its file).
