@@ -57,7 +57,8 @@ pub struct Cluster {
     key: [u8; 32],
     incarnation: u64,
     seq: u64,
-    config_digest: u64,
+    /// The digest of this node's member list and weights (changes on reload).
+    pub config_digest: u64,
     sockets: Vec<Arc<UdpSocket>>,
     /// Per peer, per network: where its heartbeats go.
     peer_addrs: Vec<Vec<SocketAddr>>,
@@ -68,6 +69,8 @@ pub struct Cluster {
     pub counters: Counters,
     /// Membership events since the daemon last took them (for notify hooks).
     pub events: Vec<Event>,
+    /// The recovery drill this node runs, announced in its heartbeats: (id, member index).
+    pub drill: Option<(u32, u8)>,
 }
 
 impl Cluster {
@@ -156,6 +159,7 @@ impl Cluster {
                 join_deferred: false,
                 counters,
                 events: Vec::new(),
+                drill: None,
             },
             rx,
         ))
@@ -179,6 +183,7 @@ impl Cluster {
                 settled: a.settled,
                 handed_over: a.handed_over,
                 released: a.released,
+                drill: self.drill,
             };
             let bytes = heartbeat::encode(&self.key, &hb);
             for (i, addrs) in self.peer_addrs.iter().enumerate() {
@@ -209,10 +214,10 @@ impl Cluster {
                 if let Some(c) = self.counters.received.get_mut(&self.membership.peers[i].id) {
                     c[d.net] += 1;
                 }
-                if hb.config_digest != self.config_digest {
+                if r.digest_changed && hb.config_digest != self.config_digest {
                     tracing::warn!(
-                        "member {} runs with another member list or weights than this node: \
-                         their bucket maps differ; make the configurations agree",
+                        "member {} runs with another member list or weights than this node: a \
+                         weight change waits until every member has it (farmctl reload there)",
                         hb.id
                     );
                 }

@@ -139,8 +139,8 @@ type BucketTraffic = Vec<(u32, u64, u64)>;
 #[derive(Debug, Clone, Copy)]
 struct Move {
     by: Option<usize>,
-    from: u64,
-    to: u64,
+    from: crate::transition::View,
+    to: crate::transition::View,
 }
 
 /// A planned change of this node's own state.
@@ -722,13 +722,13 @@ impl Daemon {
     fn describe_move(&self) -> Option<String> {
         let mv = self.current_move()?;
         let (from, to) = (
-            self.handover.names(mv.from).join(", "),
-            self.handover.names(mv.to).join(", "),
+            self.handover.describe(mv.from),
+            self.handover.describe(mv.to),
         );
         Some(match mv.by {
-            None => format!("buckets are moving from [{from}] to [{to}]"),
+            None => format!("buckets are moving from {from} to {to}"),
             Some(i) => format!(
-                "member {} is moving buckets from [{from}] to [{to}]",
+                "member {} is moving buckets from {from} to {to}",
                 self.cfg.members[i].id
             ),
         })
@@ -895,7 +895,9 @@ impl Daemon {
         // Undoing this node's own drain before it completed moves nothing back: at once.
         let own_drain = {
             let h = &self.handover;
-            p == Planned::Resume && h.settled ^ h.applied == 1 << self.cfg.me
+            p == Planned::Resume
+                && h.settled.weights == h.applied.weights
+                && h.settled.serving ^ h.applied.serving == 1 << self.cfg.me
         };
         match self.describe_move() {
             Some(why) if !own_drain => {

@@ -12,8 +12,8 @@ use farm_common::{BUCKETS, BucketKey, HashKey, affinity, bucket_of, proto_mask};
 use crate::{
     config::Vip,
     heartbeat::State,
-    membership::Membership,
-    transition::{self, Plan},
+    membership::{Membership, config_digest},
+    transition::{self, Members, Plan, View},
 };
 
 /// Where a move stands, for status.
@@ -30,15 +30,15 @@ pub struct Progress {
 }
 
 /// (settled, target, alive, quorum)
-type PlanKey = (u64, u64, u64, bool);
+type PlanKey = (View, View, u64, bool);
 
 /// Where this node's bucket moves stand, as its heartbeats say (see `transition`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Announce {
-    pub applied: u64,
-    pub settled: u64,
-    pub released: u64,
-    pub handed_over: u64,
+    pub applied: View,
+    pub settled: View,
+    pub released: View,
+    pub handed_over: View,
 }
 
 /// What the data plane should hold now: the plan's table and the handover masks of the
@@ -50,24 +50,27 @@ pub struct Step<'a> {
 }
 
 pub struct Handover {
-    members: Vec<(String, u32)>,
+    /// The member lists (ids and weights) this node knows, by digest: its configuration's
+    /// (`current`) and those of the views still in use; newest last.
+    weight_sets: Vec<(u64, Vec<(String, u32)>)>,
+    current: u64,
     me: usize,
     seed: HashKey,
     vips: Vec<Vip>,
     drain_timeout: Duration,
     udp_idle: Duration,
-    /// The serving set of the settled map, and the target this node has handed over for.
-    pub settled: u64,
-    pub handed_over: u64,
+    /// The view of the settled map, and the target this node has handed over for.
+    pub settled: View,
+    pub handed_over: View,
     /// The target of the plan last returned (and applied by the daemon before it next sends a
     /// heartbeat).
-    pub applied: u64,
+    pub applied: View,
     /// The target for which this node's outgoing buckets take no new connections.
-    pub released: u64,
+    pub released: View,
     /// Hand over without waiting for connections (the application does not answer anyway).
     pub immediate: bool,
     cached: Option<(PlanKey, Plan)>,
-    started: Option<(u64, Instant)>,
+    started: Option<(View, Instant)>,
     last_scan: Option<Instant>,
     connections_left: usize,
     progress: Option<Progress>,
@@ -84,17 +87,19 @@ impl Handover {
         drain_timeout: Duration,
         udp_idle: Duration,
     ) -> Self {
+        let current = config_digest(&members);
         Self {
-            members,
+            weight_sets: vec![(current, members)],
+            current,
             me,
             seed,
             vips,
             drain_timeout,
             udp_idle,
-            settled: 0,
-            handed_over: 0,
-            applied: 0,
-            released: 0,
+            settled: View::default(),
+            handed_over: View::default(),
+            applied: View::default(),
+            released: View::default(),
             immediate: false,
             cached: None,
             started: None,
@@ -105,15 +110,68 @@ impl Handover {
         }
     }
 
+    /// The member list (with weights) of digest `weights`; this node's own for one it does not
+    /// know (a peer's view from before this node started).
+    fn members(&self, weights: u64) -> &Members {
+        let found = self.weight_sets.iter().rev().find(|(d, _)| *d == weights);
+        let current = self
+            .weight_sets
+            .iter()
+            .rev()
+            .find(|(d, _)| *d == self.current);
+        &found.or(current).expect("the current set is always kept").1
+    }
+
+    fn known(&self, weights: u64) -> bool {
+        self.weight_sets.iter().any(|(d, _)| *d == weights)
+    }
+
+    /// This node's configured member list and weights (at start and on reload). The weights
+    /// take effect once every live member has the same (see `step`).
+    pub fn set_members(&mut self, members: Vec<(String, u32)>) {
+        let digest = config_digest(&members);
+        self.current = digest;
+        self.weight_sets.retain(|(d, _)| *d != digest);
+        self.weight_sets.push((digest, members));
+        self.prune();
+    }
+
+    /// Forgets the member lists no view uses any more (at most a few are ever kept).
+    fn prune(&mut self) {
+        let used = [
+            self.current,
+            self.settled.weights,
+            self.applied.weights,
+            self.released.weights,
+            self.handed_over.weights,
+        ];
+        while self.weight_sets.len() > 4 {
+            match self.weight_sets.iter().position(|(d, _)| !used.contains(d)) {
+                Some(i) => {
+                    self.weight_sets.remove(i);
+                }
+                None => break,
+            }
+        }
+    }
+
+    pub fn set_vips(&mut self, vips: Vec<Vip>) {
+        self.vips = vips;
+    }
+
+    pub fn set_timeouts(&mut self, drain_timeout: Duration, udp_idle: Duration) {
+        self.drain_timeout = drain_timeout;
+        self.udp_idle = udp_idle;
+    }
+
     fn plan(&mut self, key: PlanKey) -> &Plan {
         if self.cached.as_ref().map(|(k, _)| *k) != Some(key) {
             let (settled, target, alive, quorum) = key;
             let p = transition::plan(
                 &self.seed,
-                &self.members,
                 self.me,
-                settled,
-                target,
+                (self.members(settled.weights), settled.serving),
+                (self.members(target.weights), target.serving),
                 alive,
                 quorum,
             );
@@ -124,12 +182,23 @@ impl Handover {
 
     /// The ids of the members in `mask`.
     pub fn names(&self, mask: u64) -> Vec<String> {
-        self.members
+        self.members(self.current)
             .iter()
             .enumerate()
             .filter(|(i, _)| mask & (1 << i) != 0)
             .map(|(_, (id, _))| id.clone())
             .collect()
+    }
+
+    /// A view for people: its members, and "(previous weights)" when its weights are not this
+    /// node's configured ones.
+    pub fn describe(&self, v: View) -> String {
+        let names = self.names(v.serving).join(", ");
+        if v.weights == self.current || v.weights == 0 {
+            format!("[{names}]")
+        } else {
+            format!("[{names}] (previous weights)")
+        }
     }
 
     /// What this node announces in its heartbeats.
@@ -150,10 +219,30 @@ impl Handover {
         }
     }
 
+    /// The weights the farm agrees on: this node's configured ones once every live member
+    /// announces the same member list and weights, the settled map's until then (a reload
+    /// that changes weights moves buckets only once every member has loaded it, so that no
+    /// two members ever compute their maps with different weights).
+    pub fn agreed_weights(&self, m: &Membership) -> u64 {
+        let agreed = m
+            .peers
+            .iter()
+            .enumerate()
+            .all(|(i, p)| i == self.me || !p.alive || p.config_digest == self.current);
+        if agreed || !self.known(self.settled.weights) {
+            self.current
+        } else {
+            self.settled.weights
+        }
+    }
+
     /// One step: returns what to apply now.
     pub fn step(&mut self, m: &Membership, now: Instant) -> Step<'_> {
         let candidates = m.candidates();
-        let target = transition::mask(&candidates);
+        let target = View {
+            serving: transition::mask(&candidates),
+            weights: self.agreed_weights(m),
+        };
         let quorum = m.has_quorum();
         let alive = m
             .peers
@@ -166,7 +255,7 @@ impl Handover {
             // Not serving, or serving from this step on (joined, or back from a partition):
             // take the farm's settled set from the members that serve, so that this node starts
             // from the map the others actually serve and takes its buckets over by handover.
-            let mut votes: Vec<(u64, usize)> = Vec::new();
+            let mut votes: Vec<(View, usize)> = Vec::new();
             for (i, p) in m.peers.iter().enumerate() {
                 if i != self.me && p.alive && p.state == Some(State::Active) {
                     match votes.iter_mut().find(|(s, _)| *s == p.settled) {
@@ -177,7 +266,7 @@ impl Handover {
             }
             self.settled = votes
                 .iter()
-                .max_by_key(|(s, n)| (*n, *s))
+                .max_by_key(|(s, n)| (*n, s.serving, s.weights))
                 .map_or(target, |(s, _)| *s);
         }
         self.was_serving = serving;
@@ -190,6 +279,7 @@ impl Handover {
             return self.settled_step((target, target, alive, quorum));
         }
         let me = self.me;
+        self.prune();
         let mask_of = |f: &dyn Fn(&crate::membership::Peer) -> bool| {
             m.peers
                 .iter()
@@ -258,7 +348,7 @@ impl Handover {
             }
             self.handed_over = target;
         }
-        let handed: Vec<u64> = (0..m.peers.len())
+        let handed: Vec<View> = (0..m.peers.len())
             .map(|i| {
                 if i == self.me {
                     self.handed_over
@@ -275,10 +365,7 @@ impl Handover {
                 },
             );
         if transition::complete(givers, alive, done_mask) {
-            tracing::info!(
-                "bucket move complete: serving [{}]",
-                self.names(target).join(", ")
-            );
+            tracing::info!("bucket move complete: serving {}", self.describe(target));
             self.settled = target;
             self.started = None;
             self.progress = None;
@@ -286,8 +373,8 @@ impl Handover {
         }
         let waiting = givers & alive & !done_mask;
         self.progress = Some(Progress {
-            settled: self.names(settled),
-            target: self.names(target),
+            settled: self.names(settled.serving),
+            target: self.names(target.serving),
             outgoing_buckets: outgoing,
             connections_left: self.connections_left,
             waiting_for: self.names(waiting),

@@ -1,11 +1,11 @@
 //! The heartbeat message: what members tell each other several times a second, authenticated
 //! with the cluster key.
 //!
-//! Wire format (big-endian), 88 bytes plus the sender's id:
+//! Wire format (big-endian), 128 bytes plus the sender's id:
 //!
 //! ```text
 //!  0  magic "FRMH"            4
-//!  4  version (2)             1
+//!  4  version (3)             1
 //!  5  state                   1   joining, active, draining, leaving, unhealthy
 //!  6  weight                  2
 //!  8  incarnation             8   set once per farmd start; a restart is a new incarnation
@@ -19,8 +19,15 @@
 //! 56  handed over             8   the target set for which the sender has handed its buckets over
 //! 64  released                8   the target set for which the sender's outgoing buckets no longer
 //!                                 take new connections
-//! 72  id                      n   1..=63 bytes
-//! 72+n  HMAC-SHA256           16  over everything before it, truncated
+//! 72  applied weights         8   the weights (config digest) of each of the four views above:
+//! 80  settled weights         8   a view is a serving set and the weights its map is computed
+//! 88  handed-over weights     8   with, so that a weight change moves buckets like a join does
+//! 96  released weights        8
+//! 104 drill id                4   a recovery drill the sender runs (0: none), on member...
+//! 108 drill member            1   ...with this index (by id); that member acts as if crashed
+//! 109 reserved                3
+//! 112 id                      n   1..=63 bytes
+//! 112+n  HMAC-SHA256          16  over everything before it, truncated
 //! ```
 //!
 //! Decoding never panics: truncated, oversized, foreign, unauthenticated and replayed messages
@@ -29,10 +36,12 @@
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
+use crate::transition::View;
+
 pub const MAGIC: [u8; 4] = *b"FRMH";
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Bytes before the id.
-pub const FIXED: usize = 72;
+pub const FIXED: usize = 112;
 const TAG: usize = 16;
 pub const MAX_ID: usize = 63;
 pub const MAX_LEN: usize = FIXED + MAX_ID + TAG;
@@ -83,18 +92,22 @@ pub struct Heartbeat {
     pub weight: u16,
     pub incarnation: u64,
     pub seq: u64,
-    /// The serving set (bit i = member i) of the bucket map the sender has applied to its data
-    /// plane: a member taking buckets over waits until their previous owner has applied the move.
-    pub applied: u64,
+    /// The view (serving set, bit i = member i, and weights) of the bucket map the sender has
+    /// applied to its data plane: a member taking buckets over waits until their previous owner
+    /// has applied the move.
+    pub applied: View,
     pub config_digest: u64,
     pub network: u8,
-    /// Members serving in the sender's settled bucket map (bit i = member i, sorted by id).
-    pub settled: u64,
-    /// The target set of members for which the sender has finished handing over its buckets.
-    pub handed_over: u64,
-    /// The target set for which the sender's outgoing buckets no longer take new connections
+    /// The view of the sender's settled bucket map.
+    pub settled: View,
+    /// The target view for which the sender has finished handing over its buckets.
+    pub handed_over: View,
+    /// The target view for which the sender's outgoing buckets no longer take new connections
     /// (it releases them once every taker has applied the target).
-    pub released: u64,
+    pub released: View,
+    /// A recovery drill the sender runs: (drill id, non-zero; index of the member that is to act
+    /// as if it crashed).
+    pub drill: Option<(u32, u8)>,
 }
 
 /// Why a datagram was not accepted. Each reason has its own counter.
@@ -172,14 +185,21 @@ pub fn encode(key: &[u8; 32], hb: &Heartbeat) -> Vec<u8> {
     b.extend_from_slice(&hb.weight.to_be_bytes());
     b.extend_from_slice(&hb.incarnation.to_be_bytes());
     b.extend_from_slice(&hb.seq.to_be_bytes());
-    b.extend_from_slice(&hb.applied.to_be_bytes());
+    b.extend_from_slice(&hb.applied.serving.to_be_bytes());
     b.extend_from_slice(&hb.config_digest.to_be_bytes());
     b.push(id.len() as u8);
     b.push(hb.network);
     b.extend_from_slice(&[0; 6]);
-    b.extend_from_slice(&hb.settled.to_be_bytes());
-    b.extend_from_slice(&hb.handed_over.to_be_bytes());
-    b.extend_from_slice(&hb.released.to_be_bytes());
+    for v in [hb.settled, hb.handed_over, hb.released] {
+        b.extend_from_slice(&v.serving.to_be_bytes());
+    }
+    for v in [hb.applied, hb.settled, hb.handed_over, hb.released] {
+        b.extend_from_slice(&v.weights.to_be_bytes());
+    }
+    let (drill_id, drill_member) = hb.drill.unwrap_or((0, 0));
+    b.extend_from_slice(&drill_id.to_be_bytes());
+    b.push(drill_member);
+    b.extend_from_slice(&[0; 3]);
     b.extend_from_slice(id);
     let tag = mac(key, &b);
     b.extend_from_slice(&tag);
@@ -227,9 +247,19 @@ pub fn decode(key: &[u8; 32], b: &[u8]) -> Result<Heartbeat, Reject> {
     }
     // Reserved bytes must be zero: one encoding per message (found by the fuzzer: they were
     // ignored, so an authenticated message from a later version would have been misread).
-    if b[42..48] != [0; 6] {
+    if b[42..48] != [0; 6] || b[109..112] != [0; 3] {
         return Err(Reject::Malformed);
     }
+    let drill_id = u32::from_be_bytes(b[104..108].try_into().expect("4 bytes"));
+    let drill = match (drill_id, b[108]) {
+        (0, 0) => None,
+        (0, _) => return Err(Reject::Malformed),
+        (id, member) => Some((id, member)),
+    };
+    let view = |serving: usize, weights: usize| View {
+        serving: be64(b, serving),
+        weights: be64(b, weights),
+    };
     let state = State::from_u8(b[5]).ok_or(Reject::Malformed)?;
     let id = std::str::from_utf8(&b[FIXED..FIXED + id_len]).map_err(|_| Reject::Malformed)?;
     Ok(Heartbeat {
@@ -238,12 +268,13 @@ pub fn decode(key: &[u8; 32], b: &[u8]) -> Result<Heartbeat, Reject> {
         weight: u16::from_be_bytes([b[6], b[7]]),
         incarnation: be64(b, 8),
         seq: be64(b, 16),
-        applied: be64(b, 24),
+        applied: view(24, 72),
         config_digest: be64(b, 32),
         network: b[41],
-        settled: be64(b, 48),
-        handed_over: be64(b, 56),
-        released: be64(b, 64),
+        settled: view(48, 80),
+        handed_over: view(56, 88),
+        released: view(64, 96),
+        drill,
     })
 }
 
@@ -284,12 +315,25 @@ mod tests {
             weight: 3,
             incarnation: 1_700_000_000_000,
             seq: 42,
-            applied: 0b011,
+            applied: View {
+                serving: 0b011,
+                weights: 0xaa,
+            },
             config_digest: 0x1234,
             network: 1,
-            settled: 0b101,
-            handed_over: 0b111,
-            released: 0b110,
+            settled: View {
+                serving: 0b101,
+                weights: 0xbb,
+            },
+            handed_over: View {
+                serving: 0b111,
+                weights: 0xcc,
+            },
+            released: View {
+                serving: 0b110,
+                weights: 0xdd,
+            },
+            drill: Some((7, 2)),
         }
     }
 
@@ -325,7 +369,7 @@ mod tests {
         assert_eq!(
             decode(
                 &KEY,
-                b"GET / HTTP/1.1\r\nHost: farm\r\nUser-Agent: test\r\n\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+                format!("GET / HTTP/1.1\r\nHost: farm\r\n\r\n{}", "x".repeat(150)).as_bytes()
             ),
             Err(Reject::BadMagic)
         );
@@ -336,12 +380,17 @@ mod tests {
 
     #[test]
     fn reserved_bytes_must_be_zero_even_when_signed() {
-        let mut b = encode(&KEY, &hb());
-        b.truncate(b.len() - TAG);
-        b[47] = 1;
-        let tag = mac(&KEY, &b);
-        b.extend_from_slice(&tag);
-        assert_eq!(decode(&KEY, &b), Err(Reject::Malformed));
+        // And a drill names a member only with an id: one encoding per message.
+        let mut none = hb();
+        none.drill = None;
+        for (msg, at) in [(hb(), 47), (hb(), 110), (none, 108)] {
+            let mut b = encode(&KEY, &msg);
+            b.truncate(b.len() - TAG);
+            b[at] = 1;
+            let tag = mac(&KEY, &b);
+            b.extend_from_slice(&tag);
+            assert_eq!(decode(&KEY, &b), Err(Reject::Malformed), "byte {at}");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::{
     assign::Candidate,
     heartbeat::{Heartbeat, Reject, ReplayGuard, State},
+    transition::View,
 };
 
 #[derive(Debug, Clone)]
@@ -26,13 +27,17 @@ pub struct Peer {
     /// What it last announced.
     pub state: Option<State>,
     pub incarnation: u64,
-    /// The serving set of the map it has applied.
-    pub applied: u64,
+    /// The view of the map it has applied.
+    pub applied: View,
+    /// The digest of its member list and weights (`config_digest`).
     pub config_digest: u64,
-    /// Its settled serving set and the target it has handed over for (see `transition`).
-    pub settled: u64,
-    pub handed_over: u64,
-    pub released: u64,
+    /// Its settled view and the targets it has released and handed over for (see
+    /// `transition`).
+    pub settled: View,
+    pub handed_over: View,
+    pub released: View,
+    /// The recovery drill it runs, if any: (id, member index).
+    pub drill: Option<(u32, u8)>,
     guard: ReplayGuard,
     /// Whether it counted as alive at the last `tick`.
     pub alive: bool,
@@ -44,8 +49,10 @@ pub struct Received {
     /// The sender's index.
     pub index: usize,
     /// Whether it announced another move state (applied, settled, released or handed-over
-    /// set) than its previous heartbeat.
+    /// view, weights, drill) than its previous heartbeat.
     pub moved: bool,
+    /// Whether its member list or weights (config digest) changed.
+    pub digest_changed: bool,
 }
 
 /// A change `tick` noticed.
@@ -84,11 +91,12 @@ impl Membership {
                 last_heard: vec![None; networks],
                 state: None,
                 incarnation: 0,
-                applied: 0,
+                applied: View::default(),
                 config_digest: 0,
-                settled: 0,
-                handed_over: 0,
-                released: 0,
+                settled: View::default(),
+                handed_over: View::default(),
+                released: View::default(),
+                drill: None,
                 guard: ReplayGuard::default(),
                 alive: false,
             })
@@ -124,8 +132,16 @@ impl Membership {
         }
         let p = &mut self.peers[i];
         p.guard.check(hb.incarnation, hb.seq)?;
-        let moved = (p.applied, p.settled, p.handed_over, p.released)
-            != (hb.applied, hb.settled, hb.handed_over, hb.released);
+        let digest_changed = p.config_digest != hb.config_digest;
+        let moved = (p.applied, p.settled, p.handed_over, p.released, p.drill)
+            != (
+                hb.applied,
+                hb.settled,
+                hb.handed_over,
+                hb.released,
+                hb.drill,
+            )
+            || digest_changed;
         p.last_heard[net] = Some(now);
         p.state = Some(hb.state);
         p.incarnation = hb.incarnation;
@@ -134,7 +150,12 @@ impl Membership {
         p.settled = hb.settled;
         p.handed_over = hb.handed_over;
         p.released = hb.released;
-        Ok(Received { index: i, moved })
+        p.drill = hb.drill;
+        Ok(Received {
+            index: i,
+            moved,
+            digest_changed,
+        })
     }
 
     fn heard_within(&self, i: usize, now: Instant) -> bool {
@@ -278,12 +299,13 @@ mod tests {
             weight: 1,
             incarnation: 1,
             seq,
-            applied: 0,
+            applied: View::default(),
             config_digest: 0,
             network: 0,
-            settled: 0,
-            handed_over: 0,
-            released: 0,
+            settled: View::default(),
+            handed_over: View::default(),
+            released: View::default(),
+            drill: None,
         }
     }
 

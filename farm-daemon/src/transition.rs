@@ -24,6 +24,18 @@ use farm_common::{BUCKETS, BucketEntry, HashKey, NO_OWNER, bucket_state};
 
 use crate::assign::{self, Candidate};
 
+/// What a bucket map is computed from: who serves (bit i = member i, members sorted by id) and
+/// with which weights (the digest of the member list and weights, `membership::config_digest`).
+/// A weight change (`farmctl reload`) is a move between two views with the same serving set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct View {
+    pub serving: u64,
+    pub weights: u64,
+}
+
+/// Members (id, weight) in id order.
+pub type Members = [(String, u32)];
+
 /// The serving set of a view, as a mask.
 pub fn mask(candidates: &[Candidate]) -> u64 {
     candidates
@@ -60,7 +72,8 @@ pub struct Plan {
     pub takers: u64,
 }
 
-/// The plan of node `me` for moving from `settled` to `target`, `alive` being the members heard
+/// The plan of node `me` for moving from `settled` to `target` (each a serving set and the
+/// weights it is computed with), `alive` being the members heard
 /// (a previous owner that is gone gives nothing over). Without `quorum` this node takes nothing.
 ///
 /// The new owner's INCOMING buckets take SYNs only once their previous owner is ready (has
@@ -71,18 +84,17 @@ pub struct Plan {
 /// table to be rewritten).
 pub fn plan(
     seed: &HashKey,
-    members: &[(String, u32)],
     me: usize,
-    settled: u64,
-    target: u64,
+    settled: (&Members, u64),
+    target: (&Members, u64),
     alive: u64,
     quorum: bool,
 ) -> Plan {
-    let t = assign::assign(seed, &candidates_of(members, target));
+    let t = assign::assign(seed, &candidates_of(target.0, target.1));
     let s = if settled == target {
         t.clone()
     } else {
-        assign::assign(seed, &candidates_of(members, settled))
+        assign::assign(seed, &candidates_of(settled.0, settled.1))
     };
     let me8 = me as u8;
     let mut entries = Vec::with_capacity(BUCKETS as usize);
@@ -149,13 +161,34 @@ mod tests {
     fn join_hands_over_the_joiners_share() {
         let all = 0b111;
         let (settled, target) = (0b011, 0b111);
-        let joiner = plan(&SEED, &members(), 2, settled, target, all, true);
+        let joiner = plan(
+            &SEED,
+            2,
+            (&members(), settled),
+            (&members(), target),
+            all,
+            true,
+        );
         let third = BUCKETS as usize / 3;
         assert!((count(&joiner, bucket_state::INCOMING) as i64 - third as i64).abs() <= 1);
         assert_eq!(count(&joiner, bucket_state::MINE), 0);
         assert_eq!(joiner.givers, 0b011);
-        let a = plan(&SEED, &members(), 0, settled, target, all, true);
-        let b = plan(&SEED, &members(), 1, settled, target, all, true);
+        let a = plan(
+            &SEED,
+            0,
+            (&members(), settled),
+            (&members(), target),
+            all,
+            true,
+        );
+        let b = plan(
+            &SEED,
+            1,
+            (&members(), settled),
+            (&members(), target),
+            all,
+            true,
+        );
         assert_eq!(
             a.outgoing.len() + b.outgoing.len(),
             count(&joiner, bucket_state::INCOMING),
@@ -171,7 +204,14 @@ mod tests {
     #[test]
     fn a_lost_members_buckets_move_at_once() {
         let (settled, target, alive) = (0b111, 0b011, 0b011);
-        let p = plan(&SEED, &members(), 0, settled, target, alive, true);
+        let p = plan(
+            &SEED,
+            0,
+            (&members(), settled),
+            (&members(), target),
+            alive,
+            true,
+        );
         assert_eq!(count(&p, bucket_state::INCOMING), 0);
         assert_eq!(count(&p, bucket_state::OUTGOING), 0);
         assert_eq!(p.givers, 0);
@@ -182,7 +222,14 @@ mod tests {
     #[test]
     fn a_draining_member_gives_everything_it_has() {
         let (settled, target, alive) = (0b111, 0b011, 0b111);
-        let c = plan(&SEED, &members(), 2, settled, target, alive, true);
+        let c = plan(
+            &SEED,
+            2,
+            (&members(), settled),
+            (&members(), target),
+            alive,
+            true,
+        );
         assert!((c.outgoing.len() as i64 - BUCKETS as i64 / 3).abs() <= 1);
         assert_eq!(c.givers, 0b100);
         assert!(!complete(c.givers, alive, 0b011));
@@ -190,14 +237,66 @@ mod tests {
     }
 
     #[test]
+    fn a_weight_change_is_a_handover_between_the_same_members() {
+        let all = 0b111;
+        let mut heavier = members();
+        heavier[2].1 = 2;
+        let from = (members(), all);
+        let to = (heavier, all);
+        let plans: Vec<Plan> = (0..3)
+            .map(|me| plan(&SEED, me, (&from.0, from.1), (&to.0, to.1), all, true))
+            .collect();
+        // c (weight 2 of 4) grows from a third to half: it takes a sixth of the buckets from a
+        // and b. The preference lists change shape, so a and b also swap some between them
+        // (kept connections make that harmless); what is given is what is taken.
+        let given: usize = plans.iter().map(|p| p.outgoing.len()).sum();
+        let taken: usize = plans.iter().map(|p| count(p, bucket_state::INCOMING)).sum();
+        assert_eq!(given, taken);
+        let minimal = BUCKETS as usize / 2 - BUCKETS as usize / 3;
+        let grew = count(&plans[2], bucket_state::INCOMING);
+        assert!((grew as i64 - minimal as i64).abs() <= 2, "c took {grew}");
+        assert!(given < 2 * minimal, "{given} moved for {minimal}");
+        assert!(plans[2].outgoing.is_empty());
+        assert_eq!(plans[0].givers, 0b011);
+        assert_eq!(plans[0].owners, plans[2].owners);
+        // Every bucket is MINE or handed over on exactly one member.
+        for b in 0..BUCKETS as usize {
+            let mine = plans
+                .iter()
+                .filter(|p| {
+                    matches!(
+                        p.entries[b].state,
+                        bucket_state::MINE | bucket_state::OUTGOING
+                    )
+                })
+                .count();
+            assert_eq!(mine, 1, "bucket {b}");
+        }
+    }
+
+    #[test]
     fn no_quorum_takes_nothing() {
-        let p = plan(&SEED, &members(), 0, 0b111, 0b111, 0b111, false);
+        let p = plan(
+            &SEED,
+            0,
+            (&members(), 0b111),
+            (&members(), 0b111),
+            0b111,
+            false,
+        );
         assert_eq!(count(&p, bucket_state::NOT_MINE), BUCKETS as usize);
     }
 
     #[test]
     fn settled_plan_is_the_plain_assignment() {
-        let p = plan(&SEED, &members(), 1, 0b111, 0b111, 0b111, true);
+        let p = plan(
+            &SEED,
+            1,
+            (&members(), 0b111),
+            (&members(), 0b111),
+            0b111,
+            true,
+        );
         assert_eq!(p.givers, 0);
         assert_eq!(
             count(&p, bucket_state::INCOMING) + count(&p, bucket_state::OUTGOING),

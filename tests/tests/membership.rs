@@ -67,12 +67,13 @@ fn forged_replayed_and_random_heartbeats_change_nothing() {
                 weight: 1,
                 incarnation,
                 seq,
-                applied: 0,
+                applied: Default::default(),
                 config_digest: 0,
                 network: 0,
-                settled: 0,
-                handed_over: 0,
-                released: 0,
+                settled: Default::default(),
+                handed_over: Default::default(),
+                released: Default::default(),
+                drill: None,
             },
         )
     };
