@@ -301,6 +301,27 @@ impl Health {
         self.healthy
     }
 
+    /// Takes a reloaded set of checks: unchanged ones (same name and settings) keep their state
+    /// and last result; new or changed ones start pending, so a healthy member stays healthy
+    /// until one of them fails. Call `evaluate` afterwards (a removed failing check may make
+    /// the member healthy again).
+    pub fn reconfigure(&mut self, checks: &[Check], max_per_minute: u32) {
+        let mut old = std::mem::take(&mut self.checks);
+        self.checks = checks
+            .iter()
+            .map(|c| match old.iter().position(|t| t.check == *c) {
+                Some(i) => old.swap_remove(i),
+                None => Tracked {
+                    check: c.clone(),
+                    state: CheckState::Pending,
+                    streak: 0,
+                    last: None,
+                },
+            })
+            .collect();
+        self.max_per_minute = max_per_minute;
+    }
+
     /// Takes in a result; returns the change of the member's health it causes, if any.
     pub fn record(&mut self, i: usize, o: Outcome, now: Instant) -> Option<Change> {
         let t = self.checks.get_mut(i)?;
@@ -451,6 +472,30 @@ mod tests {
     }
     fn bad(answered: bool) -> Outcome {
         Outcome::fail(answered, "bad")
+    }
+
+    #[test]
+    fn a_reload_keeps_unchanged_checks_and_a_new_one_fails_only_after_fall() {
+        let t0 = Instant::now();
+        let mut h = Health::new(&[check(1, 2)], 4);
+        assert_eq!(h.record(0, ok(), t0), Some(Change::Healthy));
+        let mut second = check(1, 2);
+        second.name = "db".into();
+        h.reconfigure(&[check(1, 2), second], 4);
+        assert!(
+            h.healthy(),
+            "a new pending check does not take a healthy member out"
+        );
+        assert_eq!(h.status(t0)[0].state, CheckState::Passing, "kept");
+        assert_eq!(h.status(t0)[1].state, CheckState::Pending);
+        assert_eq!(h.record(1, bad(true), t0), None);
+        assert!(matches!(
+            h.record(1, bad(true), t0),
+            Some(Change::Unhealthy { answered: true, .. })
+        ));
+        // Removing the failing check makes the member healthy again.
+        h.reconfigure(&[check(1, 2)], 4);
+        assert_eq!(h.evaluate(t0), Some(Change::Healthy));
     }
 
     #[test]

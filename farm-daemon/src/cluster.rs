@@ -71,6 +71,8 @@ pub struct Cluster {
     pub events: Vec<Event>,
     /// The recovery drill this node runs, announced in its heartbeats: (id, member index).
     pub drill: Option<(u32, u8)>,
+    /// Sends nothing (this node plays a crashed member in a peer's drill).
+    pub silent: bool,
 }
 
 impl Cluster {
@@ -160,6 +162,7 @@ impl Cluster {
                 counters,
                 events: Vec::new(),
                 drill: None,
+                silent: false,
             },
             rx,
         ))
@@ -168,6 +171,9 @@ impl Cluster {
     /// Sends one heartbeat to every peer on every network, announcing where this node's bucket
     /// moves stand.
     pub fn send(&mut self, a: Announce) {
+        if self.silent {
+            return;
+        }
         self.seq += 1;
         let me = self.membership.me;
         for (net, sock) in self.sockets.iter().enumerate() {
@@ -292,6 +298,25 @@ impl Cluster {
             }
         }
         changed
+    }
+
+    /// A reload's heartbeat timers: a peer is lost after `loss_window` from now on.
+    pub fn set_loss_window(&mut self, loss_window: Duration) {
+        self.membership.loss_window = loss_window;
+        self.witness_window = loss_window.max(Duration::from_millis(500));
+    }
+
+    /// Starts over as a restarted farmd would (after playing a crashed member in a drill): a
+    /// new incarnation, joining, serving only after a loss window.
+    pub fn restart(&mut self) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        self.incarnation = now.max(self.incarnation + 1);
+        self.seq = 0;
+        self.silent = false;
+        self.membership.my_state = State::Joining;
+        self.joined_at = Instant::now();
     }
 
     /// Announces that this node leaves (peers take its buckets at once).

@@ -80,6 +80,38 @@ struct RawConfig {
     hook: Vec<RawHook>,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    drill: RawDrill,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDrill {
+    rto_objective_ms: u64,
+    probe_addresses: Vec<String>,
+    timeout_s: u64,
+}
+
+impl Default for RawDrill {
+    fn default() -> Self {
+        Self {
+            rto_objective_ms: 1000,
+            probe_addresses: Vec::new(),
+            timeout_s: 30,
+        }
+    }
+}
+
+/// The recovery drill (`farmctl drill`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drill {
+    /// The recovery time the drill's measurement is compared with.
+    pub rto_objective: Duration,
+    /// Addresses no host uses, in the subnet of the farm interface: the drill's probe client
+    /// takes one whose bucket the drilled member owns.
+    pub probe_addresses: Vec<(std::net::Ipv4Addr, u8)>,
+    /// How long the drill waits for the farm to answer again before it gives up.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -500,6 +532,9 @@ pub struct Config {
     pub metrics: Option<std::net::SocketAddr>,
     /// Export per-bucket series too (65536 of each).
     pub metrics_per_bucket: bool,
+    pub drill: Drill,
+    /// The file this configuration was read from (`farmctl reload` reads it again).
+    pub source: PathBuf,
 }
 
 impl Config {
@@ -518,10 +553,12 @@ impl Config {
             path: origin.into(),
             message: e.to_string(),
         })?;
-        validate(raw).map_err(|errors| ConfigError::Invalid {
+        let mut cfg = validate(raw).map_err(|errors| ConfigError::Invalid {
             path: origin.into(),
             errors,
-        })
+        })?;
+        cfg.source = origin.into();
+        Ok(cfg)
     }
 
     pub fn me(&self) -> &Member {
@@ -1047,6 +1084,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
             ),
         );
     }
+    let drill = validate_drill(&raw.drill, &mut e);
     let witness = match &raw.cluster.witness {
         None => None,
         Some(w) => match w.parse::<IpAddr>() {
@@ -1093,7 +1131,52 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         hooks,
         metrics,
         metrics_per_bucket: raw.metrics.per_bucket,
+        drill,
+        source: PathBuf::new(),
     })
+}
+
+fn validate_drill(raw: &RawDrill, e: &mut Errors) -> Drill {
+    if !(10..=600_000).contains(&raw.rto_objective_ms) {
+        e.push(
+            "drill.rto_objective_ms",
+            format!(
+                "{} is out of range: allowed 10 to 600000 (milliseconds)",
+                raw.rto_objective_ms
+            ),
+        );
+    }
+    if !(1..=600).contains(&raw.timeout_s) {
+        e.push(
+            "drill.timeout_s",
+            format!(
+                "{} is out of range: allowed 1 to 600 (seconds)",
+                raw.timeout_s
+            ),
+        );
+    }
+    let mut probes = Vec::new();
+    for (i, a) in raw.probe_addresses.iter().enumerate() {
+        let (addr, len) = a.split_once('/').unwrap_or((a, "32"));
+        match (addr.parse::<std::net::Ipv4Addr>(), len.parse::<u8>()) {
+            (Ok(ip), Ok(len)) if (16..=32).contains(&len) && !ip.is_unspecified() => {
+                probes.push((ip, len))
+            }
+            _ => e.push(
+                format!("drill.probe_addresses[{i}]"),
+                format!(
+                    "{a:?} is not an IPv4 address or block of /16 to /32 (e.g. \
+                     \"192.0.2.240/29\"): addresses no host uses, in the subnet of the farm \
+                     interface (IPv6 probes are not supported yet)"
+                ),
+            ),
+        }
+    }
+    Drill {
+        rto_objective: Duration::from_millis(raw.rto_objective_ms),
+        probe_addresses: probes,
+        timeout: Duration::from_secs(raw.timeout_s),
+    }
 }
 
 /// Validates the `[[check]]` entries: each needs exactly the field its kind probes.

@@ -41,6 +41,75 @@ pub enum Request {
     },
     /// The Prometheus text (used by the metrics endpoint).
     Metrics,
+    /// Read the configuration file again and apply it (`dry_run`: only say what would change).
+    Reload {
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// Start a recovery drill: `member` (default: chosen) acts as if it crashed; this node
+    /// measures as a client how long its buckets go unanswered.
+    Drill {
+        #[serde(default)]
+        member: Option<String>,
+    },
+    /// The drill in progress or the last one.
+    DrillStatus,
+}
+
+/// What a reload changes (or would change, with `--diff`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub file: String,
+    /// Whether the change was applied (false for --diff, or when refused).
+    pub applied: bool,
+    /// Changes applied while running.
+    pub changes: Vec<String>,
+    /// Changes that need a restart of farmd; a reload with any of them is refused.
+    pub restart_needed: Vec<String>,
+    pub warnings: Vec<String>,
+    pub vips_added: Vec<String>,
+    pub vips_removed: Vec<String>,
+    /// Buckets whose owner the new weights change (with the members serving now).
+    pub buckets_moving: usize,
+    /// Each member's buckets now and with the new weights.
+    pub shares: Vec<ShareChange>,
+    /// Live members that do not have these weights yet: the buckets move once they do.
+    pub waiting_for: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShareChange {
+    pub member: String,
+    pub now: usize,
+    pub after: usize,
+}
+
+/// A recovery drill: its progress, then its result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DrillReport {
+    pub id: u32,
+    /// The member that acted as if it crashed.
+    pub member: String,
+    /// The probe client's address and the VIP it asked.
+    pub probe: String,
+    pub vip: String,
+    /// baseline, crashed, recovered, restoring, done or failed.
+    pub phase: String,
+    pub elapsed_ms: u64,
+    pub probes_sent: u64,
+    pub probes_answered: u64,
+    /// How long the drilled member's buckets went unanswered, as the probe client saw it:
+    /// from the last probe answered before the crash to the first answered after.
+    pub rto_ms: Option<u64>,
+    /// The recovery the farm's own timers allow (loss window), for comparison.
+    pub expected_ms: u64,
+    pub objective_ms: u64,
+    pub passed: Option<bool>,
+    pub error: Option<String>,
+    pub finished: bool,
+    /// When it finished, seconds since the Unix epoch.
+    #[serde(default)]
+    pub finished_at: Option<f64>,
 }
 
 /// The last failover this node took part in.
@@ -132,6 +201,8 @@ pub enum Response {
         text: String,
     },
     Simulation(Simulation),
+    Reload(Box<ReloadReport>),
+    Drill(Box<DrillReport>),
     Checks {
         healthy: bool,
         /// A return is held back by flap damping.
@@ -169,6 +240,9 @@ pub struct Status {
     /// Health checks that fail or have not passed yet.
     #[serde(default)]
     pub checks_failing: Vec<String>,
+    /// The drill in progress or the last one.
+    #[serde(default)]
+    pub drill: Option<DrillReport>,
     /// Members this node saw fail, and the last such failover.
     #[serde(default)]
     pub failovers: u64,

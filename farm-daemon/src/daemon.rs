@@ -24,15 +24,18 @@ use crate::{
     cluster::{Cluster, ClusterError, Datagram},
     config::{Config, MacMode, format_mac},
     control::{
-        HeartbeatStatus, MemberStatus, NetworkStatus, Outcome, Placement, Request, Response,
-        Status, Traffic, VipStatus, WhoisEntry, WitnessStatus, parse_client,
+        DrillReport, HeartbeatStatus, MemberStatus, NetworkStatus, Outcome, Placement,
+        ReloadReport, Request, Response, ShareChange, Status, Traffic, VipStatus, WhoisEntry,
+        WitnessStatus, parse_client,
     },
     dataplane::{self, Dataplane, DataplaneError},
+    drill::{self, Probe, ProbeClient},
     handover::Handover,
     heartbeat::State,
     hooks::{self, Hooks},
-    membership,
+    membership::{self, config_digest},
     netlink::{LinkFacts, Netlink, NetlinkError},
+    reload,
     secret::{Secret, SecretError},
 };
 
@@ -129,6 +132,45 @@ pub struct Daemon {
     failovers: u64,
     /// (member lost, from its last heartbeat to the new map live here, when).
     last_failover: Option<(String, Duration, Instant)>,
+    /// The recovery drill this node runs, and the last one's result.
+    drill: Option<DrillRun>,
+    last_drill: Option<DrillReport>,
+    /// While this node plays the crashed member of a peer's drill: (drill id, the peer, since).
+    crashed: Option<(u32, usize, Instant)>,
+    /// The last drill this node played crashed in (an order still announced is not obeyed
+    /// twice).
+    crashed_in: Option<u32>,
+}
+
+/// A drill this node runs (see `start_drill`).
+struct DrillRun {
+    report: DrillReport,
+    victim: usize,
+    started: Instant,
+    probe: ProbeClient,
+    probe_mac: [u8; 6],
+    phase: DrillPhase,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrillPhase {
+    /// Probing until the probe's answers are steady.
+    Baseline,
+    /// The victim acts as if crashed since then; waiting for the probe to be answered again.
+    Crashed(Instant),
+    /// The victim rejoins (since then); waiting until it serves again.
+    Restoring(Instant),
+}
+
+/// What an applied reload asks of the main loop.
+#[derive(Debug, Default, Clone, Copy)]
+struct Reloaded {
+    /// Heartbeat, liveness and dead-man timers are to be made again.
+    timers: bool,
+    /// The health checks are to be started again.
+    checks: bool,
+    /// VIPs were added: announce them (three times, a second apart).
+    announce: bool,
 }
 
 /// (bucket, packets, bytes) of each bucket that saw traffic.
@@ -157,6 +199,24 @@ impl Planned {
             Planned::Resume => "resume",
         }
     }
+}
+
+type Interval = tokio::time::Interval;
+
+/// The main loop's timers: the dead-man refresh (five times per timeout), heartbeats, and the
+/// liveness check (ten times per heartbeat interval, so that a silent peer is noticed within a
+/// tenth of an interval after its loss window ends, not up to a whole interval).
+fn timers(cfg: &Config) -> (Interval, Interval, Interval) {
+    let make = |period: Duration| {
+        let mut i = tokio::time::interval(period);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    };
+    (
+        make((cfg.deadman_timeout / 5).max(Duration::from_millis(10))),
+        make(cfg.heartbeat.interval),
+        make((cfg.heartbeat.interval / 10).max(Duration::from_millis(2))),
+    )
 }
 
 /// The identity of this network namespace, so that lock files and pins of farmds in different
@@ -305,6 +365,10 @@ impl Daemon {
             last_apply: Duration::ZERO,
             failovers: 0,
             last_failover: None,
+            drill: None,
+            last_drill: None,
+            crashed: None,
+            crashed_in: None,
         };
         match d.setup(&pin_dir).await {
             Ok(listener) => Ok((d, listener)),
@@ -511,20 +575,12 @@ impl Daemon {
     pub async fn run(mut self, listener: UnixListener) -> Result<(), DaemonError> {
         let mut term = signal(SignalKind::terminate()).map_err(io("installing SIGTERM handler"))?;
         let mut int = signal(SignalKind::interrupt()).map_err(io("installing SIGINT handler"))?;
+        let mut hup = signal(SignalKind::hangup()).map_err(io("installing SIGHUP handler"))?;
         let announcer = Announcer::new(self.link.index)?;
-        let refresh = (self.cfg.deadman_timeout / 5).max(Duration::from_millis(10));
-        let mut deadman = tokio::time::interval(refresh);
-        deadman.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut deadman, mut heartbeat, mut liveness) = timers(&self.cfg);
         // Announce at once, twice more a second apart, then every announce_interval.
         let mut announce_at = tokio::time::Instant::now();
         let mut announced = 0u32;
-        let mut heartbeat = tokio::time::interval(self.cfg.heartbeat.interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Liveness is checked ten times per heartbeat interval, so a silent peer is noticed
-        // within a tenth of an interval after its loss window ends, not up to a whole interval.
-        let mut liveness =
-            tokio::time::interval((self.cfg.heartbeat.interval / 10).max(Duration::from_millis(2)));
-        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heartbeats = self.heartbeats.take().expect("run once");
         let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(16);
         let mut check_results = checks::start(&self.cfg.checks);
@@ -571,8 +627,40 @@ impl Daemon {
             tokio::select! {
                 _ = term.recv() => if self.begin_stop("SIGTERM") { break Ok(()); },
                 _ = int.recv() => if self.begin_stop("SIGINT") { break Ok(()); },
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading {}", self.cfg.source.display());
+                    let (response, effects) = self.reload(false).await;
+                    match response {
+                        Response::Reload(r) if !r.applied && !r.restart_needed.is_empty() => {
+                            tracing::error!(
+                                "reload refused, these changes need a restart of farmd: {}; \
+                                 nothing was changed",
+                                r.restart_needed.join("; ")
+                            );
+                        }
+                        Response::Reload(r) if r.changes.is_empty() => {
+                            tracing::info!("reload: nothing changed");
+                        }
+                        Response::Error { message } => {
+                            tracing::error!("reload refused: {message}");
+                        }
+                        _ => {}
+                    }
+                    if effects.timers {
+                        (deadman, heartbeat, liveness) = timers(&self.cfg);
+                    }
+                    if effects.checks {
+                        check_results = checks::start(&self.cfg.checks);
+                    }
+                    if effects.announce {
+                        (announce_at, announced) = (tokio::time::Instant::now(), 0);
+                    }
+                }
                 _ = deadman.tick() => {
-                    if let Err(e) = self.dp.arm(self.cfg.deadman_timeout) {
+                    // A member playing crashed in a drill lets its dead-man switch lapse.
+                    if self.crashed.is_none()
+                        && let Err(e) = self.dp.arm(self.cfg.deadman_timeout)
+                    {
                         tracing::error!("refreshing the dead-man switch failed: {e}");
                     }
                 }
@@ -601,6 +689,12 @@ impl Daemon {
                     }
                 }
                 _ = liveness.tick() => {
+                    if self.drill.is_some() {
+                        self.drill_tick().await;
+                    }
+                    if self.crashed.is_some() {
+                        self.obey_drill();
+                    }
                     let may_join = self.may_join();
                     if self.cluster.tick(tokio::time::Instant::now(), may_join)
                         && let Err(e) = self.advance()
@@ -610,10 +704,11 @@ impl Daemon {
                 }
                 Some(d) = heartbeats.recv() => {
                     // A peer that applied or handed over a move: act on it now (see advance).
-                    if self.cluster.receive(&d, tokio::time::Instant::now())
-                        && let Err(e) = self.advance()
-                    {
-                        tracing::error!("updating the bucket map failed: {e}");
+                    if self.cluster.receive(&d, tokio::time::Instant::now()) {
+                        self.obey_drill();
+                        if let Err(e) = self.advance() {
+                            tracing::error!("updating the bucket map failed: {e}");
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(announce_at) => {
@@ -636,7 +731,23 @@ impl Daemon {
                     Err(e) => tracing::warn!("control socket: {e}"),
                 },
                 Some((req, reply)) = control_rx.recv() => {
-                    let response = self.handle(req);
+                    let response = match req {
+                        Request::Reload { dry_run } => {
+                            let (response, effects) = self.reload(dry_run).await;
+                            if effects.timers {
+                                (deadman, heartbeat, liveness) = timers(&self.cfg);
+                            }
+                            if effects.checks {
+                                check_results = checks::start(&self.cfg.checks);
+                            }
+                            if effects.announce {
+                                (announce_at, announced) = (tokio::time::Instant::now(), 0);
+                            }
+                            response
+                        }
+                        Request::Drill { member } => self.start_drill(member).await,
+                        req => self.handle(req),
+                    };
                     // A drain or resume that started shows in the next heartbeat at once.
                     if matches!(response, Response::Planned { outcome: Outcome::Started, .. })
                         && let Err(e) = self.advance()
@@ -647,6 +758,15 @@ impl Daemon {
                 }
             }
         };
+        if let Some(run) = self.drill.take() {
+            drop(run.probe);
+            let _ = self
+                .netlink
+                .del_mac_filter(self.link.index, run.probe_mac)
+                .await;
+        }
+        self.cluster.silent = false;
+        self.cluster.drill = None;
         // Tell the peers first, so they take this node's buckets at once rather than after the
         // loss window; twice, in case one is lost.
         let announce = self.handover.announce();
@@ -975,6 +1095,493 @@ impl Daemon {
         }
     }
 
+    /// Reads the configuration file again and applies what changed (`dry_run`: only says what
+    /// would). An invalid file, or a change that needs a restart, changes nothing.
+    async fn reload(&mut self, dry_run: bool) -> (Response, Reloaded) {
+        let path = self.cfg.source.clone();
+        let new = match Config::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                return (
+                    Response::Error {
+                        message: format!("{e}\nnothing was changed: farmd runs on as before"),
+                    },
+                    Reloaded::default(),
+                );
+            }
+        };
+        let d = reload::diff(&self.cfg, &new);
+        let mut report = ReloadReport {
+            file: path.display().to_string(),
+            applied: false,
+            changes: d.live.clone(),
+            restart_needed: d.restart.clone(),
+            warnings: d.warnings.clone(),
+            vips_added: d.vips_added.iter().map(ToString::to_string).collect(),
+            vips_removed: d.vips_removed.iter().map(ToString::to_string).collect(),
+            ..Default::default()
+        };
+        let members: Vec<(String, u32)> = new
+            .members
+            .iter()
+            .map(|m| (m.id.clone(), m.weight))
+            .collect();
+        let digest = config_digest(&members);
+        if d.weights_changed && d.restart.is_empty() {
+            let mut candidates = self.cluster.membership.candidates();
+            for (c, (_, w)) in candidates.iter_mut().zip(&members) {
+                c.weight = *w;
+            }
+            let after = assign::assign(&self.hash_key, &candidates);
+            report.buckets_moving = after
+                .iter()
+                .zip(&self.owners)
+                .filter(|(a, b)| a != b)
+                .count();
+            let n = members.len();
+            let (now, later) = (assign::shares(&self.owners, n), assign::shares(&after, n));
+            report.shares = members
+                .iter()
+                .enumerate()
+                .map(|(i, (id, _))| ShareChange {
+                    member: id.clone(),
+                    now: now[i],
+                    after: later[i],
+                })
+                .collect();
+            let m = &self.cluster.membership;
+            report.waiting_for = m
+                .peers
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| *i != m.me && p.alive && p.config_digest != digest)
+                .map(|(_, p)| p.id.clone())
+                .collect();
+        }
+        if dry_run || !d.restart.is_empty() || d.is_empty() {
+            return (Response::Reload(Box::new(report)), Reloaded::default());
+        }
+
+        // VIPs: a removed one leaves the host first (then no member's kernel answers for it
+        // from here), the table changes in one switch, an added one comes in after it (the
+        // data plane already filters and answers ARP for it).
+        let index = self.link.index;
+        for addr in &d.vips_removed {
+            if let Err(e) = self.netlink.del_vip(index, *addr).await {
+                tracing::error!("reload: removing VIP {addr}: {e}");
+            }
+            self.undo
+                .retain(|u| !matches!(u, Undo::Vip(_, a) if a == addr));
+        }
+        if d.vips_changed {
+            if let Err(e) = self.dp.set_vips(&new.vips) {
+                // Only the removals happened; the VIPs that stay are served as before.
+                return (
+                    Response::Error {
+                        message: format!(
+                            "reload: writing the VIP table failed ({e}); VIPs removed: [{}], \
+                             nothing else changed",
+                            report.vips_removed.join(", ")
+                        ),
+                    },
+                    Reloaded::default(),
+                );
+            }
+            self.handover.set_vips(new.vips.clone());
+        }
+        for addr in &d.vips_added {
+            match self.netlink.add_vip(index, *addr).await {
+                Ok(()) => {}
+                Err(e) if e.errno() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    tracing::error!("reload: adding VIP {addr}: {e}");
+                    report
+                        .warnings
+                        .push(format!("adding VIP {addr} failed: {e}"));
+                    continue;
+                }
+            }
+            self.undo.push(Undo::Vip(index, *addr));
+        }
+        if d.weights_changed {
+            for (p, (_, w)) in self.cluster.membership.peers.iter_mut().zip(&members) {
+                p.weight = *w;
+            }
+            self.handover.set_members(members);
+            self.cluster.config_digest = digest;
+        }
+        if d.checks_changed {
+            self.health
+                .reconfigure(&new.checks, new.max_health_moves_per_minute);
+        }
+        if d.hooks_changed {
+            self.hooks = Hooks::new(new.hooks.clone(), new.node_id.clone());
+        }
+        self.cluster.set_loss_window(new.heartbeat.loss_window());
+        self.handover.set_timeouts(new.drain_timeout, new.udp_idle);
+        let effects = Reloaded {
+            timers: d.timers_changed,
+            checks: d.checks_changed,
+            announce: !d.vips_added.is_empty(),
+        };
+        self.cfg = new;
+        report.applied = true;
+        tracing::info!("reloaded {}: {}", report.file, report.changes.join("; "));
+        for w in &report.warnings {
+            tracing::warn!("reload: {w}");
+        }
+        if d.weights_changed {
+            if report.waiting_for.is_empty() {
+                tracing::info!(
+                    "new weights: {} bucket(s) move, keeping connections",
+                    report.buckets_moving
+                );
+            } else {
+                tracing::info!(
+                    "new weights: {} bucket(s) move once [{}] have them (farmctl reload there)",
+                    report.buckets_moving,
+                    report.waiting_for.join(", ")
+                );
+            }
+        }
+        if let Some(change) = self.health.evaluate(std::time::Instant::now()) {
+            self.on_health(change);
+        }
+        if let Err(e) = self.advance() {
+            tracing::error!("updating the bucket map failed: {e}");
+        }
+        (Response::Reload(Box::new(report)), effects)
+    }
+
+    /// The drill in progress, or the last one.
+    fn drill_report(&self) -> Option<DrillReport> {
+        match &self.drill {
+            Some(run) => Some(run.report.clone()),
+            None => self.last_drill.clone(),
+        }
+    }
+
+    /// Starts a recovery drill: `member` (by default the first other serving member) acts as
+    /// if it crashed, while this node's probe client, a client of the farm on the wire,
+    /// measures how long the buckets of its probe address go unanswered.
+    async fn start_drill(&mut self, member: Option<String>) -> Response {
+        let error = |message: String| Response::Error { message };
+        if let Some(run) = &self.drill {
+            return error(format!(
+                "a drill of {} is already running (farmctl drill --status)",
+                run.report.member
+            ));
+        }
+        if self.crashed.is_some() {
+            return error("this member is playing crashed in a peer's drill".into());
+        }
+        if !self.quorum || self.cluster.membership.my_state != State::Active {
+            return error("this member does not serve (no quorum, or not active)".into());
+        }
+        if let Some(why) = self.describe_move() {
+            return error(format!(
+                "{why}: run the drill once the farm is settled (one change at a time)"
+            ));
+        }
+        let drill_cfg = self.cfg.drill.clone();
+        if drill_cfg.probe_addresses.is_empty() {
+            return error(format!(
+                "drill.probe_addresses is not set: the drill's probe client needs a few \
+                 addresses no host uses, in the subnet of {} (e.g. probe_addresses = \
+                 [\"192.0.2.240/28\"])",
+                self.cfg.interface
+            ));
+        }
+        let Some(vip) = self.cfg.vips.iter().find_map(|v| match v.address {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }) else {
+            return error("the drill probes an IPv4 VIP and this farm has none".into());
+        };
+        let me = self.cfg.me;
+        let candidates = self.cluster.membership.candidates();
+        let victim = match &member {
+            Some(id) => match self.cfg.members.iter().position(|m| &m.id == id) {
+                Some(i) => i,
+                None => return error(format!("{id:?} is not a member")),
+            },
+            None => match (0..candidates.len()).find(|&i| i != me && candidates[i].serving) {
+                Some(i) => i,
+                None => return error("no other member serves: nothing to drill".into()),
+            },
+        };
+        let name = self.cfg.members[victim].id.clone();
+        if victim == me {
+            return error(format!(
+                "{name} is this member: its probe client's requests never come back to it \
+                 through the switch; run `farmctl drill --member {name}` on another member"
+            ));
+        }
+        if !candidates[victim].serving {
+            return error(format!("{name} does not serve: nothing to drill"));
+        }
+        let witness = self.cluster.witness_reachable().unwrap_or(false);
+        if !self.cluster.membership.quorum_without(victim, witness) {
+            return error(format!(
+                "without {name} the farm would lose quorum and stop serving: not drilled"
+            ));
+        }
+        let taken: Vec<IpAddr> = self
+            .cfg
+            .members
+            .iter()
+            .flat_map(|m| m.heartbeat_addrs.iter().copied())
+            .chain(self.cfg.vips.iter().map(|v| v.address))
+            .collect();
+        let Some(addr) = drill::candidates(&drill_cfg.probe_addresses)
+            .take(1 << 16)
+            .find(|a| {
+                !taken.contains(&IpAddr::V4(*a))
+                    && self
+                        .owners
+                        .get(bucket_of(&self.hash_key, BucketKey::V4(a.octets())) as usize)
+                        == Some(&(victim as u8))
+            })
+        else {
+            return error(format!(
+                "no address of drill.probe_addresses falls in a bucket of {name}: give a \
+                 larger block (each address is in one member's buckets; a /28 has 14)"
+            ));
+        };
+        let o = addr.octets();
+        let mac = [0x02, 0xfa, 0xd1, o[1], o[2], o[3]];
+        let index = self.link.index;
+        match self.netlink.add_mac_filter(index, mac).await {
+            Ok(()) => {}
+            Err(e) if e.errno() == Some(libc::EEXIST) => {}
+            Err(e) => return error(format!("adding the probe client's MAC: {e}")),
+        }
+        let ident = (std::process::id() as u16) ^ 0x5a5a;
+        let probe = Probe {
+            ifindex: index,
+            mac,
+            addr,
+            vip,
+            cluster_mac: self.cluster_mac,
+            ident,
+        };
+        let client = match ProbeClient::start(probe, &self.cfg.interface) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = self.netlink.del_mac_filter(index, mac).await;
+                return error(e.to_string());
+            }
+        };
+        let id = (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.subsec_nanos() ^ d.as_secs() as u32))
+        .max(1);
+        let report = DrillReport {
+            id,
+            member: name.clone(),
+            probe: addr.to_string(),
+            vip: vip.to_string(),
+            phase: "baseline".into(),
+            elapsed_ms: 0,
+            probes_sent: 0,
+            probes_answered: 0,
+            rto_ms: None,
+            expected_ms: (self.cfg.heartbeat.loss_window() + self.cfg.heartbeat.interval / 10)
+                .as_millis() as u64,
+            objective_ms: drill_cfg.rto_objective.as_millis() as u64,
+            passed: None,
+            error: None,
+            finished: false,
+            finished_at: None,
+        };
+        tracing::info!(
+            "drill {id}: {name} is to act as if crashed; probe client {addr} ({}) asks {vip}",
+            format_mac(&mac)
+        );
+        self.drill = Some(DrillRun {
+            report: report.clone(),
+            victim,
+            started: Instant::now(),
+            probe: client,
+            probe_mac: mac,
+            phase: DrillPhase::Baseline,
+        });
+        Response::Drill(Box::new(report))
+    }
+
+    /// Moves the running drill on (every liveness tick).
+    async fn drill_tick(&mut self) {
+        let loss_window = self.cfg.heartbeat.loss_window();
+        let timeout = self.cfg.drill.timeout;
+        let back = {
+            let Some(run) = self.drill.as_ref() else {
+                return;
+            };
+            let m = &self.cluster.membership;
+            let p = &m.peers[run.victim];
+            p.alive && p.state == Some(State::Active)
+        };
+        let settled = self.current_move().is_none();
+        let Some(run) = self.drill.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        let log = run.probe.snapshot();
+        run.report.elapsed_ms = now.duration_since(run.started).as_millis() as u64;
+        run.report.probes_sent = log.sent.len() as u64;
+        run.report.probes_answered = log.answered_count();
+        let grace = Duration::from_millis(50);
+        let mut failed: Option<String> = None;
+        let mut done = false;
+        match run.phase {
+            DrillPhase::Baseline => {
+                if log.steady(20, now, grace) {
+                    run.phase = DrillPhase::Crashed(now);
+                    run.report.phase = "crashed".into();
+                    self.cluster.drill = Some((run.report.id, run.victim as u8));
+                    let announce = self.handover.announce();
+                    self.cluster.send(announce);
+                    tracing::info!(
+                        "drill {}: {} acts as if crashed from now",
+                        run.report.id,
+                        run.report.member
+                    );
+                } else if now.duration_since(run.started) > Duration::from_secs(3) {
+                    failed = Some(format!(
+                        "the probe client got no steady answer from {} before the crash ({} of \
+                         {} probes answered, {} ARP requests answered): check that \
+                         drill.probe_addresses are unused addresses in the subnet of {}",
+                        run.report.vip,
+                        run.report.probes_answered,
+                        run.report.probes_sent,
+                        log.arp_answered,
+                        self.cfg.interface
+                    ));
+                    done = true;
+                }
+            }
+            DrillPhase::Crashed(at) => {
+                if let Some(outage) = log.outage(at) {
+                    let ms = outage.as_millis() as u64;
+                    run.report.rto_ms = Some(ms);
+                    run.report.passed = Some(ms <= run.report.objective_ms);
+                    run.report.phase = "restoring".into();
+                    run.phase = DrillPhase::Restoring(now);
+                    self.cluster.drill = None;
+                    let announce = self.handover.announce();
+                    self.cluster.send(announce);
+                    tracing::info!(
+                        "drill {}: answered again after {ms} ms; {} rejoins",
+                        run.report.id,
+                        run.report.member
+                    );
+                } else if now.duration_since(at) > timeout {
+                    self.cluster.drill = None;
+                    run.report.passed = Some(false);
+                    failed = Some(format!(
+                        "no answer to the probe client for {} s after the crash (drill.timeout_s)",
+                        timeout.as_secs()
+                    ));
+                    done = true;
+                }
+            }
+            DrillPhase::Restoring(at) => {
+                // Back once it serves again and its buckets have been handed back.
+                if back && settled && now.duration_since(at) > loss_window {
+                    done = true;
+                } else if now.duration_since(at) > timeout + loss_window {
+                    failed = Some(format!(
+                        "{} did not serve again within {} s; it rejoins by itself",
+                        run.report.member,
+                        timeout.as_secs()
+                    ));
+                    done = true;
+                }
+            }
+        }
+        if !done {
+            return;
+        }
+        let mut run = self.drill.take().expect("checked above");
+        self.cluster.drill = None;
+        drop(run.probe);
+        if let Err(e) = self
+            .netlink
+            .del_mac_filter(self.link.index, run.probe_mac)
+            .await
+        {
+            tracing::warn!("drill: removing the probe client's MAC: {e}");
+        }
+        let r = &mut run.report;
+        r.finished = true;
+        r.finished_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs_f64());
+        r.phase = if failed.is_some() { "failed" } else { "done" }.into();
+        r.error = failed;
+        match (&r.error, r.rto_ms) {
+            (None, Some(ms)) => tracing::info!(
+                "drill {}: RTO {ms} ms measured by the probe client (objective {} ms): {}",
+                r.id,
+                r.objective_ms,
+                if r.passed == Some(true) {
+                    "PASS"
+                } else {
+                    "FAIL"
+                }
+            ),
+            (e, _) => tracing::warn!(
+                "drill {} failed: {}",
+                r.id,
+                e.as_deref().unwrap_or("no measurement")
+            ),
+        }
+        self.last_drill = Some(run.report);
+    }
+
+    /// Obeys a peer's drill that names this node (acts as if crashed: no heartbeats, dead-man
+    /// switch lapsed, so the data plane takes no VIP traffic and answers no ARP), and comes
+    /// back as a restarted member once the drill no longer names it.
+    fn obey_drill(&mut self) {
+        let m = &self.cluster.membership;
+        let me = m.me as u8;
+        let order = m.peers.iter().enumerate().find_map(|(i, p)| match p.drill {
+            Some((id, target)) if p.alive && target == me => Some((id, i)),
+            _ => None,
+        });
+        match (self.crashed, order) {
+            (None, Some((id, by))) if self.crashed_in != Some(id) => {
+                self.crashed = Some((id, by, Instant::now()));
+                self.crashed_in = Some(id);
+                self.cluster.silent = true;
+                if let Err(e) = self.dp.disarm() {
+                    tracing::error!("drill: stopping the data plane: {e}");
+                }
+                tracing::warn!(
+                    "drill {id} run by {}: acting as if crashed (no heartbeats, no VIP \
+                     traffic) until the drill ends",
+                    m.peers[by].id
+                );
+            }
+            (Some((id, by, since)), order)
+                if order.map(|o| o.0) != Some(id)
+                    || since.elapsed() > self.cfg.drill.timeout * 2 + Duration::from_secs(5) =>
+            {
+                self.crashed = None;
+                self.cluster.restart();
+                if let Err(e) = self.dp.arm(self.cfg.deadman_timeout) {
+                    tracing::error!("drill: re-arming the data plane: {e}");
+                }
+                tracing::info!(
+                    "drill {id} by {} is over: rejoining as a restarted member",
+                    self.cluster.membership.peers[by].id
+                );
+            }
+            _ => {}
+        }
+    }
+
     /// Answers one control request.
     pub fn handle(&mut self, req: Request) -> Response {
         match req {
@@ -1006,6 +1613,16 @@ impl Daemon {
             },
             Request::Whois { clients } => Response::Whois {
                 entries: clients.iter().map(|c| self.whois(c)).collect(),
+            },
+            Request::DrillStatus => match self.drill_report() {
+                Some(r) => Response::Drill(Box::new(r)),
+                None => Response::Error {
+                    message: "no drill has run since farmd started".into(),
+                },
+            },
+            // Answered by the main loop (they change timers, tasks and the host there).
+            Request::Reload { .. } | Request::Drill { .. } => Response::Error {
+                message: "internal: answered by the main loop".into(),
             },
         }
     }
@@ -1242,6 +1859,47 @@ impl Daemon {
                 &[("member", m)],
                 d.as_secs_f64(),
             );
+        }
+        if let Some(d) = &self.last_drill {
+            let labels = [("member", d.member.as_str())];
+            if let Some(ms) = d.rto_ms {
+                t.family(
+                    "farm_drill_rto_seconds",
+                    "gauge",
+                    "The last recovery drill: how long the crashed member's buckets went \
+                     unanswered, measured by the probe client.",
+                )
+                .sample("farm_drill_rto_seconds", &labels, ms as f64 / 1000.0);
+            }
+            t.family(
+                "farm_drill_objective_seconds",
+                "gauge",
+                "drill.rto_objective_ms of the last drill.",
+            )
+            .sample(
+                "farm_drill_objective_seconds",
+                &labels,
+                d.objective_ms as f64 / 1000.0,
+            );
+            t.family(
+                "farm_drill_passed",
+                "gauge",
+                "1 when the last drill measured an RTO within its objective, 0 when it missed \
+                 it or failed.",
+            )
+            .sample(
+                "farm_drill_passed",
+                &labels,
+                (d.error.is_none() && d.passed == Some(true)) as u8 as f64,
+            );
+            if let Some(at) = d.finished_at {
+                t.family(
+                    "farm_drill_timestamp_seconds",
+                    "gauge",
+                    "When the last drill finished (Unix time).",
+                )
+                .sample("farm_drill_timestamp_seconds", &labels, at);
+            }
         }
         let now = std::time::Instant::now();
         t.family(
@@ -1499,6 +2157,7 @@ impl Daemon {
             buckets_total: BUCKETS,
             quorum: self.quorum,
             handover: self.handover.progress(),
+            drill: self.drill_report(),
             queued: self.queued.map(|p| match self.describe_move() {
                 Some(why) => format!("{} (waits: {why})", p.name()),
                 None => p.name().into(),

@@ -15,8 +15,9 @@ use farm_daemon::control::{self, Outcome, Request, Response, Status, WhoisEntry}
 #[derive(Parser, Debug)]
 #[command(
     version,
-    after_help = "Exit status: 0 success, 1 farmd answered with an error (or a drain/resume \
-did not complete within --timeout), 2 farmd could not be reached."
+    after_help = "Exit status: 0 success, 1 farmd answered with an error (a drain/resume did not \
+complete within --timeout, a reload was refused, a drill failed or missed its objective, \
+checks fail), 2 farmd could not be reached."
 )]
 struct Args {
     /// farmd's control socket (control.socket in its config).
@@ -82,6 +83,40 @@ enum Command {
         #[arg(value_name = "MEMBER")]
         member: String,
     },
+    /// Read farmd's configuration file again and apply it (as SIGHUP does).
+    ///
+    /// VIPs and their port rules, weights, checks, hooks and timers change without dropping
+    /// established connections: a weight change moves buckets the connection-keeping way, once
+    /// every live member has loaded the same weights (reload each member; the move waits for
+    /// the last). An invalid file changes nothing and the field errors are printed; a change
+    /// that needs a restart (node id, interface, member list or addresses, key, MAC, ports,
+    /// socket, metrics listener) is refused as a whole.
+    Reload {
+        /// Only show what would change (buckets that would move, VIPs added or removed).
+        #[arg(long)]
+        diff: bool,
+    },
+    /// Recovery drill: make a member act as if it crashed and measure the RTO as a client.
+    ///
+    /// MEMBER (default: the first other serving member) stops sending heartbeats and its data
+    /// plane stops taking traffic, as if its host died (connections it holds break, as in a
+    /// real crash). This node plays a client from one of drill.probe_addresses whose bucket
+    /// MEMBER owns, pinging a VIP every 5 ms through the switch, and measures how long that
+    /// bucket went unanswered. Then MEMBER rejoins and takes its buckets back the
+    /// connection-keeping way. Prints the measured RTO against drill.rto_objective_ms; exit
+    /// status 1 when it missed the objective or the drill failed. The result stays in `status`
+    /// and the metrics.
+    Drill {
+        /// The member to crash (not this one).
+        #[arg(long, value_name = "MEMBER")]
+        member: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long, short)]
+        yes: bool,
+        /// Show the drill in progress or the last result instead of starting one.
+        #[arg(long, conflicts_with_all = ["member", "yes"])]
+        status: bool,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone, Copy)]
@@ -114,6 +149,19 @@ fn main() -> ExitCode {
             },
             None,
         ),
+        Command::Reload { diff } => (Request::Reload { dry_run: *diff }, None),
+        Command::Drill { status: true, .. } => (Request::DrillStatus, None),
+        Command::Drill { member, yes, .. } => {
+            if !yes && !confirm_drill(member.as_deref()) {
+                return ExitCode::from(1);
+            }
+            (
+                Request::Drill {
+                    member: member.clone(),
+                },
+                None,
+            )
+        }
     };
     let resp = match control::request(&args.socket, &req, Duration::from_secs(10)) {
         Ok(r) => r,
@@ -126,8 +174,13 @@ fn main() -> ExitCode {
         let drain = matches!(req, Request::Drain { .. });
         return follow(&args, drain, *outcome, message, wait);
     }
+    if let (Response::Drill(r), Request::Drill { .. }) = (&resp, &req) {
+        return follow_drill(&args, r);
+    }
     if args.json {
         match &resp {
+            Response::Reload(r) => print_json(r),
+            Response::Drill(r) => print_json(r),
             Response::Status(s) => print_json(s),
             Response::Whois { entries } => print_json(entries),
             Response::Buckets(b) => print_json(b),
@@ -150,6 +203,10 @@ fn main() -> ExitCode {
                 damped,
                 checks,
             } => print_checks(*healthy, *damped, checks),
+            Response::Reload(r) => {
+                print_reload(r, matches!(req, Request::Reload { dry_run: true }))
+            }
+            Response::Drill(r) => print_drill(r),
             Response::Error { .. } => {}
         }
     }
@@ -162,8 +219,191 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
         Response::Checks { healthy: false, .. } => ExitCode::from(1),
+        Response::Reload(r) if !r.restart_needed.is_empty() => ExitCode::from(1),
+        Response::Drill(r) if r.finished && (r.error.is_some() || r.passed != Some(true)) => {
+            ExitCode::from(1)
+        }
         _ => ExitCode::SUCCESS,
     }
+}
+
+/// Asks on a terminal; refuses without a terminal (scripts pass --yes).
+fn confirm_drill(member: Option<&str>) -> bool {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    let who = member.unwrap_or("another member");
+    if !std::io::stdin().is_terminal() {
+        eprintln!(
+            "farmctl: a drill makes {who} act as if it crashed (its clients' connections break); \
+             add --yes to run it from a script"
+        );
+        return false;
+    }
+    print!(
+        "The drill makes {who} act as if it crashed: its clients get no answer until the farm \
+         takes over, and their connections break. Go on? [y/N] "
+    );
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    matches!(line.trim(), "y" | "Y" | "yes")
+}
+
+fn print_reload(r: &control::ReloadReport, dry_run: bool) {
+    let verdict = if !r.restart_needed.is_empty() {
+        "REFUSED, nothing was changed: these changes need a restart of farmd"
+    } else if r.changes.is_empty() {
+        "nothing to change"
+    } else if dry_run {
+        "would change (nothing changed yet; `farmctl reload` applies it)"
+    } else {
+        "applied"
+    };
+    println!("{}: {verdict}", r.file);
+    for c in &r.restart_needed {
+        println!("  restart needed: {c}");
+    }
+    if !r.restart_needed.is_empty() && !r.changes.is_empty() {
+        println!("  and, applied live after the restart:");
+    }
+    for c in &r.changes {
+        println!("  {c}");
+    }
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
+    if r.shares.is_empty() {
+        return;
+    }
+    let when = if r.waiting_for.is_empty() {
+        "now".to_string()
+    } else {
+        format!(
+            "once [{}] have the same weights (farmctl reload there)",
+            r.waiting_for.join(", ")
+        )
+    };
+    println!(
+        "buckets: {} of the serving members' change owner, keeping connections, {when}",
+        r.buckets_moving
+    );
+    println!("  {:<20} {:>8} {:>8}", "MEMBER", "NOW", "AFTER");
+    for s in &r.shares {
+        println!(
+            "  {:<20} {:>8} {:>8}",
+            truncate(&s.member, 20),
+            s.now,
+            s.after
+        );
+    }
+}
+
+fn drill_line(r: &control::DrillReport) -> String {
+    let rto = r
+        .rto_ms
+        .map_or(String::new(), |ms| format!("; unanswered for {ms} ms"));
+    format!(
+        "{}: {} of {} probes answered{rto}",
+        r.phase, r.probes_answered, r.probes_sent
+    )
+}
+
+fn print_drill(r: &control::DrillReport) {
+    println!(
+        "drill {} of {}: probe client {} -> VIP {}",
+        r.id, r.member, r.probe, r.vip
+    );
+    if !r.finished {
+        println!(
+            "  in progress, {:.1} s: {}",
+            r.elapsed_ms as f64 / 1000.0,
+            drill_line(r)
+        );
+        return;
+    }
+    match r.rto_ms {
+        Some(ms) => println!(
+            "  RTO {ms} ms measured by the probe client (objective {} ms, the farm's timers \
+             allow ~{} ms): {}",
+            r.objective_ms,
+            r.expected_ms,
+            if r.passed == Some(true) {
+                "PASS"
+            } else {
+                "FAIL"
+            }
+        ),
+        None => println!("  no RTO measured"),
+    }
+    println!(
+        "  {} probes, {} answered, {:.1} s in all",
+        r.probes_sent,
+        r.probes_answered,
+        r.elapsed_ms as f64 / 1000.0
+    );
+    if let Some(e) = &r.error {
+        println!("  FAILED: {e}");
+    }
+}
+
+/// Shows a drill until it is over (progress rewritten in place on a terminal).
+fn follow_drill(args: &Args, started: &control::DrillReport) -> ExitCode {
+    use std::io::{IsTerminal as _, Write as _};
+    let tty = std::io::stdout().is_terminal() && !args.json;
+    if !args.json {
+        println!(
+            "drill {}: {} acts as if crashed once the probe client {} gets steady answers \
+             from {}",
+            started.id, started.member, started.probe, started.vip
+        );
+    }
+    let t0 = Instant::now();
+    let mut last = String::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let r = match control::request(&args.socket, &Request::DrillStatus, Duration::from_secs(10))
+        {
+            Ok(Response::Drill(r)) if r.id == started.id => r,
+            Ok(other) => {
+                eprintln!("farmctl: unexpected answer from farmd: {other:?}");
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("farmctl: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        if r.finished {
+            if tty {
+                println!();
+            }
+            if args.json {
+                print_json(&r);
+            } else {
+                print_drill(&r);
+            }
+            return if r.error.is_none() && r.passed == Some(true) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            };
+        }
+        let line = drill_line(&r);
+        if line != last && !args.json {
+            let t = t0.elapsed().as_secs_f64();
+            if tty {
+                print!("\r\x1b[2K[{t:>5.1} s] {}", truncate(&line, 68));
+                let _ = std::io::stdout().flush();
+            } else if r.phase != last_phase(&last) {
+                println!("[{t:>5.1} s] {line}");
+            }
+        }
+        last = line;
+    }
+}
+
+/// The phase a progress line starts with.
+fn last_phase(line: &str) -> &str {
+    line.split(':').next().unwrap_or("")
 }
 
 /// Shows a drain or resume until it completes: a line per change of state (rewritten in place
@@ -329,6 +569,23 @@ fn print_status(s: &Status) {
     }
     if s.stopping {
         println!("STOPPING: handing buckets over before leaving");
+    }
+    if let Some(d) = &s.drill {
+        let result = match (d.finished, d.rto_ms, &d.error) {
+            (false, _, _) => format!("running ({})", d.phase),
+            (true, _, Some(e)) => format!("FAILED: {}", truncate(e, 50)),
+            (true, Some(ms), None) => format!(
+                "RTO {ms} ms, objective {} ms: {}",
+                d.objective_ms,
+                if d.passed == Some(true) {
+                    "PASS"
+                } else {
+                    "FAIL"
+                }
+            ),
+            (true, None, None) => "no measurement".into(),
+        };
+        println!("last drill: {} crashed, {result}", d.member);
     }
     if let Some(f) = &s.last_failover {
         println!(
