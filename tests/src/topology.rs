@@ -570,6 +570,30 @@ deadman_timeout_ms = {}
         assert!(c.wait().expect("nft").success(), "nft rejected:\n{rules}");
     }
 
+    /// Scrapes node `i`'s metrics endpoint (127.0.0.1:9464 inside its namespace): value of each
+    /// sample line, keyed by the series (name and labels).
+    pub fn metrics(&self, i: usize) -> std::collections::BTreeMap<String, f64> {
+        let text = self.nodes[i].ns.run(|| {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9464").expect("metrics endpoint");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                .expect("request");
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("response");
+            out
+        });
+        let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (series, v) = l.rsplit_once(' ').expect("sample line");
+                (series.to_string(), v.parse().expect("sample value"))
+            })
+            .collect()
+    }
+
     pub fn vip4(&self, port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(VIP4), port)
     }

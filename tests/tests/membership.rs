@@ -430,30 +430,6 @@ fn cut_node_comes_back_without_breaking_a_connection() {
     every_client_answered_once(&t, &after);
 }
 
-/// Scrapes node `i`'s metrics endpoint (127.0.0.1:9464 inside its namespace): value of each
-/// sample line, keyed by the series (name and labels).
-fn scrape(t: &Topology, i: usize) -> BTreeMap<String, f64> {
-    let text = t.nodes[i].ns.run(|| {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9464").expect("metrics endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            .expect("request");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("response");
-        out
-    });
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (series, v) = l.rsplit_once(' ').expect("sample line");
-            (series.to_string(), v.parse().expect("sample value"))
-        })
-        .collect()
-}
-
 /// `farmctl buckets` accounts for every bucket and sees every member's traffic;
 /// `farmctl simulate-failure` predicts exactly where a member's buckets go when it fails; the
 /// metrics endpoint has the key series, and they move.
@@ -494,7 +470,7 @@ fn simulate_failure_predicts_the_real_failover() {
     );
     assert_eq!(b["owners"].as_array().unwrap().len(), 65536);
     assert_eq!(b["detail"]["bucket"], 7);
-    let m0 = scrape(&t, 0);
+    let m0 = t.metrics(0);
     for key in [
         "farm_up{node=\"n1\"}",
         "farm_quorum",
@@ -548,7 +524,7 @@ fn simulate_failure_predicts_the_real_failover() {
     }
     assert_eq!(moved, predicted);
     // The metrics moved with it.
-    let m1 = scrape(&t, 0);
+    let m1 = t.metrics(0);
     assert_eq!(m1["farm_buckets_owned{member=\"n2\"}"], 0.0);
     assert_eq!(m1["farm_failovers_total"], 1.0);
     let took = m1["farm_last_failover_seconds{member=\"n2\"}"];
