@@ -1364,6 +1364,18 @@ impl Daemon {
             vip,
             cluster_mac: self.cluster_mac,
             ident,
+            members: self
+                .cfg
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != me)
+                .flat_map(|(_, m)| m.heartbeat_addrs.iter())
+                .filter_map(|a| match a {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
+                .collect(),
         };
         let client = match ProbeClient::start(probe, &self.cfg.interface) {
             Ok(c) => c,

@@ -5,9 +5,17 @@
 //! It sends ICMP echo requests to a VIP every few milliseconds from a probe address (unused on
 //! the LAN, chosen so that its bucket is the drilled member's) and a locally administered MAC,
 //! as raw Ethernet frames to the cluster MAC: they leave through the switch like any client's
-//! and reach every member, and exactly the owner of the probe's bucket answers. It answers the
-//! owner's ARP requests for the probe address itself. A classic BPF filter lets only ARP and
-//! frames to the probe address reach its socket, so a busy interface costs it nothing.
+//! and reach every member, and exactly the owner of the probe's bucket answers. A classic BPF
+//! filter lets only ARP and frames to the probe address reach its socket, so a busy interface
+//! costs it nothing.
+//!
+//! The members must know the probe's MAC to answer it. Their ARP requests for it are sent from
+//! the VIP, and this member's XDP program drops ARP from a VIP before any socket sees it (so
+//! that its kernel never takes another member's ARP as an address conflict). So the probe
+//! introduces itself instead, as a client does: every 250 ms it asks each member for that
+//! member's own address ("who has 10.0.0.12? tell <probe>"), from which every member's kernel
+//! learns, and keeps fresh, the probe's MAC. It still answers any ARP request for its address
+//! that reaches it.
 //!
 //! The outage is the gap between the last probe answered before the crash and the first one
 //! answered after it, at the probe interval's resolution.
@@ -88,7 +96,7 @@ impl ProbeLog {
 }
 
 /// Who the probe client is and whom it asks.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Probe {
     pub ifindex: u32,
     pub mac: [u8; 6],
@@ -97,7 +105,12 @@ pub struct Probe {
     pub cluster_mac: [u8; 6],
     /// ICMP echo identifier (tells our answers from others').
     pub ident: u16,
+    /// The other members' IPv4 addresses, asked for so that they learn the probe's MAC.
+    pub members: Vec<Ipv4Addr>,
 }
+
+/// How often the probe introduces itself to the members.
+const INTRODUCE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The running probe client (a thread); stops when dropped.
 pub struct ProbeClient {
@@ -229,9 +242,16 @@ fn send(fd: &OwnedFd, frame: &[u8]) {
 
 fn run(fd: OwnedFd, p: Probe, log: &Mutex<ProbeLog>, stop: &AtomicBool) {
     let mut next = Instant::now();
+    let mut introduce = Instant::now();
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
+        if now >= introduce {
+            for &m in &p.members {
+                send(&fd, &arp_request(&p, m));
+            }
+            introduce = now + INTRODUCE_INTERVAL;
+        }
         if now >= next {
             let seq = {
                 let mut l = log.lock().expect("probe log");
@@ -351,6 +371,20 @@ pub fn echo_request(p: &Probe, seq: u16) -> Vec<u8> {
     f
 }
 
+/// "Who has `target`? Tell the probe", broadcast: `target`'s kernel learns the probe's MAC.
+pub fn arp_request(p: &Probe, target: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&p.mac);
+    f.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&p.mac);
+    f.extend_from_slice(&p.addr.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f
+}
+
 /// The probe's answer to an ARP request for its address.
 pub fn arp_reply(p: &Probe, to_mac: [u8; 6], to_ip: Ipv4Addr) -> Vec<u8> {
     let mut f = Vec::with_capacity(42);
@@ -388,6 +422,7 @@ mod tests {
             vip: "192.0.2.100".parse().unwrap(),
             cluster_mac: [2, 0xfa, 0, 0, 0, 1],
             ident: 0x4242,
+            members: vec!["192.0.2.2".parse().unwrap()],
         }
     }
 
@@ -428,6 +463,9 @@ mod tests {
                 ip: p.vip
             })
         );
+        let ours = arp_request(&p, p.members[0]);
+        assert_eq!(parse(&ours, &p), None, "not a request for the probe");
+        assert_eq!(&ours[38..42], &[192, 0, 2, 2]);
         let answer = arp_reply(&p, p.cluster_mac, p.vip);
         assert_eq!(answer.len(), 42);
         assert_eq!(&answer[22..28], &p.mac);
