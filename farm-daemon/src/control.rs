@@ -54,6 +54,26 @@ pub enum Request {
     },
     /// The drill in progress or the last one.
     DrillStatus,
+    /// What the status page draws (JSON: status, bucket owners, recent events).
+    Dashboard,
+}
+
+/// Something that happened, for the status page.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    /// Seconds since the Unix epoch.
+    pub at: f64,
+    pub text: String,
+}
+
+/// What the status page draws.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dashboard {
+    pub status: Status,
+    /// The owner (member index; 255: nobody) of each bucket, base64.
+    pub owners: String,
+    /// Newest first.
+    pub events: Vec<Event>,
 }
 
 /// What a reload changes (or would change, with `--diff`).
@@ -202,6 +222,9 @@ pub enum Response {
     },
     Simulation(Simulation),
     Reload(Box<ReloadReport>),
+    Dashboard {
+        json: String,
+    },
     Drill(Box<DrillReport>),
     Checks {
         healthy: bool,

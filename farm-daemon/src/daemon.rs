@@ -140,7 +140,12 @@ pub struct Daemon {
     /// The last drill this node played crashed in (an order still announced is not obeyed
     /// twice).
     crashed_in: Option<u32>,
+    /// Recent events for the status page, newest last.
+    events: std::collections::VecDeque<crate::control::Event>,
 }
+
+/// Events the status page keeps.
+const EVENTS_KEPT: usize = 100;
 
 /// A drill this node runs (see `start_drill`).
 struct DrillRun {
@@ -369,6 +374,7 @@ impl Daemon {
             last_drill: None,
             crashed: None,
             crashed_in: None,
+            events: std::collections::VecDeque::new(),
         };
         match d.setup(&pin_dir).await {
             Ok(listener) => Ok((d, listener)),
@@ -455,16 +461,23 @@ impl Daemon {
                 .filter(|c| c.serving)
                 .map(|c| c.id)
                 .collect();
-            tracing::info!(
-                "bucket map: serving [{}]; this node owns {}, takes over {}, hands over {} \
-                 ({written} entries written; planned in {} us, live after {} us)",
-                serving.join(", "),
+            let (mine, incoming, outgoing) = (
                 count(farm_common::bucket_state::MINE),
                 count(farm_common::bucket_state::INCOMING),
                 count(farm_common::bucket_state::OUTGOING),
+            );
+            tracing::info!(
+                "bucket map: serving [{}]; this node owns {mine}, takes over {incoming}, hands \
+                 over {outgoing} ({written} entries written; planned in {} us, live after {} us)",
+                serving.join(", "),
                 planned.as_micros(),
                 applied_in.as_micros(),
             );
+            self.event(format!(
+                "bucket map: serving [{}]; this node owns {mine}, takes over {incoming}, hands \
+                 over {outgoing}",
+                serving.join(", ")
+            ));
         }
         let now = self.handover.announce();
         if now != announced {
@@ -504,8 +517,16 @@ impl Daemon {
                     member: me.clone(),
                     detail: "this member releases every bucket".into(),
                 },
-                membership::Event::QuorumRegained => continue,
+                membership::Event::QuorumRegained => {
+                    self.event("quorum regained");
+                    continue;
+                }
             };
+            self.event(
+                format!("{} {} {}", event.name, event.member, event.detail)
+                    .trim_end()
+                    .to_string(),
+            );
             self.hooks.fire(&event);
         }
         let state = self.member_state(self.cfg.me, &[]);
@@ -516,6 +537,7 @@ impl Daemon {
                 "unhealthy" => Some("unhealthy"),
                 _ => None,
             };
+            self.event(format!("{me}: {} -> {state}", self.last_state));
             if let Some(name) = name {
                 self.hooks.fire(&hooks::Event {
                     name,
@@ -589,13 +611,18 @@ impl Daemon {
                 tracing::info!("metrics at http://{a}/metrics");
             }
             let tx = control_tx.clone();
-            tokio::spawn(crate::metrics::serve(l, move || {
+            tokio::spawn(crate::metrics::serve(l, move |what| {
                 let tx = tx.clone();
                 async move {
                     let (reply, rx) = tokio::sync::oneshot::channel();
-                    tx.send((Request::Metrics, reply)).await.ok()?;
+                    let req = match what {
+                        crate::metrics::Render::Metrics => Request::Metrics,
+                        crate::metrics::Render::State => Request::Dashboard,
+                    };
+                    tx.send((req, reply)).await.ok()?;
                     match rx.await.ok()? {
                         Response::Metrics { text } => Some(text),
+                        Response::Dashboard { json } => Some(json),
                         _ => None,
                     }
                 }
@@ -919,6 +946,7 @@ impl Daemon {
 
     /// Starts a drain or resume now.
     fn apply(&mut self, p: Planned) {
+        self.event(format!("{} started", p.name()));
         let m = &mut self.cluster.membership;
         match p {
             Planned::Drain => {
@@ -1226,6 +1254,7 @@ impl Daemon {
         };
         self.cfg = new;
         report.applied = true;
+        self.event(format!("reloaded: {}", report.changes.join("; ")));
         tracing::info!("reloaded {}: {}", report.file, report.changes.join("; "));
         for w in &report.warnings {
             tracing::warn!("reload: {w}");
@@ -1251,6 +1280,35 @@ impl Daemon {
             tracing::error!("updating the bucket map failed: {e}");
         }
         (Response::Reload(Box::new(report)), effects)
+    }
+
+    /// Records an event for the status page.
+    fn event(&mut self, text: impl Into<String>) {
+        if self.events.len() == EVENTS_KEPT {
+            self.events.pop_front();
+        }
+        self.events.push_back(crate::control::Event {
+            at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            text: text.into(),
+        });
+    }
+
+    /// What the status page draws, as JSON.
+    fn dashboard(&self) -> Result<String, DaemonError> {
+        use base64::Engine as _;
+        let owners = if self.owners.is_empty() {
+            vec![farm_common::NO_OWNER; BUCKETS as usize]
+        } else {
+            self.owners.clone()
+        };
+        let d = crate::control::Dashboard {
+            status: self.status()?,
+            owners: base64::engine::general_purpose::STANDARD.encode(&owners),
+            events: self.events.iter().rev().cloned().collect(),
+        };
+        Ok(serde_json::to_string(&d).expect("serializable"))
     }
 
     /// The drill in progress, or the last one.
@@ -1410,6 +1468,9 @@ impl Daemon {
             "drill {id}: {name} is to act as if crashed; probe client {addr} ({}) asks {vip}",
             format_mac(&mac)
         );
+        self.event(format!(
+            "drill {id} started: {name} is to act as if crashed"
+        ));
         self.drill = Some(DrillRun {
             report: report.clone(),
             victim,
@@ -1549,6 +1610,24 @@ impl Daemon {
                 e.as_deref().unwrap_or("no measurement")
             ),
         }
+        let text = match (&run.report.error, run.report.rto_ms) {
+            (None, Some(ms)) => format!(
+                "drill {}: RTO {ms} ms (objective {} ms) {}",
+                run.report.id,
+                run.report.objective_ms,
+                if run.report.passed == Some(true) {
+                    "PASS"
+                } else {
+                    "FAIL"
+                }
+            ),
+            (e, _) => format!(
+                "drill {} failed: {}",
+                run.report.id,
+                e.as_deref().unwrap_or("no measurement")
+            ),
+        };
+        self.event(text);
         self.last_drill = Some(run.report);
     }
 
@@ -1625,6 +1704,12 @@ impl Daemon {
             },
             Request::Whois { clients } => Response::Whois {
                 entries: clients.iter().map(|c| self.whois(c)).collect(),
+            },
+            Request::Dashboard => match self.dashboard() {
+                Ok(json) => Response::Dashboard { json },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
             },
             Request::DrillStatus => match self.drill_report() {
                 Some(r) => Response::Drill(Box::new(r)),

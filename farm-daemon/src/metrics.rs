@@ -1,7 +1,10 @@
-//! The Prometheus endpoint (off by default; on, it listens on 127.0.0.1:9464 unless configured
-//! otherwise): a read-only HTTP/1.1 listener, one request per connection, that answers
-//! `GET /metrics` in the Prometheus text format. The series are rendered by the daemon's main
-//! loop (see `daemon`); this module only speaks HTTP and writes the text format.
+//! The Prometheus endpoint and the status page (off by default; on, they listen on
+//! 127.0.0.1:9464 unless configured otherwise): a read-only HTTP/1.1 listener, one request per
+//! connection, that answers `GET /metrics` in the Prometheus text format, `GET /` with the
+//! status page (`status.html`: the bucket map drawn as a grid coloured by owner, the members,
+//! heartbeat networks and recent events, refreshed every second) and `GET /status.json` with
+//! what the page draws. The content is rendered by the daemon's main loop (see `daemon`); this
+//! module only speaks HTTP and writes the text format.
 
 use std::{fmt::Write as _, time::Duration};
 
@@ -53,12 +56,24 @@ impl Text {
     }
 }
 
+/// The status page (static; it fetches `/status.json`).
+pub const PAGE: &str = include_str!("status.html");
+
 /// What a request asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {
     Metrics,
+    Page,
+    State,
     NotFound(String),
     BadRequest,
+}
+
+/// What the main loop renders for the listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Render {
+    Metrics,
+    State,
 }
 
 /// Parses the request line of `head`.
@@ -67,6 +82,8 @@ pub fn route(head: &str) -> Route {
     match (parts.next(), parts.next()) {
         (Some("GET"), Some(path)) => match path.split('?').next().unwrap_or("") {
             "/metrics" => Route::Metrics,
+            "/" | "/status" => Route::Page,
+            "/status.json" => Route::State,
             other => Route::NotFound(other.to_string()),
         },
         _ => Route::BadRequest,
@@ -101,7 +118,7 @@ async fn read_head(s: &mut TcpStream) -> Option<String> {
 async fn respond(s: &mut TcpStream, status: &str, content_type: &str, body: &str) {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
+         Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n",
         body.len()
     );
     let write = async {
@@ -116,7 +133,7 @@ async fn respond(s: &mut TcpStream, status: &str, content_type: &str, body: &str
 /// the main loop).
 pub async fn serve<F, Fut>(listener: TcpListener, render: F)
 where
-    F: Fn() -> Fut + Clone + Send + 'static,
+    F: Fn(Render) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Option<String>> + Send,
 {
     loop {
@@ -130,7 +147,7 @@ where
                 return;
             };
             match route(&head) {
-                Route::Metrics => match render().await {
+                Route::Metrics => match render(Render::Metrics).await {
                     Some(text) => {
                         respond(
                             &mut s,
@@ -142,8 +159,13 @@ where
                     }
                     None => respond(&mut s, "503 Service Unavailable", "text/plain", "").await,
                 },
+                Route::State => match render(Render::State).await {
+                    Some(json) => respond(&mut s, "200 OK", "application/json", &json).await,
+                    None => respond(&mut s, "503 Service Unavailable", "text/plain", "").await,
+                },
+                Route::Page => respond(&mut s, "200 OK", "text/html; charset=utf-8", PAGE).await,
                 Route::NotFound(p) => {
-                    let body = format!("no such page: {p} (try /metrics)\n");
+                    let body = format!("no such page: {p} (try / or /metrics)\n");
                     respond(&mut s, "404 Not Found", "text/plain", &body).await
                 }
                 Route::BadRequest => {
@@ -182,6 +204,8 @@ mod tests {
             route("GET /other HTTP/1.1\r\n\r\n"),
             Route::NotFound("/other".into())
         );
+        assert_eq!(route("GET / HTTP/1.1\r\n\r\n"), Route::Page);
+        assert_eq!(route("GET /status.json HTTP/1.1\r\n\r\n"), Route::State);
         assert_eq!(route("POST /metrics HTTP/1.1\r\n\r\n"), Route::BadRequest);
         assert_eq!(route(""), Route::BadRequest);
     }

@@ -247,3 +247,114 @@ fn drill_measures_the_rto_of_a_crashed_member_and_brings_it_back() {
     // The other members' clients were answered throughout.
     assert!(report.by_node.get("n1").is_some_and(|&n| n > 10));
 }
+
+/// Runs headless chromium inside node `i`'s namespace (where farmd's page listens on
+/// 127.0.0.1:9464) with `args` and the page's address; returns stdout. Bounded in time.
+fn chromium(t: &Topology, i: usize, args: &[&str]) -> String {
+    let profile = t.dir.join(format!("chromium-{i}"));
+    let mut child = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", t.nodes[i].ns.path()))
+        .args([
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            "--virtual-time-budget=4000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg("http://127.0.0.1:9464/")
+        .env("HOME", &t.dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("chromium (cargo xtask setup installs it)");
+    let mut out = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chromium did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    reader.join().expect("reader")
+}
+
+#[test]
+fn status_page_draws_the_bucket_map_in_a_real_browser() {
+    if !require_root("status_page_draws_the_bucket_map_in_a_real_browser") {
+        return;
+    }
+    let mut t = Topology::build(Spec {
+        nodes: 3,
+        client_addrs: 5,
+        weights: vec![1, 2, 1],
+        extra_config: "\n[metrics]\nenabled = true\n".into(),
+        ..Spec::default()
+    });
+    t.start_all();
+    // A drain makes a recent event and a state worth drawing.
+    let drained = t.farmctl(2, &["drain", "--timeout", "30"]);
+    assert!(drained.status.success(), "{}", text(&drained));
+    let status = t.status(0).expect("status");
+
+    // The page as the browser built it, after its script ran: the grid it drew, read back
+    // pixel by pixel, has exactly each member's bucket count in that member's colour.
+    let dom = chromium(&t, 0, &["--dump-dom"]);
+    let start = dom
+        .find("<pre id=\"grid-check\"")
+        .expect("grid check in the DOM");
+    let pre = &dom[start..dom[start..].find("</pre>").expect("end") + start];
+    assert!(pre.contains("data-ok=\"true\""), "grid mismatch: {pre}");
+    let json = &pre[pre.find('>').expect("tag end") + 1..];
+    let counts: std::collections::BTreeMap<String, usize> =
+        serde_json::from_str(json).expect("grid counts");
+    for m in &status.members {
+        assert_eq!(counts[&m.id], m.buckets, "{}'s squares", m.id);
+    }
+    assert_eq!(
+        counts["n2"],
+        65536 / 3 * 2 + 1,
+        "n2 (weight 2 of 3) owns two thirds"
+    );
+    assert_eq!(counts["n3"], 0, "drained n3 owns nothing");
+    assert_eq!(counts.values().sum::<usize>(), 65536);
+    assert!(dom.contains("farm · node n1 on eth0"), "title drawn");
+    assert!(dom.contains(">drained<"), "n3's state in the members table");
+    assert!(dom.contains("network 0"), "heartbeat networks listed");
+    assert!(
+        dom.contains("bucket map: serving [n1, n2]"),
+        "recent events listed"
+    );
+
+    // A screenshot for people (and the note): target/tmp/status-page.png.
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(
+        &t,
+        0,
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1280,900",
+        ],
+    );
+    let png = std::fs::read(&shot).expect("screenshot written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a real image"
+    );
+    eprintln!("status page screenshot: {}", shot.display());
+}

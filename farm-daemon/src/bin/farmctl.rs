@@ -185,6 +185,7 @@ fn main() -> ExitCode {
             Response::Whois { entries } => print_json(entries),
             Response::Buckets(b) => print_json(b),
             Response::Metrics { text } => print!("{text}"),
+            Response::Dashboard { json } => println!("{json}"),
             Response::Simulation(sim) => print_json(sim),
             Response::Planned { .. } | Response::Checks { .. } | Response::Error { .. } => {
                 print_json(&resp)
@@ -197,6 +198,7 @@ fn main() -> ExitCode {
             Response::Planned { message, .. } => println!("{message}"),
             Response::Buckets(b) => print_buckets(b),
             Response::Metrics { text } => print!("{text}"),
+            Response::Dashboard { json } => println!("{json}"),
             Response::Simulation(sim) => print_simulation(sim),
             Response::Checks {
                 healthy,
