@@ -45,6 +45,9 @@ pub struct Spec {
     pub keepalive_requests: Option<u64>,
     /// Extra configuration appended to every node's config (e.g. a `[handover]` section).
     pub extra_config: String,
+    /// Start the test servers (TCP 80 and 8080, UDP 53, answering with the node's name) on
+    /// every node; off when the caller runs its own (the demo runs NGINX).
+    pub test_servers: bool,
 }
 
 impl Default for Spec {
@@ -58,6 +61,7 @@ impl Default for Spec {
             secret: None,
             keepalive_requests: None,
             extra_config: String::new(),
+            test_servers: true,
         }
     }
 }
@@ -197,6 +201,9 @@ impl Topology {
         for i in 0..t.nodes.len() {
             std::fs::write(&t.nodes[i].config, t.config_for(i, &t.vip_section()))
                 .expect("write config");
+            if !t.spec.test_servers {
+                continue;
+            }
             let name = t.nodes[i].name.clone();
             t.nodes[i].server = Some(Server::start_with(
                 &t.nodes[i].ns,

@@ -261,6 +261,54 @@ pub fn tcp_request_from(from: SocketAddr, dst: SocketAddr, timeout: Duration) ->
     }
 }
 
+/// Sends `GET /` over a new connection from `src` to `dst` (a web server such as NGINX that
+/// answers with the node's name as the body) and reads the answer.
+pub fn http_get(src: IpAddr, dst: SocketAddr, timeout: Duration) -> TcpAnswer {
+    let attempt = || -> std::io::Result<String> {
+        let domain = if dst.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        s.bind(&SocketAddr::new(src, 0).into())?;
+        s.connect_timeout(&dst.into(), timeout)?;
+        let mut c: TcpStream = s.into();
+        c.set_read_timeout(Some(timeout))?;
+        c.write_all(b"GET / HTTP/1.1\r\nHost: farm\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        c.read_to_string(&mut text)?;
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(std::io::Error::other(format!(
+                "answer: {}",
+                head.lines().next().unwrap_or("")
+            )));
+        }
+        Ok(body.trim().to_string())
+    };
+    match attempt() {
+        Ok(node) if !node.is_empty() => TcpAnswer {
+            src,
+            dst,
+            node: Some(node),
+            error: None,
+        },
+        Ok(_) => TcpAnswer {
+            src,
+            dst,
+            node: None,
+            error: Some("empty answer".into()),
+        },
+        Err(e) => TcpAnswer {
+            src,
+            dst,
+            node: None,
+            error: Some(e.to_string()),
+        },
+    }
+}
+
 /// Runs `requests` (source, destination) inside `ns` on `threads` threads.
 pub fn tcp_requests(
     ns: &Netns,

@@ -36,8 +36,9 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// A three-node farm in network namespaces on this machine: status, traffic, a node's
-    /// daemon killed, then everything cleaned up.
+    /// A three-node web farm (NGINX, installed if missing) in network namespaces on this
+    /// machine: status, traffic, a node killed and the measured RTO, its return, a recovery
+    /// drill, then everything cleaned up.
     Demo,
     /// Benchmarks that print figures.
     Bench {
@@ -57,7 +58,8 @@ fn main() -> ExitCode {
     let r = match args.task {
         Task::Setup => setup(),
         Task::Test { args } => test(&args),
-        Task::Demo => run_bin("farm-demo", &[]),
+        Task::Demo => ensure_tools(&[("nginx", "nginx-light"), ("nsenter", "util-linux")])
+            .and_then(|()| run_bin("farm-demo", &[])),
         Task::Bench { what, args } => {
             let mut all = vec![what];
             all.extend(args);
@@ -167,13 +169,14 @@ fn setup() -> Result<()> {
     step(
         4,
         total,
-        "system tools for the tests (ip, bridge, nsenter, nft)",
+        "system tools for the tests (ip, bridge, nsenter, nft, chromium for the status page)",
     );
     ensure_tools(&[
         ("ip", "iproute2"),
         ("bridge", "iproute2"),
         ("nsenter", "util-linux"),
         ("nft", "nftables"),
+        ("chromium", "chromium"),
     ])?;
 
     eprintln!("setup done in {:.0?}", started.elapsed());
@@ -233,19 +236,39 @@ fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
     apt_install(&missing)
 }
 
+/// Installs Debian packages. Their services (nginx, keepalived) are not started: the demo and
+/// the benchmarks run their own instances in network namespaces, and nothing is left running
+/// on the host (a policy-rc.d that refuses every start is in place during the install, unless
+/// the machine has its own).
 fn apt_install(pkgs: &[&str]) -> Result<()> {
     eprintln!("      installing {} with apt-get ...", pkgs.join(" "));
-    status(
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists()
+        && std::fs::write(
+            policy,
+            "#!/bin/sh\n# farm xtask: no service starts during install\nexit 101\n",
+        )
+        .and_then(|()| {
+            std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        })
+        .is_ok();
+    let r = status(
         Command::new("apt-get")
             .args(["update", "-qq"])
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    status(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(pkgs)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+    .and_then(|()| {
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(pkgs)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    });
+    if ours {
+        let _ = std::fs::remove_file(policy);
+    }
+    r
 }
 
 fn test(extra: &[String]) -> Result<()> {
