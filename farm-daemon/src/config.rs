@@ -108,7 +108,8 @@ pub struct Drill {
     /// The recovery time the drill's measurement is compared with.
     pub rto_objective: Duration,
     /// Addresses no host uses, in the subnet of the farm interface: the drill's probe client
-    /// takes one whose bucket the drilled member owns.
+    /// takes one whose bucket the drilled member owns and another member than the drilling
+    /// one takes over (a /27 or larger leaves plenty to choose from).
     pub probe_addresses: Vec<(std::net::Ipv4Addr, u8)>,
     /// How long the drill waits for the farm to answer again before it gives up.
     pub timeout: Duration,
@@ -1166,7 +1167,7 @@ fn validate_drill(raw: &RawDrill, e: &mut Errors) -> Drill {
                 format!("drill.probe_addresses[{i}]"),
                 format!(
                     "{a:?} is not an IPv4 address or block of /16 to /32 (e.g. \
-                     \"192.0.2.240/29\"): addresses no host uses, in the subnet of the farm \
+                     \"192.0.2.224/27\"): addresses no host uses, in the subnet of the farm \
                      interface (IPv6 probes are not supported yet)"
                 ),
             ),

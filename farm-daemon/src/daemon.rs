@@ -1346,7 +1346,7 @@ impl Daemon {
             return error(format!(
                 "drill.probe_addresses is not set: the drill's probe client needs a few \
                  addresses no host uses, in the subnet of {} (e.g. probe_addresses = \
-                 [\"192.0.2.240/28\"])",
+                 [\"192.0.2.224/27\"])",
                 self.cfg.interface
             ));
         }
@@ -1378,6 +1378,13 @@ impl Daemon {
         if !candidates[victim].serving {
             return error(format!("{name} does not serve: nothing to drill"));
         }
+        if !(0..candidates.len()).any(|i| i != me && i != victim && candidates[i].serving) {
+            return error(format!(
+                "without {name} only this member serves, and it cannot be a client of itself \
+                 through the switch: a drill needs a third serving member (measure a \
+                 two-member farm from a client host, e.g. with `cargo xtask bench failover`)"
+            ));
+        }
         let witness = self.cluster.witness_reachable().unwrap_or(false);
         if !self.cluster.membership.quorum_without(victim, witness) {
             return error(format!(
@@ -1391,19 +1398,23 @@ impl Daemon {
             .flat_map(|m| m.heartbeat_addrs.iter().copied())
             .chain(self.cfg.vips.iter().map(|v| v.address))
             .collect();
+        // The probe's bucket must be the victim's now and another member's than this one once
+        // the victim is gone: this member never receives its own probes through the switch.
+        let mut without = candidates.clone();
+        without[victim].serving = false;
+        let successors = assign::assign(&self.hash_key, &without);
         let Some(addr) = drill::candidates(&drill_cfg.probe_addresses)
             .take(1 << 16)
             .find(|a| {
+                let b = bucket_of(&self.hash_key, BucketKey::V4(a.octets())) as usize;
                 !taken.contains(&IpAddr::V4(*a))
-                    && self
-                        .owners
-                        .get(bucket_of(&self.hash_key, BucketKey::V4(a.octets())) as usize)
-                        == Some(&(victim as u8))
+                    && self.owners.get(b) == Some(&(victim as u8))
+                    && successors[b] as usize != me
             })
         else {
             return error(format!(
-                "no address of drill.probe_addresses falls in a bucket of {name}: give a \
-                 larger block (each address is in one member's buckets; a /28 has 14)"
+                "no address of drill.probe_addresses is in a bucket of {name} that another \
+                 member than this one takes over: give a larger block (a /27 has 30 addresses)"
             ));
         };
         let o = addr.octets();

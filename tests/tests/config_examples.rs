@@ -87,4 +87,7 @@ fn systemd_unit_fits_farmd() {
         assert!(value("CapabilityBoundingSet").contains(cap), "{cap}");
     }
     assert!(value("ReadWritePaths").contains("/sys/fs/bpf"));
+    // Reload is SIGHUP; the drill's probe client is a packet socket.
+    assert_eq!(value("ExecReload"), "/bin/kill -HUP $MAINPID");
+    assert!(value("RestrictAddressFamilies").contains("AF_PACKET"));
 }

@@ -170,7 +170,7 @@ fn drill_measures_the_rto_of_a_crashed_member_and_brings_it_back() {
         nodes: 3,
         client_addrs: 50,
         extra_config: "\n[metrics]\nenabled = true\n\n[drill]\nprobe_addresses = \
-                       [\"10.201.9.240/28\"]\nrto_objective_ms = 2000\n"
+                       [\"10.201.9.192/26\"]\nrto_objective_ms = 2000\n"
             .into(),
         ..Spec::default()
     });

@@ -59,7 +59,7 @@ fn main() -> Result<()> {
         extra_config: format!(
             "\n[[check]]\nname = \"nginx\"\nkind = \"http\"\nurl = \"http://127.0.0.1:{TCP_PORT}/health\"\n\
              interval_ms = 500\nrise = 2\nfall = 2\n\n[metrics]\nenabled = true\n\n[drill]\n\
-             probe_addresses = [\"10.201.9.240/28\"]\nrto_objective_ms = 1000\n"
+             probe_addresses = [\"10.201.9.192/26\"]\nrto_objective_ms = 1000\n"
         ),
         ..Spec::default()
     });
@@ -269,10 +269,5 @@ fn run(t: &mut Topology, web: &mut Nginx) -> Result<()> {
     println!("$ farmctl drill --member n3 --yes   (on n1)");
     farmctl(t, 0, &["drill", "--member", "n3", "--yes"]);
     t.wait_converged(&[0, 1, 2], Duration::from_secs(20));
-    println!(
-        "  the status page of n1: nsenter --net={} curl -s http://127.0.0.1:9464/ (while \
-         the demo runs)",
-        t.nodes[0].ns.path()
-    );
     Ok(())
 }
