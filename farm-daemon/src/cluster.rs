@@ -46,6 +46,10 @@ pub struct Counters {
     /// Per peer id, per network: sent and accepted.
     pub sent: BTreeMap<String, Vec<u64>>,
     pub received: BTreeMap<String, Vec<u64>>,
+    /// Per peer id, per network: heartbeats the peer sent that never arrived on that network
+    /// (gaps in its sequence numbers; a silent peer sends nothing and loses nothing).
+    #[serde(default)]
+    pub lost: BTreeMap<String, Vec<u64>>,
     /// Rejected datagrams by reason.
     pub rejected: BTreeMap<String, u64>,
     /// Peers declared lost.
@@ -73,6 +77,8 @@ pub struct Cluster {
     pub drill: Option<(u32, u8)>,
     /// Sends nothing (this node plays a crashed member in a peer's drill).
     pub silent: bool,
+    /// Per peer, per network: the (incarnation, sequence) last accepted (for the lost count).
+    last_seq: Vec<Vec<Option<(u64, u64)>>>,
 }
 
 impl Cluster {
@@ -134,6 +140,7 @@ impl Cluster {
         for m in &cfg.members {
             counters.sent.insert(m.id.clone(), vec![0; networks]);
             counters.received.insert(m.id.clone(), vec![0; networks]);
+            counters.lost.insert(m.id.clone(), vec![0; networks]);
         }
         for r in Reject::ALL {
             counters.rejected.insert(r.name().into(), 0);
@@ -163,6 +170,7 @@ impl Cluster {
                 events: Vec::new(),
                 drill: None,
                 silent: false,
+                last_seq: vec![vec![None; networks]; cfg.members.len()],
             },
             rx,
         ))
@@ -217,9 +225,21 @@ impl Cluster {
         match result {
             Ok((r, hb)) => {
                 let i = r.index;
-                if let Some(c) = self.counters.received.get_mut(&self.membership.peers[i].id) {
+                let id = &self.membership.peers[i].id;
+                if let Some(c) = self.counters.received.get_mut(id) {
                     c[d.net] += 1;
                 }
+                // The sender numbers each round of heartbeats (one per network) in turn: a gap
+                // on this network is heartbeats lost on it.
+                let last = &mut self.last_seq[i][d.net];
+                if let Some((inc, seq)) = *last
+                    && inc == hb.incarnation
+                    && hb.seq > seq + 1
+                    && let Some(c) = self.counters.lost.get_mut(id)
+                {
+                    c[d.net] += hb.seq - seq - 1;
+                }
+                *last = Some((hb.incarnation, hb.seq));
                 if r.digest_changed && hb.config_digest != self.config_digest {
                     tracing::warn!(
                         "member {} runs with another member list or weights than this node: a \

@@ -1939,6 +1939,22 @@ impl Daemon {
             }
         }
         t.family(
+            "farm_heartbeats_lost_total",
+            "counter",
+            "Heartbeats a peer sent that never arrived, per peer and heartbeat network.",
+        );
+        for (peer, v) in &c.lost {
+            for (net, n) in v.iter().enumerate().take(nets) {
+                if peer != me {
+                    t.sample(
+                        "farm_heartbeats_lost_total",
+                        &[("peer", peer), ("network", &net.to_string())],
+                        *n as f64,
+                    );
+                }
+            }
+        }
+        t.family(
             "farm_heartbeats_rejected_total",
             "counter",
             "Datagrams on the heartbeat port that were dropped, by reason.",

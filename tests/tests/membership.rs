@@ -299,6 +299,20 @@ fn twenty_percent_heartbeat_loss_for_a_minute_causes_no_failover() {
         (0.7..0.9).contains(&share),
         "loss not applied as configured: {share:.2}"
     );
+    // And farmd counted it: the gaps in each peer's sequence numbers (metrics:
+    // farm_heartbeats_lost_total).
+    let lost: u64 = s.heartbeat.counters.lost.values().flatten().sum();
+    let received_all: u64 = s.heartbeat.counters.received.values().flatten().sum();
+    let lost_share = lost as f64 / (lost + received_all) as f64;
+    eprintln!(
+        "n1 counted {lost} heartbeats lost ({:.0}%)",
+        lost_share * 100.0
+    );
+    assert!(
+        (0.1..0.3).contains(&lost_share),
+        "lost heartbeats counted: {lost} of {}",
+        lost + received_all
+    );
 }
 
 #[test]
