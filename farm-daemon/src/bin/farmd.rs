@@ -11,8 +11,11 @@ use farm_daemon::{config::Config, daemon::Daemon, secret::Secret};
 /// balancer in front. Every member receives every frame sent to a VIP; an XDP program on each
 /// member keeps only the clients whose hash bucket this member owns.
 ///
-/// Run as root (XDP, addresses, raw sockets). Stop with SIGTERM or SIGINT: farmd removes its
-/// VIPs, programs and MAC filter entry and leaves the host as it found it.
+/// Run as root (XDP, addresses, raw sockets). Stop with SIGTERM or SIGINT: a serving member
+/// first hands its buckets to the others (keeping connections, at most
+/// handover.stop_drain_timeout_s), then farmd removes its VIPs, programs and MAC filter entry
+/// and leaves the host as it found it. SIGHUP re-reads the configuration file and applies what
+/// can change while running (as `farmctl reload`); an invalid file changes nothing.
 #[derive(Parser, Debug)]
 #[command(
     version,
