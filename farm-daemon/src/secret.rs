@@ -90,6 +90,11 @@ impl Secret {
         self.derive("messages/v1")
     }
 
+    /// The key mirror-mode replication authenticates its sessions with.
+    pub fn mirror_key(&self) -> [u8; 32] {
+        self.derive("mirror/v1")
+    }
+
     /// The cluster MAC when the config does not set one: locally administered, unicast or
     /// multicast as the mode says, the same on every member.
     pub fn cluster_mac(&self, mode: MacMode) -> [u8; 6] {

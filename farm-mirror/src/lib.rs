@@ -1,0 +1,14 @@
+//! Mirror mode: a directory replicated synchronously from the primary to the secondary.
+//!
+//! The design: on the primary, the application works in a FUSE filesystem in front of a local
+//! backing directory; every change is applied there and shipped to the secondary in order, and
+//! every fsync, fdatasync, O_SYNC/O_DSYNC write and fsync of a directory returns only once the
+//! secondary has made everything before it durable. This crate has so far:
+//! - `wire`: the replication protocol (operations by relative path, sync barriers and their
+//!   acknowledgements), authenticated with a key derived from the cluster key, every frame
+//!   tagged with its direction and number;
+//! - `replica`: the secondary, which applies operations beneath its replica directory only
+//!   (openat2 RESOLVE_BENEATH, no symlink followed) and acknowledges a barrier after syncfs.
+
+pub mod replica;
+pub mod wire;

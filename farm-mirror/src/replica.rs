@@ -1,0 +1,542 @@
+//! The secondary's side: applies the primary's operations to the replica directory, and makes
+//! them durable (syncfs) when the primary asks, before acknowledging.
+//!
+//! Every path is resolved beneath the replica directory with openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS) for its parent and a *at call with no symlink following for its last
+//! component: whatever the primary sends, nothing outside the replica is touched.
+
+use std::{
+    ffi::CString,
+    io,
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use crate::wire::{self, Msg, Op, WireError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("path {0:?} is not a plain relative path")]
+    BadPath(String),
+    #[error("{what} {path:?}: {source}")]
+    Os {
+        what: &'static str,
+        path: String,
+        source: io::Error,
+    },
+    #[error("opening the replica directory {0}: {1}")]
+    Root(PathBuf, io::Error),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The components of a relative path, refused if any could leave the directory.
+pub fn components(rel: &[u8]) -> Result<Vec<&[u8]>, ReplicaError> {
+    if rel.is_empty() {
+        return Ok(Vec::new());
+    }
+    let parts: Vec<&[u8]> = rel.split(|&b| b == b'/').collect();
+    let bad = parts
+        .iter()
+        .any(|p| p.is_empty() || *p == b"." || *p == b".." || p.contains(&0));
+    if bad {
+        return Err(ReplicaError::BadPath(
+            String::from_utf8_lossy(rel).into_owned(),
+        ));
+    }
+    Ok(parts)
+}
+
+/// The replica directory.
+pub struct Replica {
+    root: OwnedFd,
+    /// The directory opened for reading (syncfs does not take O_PATH descriptors).
+    synced: std::fs::File,
+    dir: PathBuf,
+}
+
+/// A path's parent directory (an O_PATH fd beneath the root) and its last component.
+struct Resolved {
+    parent: OwnedFd,
+    name: CString,
+}
+
+impl Replica {
+    pub fn open(dir: &Path) -> Result<Self, ReplicaError> {
+        let c = CString::new(dir.as_os_str().as_encoded_bytes())
+            .map_err(|e| ReplicaError::Root(dir.into(), io::Error::other(e)))?;
+        // SAFETY: c is a valid C string; the fd is owned right after.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(ReplicaError::Root(dir.into(), io::Error::last_os_error()));
+        }
+        // SAFETY: fd is fresh and valid.
+        let root = unsafe { OwnedFd::from_raw_fd(fd) };
+        let synced = std::fs::File::open(dir).map_err(|e| ReplicaError::Root(dir.into(), e))?;
+        Ok(Self {
+            root,
+            synced,
+            dir: dir.into(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn os(what: &'static str, rel: &[u8]) -> impl FnOnce(io::Error) -> ReplicaError {
+        let path = String::from_utf8_lossy(rel).into_owned();
+        move |source| ReplicaError::Os { what, path, source }
+    }
+
+    /// Opens a directory beneath the root without following any symlink.
+    fn open_dir(&self, parts: &[&[u8]], rel: &[u8]) -> Result<OwnedFd, ReplicaError> {
+        let joined = if parts.is_empty() {
+            b".".to_vec()
+        } else {
+            parts.join(&b'/')
+        };
+        let c = CString::new(joined)
+            .map_err(|_| Self::os("resolving", rel)(io::ErrorKind::InvalidInput.into()))?;
+        // SAFETY: open_how is plain data; zeroed is a valid value, the fields are set below.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
+        how.resolve =
+            libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+        // SAFETY: openat2 with a valid dirfd, C string and open_how of the size given.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.root.as_raw_fd(),
+                c.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd < 0 {
+            return Err(Self::os("resolving", rel)(io::Error::last_os_error()));
+        }
+        // SAFETY: fd is fresh and valid.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    fn resolve(&self, rel: &[u8]) -> Result<Resolved, ReplicaError> {
+        let parts = components(rel)?;
+        let Some((last, dirs)) = parts.split_last() else {
+            return Err(ReplicaError::BadPath("(the directory itself)".into()));
+        };
+        Ok(Resolved {
+            parent: self.open_dir(dirs, rel)?,
+            name: CString::new(*last).expect("checked: no NUL"),
+        })
+    }
+
+    /// Opens a regular file for writing (never through a symlink).
+    fn open_file(&self, rel: &[u8], flags: i32) -> Result<std::fs::File, ReplicaError> {
+        let r = self.resolve(rel)?;
+        // SAFETY: valid fds and C string; the fd is owned right after.
+        let fd = unsafe {
+            libc::openat(
+                r.parent.as_raw_fd(),
+                r.name.as_ptr(),
+                flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        if fd < 0 {
+            return Err(Self::os("opening", rel)(io::Error::last_os_error()));
+        }
+        // SAFETY: fd is fresh and valid.
+        Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+    }
+
+    /// An fd for metadata changes of `rel` (the directory itself when empty).
+    fn target(&self, rel: &[u8]) -> Result<(OwnedFd, Option<CString>), ReplicaError> {
+        if rel.is_empty() {
+            return Ok((self.open_dir(&[], rel)?, None));
+        }
+        let r = self.resolve(rel)?;
+        Ok((r.parent, Some(r.name)))
+    }
+
+    /// Applies one operation.
+    pub fn apply(&self, op: &Op) -> Result<(), ReplicaError> {
+        match op {
+            Op::Write { path, offset, data } => {
+                let f = self.open_file(path, libc::O_WRONLY)?;
+                std::os::unix::fs::FileExt::write_all_at(&f, data, *offset)
+                    .map_err(Self::os("writing", path))
+            }
+            Op::Truncate { path, size } => {
+                let f = self.open_file(path, libc::O_WRONLY)?;
+                f.set_len(*size).map_err(Self::os("truncating", path))
+            }
+            Op::Create { path, mode } => {
+                let f = self.open_file(path, libc::O_WRONLY | libc::O_CREAT)?;
+                // SAFETY: valid fd.
+                check(unsafe { libc::fchmod(f.as_raw_fd(), *mode & 0o7777) })
+                    .map_err(Self::os("creating", path))
+            }
+            Op::Mkdir { path, mode } => {
+                let r = self.resolve(path)?;
+                // SAFETY: valid fd and C string.
+                match check(unsafe {
+                    libc::mkdirat(r.parent.as_raw_fd(), r.name.as_ptr(), *mode & 0o7777)
+                }) {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+                    other => other.map_err(Self::os("mkdir", path)),
+                }
+            }
+            Op::Mknod { path, mode, rdev } => {
+                let r = self.resolve(path)?;
+                // SAFETY: valid fd and C string.
+                check(unsafe { libc::mknodat(r.parent.as_raw_fd(), r.name.as_ptr(), *mode, *rdev) })
+                    .map_err(Self::os("mknod", path))
+            }
+            Op::Unlink { path } => self.unlink(path, 0),
+            Op::Rmdir { path } => self.unlink(path, libc::AT_REMOVEDIR),
+            Op::Rename { from, to, flags } => {
+                let (a, b) = (self.resolve(from)?, self.resolve(to)?);
+                // SAFETY: valid fds and C strings.
+                check(unsafe {
+                    libc::renameat2(
+                        a.parent.as_raw_fd(),
+                        a.name.as_ptr(),
+                        b.parent.as_raw_fd(),
+                        b.name.as_ptr(),
+                        *flags,
+                    )
+                })
+                .map_err(Self::os("renaming", from))
+            }
+            Op::Link { from, to } => {
+                let (a, b) = (self.resolve(from)?, self.resolve(to)?);
+                // SAFETY: valid fds and C strings; no AT_SYMLINK_FOLLOW: links the entry itself.
+                check(unsafe {
+                    libc::linkat(
+                        a.parent.as_raw_fd(),
+                        a.name.as_ptr(),
+                        b.parent.as_raw_fd(),
+                        b.name.as_ptr(),
+                        0,
+                    )
+                })
+                .map_err(Self::os("linking", to))
+            }
+            Op::Symlink { target, path } => {
+                let r = self.resolve(path)?;
+                let t = CString::new(target.clone())
+                    .map_err(|_| ReplicaError::BadPath("symlink target with NUL".into()))?;
+                // SAFETY: valid fd and C strings.
+                check(unsafe { libc::symlinkat(t.as_ptr(), r.parent.as_raw_fd(), r.name.as_ptr()) })
+                    .map_err(Self::os("symlink", path))
+            }
+            Op::Chmod { path, mode } => {
+                let (fd, name) = self.target(path)?;
+                let res = match &name {
+                    // Symlinks have no mode of their own on Linux; AT_SYMLINK_NOFOLLOW refuses
+                    // them instead of following.
+                    Some(n) => unsafe {
+                        // SAFETY: valid fd and C string.
+                        libc::fchmodat(
+                            fd.as_raw_fd(),
+                            n.as_ptr(),
+                            *mode & 0o7777,
+                            libc::AT_SYMLINK_NOFOLLOW,
+                        )
+                    },
+                    None => self.chmod_root(*mode),
+                };
+                check(res).map_err(Self::os("chmod", path))
+            }
+            Op::Chown { path, uid, gid } => {
+                let (fd, name) = self.target(path)?;
+                let (u, g) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
+                let empty = CString::default();
+                let (n, flags) = match &name {
+                    Some(n) => (n.as_ptr(), libc::AT_SYMLINK_NOFOLLOW),
+                    None => (empty.as_ptr(), libc::AT_EMPTY_PATH),
+                };
+                // SAFETY: valid fd and C string.
+                check(unsafe { libc::fchownat(fd.as_raw_fd(), n, u, g, flags) })
+                    .map_err(Self::os("chown", path))
+            }
+            Op::Times { path, atime, mtime } => {
+                let (fd, name) = self.target(path)?;
+                let ts = |t: &Option<(i64, u32)>| match t {
+                    Some((s, ns)) => libc::timespec {
+                        tv_sec: *s,
+                        tv_nsec: *ns as i64,
+                    },
+                    None => libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    },
+                };
+                let times = [ts(atime), ts(mtime)];
+                let empty = CString::default();
+                let (n, flags) = match &name {
+                    Some(n) => (n.as_ptr(), libc::AT_SYMLINK_NOFOLLOW),
+                    None => (empty.as_ptr(), libc::AT_EMPTY_PATH),
+                };
+                // SAFETY: valid fd, C string and two timespecs.
+                check(unsafe { libc::utimensat(fd.as_raw_fd(), n, times.as_ptr(), flags) })
+                    .map_err(Self::os("setting times of", path))
+            }
+            Op::Fallocate {
+                path,
+                mode,
+                offset,
+                len,
+            } => {
+                let f = self.open_file(path, libc::O_WRONLY)?;
+                // SAFETY: valid fd.
+                check(unsafe { libc::fallocate(f.as_raw_fd(), *mode, *offset as i64, *len as i64) })
+                    .map_err(Self::os("fallocate", path))
+            }
+        }
+    }
+
+    fn chmod_root(&self, mode: u32) -> libc::c_int {
+        // The replica directory itself: through its path (fchmod does not take O_PATH fds).
+        let c = CString::new(self.dir.as_os_str().as_encoded_bytes()).expect("opened before");
+        // SAFETY: valid C string.
+        unsafe { libc::chmod(c.as_ptr(), mode & 0o7777) }
+    }
+
+    fn unlink(&self, rel: &[u8], flags: i32) -> Result<(), ReplicaError> {
+        let r = self.resolve(rel)?;
+        // SAFETY: valid fd and C string.
+        check(unsafe { libc::unlinkat(r.parent.as_raw_fd(), r.name.as_ptr(), flags) })
+            .map_err(Self::os("removing", rel))
+    }
+
+    /// Makes everything applied so far durable.
+    pub fn sync(&self) -> io::Result<()> {
+        // SAFETY: valid fd.
+        check(unsafe { libc::syncfs(self.synced.as_raw_fd()) })
+    }
+}
+
+/// Serves one primary at a time on `listen`, forever: applies its operations, acknowledges its
+/// barriers once durable. A session that fails (network, authentication, an operation that
+/// cannot be applied) is logged and ended; the primary reconnects.
+pub fn serve(listen: SocketAddr, replica: &Replica, key: &[u8; 32]) -> Result<(), ReplicaError> {
+    let l = TcpListener::bind(listen).map_err(|e| ReplicaError::Os {
+        what: "listening on",
+        path: listen.to_string(),
+        source: e,
+    })?;
+    tracing::info!(
+        "secondary: replica {} listening on {listen}",
+        replica.dir().display()
+    );
+    for conn in l.incoming() {
+        let Ok(conn) = conn else { continue };
+        let peer = conn.peer_addr().map_or("?".into(), |a| a.to_string());
+        match session(conn, replica, key) {
+            Ok(()) => tracing::info!("primary {peer} closed the session"),
+            Err(e) => tracing::warn!("session with {peer} ended: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn session(conn: TcpStream, replica: &Replica, key: &[u8; 32]) -> Result<(), ReplicaError> {
+    conn.set_nodelay(true).ok();
+    let reader =
+        std::io::BufReader::with_capacity(1 << 20, conn.try_clone().map_err(WireError::Io)?);
+    let (mut from, mut to) = wire::accept(reader, conn, key)?;
+    tracing::info!("primary connected");
+    loop {
+        let m = match from.recv() {
+            Ok(m) => m,
+            Err(WireError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        match m {
+            Msg::Op(op) => {
+                if let Err(e) = replica.apply(&op) {
+                    let _ = to.send(&Msg::Failed {
+                        message: e.to_string(),
+                    });
+                    return Err(e);
+                }
+            }
+            Msg::Sync { barrier } => {
+                replica.sync().map_err(|e| ReplicaError::Os {
+                    what: "syncfs",
+                    path: replica.dir().display().to_string(),
+                    source: e,
+                })?;
+                to.send(&Msg::Ack { barrier })?;
+                to.flush()?;
+            }
+            Msg::Ack { .. } | Msg::Failed { .. } => {
+                return Err(
+                    WireError::Malformed("a primary's message from the primary".into()).into(),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("farm-replica-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("tmp dir");
+        d
+    }
+
+    #[test]
+    fn operations_apply_to_the_replica() {
+        let d = tmp("apply");
+        let r = Replica::open(&d).expect("open");
+        let p = |s: &str| s.as_bytes().to_vec();
+        for op in [
+            Op::Mkdir {
+                path: p("db"),
+                mode: 0o750,
+            },
+            Op::Create {
+                path: p("db/wal"),
+                mode: 0o640,
+            },
+            Op::Write {
+                path: p("db/wal"),
+                offset: 0,
+                data: b"hello".to_vec(),
+            },
+            // Sparse: a hole between 5 and 1 MiB.
+            Op::Write {
+                path: p("db/wal"),
+                offset: 1 << 20,
+                data: b"end".to_vec(),
+            },
+            Op::Link {
+                from: p("db/wal"),
+                to: p("db/wal.link"),
+            },
+            Op::Symlink {
+                target: p("wal"),
+                path: p("db/current"),
+            },
+            Op::Rename {
+                from: p("db/wal.link"),
+                to: p("db/wal.2"),
+                flags: 0,
+            },
+            Op::Truncate {
+                path: p("db/wal.2"),
+                size: (1 << 20) + 3,
+            },
+            Op::Times {
+                path: p("db/wal"),
+                atime: None,
+                mtime: Some((1_700_000_000, 5)),
+            },
+            Op::Chmod {
+                path: p("db"),
+                mode: 0o700,
+            },
+            Op::Create {
+                path: p("tmp"),
+                mode: 0o600,
+            },
+            Op::Unlink { path: p("tmp") },
+        ] {
+            r.apply(&op).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+        }
+        r.sync().expect("sync");
+        let wal = std::fs::read(d.join("db/wal")).expect("wal");
+        assert_eq!(&wal[..5], b"hello");
+        assert_eq!(wal.len(), (1 << 20) + 3);
+        let m = std::fs::metadata(d.join("db/wal")).expect("meta");
+        assert_eq!(m.nlink(), 2, "hard link kept");
+        assert_eq!(m.mtime(), 1_700_000_000);
+        assert!(m.blocks() * 512 < 1 << 20, "the hole stays a hole");
+        assert_eq!(m.permissions().mode() & 0o7777, 0o640);
+        assert_eq!(
+            std::fs::read_link(d.join("db/current")).unwrap(),
+            Path::new("wal")
+        );
+        assert_eq!(
+            std::fs::metadata(d.join("db"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777,
+            0o700
+        );
+        assert!(!d.join("tmp").exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn nothing_outside_the_replica_is_touched() {
+        let d = tmp("escape");
+        let outside = tmp("outside");
+        let r = Replica::open(&d).expect("open");
+        for bad in ["../x", "/etc/passwd", "a//b", "./a", "a/../../x", ""] {
+            assert!(
+                r.apply(&Op::Create {
+                    path: bad.as_bytes().to_vec(),
+                    mode: 0o644
+                })
+                .is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        // A symlink in the replica pointing out is never followed.
+        r.apply(&Op::Symlink {
+            target: outside.as_os_str().as_encoded_bytes().to_vec(),
+            path: b"out".to_vec(),
+        })
+        .expect("symlink");
+        assert!(
+            r.apply(&Op::Create {
+                path: b"out/x".to_vec(),
+                mode: 0o644
+            })
+            .is_err()
+        );
+        assert!(
+            r.apply(&Op::Write {
+                path: b"out".to_vec(),
+                offset: 0,
+                data: b"x".to_vec()
+            })
+            .is_err()
+        );
+        assert!(
+            r.apply(&Op::Chmod {
+                path: b"out".to_vec(),
+                mode: 0o777
+            })
+            .is_err()
+        );
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        let _ = std::fs::remove_dir_all(&d);
+        let _ = std::fs::remove_dir_all(&outside);
+    }
+}
