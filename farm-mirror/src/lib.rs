@@ -8,7 +8,13 @@
 //!   acknowledgements), authenticated with a key derived from the cluster key, every frame
 //!   tagged with its direction and number;
 //! - `replica`: the secondary, which applies operations beneath its replica directory only
-//!   (openat2 RESOLVE_BENEATH, no symlink followed) and acknowledges a barrier after syncfs.
+//!   (openat2 RESOLVE_BENEATH, no symlink followed) and acknowledges a barrier after syncfs;
+//! - `link`: the primary's side: a full initial copy (sparse holes and hard links kept), then
+//!   operations in order and syncs that complete once the secondary acknowledges them; a lost
+//!   session or an overflowing queue makes the link degraded (loudly);
+//! - `tree`: a tree's content digest, to prove a replica equal to its primary.
 
+pub mod link;
 pub mod replica;
+pub mod tree;
 pub mod wire;

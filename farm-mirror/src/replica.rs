@@ -176,6 +176,7 @@ impl Replica {
     /// Applies one operation.
     pub fn apply(&self, op: &Op) -> Result<(), ReplicaError> {
         match op {
+            Op::Reset => self.clear(),
             Op::Write { path, offset, data } => {
                 let f = self.open_file(path, libc::O_WRONLY)?;
                 std::os::unix::fs::FileExt::write_all_at(&f, data, *offset)
@@ -325,6 +326,25 @@ impl Replica {
             .map_err(Self::os("removing", rel))
     }
 
+    /// Removes everything in the replica directory (symlinks are removed, never followed).
+    fn clear(&self) -> Result<(), ReplicaError> {
+        let err = |e| ReplicaError::Os {
+            what: "emptying",
+            path: self.dir.display().to_string(),
+            source: e,
+        };
+        for e in std::fs::read_dir(&self.dir).map_err(err)? {
+            let e = e.map_err(err)?;
+            let r = if e.file_type().map_err(err)?.is_dir() {
+                std::fs::remove_dir_all(e.path())
+            } else {
+                std::fs::remove_file(e.path())
+            };
+            r.map_err(err)?;
+        }
+        Ok(())
+    }
+
     /// Makes everything applied so far durable.
     pub fn sync(&self) -> io::Result<()> {
         // SAFETY: valid fd.
@@ -345,6 +365,12 @@ pub fn serve(listen: SocketAddr, replica: &Replica, key: &[u8; 32]) -> Result<()
         "secondary: replica {} listening on {listen}",
         replica.dir().display()
     );
+    serve_on(&l, replica, key);
+    Ok(())
+}
+
+/// Serves the primaries that connect to `l`, one at a time, forever.
+pub fn serve_on(l: &TcpListener, replica: &Replica, key: &[u8; 32]) {
     for conn in l.incoming() {
         let Ok(conn) = conn else { continue };
         let peer = conn.peer_addr().map_or("?".into(), |a| a.to_string());
@@ -353,7 +379,6 @@ pub fn serve(listen: SocketAddr, replica: &Replica, key: &[u8; 32]) -> Result<()
             Err(e) => tracing::warn!("session with {peer} ended: {e}"),
         }
     }
-    Ok(())
 }
 
 fn session(conn: TcpStream, replica: &Replica, key: &[u8; 32]) -> Result<(), ReplicaError> {

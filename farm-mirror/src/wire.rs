@@ -45,6 +45,8 @@ pub type RelPath = Vec<u8>;
 /// A change to the replicated directory, as the primary made it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
+    /// Empty the replica (the start of a full copy).
+    Reset,
     Write {
         path: RelPath,
         offset: u64,
