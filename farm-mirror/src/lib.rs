@@ -12,8 +12,12 @@
 //! - `link`: the primary's side: a full initial copy (sparse holes and hard links kept), then
 //!   operations in order and syncs that complete once the secondary acknowledges them; a lost
 //!   session or an overflowing queue makes the link degraded (loudly);
+//! - `fs`: the primary's FUSE filesystem over the backing directory, which queues every change
+//!   and answers fsync/fdatasync/O_SYNC writes/fsync of a directory once the secondary has
+//!   acknowledged;
 //! - `tree`: a tree's content digest, to prove a replica equal to its primary.
 
+pub mod fs;
 pub mod link;
 pub mod replica;
 pub mod tree;

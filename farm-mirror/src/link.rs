@@ -177,6 +177,13 @@ impl Link {
         self.shared.1.notify_all();
     }
 
+    /// Marks the replica out of sync (something could not be replicated).
+    pub fn fail(&self, why: String) {
+        let mut g = self.lock();
+        Self::degrade(&mut g, why);
+        self.shared.1.notify_all();
+    }
+
     pub fn status(&self) -> LinkStatus {
         let g = self.lock();
         LinkStatus {
