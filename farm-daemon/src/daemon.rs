@@ -1906,48 +1906,28 @@ impl Daemon {
         }
         let c = &self.cluster.counters;
         let nets = self.cfg.me().heartbeat_addrs.len();
-        t.family(
-            "farm_heartbeats_sent_total",
-            "counter",
-            "Heartbeats sent, per peer and heartbeat network.",
-        );
-        for (peer, v) in &c.sent {
-            for (net, n) in v.iter().enumerate().take(nets) {
-                if peer != me {
+        for (name, help, counts) in [
+            (
+                "farm_heartbeats_sent_total",
+                "Heartbeats sent, per peer and heartbeat network.",
+                &c.sent,
+            ),
+            (
+                "farm_heartbeats_received_total",
+                "Authenticated heartbeats received, per peer and heartbeat network.",
+                &c.received,
+            ),
+            (
+                "farm_heartbeats_lost_total",
+                "Heartbeats a peer sent that never arrived, per peer and heartbeat network.",
+                &c.lost,
+            ),
+        ] {
+            t.family(name, "counter", help);
+            for (peer, v) in counts.iter().filter(|(peer, _)| *peer != me) {
+                for (net, n) in v.iter().enumerate().take(nets) {
                     t.sample(
-                        "farm_heartbeats_sent_total",
-                        &[("peer", peer), ("network", &net.to_string())],
-                        *n as f64,
-                    );
-                }
-            }
-        }
-        t.family(
-            "farm_heartbeats_received_total",
-            "counter",
-            "Authenticated heartbeats received, per peer and heartbeat network.",
-        );
-        for (peer, v) in &c.received {
-            for (net, n) in v.iter().enumerate().take(nets) {
-                if peer != me {
-                    t.sample(
-                        "farm_heartbeats_received_total",
-                        &[("peer", peer), ("network", &net.to_string())],
-                        *n as f64,
-                    );
-                }
-            }
-        }
-        t.family(
-            "farm_heartbeats_lost_total",
-            "counter",
-            "Heartbeats a peer sent that never arrived, per peer and heartbeat network.",
-        );
-        for (peer, v) in &c.lost {
-            for (net, n) in v.iter().enumerate().take(nets) {
-                if peer != me {
-                    t.sample(
-                        "farm_heartbeats_lost_total",
+                        name,
                         &[("peer", peer), ("network", &net.to_string())],
                         *n as f64,
                     );
