@@ -53,21 +53,13 @@ pub fn unsolicited_na_frame(src_mac: [u8; 6], cluster_mac: [u8; 6], vip: Ipv6Add
 
 /// The ICMPv6 checksum (pseudo-header included) of `msg`, whose checksum field is zero.
 pub fn icmpv6_checksum(src: &Ipv6Addr, dst: &Ipv6Addr, msg: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    let mut add = |b: &[u8]| {
-        for c in b.chunks(2) {
-            sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-        }
-    };
-    add(&src.octets());
-    add(&dst.octets());
-    add(&(msg.len() as u32).to_be_bytes());
-    add(&[0, 0, 0, 58]);
-    add(msg);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    crate::packet::inet_checksum(&[
+        &src.octets(),
+        &dst.octets(),
+        &(msg.len() as u32).to_be_bytes(),
+        &[0, 0, 0, 58],
+        msg,
+    ])
 }
 
 /// Sends raw frames on one interface.

@@ -30,6 +30,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::packet::inet_checksum;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DrillError {
     #[error("opening the probe client's packet socket on {interface}: {source}")]
@@ -214,20 +216,7 @@ fn open_socket(p: &Probe) -> std::io::Result<OwnedFd> {
     }
     // Frames that arrived before the filter was attached may sit in the queue: they are parsed
     // and ignored like any other.
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 1000,
-    };
-    // SAFETY: tv is a valid timeval of the size given.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
+    crate::packet::set_recv_timeout(&fd, Duration::from_millis(1))?;
     Ok(fd)
 }
 
@@ -332,17 +321,6 @@ pub fn parse(f: &[u8], p: &Probe) -> Option<Seen> {
     }
 }
 
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// An ICMP echo request from the probe to the VIP, sent to the cluster MAC.
 pub fn echo_request(p: &Probe, seq: u16) -> Vec<u8> {
     let mut f = Vec::with_capacity(14 + 20 + 16);
@@ -357,7 +335,7 @@ pub fn echo_request(p: &Probe, seq: u16) -> Vec<u8> {
     ip[9] = 1;
     ip[12..16].copy_from_slice(&p.addr.octets());
     ip[16..20].copy_from_slice(&p.vip.octets());
-    let c = checksum(&ip);
+    let c = inet_checksum(&[&ip]);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(&ip);
     let mut icmp = [0u8; 16];
@@ -365,7 +343,7 @@ pub fn echo_request(p: &Probe, seq: u16) -> Vec<u8> {
     icmp[4..6].copy_from_slice(&p.ident.to_be_bytes());
     icmp[6..8].copy_from_slice(&seq.to_be_bytes());
     icmp[8..16].copy_from_slice(b"farmdril");
-    let c = checksum(&icmp);
+    let c = inet_checksum(&[&icmp]);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(&icmp);
     f
@@ -430,8 +408,8 @@ mod tests {
     fn echo_request_is_a_valid_ipv4_icmp_frame() {
         let f = echo_request(&probe(), 7);
         assert_eq!(f.len(), 50);
-        assert_eq!(checksum(&f[14..34]), 0, "IP header checksum");
-        assert_eq!(checksum(&f[34..]), 0, "ICMP checksum");
+        assert_eq!(inet_checksum(&[&f[14..34]]), 0, "IP header checksum");
+        assert_eq!(inet_checksum(&[&f[34..]]), 0, "ICMP checksum");
         assert_eq!(&f[0..6], &probe().cluster_mac);
     }
 

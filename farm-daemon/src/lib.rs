@@ -16,6 +16,7 @@ pub mod hooks;
 pub mod membership;
 pub mod metrics;
 pub mod netlink;
+pub mod packet;
 pub mod reload;
 pub mod secret;
 pub mod transition;

@@ -44,20 +44,9 @@ impl Witness {
         }
         // SAFETY: a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 50_000,
-        };
-        // SAFETY: valid option pointer and length.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
+        // Best effort, as before: without it the probe thread only notices a stop at the next
+        // reply.
+        let _ = crate::packet::set_recv_timeout(&fd, Duration::from_millis(50));
         let started = Instant::now();
         let last_reply_ms = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -103,14 +92,8 @@ fn echo_request(v6: bool, id: u16, seq: u16) -> Vec<u8> {
     m.extend_from_slice(b"farm-witness");
     if !v6 {
         // ICMPv4 checksum (the kernel computes the ICMPv6 one for raw ICMPv6 sockets).
-        let mut sum: u32 = 0;
-        for c in m.chunks(2) {
-            sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        m[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        let sum = crate::packet::inet_checksum(&[&m]);
+        m[2..4].copy_from_slice(&sum.to_be_bytes());
     }
     m
 }
