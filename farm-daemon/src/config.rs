@@ -432,6 +432,27 @@ pub struct Rule {
     pub affinity: u8,
 }
 
+impl fmt::Display for Rule {
+    /// e.g. `tcp/80 client`, `udp/5000-5100 connection`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.protocols {
+            proto_mask::TCP => "tcp",
+            proto_mask::UDP => "udp",
+            _ => "tcp+udp",
+        };
+        let aff = if self.affinity == affinity::CONNECTION {
+            "connection"
+        } else {
+            "client"
+        };
+        if self.port_lo == self.port_hi {
+            write!(f, "{proto}/{} {aff}", self.port_lo)
+        } else {
+            write!(f, "{proto}/{}-{} {aff}", self.port_lo, self.port_hi)
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vip {
     pub address: IpAddr,
@@ -1427,6 +1448,30 @@ rules = [ { protocol = "tcp", ports = 80 }, { protocol = "udp", ports = "5000-51
             Err(ConfigError::Invalid { errors, .. }) => errors,
             other => panic!("expected field errors, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn rules_read_as_written() {
+        let r = |protocols, port_lo, port_hi, affinity| Rule {
+            protocols,
+            port_lo,
+            port_hi,
+            affinity,
+        };
+        assert_eq!(
+            r(proto_mask::TCP, 80, 80, affinity::CLIENT).to_string(),
+            "tcp/80 client"
+        );
+        assert_eq!(
+            r(
+                proto_mask::TCP | proto_mask::UDP,
+                5000,
+                5100,
+                affinity::CONNECTION
+            )
+            .to_string(),
+            "tcp+udp/5000-5100 connection"
+        );
     }
 
     #[test]

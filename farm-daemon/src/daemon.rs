@@ -2209,28 +2209,7 @@ impl Daemon {
             .iter()
             .map(|v| VipStatus {
                 address: v.address,
-                rules: v
-                    .rules
-                    .iter()
-                    .map(|r| {
-                        let proto = match r.protocols {
-                            1 => "tcp",
-                            2 => "udp",
-                            _ => "tcp+udp",
-                        };
-                        let ports = if r.port_lo == r.port_hi {
-                            r.port_lo.to_string()
-                        } else {
-                            format!("{}-{}", r.port_lo, r.port_hi)
-                        };
-                        let aff = if r.affinity == farm_common::affinity::CONNECTION {
-                            "connection"
-                        } else {
-                            "client"
-                        };
-                        format!("{proto}/{ports} {aff}")
-                    })
-                    .collect(),
+                rules: v.rules.iter().map(ToString::to_string).collect(),
             })
             .collect();
         let stats = self.dp.stats()?;

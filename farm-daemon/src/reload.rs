@@ -39,24 +39,7 @@ fn ms(d: std::time::Duration) -> String {
 fn rules(v: &Vip) -> String {
     v.rules
         .iter()
-        .map(|r| {
-            let proto = match r.protocols {
-                p if p == farm_common::proto_mask::TCP => "tcp",
-                p if p == farm_common::proto_mask::UDP => "udp",
-                _ => "tcp+udp",
-            };
-            let ports = if r.port_lo == r.port_hi {
-                r.port_lo.to_string()
-            } else {
-                format!("{}-{}", r.port_lo, r.port_hi)
-            };
-            let aff = if r.affinity == farm_common::affinity::CONNECTION {
-                " by connection"
-            } else {
-                ""
-            };
-            format!("{proto} {ports}{aff}")
-        })
+        .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
 }
