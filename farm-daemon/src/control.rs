@@ -132,6 +132,28 @@ pub struct DrillReport {
     pub finished_at: Option<f64>,
 }
 
+impl DrillReport {
+    /// The result in a line: `RTO 409 ms, objective 1000 ms: PASS` (or FAIL), `FAILED: why`;
+    /// `None` while the drill runs.
+    pub fn outcome(&self) -> Option<String> {
+        if !self.finished {
+            return None;
+        }
+        Some(match (&self.error, self.rto_ms) {
+            (None, Some(ms)) => format!(
+                "RTO {ms} ms, objective {} ms: {}",
+                self.objective_ms,
+                if self.passed == Some(true) {
+                    "PASS"
+                } else {
+                    "FAIL"
+                }
+            ),
+            (e, _) => format!("FAILED: {}", e.as_deref().unwrap_or("no measurement")),
+        })
+    }
+}
+
 /// The last failover this node took part in.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FailoverInfo {

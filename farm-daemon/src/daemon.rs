@@ -1604,40 +1604,16 @@ impl Daemon {
             .map(|d| d.as_secs_f64());
         r.phase = if failed.is_some() { "failed" } else { "done" }.into();
         r.error = failed;
-        match (&r.error, r.rto_ms) {
-            (None, Some(ms)) => tracing::info!(
-                "drill {}: RTO {ms} ms measured by the probe client (objective {} ms): {}",
-                r.id,
-                r.objective_ms,
-                if r.passed == Some(true) {
-                    "PASS"
-                } else {
-                    "FAIL"
-                }
-            ),
-            (e, _) => tracing::warn!(
-                "drill {} failed: {}",
-                r.id,
-                e.as_deref().unwrap_or("no measurement")
-            ),
+        let text = format!(
+            "drill {}: {}",
+            r.id,
+            r.outcome().expect("finished just above")
+        );
+        if r.error.is_none() {
+            tracing::info!("{text}");
+        } else {
+            tracing::warn!("{text}");
         }
-        let text = match (&run.report.error, run.report.rto_ms) {
-            (None, Some(ms)) => format!(
-                "drill {}: RTO {ms} ms (objective {} ms) {}",
-                run.report.id,
-                run.report.objective_ms,
-                if run.report.passed == Some(true) {
-                    "PASS"
-                } else {
-                    "FAIL"
-                }
-            ),
-            (e, _) => format!(
-                "drill {} failed: {}",
-                run.report.id,
-                e.as_deref().unwrap_or("no measurement")
-            ),
-        };
         self.event(text);
         self.last_drill = Some(run.report);
     }

@@ -573,21 +573,14 @@ fn print_status(s: &Status) {
         println!("STOPPING: handing buckets over before leaving");
     }
     if let Some(d) = &s.drill {
-        let result = match (d.finished, d.rto_ms, &d.error) {
-            (false, _, _) => format!("running ({})", d.phase),
-            (true, _, Some(e)) => format!("FAILED: {}", truncate(e, 50)),
-            (true, Some(ms), None) => format!(
-                "RTO {ms} ms, objective {} ms: {}",
-                d.objective_ms,
-                if d.passed == Some(true) {
-                    "PASS"
-                } else {
-                    "FAIL"
-                }
-            ),
-            (true, None, None) => "no measurement".into(),
-        };
-        println!("last drill: {} crashed, {result}", d.member);
+        let result = d
+            .outcome()
+            .unwrap_or_else(|| format!("running ({})", d.phase));
+        println!(
+            "last drill: {} crashed, {}",
+            d.member,
+            truncate(&result, 56)
+        );
     }
     if let Some(f) = &s.last_failover {
         println!(
