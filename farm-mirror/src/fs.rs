@@ -117,6 +117,20 @@ fn join(parent: &[u8], name: &OsStr) -> Vec<u8> {
     p
 }
 
+fn reply_entry(reply: ReplyEntry, r: Result<FileAttr, i32>) {
+    match r {
+        Ok(attr) => reply.entry(&TTL, &attr, 0),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: Result<(), i32>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
 impl MirrorFs {
     pub fn new(backing: &Path, link: Link) -> Self {
         let mut nodes = HashMap::new();
@@ -249,6 +263,21 @@ impl MirrorFs {
         }
     }
 
+    /// Removes a file (or an empty directory) and queues that.
+    fn remove(&mut self, parent: u64, name: &OsStr, dir: bool) -> Result<(), i32> {
+        let rel = join(&self.path_of(parent)?, name);
+        let real = self.real(&rel);
+        let (r, op) = if dir {
+            (std::fs::remove_dir(real), Op::Rmdir { path: rel.clone() })
+        } else {
+            (std::fs::remove_file(real), Op::Unlink { path: rel.clone() })
+        };
+        r.map_err(|e| errno(&e))?;
+        self.link.op(op);
+        self.removed(&rel);
+        Ok(())
+    }
+
     /// Answers `reply` once the secondary has everything queued so far.
     fn after_sync(&self, reply: ReplyEmpty) {
         self.link.sync(Box::new(move |_replicated| reply.ok()));
@@ -260,10 +289,7 @@ impl Filesystem for MirrorFs {
         let r = self
             .path_of(parent)
             .and_then(|p| self.entry(join(&p, name)));
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, 0),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, r);
     }
 
     fn forget(&mut self, _req: &Request<'_>, ino: u64, nlookup: u64) {
@@ -437,10 +463,7 @@ impl Filesystem for MirrorFs {
             self.own(&rel, req)?;
             self.entry(rel)
         })();
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, 0),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, r);
     }
 
     fn mkdir(
@@ -472,38 +495,17 @@ impl Filesystem for MirrorFs {
             self.own(&rel, req)?;
             self.entry(rel)
         })();
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, 0),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, r);
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let r = (|| {
-            let rel = join(&self.path_of(parent)?, name);
-            std::fs::remove_file(self.real(&rel)).map_err(|e| errno(&e))?;
-            self.link.op(Op::Unlink { path: rel.clone() });
-            self.removed(&rel);
-            Ok(())
-        })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        let r = self.remove(parent, name, false);
+        reply_empty(reply, r);
     }
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let r = (|| {
-            let rel = join(&self.path_of(parent)?, name);
-            std::fs::remove_dir(self.real(&rel)).map_err(|e| errno(&e))?;
-            self.link.op(Op::Rmdir { path: rel.clone() });
-            self.removed(&rel);
-            Ok(())
-        })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        let r = self.remove(parent, name, true);
+        reply_empty(reply, r);
     }
 
     fn symlink(
@@ -524,10 +526,7 @@ impl Filesystem for MirrorFs {
             self.own(&rel, req)?;
             self.entry(rel)
         })();
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, 0),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, r);
     }
 
     fn rename(
@@ -571,10 +570,7 @@ impl Filesystem for MirrorFs {
             }
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, r);
     }
 
     fn link(
@@ -595,10 +591,7 @@ impl Filesystem for MirrorFs {
             });
             self.entry(to)
         })();
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, 0),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, r);
     }
 
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
