@@ -148,7 +148,8 @@ impl Link {
         if g.state != State::InSync {
             return;
         }
-        g.queued_bytes += op.data_len() + 64;
+        let m = Msg::Op(op);
+        g.queued_bytes += queued_cost(&m);
         if g.queued_bytes > g.max_queued_bytes {
             let why = format!(
                 "more than {} MiB waiting for the secondary",
@@ -157,7 +158,7 @@ impl Link {
             Self::degrade(&mut g, why);
             return;
         }
-        g.queue.push_back(Msg::Op(op));
+        g.queue.push_back(m);
         self.shared.1.notify_all();
     }
 
@@ -222,28 +223,23 @@ impl Link {
                 }
                 g.queue.drain(..).collect()
             };
-            let mut sent_bytes = 0;
+            // One pass: what goes out, and what it frees of the in-flight bound.
+            let (mut ops, mut data, mut cost) = (0u64, 0u64, 0usize);
             let result = batch.iter().try_for_each(|m| {
                 if let Msg::Op(op) = m {
-                    sent_bytes += op.data_len() as u64;
+                    ops += 1;
+                    data += op.data_len() as u64;
                 }
+                cost += queued_cost(m);
                 to.send(m)
             });
             let result = result.and_then(|()| to.flush());
             let mut g = self.lock();
             match result {
                 Ok(()) => {
-                    g.ops_sent += batch.len() as u64;
-                    g.bytes_sent += sent_bytes;
-                    g.queued_bytes = g.queued_bytes.saturating_sub(
-                        batch
-                            .iter()
-                            .map(|m| match m {
-                                Msg::Op(op) => op.data_len() + 64,
-                                _ => 0,
-                            })
-                            .sum(),
-                    );
+                    g.ops_sent += ops;
+                    g.bytes_sent += data;
+                    g.queued_bytes = g.queued_bytes.saturating_sub(cost);
                 }
                 Err(e) => {
                     Self::degrade(&mut g, format!("sending failed: {e}"));
@@ -286,6 +282,15 @@ impl Link {
                 }
             }
         }
+    }
+}
+
+/// What a queued message counts against the in-flight bound: its file data and a fixed
+/// allowance for the rest of an operation.
+fn queued_cost(m: &Msg) -> usize {
+    match m {
+        Msg::Op(op) => op.data_len() + 64,
+        _ => 0,
     }
 }
 
