@@ -213,21 +213,45 @@ pub fn tcp_request(src: IpAddr, dst: SocketAddr, timeout: Duration) -> TcpAnswer
     tcp_request_from(SocketAddr::new(src, 0), dst, timeout)
 }
 
+/// A TCP connection from `from` (address, and port unless 0) to `dst`, with `timeout` for the
+/// connect and for every read.
+fn connect(from: SocketAddr, dst: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let domain = if dst.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.bind(&from.into())?;
+    s.connect_timeout(&dst.into(), timeout)?;
+    let c: TcpStream = s.into();
+    c.set_read_timeout(Some(timeout))?;
+    Ok(c)
+}
+
+impl TcpAnswer {
+    /// The outcome of one attempt that reads a node's name (`empty`: the error when the name
+    /// read is empty).
+    fn of(src: IpAddr, dst: SocketAddr, attempt: std::io::Result<String>, empty: &str) -> Self {
+        let (node, error) = match attempt {
+            Ok(node) if !node.is_empty() => (Some(node), None),
+            Ok(_) => (None, Some(empty.to_string())),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        TcpAnswer {
+            src,
+            dst,
+            node,
+            error,
+        }
+    }
+}
+
 /// Opens a TCP connection from `src` (address and port) to `dst` and reads the answer.
 pub fn tcp_request_from(from: SocketAddr, dst: SocketAddr, timeout: Duration) -> TcpAnswer {
-    let src = from.ip();
     let attempt = || -> std::io::Result<String> {
-        let domain = if dst.is_ipv4() {
-            Domain::IPV4
-        } else {
-            Domain::IPV6
-        };
-        let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-        s.set_reuse_address(true)?;
-        s.bind(&from.into())?;
-        s.connect_timeout(&dst.into(), timeout)?;
-        let mut c: TcpStream = s.into();
-        c.set_read_timeout(Some(timeout))?;
+        let mut c = connect(from, dst, timeout)?;
         let mut buf = Vec::new();
         let mut byte = [0u8; 1];
         while buf.len() < 128 {
@@ -239,42 +263,19 @@ pub fn tcp_request_from(from: SocketAddr, dst: SocketAddr, timeout: Duration) ->
         }
         Ok(String::from_utf8_lossy(&buf).into_owned())
     };
-    match attempt() {
-        Ok(node) if !node.is_empty() => TcpAnswer {
-            src,
-            dst,
-            node: Some(node),
-            error: None,
-        },
-        Ok(_) => TcpAnswer {
-            src,
-            dst,
-            node: None,
-            error: Some("connection closed without an answer".into()),
-        },
-        Err(e) => TcpAnswer {
-            src,
-            dst,
-            node: None,
-            error: Some(e.to_string()),
-        },
-    }
+    TcpAnswer::of(
+        from.ip(),
+        dst,
+        attempt(),
+        "connection closed without an answer",
+    )
 }
 
 /// Sends `GET /` over a new connection from `src` to `dst` (a web server such as NGINX that
 /// answers with the node's name as the body) and reads the answer.
 pub fn http_get(src: IpAddr, dst: SocketAddr, timeout: Duration) -> TcpAnswer {
     let attempt = || -> std::io::Result<String> {
-        let domain = if dst.is_ipv4() {
-            Domain::IPV4
-        } else {
-            Domain::IPV6
-        };
-        let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-        s.bind(&SocketAddr::new(src, 0).into())?;
-        s.connect_timeout(&dst.into(), timeout)?;
-        let mut c: TcpStream = s.into();
-        c.set_read_timeout(Some(timeout))?;
+        let mut c = connect(SocketAddr::new(src, 0), dst, timeout)?;
         c.write_all(b"GET / HTTP/1.1\r\nHost: farm\r\nConnection: close\r\n\r\n")?;
         let mut text = String::new();
         c.read_to_string(&mut text)?;
@@ -287,26 +288,7 @@ pub fn http_get(src: IpAddr, dst: SocketAddr, timeout: Duration) -> TcpAnswer {
         }
         Ok(body.trim().to_string())
     };
-    match attempt() {
-        Ok(node) if !node.is_empty() => TcpAnswer {
-            src,
-            dst,
-            node: Some(node),
-            error: None,
-        },
-        Ok(_) => TcpAnswer {
-            src,
-            dst,
-            node: None,
-            error: Some("empty answer".into()),
-        },
-        Err(e) => TcpAnswer {
-            src,
-            dst,
-            node: None,
-            error: Some(e.to_string()),
-        },
-    }
+    TcpAnswer::of(src, dst, attempt(), "empty answer")
 }
 
 /// Runs `requests` (source, destination) inside `ns` on `threads` threads.
@@ -426,16 +408,8 @@ pub struct KeepAliveCounters {
 /// a new one, as an HTTP client does. A failed or reset connection is one error; the client
 /// then opens a new connection, as a retrying client would.
 pub fn keep_alive(src: IpAddr, dst: SocketAddr, stop: &AtomicBool, c: &KeepAliveCounters) {
-    let connect = || -> std::io::Result<(TcpStream, BufReader<TcpStream>)> {
-        let domain = if dst.is_ipv4() {
-            Domain::IPV4
-        } else {
-            Domain::IPV6
-        };
-        let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-        s.bind(&SocketAddr::new(src, 0).into())?;
-        s.connect_timeout(&dst.into(), Duration::from_secs(2))?;
-        let c: TcpStream = s.into();
+    let open = || -> std::io::Result<(TcpStream, BufReader<TcpStream>)> {
+        let c = connect(SocketAddr::new(src, 0), dst, Duration::from_secs(2))?;
         c.set_read_timeout(Some(Duration::from_secs(1)))?;
         let mut r = BufReader::new(c.try_clone()?);
         let mut greeting = String::new();
@@ -446,7 +420,7 @@ pub fn keep_alive(src: IpAddr, dst: SocketAddr, stop: &AtomicBool, c: &KeepAlive
     };
     let mut line = String::new();
     'connection: while !stop.load(Ordering::Relaxed) {
-        let (mut w, mut r) = match connect() {
+        let (mut w, mut r) = match open() {
             Ok(x) => x,
             Err(_) => {
                 c.errors.fetch_add(1, Ordering::Relaxed);
