@@ -141,8 +141,9 @@ impl ProbeClient {
         })
     }
 
-    pub fn snapshot(&self) -> ProbeLog {
-        self.log.lock().expect("probe log").clone()
+    /// What `f` reads of the log, under its lock (no copy of the log).
+    pub fn with<T>(&self, f: impl FnOnce(&ProbeLog) -> T) -> T {
+        f(&self.log.lock().expect("probe log"))
     }
 }
 
