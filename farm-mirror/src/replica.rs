@@ -164,13 +164,19 @@ impl Replica {
         Ok(unsafe { std::fs::File::from_raw_fd(fd) })
     }
 
-    /// An fd for metadata changes of `rel` (the directory itself when empty).
-    fn target(&self, rel: &[u8]) -> Result<(OwnedFd, Option<CString>), ReplicaError> {
+    /// Where a metadata change of `rel` applies, as *at-call arguments: the parent and the
+    /// name with AT_SYMLINK_NOFOLLOW, or for the directory itself its fd, an empty name and
+    /// AT_EMPTY_PATH.
+    fn target(&self, rel: &[u8]) -> Result<(OwnedFd, CString, libc::c_int), ReplicaError> {
         if rel.is_empty() {
-            return Ok((self.open_dir(&[], rel)?, None));
+            return Ok((
+                self.open_dir(&[], rel)?,
+                CString::default(),
+                libc::AT_EMPTY_PATH,
+            ));
         }
         let r = self.resolve(rel)?;
-        Ok((r.parent, Some(r.name)))
+        Ok((r.parent, r.name, libc::AT_SYMLINK_NOFOLLOW))
     }
 
     /// Applies one operation.
@@ -247,37 +253,27 @@ impl Replica {
                     .map_err(Self::os("symlink", path))
             }
             Op::Chmod { path, mode } => {
-                let (fd, name) = self.target(path)?;
-                let res = match &name {
+                let (fd, name, flags) = self.target(path)?;
+                let res = if path.is_empty() {
+                    // fchmodat takes no AT_EMPTY_PATH.
+                    self.chmod_root(*mode)
+                } else {
                     // Symlinks have no mode of their own on Linux; AT_SYMLINK_NOFOLLOW refuses
                     // them instead of following.
-                    Some(n) => unsafe {
-                        // SAFETY: valid fd and C string.
-                        libc::fchmodat(
-                            fd.as_raw_fd(),
-                            n.as_ptr(),
-                            *mode & 0o7777,
-                            libc::AT_SYMLINK_NOFOLLOW,
-                        )
-                    },
-                    None => self.chmod_root(*mode),
+                    // SAFETY: valid fd and C string.
+                    unsafe { libc::fchmodat(fd.as_raw_fd(), name.as_ptr(), *mode & 0o7777, flags) }
                 };
                 check(res).map_err(Self::os("chmod", path))
             }
             Op::Chown { path, uid, gid } => {
-                let (fd, name) = self.target(path)?;
+                let (fd, name, flags) = self.target(path)?;
                 let (u, g) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
-                let empty = CString::default();
-                let (n, flags) = match &name {
-                    Some(n) => (n.as_ptr(), libc::AT_SYMLINK_NOFOLLOW),
-                    None => (empty.as_ptr(), libc::AT_EMPTY_PATH),
-                };
                 // SAFETY: valid fd and C string.
-                check(unsafe { libc::fchownat(fd.as_raw_fd(), n, u, g, flags) })
+                check(unsafe { libc::fchownat(fd.as_raw_fd(), name.as_ptr(), u, g, flags) })
                     .map_err(Self::os("chown", path))
             }
             Op::Times { path, atime, mtime } => {
-                let (fd, name) = self.target(path)?;
+                let (fd, name, flags) = self.target(path)?;
                 let ts = |t: &Option<(i64, u32)>| match t {
                     Some((s, ns)) => libc::timespec {
                         tv_sec: *s,
@@ -289,14 +285,11 @@ impl Replica {
                     },
                 };
                 let times = [ts(atime), ts(mtime)];
-                let empty = CString::default();
-                let (n, flags) = match &name {
-                    Some(n) => (n.as_ptr(), libc::AT_SYMLINK_NOFOLLOW),
-                    None => (empty.as_ptr(), libc::AT_EMPTY_PATH),
-                };
                 // SAFETY: valid fd, C string and two timespecs.
-                check(unsafe { libc::utimensat(fd.as_raw_fd(), n, times.as_ptr(), flags) })
-                    .map_err(Self::os("setting times of", path))
+                check(unsafe {
+                    libc::utimensat(fd.as_raw_fd(), name.as_ptr(), times.as_ptr(), flags)
+                })
+                .map_err(Self::os("setting times of", path))
             }
             Op::Fallocate {
                 path,
