@@ -655,32 +655,15 @@ impl Daemon {
                 _ = term.recv() => if self.begin_stop("SIGTERM") { break Ok(()); },
                 _ = int.recv() => if self.begin_stop("SIGINT") { break Ok(()); },
                 _ = hup.recv() => {
+                    // The same reload as `farmctl reload` (answered, and its effects applied,
+                    // by the control arm below); nobody waits for the answer.
                     tracing::info!("SIGHUP: reloading {}", self.cfg.source.display());
-                    let (response, effects) = self.reload(false).await;
-                    match response {
-                        Response::Reload(r) if !r.applied && !r.restart_needed.is_empty() => {
-                            tracing::error!(
-                                "reload refused, these changes need a restart of farmd: {}; \
-                                 nothing was changed",
-                                r.restart_needed.join("; ")
-                            );
-                        }
-                        Response::Reload(r) if r.changes.is_empty() => {
-                            tracing::info!("reload: nothing changed");
-                        }
-                        Response::Error { message } => {
-                            tracing::error!("reload refused: {message}");
-                        }
-                        _ => {}
-                    }
-                    if effects.timers {
-                        (deadman, heartbeat, liveness) = timers(&self.cfg);
-                    }
-                    if effects.checks {
-                        check_results = checks::start(&self.cfg.checks);
-                    }
-                    if effects.announce {
-                        (announce_at, announced) = (tokio::time::Instant::now(), 0);
+                    let (reply, _) = tokio::sync::oneshot::channel();
+                    if control_tx
+                        .try_send((Request::Reload { dry_run: false }, reply))
+                        .is_err()
+                    {
+                        tracing::warn!("SIGHUP: the control queue is full; reload not done");
                     }
                 }
                 _ = deadman.tick() => {
@@ -1130,12 +1113,11 @@ impl Daemon {
         let new = match Config::load(&path) {
             Ok(c) => c,
             Err(e) => {
-                return (
-                    Response::Error {
-                        message: format!("{e}\nnothing was changed: farmd runs on as before"),
-                    },
-                    Reloaded::default(),
-                );
+                let message = format!("{e}\nnothing was changed: farmd runs on as before");
+                if !dry_run {
+                    tracing::error!("reload refused: {message}");
+                }
+                return (Response::Error { message }, Reloaded::default());
             }
         };
         let d = reload::diff(&self.cfg, &new);
@@ -1185,6 +1167,14 @@ impl Daemon {
                 .filter(|(i, p)| *i != m.me && p.alive && p.config_digest != digest)
                 .map(|(_, p)| p.id.clone())
                 .collect();
+        }
+        if !dry_run && !d.restart.is_empty() {
+            tracing::error!(
+                "reload refused, these changes need a restart of farmd: {}; nothing was changed",
+                d.restart.join("; ")
+            );
+        } else if !dry_run && d.is_empty() {
+            tracing::info!("reload: nothing changed");
         }
         if dry_run || !d.restart.is_empty() || d.is_empty() {
             return (Response::Reload(Box::new(report)), Reloaded::default());

@@ -64,6 +64,18 @@ fn reload_moves_buckets_for_a_new_weight_without_a_failed_request() {
     );
     assert!(out.contains("nothing was changed"), "{out}");
     assert_eq!(t.owners(0, &clients), before, "nothing moved");
+    // SIGHUP takes the same path: refused, logged with the field errors, nothing changes.
+    let pid = t.nodes[0].farmd.as_ref().expect("farmd").id() as i32;
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !t.log(0).contains("reload refused") {
+        assert!(Instant::now() < deadline, "SIGHUP: no refusal logged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(t.log(0).contains("drill.rto_objective_ms"), "{}", t.log(0));
+    assert!(t.status(0).is_ok(), "farmd runs on after a refused SIGHUP");
+    assert_eq!(t.owners(0, &clients), before, "nothing moved");
 
     // n3 gets weight 2 (half the farm) and a VIP is added, in every member's file.
     t.spec.weights = vec![1, 1, 2];
