@@ -343,6 +343,8 @@ impl Filesystem for MirrorFs {
         _flags: Option<u32>,
         reply: ReplyAttr,
     ) {
+        // Held while the change is made and queued (see Link::pass).
+        let _pass = self.link.pass();
         let rel = match self.path_of(ino) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -449,6 +451,8 @@ impl Filesystem for MirrorFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        // Held while the change is made and queued (see Link::pass).
+        let _pass = self.link.pass();
         let r = (|| {
             let rel = join(&self.path_of(parent)?, name);
             let c = cstr(&self.real(&rel))?;
@@ -475,6 +479,8 @@ impl Filesystem for MirrorFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        // Held while the change is made and queued (see Link::pass).
+        let _pass = self.link.pass();
         let r = (|| {
             let rel = join(&self.path_of(parent)?, name);
             let c = cstr(&self.real(&rel))?;
@@ -499,11 +505,15 @@ impl Filesystem for MirrorFs {
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        // Held while the change is made and queued (see Link::pass).
+        let _pass = self.link.pass();
         let r = self.remove(parent, name, false);
         reply_empty(reply, r);
     }
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        // Held while the change is made and queued (see Link::pass).
+        let _pass = self.link.pass();
         let r = self.remove(parent, name, true);
         reply_empty(reply, r);
     }
@@ -516,6 +526,8 @@ impl Filesystem for MirrorFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        // Held while the change is made and queued (see Link::pass).
+        let _pass = self.link.pass();
         let r = (|| {
             let rel = join(&self.path_of(parent)?, link_name);
             std::os::unix::fs::symlink(target, self.real(&rel)).map_err(|e| errno(&e))?;
@@ -539,6 +551,8 @@ impl Filesystem for MirrorFs {
         flags: u32,
         reply: ReplyEmpty,
     ) {
+        // Held while the change is made and queued (see Link::pass).
+        let _pass = self.link.pass();
         let r = (|| {
             let from = join(&self.path_of(parent)?, name);
             let to = join(&self.path_of(newparent)?, newname);
@@ -581,6 +595,8 @@ impl Filesystem for MirrorFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        // Held while the change is made and queued (see Link::pass).
+        let _pass = self.link.pass();
         let r = (|| {
             let from = self.path_of(ino)?;
             let to = join(&self.path_of(newparent)?, newname);
@@ -643,6 +659,8 @@ impl Filesystem for MirrorFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        // Held while the change is made and queued (see Link::pass).
+        let _pass = self.link.pass();
         let r = (|| {
             let rel = join(&self.path_of(parent)?, name);
             let c = cstr(&self.real(&rel))?;
@@ -736,6 +754,8 @@ impl Filesystem for MirrorFs {
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
+        // Held while the change is made and queued (see Link::pass).
+        let _pass = self.link.pass();
         let Some(Handle::File {
             file,
             ino,
@@ -957,6 +977,8 @@ impl Filesystem for MirrorFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        // Held while the change is made and queued (see Link::pass).
+        let _pass = self.link.pass();
         let Some(Handle::File { file, .. }) = self.handles.get(&fh) else {
             return reply.error(libc::EBADF);
         };

@@ -20,5 +20,7 @@
 pub mod fs;
 pub mod link;
 pub mod replica;
+pub mod resync;
+pub mod state;
 pub mod tree;
 pub mod wire;

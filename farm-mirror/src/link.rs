@@ -1,28 +1,34 @@
 //! The primary's link to the secondary: operations go out in order on one authenticated
 //! session, sync barriers come back acknowledged once durable there.
 //!
-//! `Link::establish` connects, empties the replica and copies the backing directory into it
-//! (sparse files stay sparse, hard links stay links), and returns once the secondary has made
-//! the copy durable: from then on the replica is in sync. A sender thread drains the queue; a
-//! receiver thread takes the acknowledgements and completes the syncs waiting for them.
-//!
-//! When the session fails (the secondary or the network is gone) or more than the in-flight
-//! bound is queued, the link becomes **degraded**: the primary goes on alone, syncs complete
-//! after the local fsync only, and that is said loudly. This version does not reconnect by
-//! itself: the replica is out of sync from then on and is brought back by establishing a new
-//! link (a full copy).
+//! States:
+//! - **in sync**: every change is shipped as it happens; a sync (fsync, fdatasync, O_SYNC
+//!   write, fsync of a directory) completes once the secondary has made everything before it
+//!   durable;
+//! - **broken**: the session failed or more than the in-flight bound waits. Syncs wait: whether
+//!   the primary may go on alone is decided by farmd (the secondary must not be able to take
+//!   over with a copy that lacks what the primary acknowledges from now on). The standalone
+//!   tool decides at once (`auto_degrade`);
+//! - **degraded**: the primary serves alone; syncs cover the local disk; every path touched is
+//!   kept in the change record; a resync is tried every second;
+//! - **resyncing**: a resync session runs (`resync`): only what differs is sent, the record
+//!   narrows the comparison when the replica was a complete copy of the generation the record
+//!   starts from; then the link is in sync again on the same session;
+//! - **stopped**: a planned stop (swap) flushed everything and closed the session.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeSet, VecDeque},
     io::BufReader,
     net::{SocketAddr, TcpStream},
-    os::unix::fs::{FileTypeExt as _, MetadataExt as _},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use crate::wire::{self, Msg, Op, WireError};
+use crate::{
+    resync::{Progress, Resync},
+    wire::{self, Msg, Op, RelPath, WireError},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -35,8 +41,10 @@ pub enum LinkError {
         path: String,
         source: std::io::Error,
     },
-    #[error("the secondary could not apply the initial copy: {0}")]
+    #[error("the secondary could not apply a change: {0}")]
     Refused(String),
+    #[error("the link was stopped")]
+    Stopped,
 }
 
 /// What a waiting sync learns: whether the secondary has the data too.
@@ -46,7 +54,48 @@ pub type Done = Box<dyn FnOnce(bool) + Send>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {
     InSync,
+    Broken(String),
     Degraded(String),
+    Resyncing,
+    Stopped,
+}
+
+impl State {
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::InSync => "in sync",
+            State::Broken(_) => "broken",
+            State::Degraded(_) => "degraded",
+            State::Resyncing => "resyncing",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
+/// How the link behaves.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Past this much data waiting for the secondary, the session is given up.
+    pub max_queued_bytes: usize,
+    /// Go on alone at once when the session breaks (the standalone tool), instead of waiting
+    /// for `degrade`.
+    pub auto_degrade: bool,
+    /// The data generation this primary serves.
+    pub generation: u64,
+    /// The generation the change record starts from: a replica that is a complete copy of it
+    /// needs only the recorded paths compared by checksum (None: every file is).
+    pub record_base: Option<u64>,
+}
+
+/// A completed resync, for status and tests.
+#[derive(Debug, Clone)]
+pub struct ResyncReport {
+    pub full_check: bool,
+    pub passes: u32,
+    pub bytes_sent: u64,
+    pub bytes_same: u64,
+    pub operations: u64,
+    pub took: Duration,
 }
 
 struct Inner {
@@ -56,59 +105,76 @@ struct Inner {
     acked: u64,
     waiting: Vec<(u64, Done)>,
     state: State,
-    max_queued_bytes: usize,
+    opts: Options,
     ops_sent: u64,
     bytes_sent: u64,
+    /// Operations sent or queued but not yet covered by an acknowledged barrier: (the barrier
+    /// that covers it, path, when, data bytes). What the secondary may lack if the session ends.
+    unacked: VecDeque<(u64, RelPath, Instant, usize)>,
+    unacked_bytes: usize,
+    /// Paths changed while the replica is not in sync.
+    record: BTreeSet<RelPath>,
+    /// Bumped whenever a session ends: its threads stop touching the state.
+    session: u64,
+    stream: Option<TcpStream>,
+    last_barrier: Instant,
+    /// The door to changes: closed by the last resync pass, which then runs alone.
+    gate_closed: bool,
+    busy: u32,
+    resyncing: bool,
+    progress: Arc<Mutex<Progress>>,
+    last_resync: Option<ResyncReport>,
+    resync_error: Option<String>,
 }
 
 /// The primary's link (cheap to clone: shared).
 #[derive(Clone)]
 pub struct Link {
     shared: Arc<(Mutex<Inner>, Condvar)>,
+    peer: SocketAddr,
+    key: [u8; 32],
+    backing: PathBuf,
 }
 
 /// Counters for status.
 #[derive(Debug, Clone)]
 pub struct LinkStatus {
     pub state: State,
+    pub generation: u64,
     pub queued_bytes: usize,
+    /// Data shipped but not yet durable on the secondary, and how old the oldest such change is.
+    pub lag_bytes: usize,
+    pub lag: Duration,
     pub ops_sent: u64,
     pub bytes_sent: u64,
     pub syncs_acknowledged: u64,
+    /// Paths in the change record.
+    pub recorded: usize,
+    pub resync: Option<Progress>,
+    pub last_resync: Option<ResyncReport>,
+    pub resync_error: Option<String>,
 }
 
+/// A change passing the door (see `Link::pass`); the door can close once none is inside.
+pub struct Pass {
+    shared: Arc<(Mutex<Inner>, Condvar)>,
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let mut g = self.shared.0.lock().expect("link state");
+        g.busy -= 1;
+        self.shared.1.notify_all();
+    }
+}
+
+/// Periodic barrier: changes without an fsync are acknowledged within this too (lag, record).
+const BARRIER_EVERY: Duration = Duration::from_millis(50);
+
 impl Link {
-    /// Connects, copies `backing` to the replica and returns the link once the copy is durable
-    /// on the secondary.
-    pub fn establish(
-        peer: SocketAddr,
-        key: &[u8; 32],
-        backing: &Path,
-        max_queued_bytes: usize,
-    ) -> Result<Self, LinkError> {
-        let conn = TcpStream::connect_timeout(&peer, Duration::from_secs(5))
-            .map_err(|e| LinkError::Connect(peer, e))?;
-        conn.set_nodelay(true).ok();
-        let reader = BufReader::new(conn.try_clone().map_err(|e| LinkError::Connect(peer, e))?);
-        let writer = std::io::BufWriter::with_capacity(1 << 20, conn);
-        let (mut to, mut from) = wire::connect(reader, writer, key)?;
-        let copied = copy_tree(backing, &mut |op| to.send(&Msg::Op(op)))?;
-        to.send(&Msg::Sync { barrier: 0 })?;
-        to.flush()?;
-        match from.recv()? {
-            Msg::Ack { barrier: 0 } => {}
-            Msg::Failed { message } => return Err(LinkError::Refused(message)),
-            other => {
-                return Err(
-                    WireError::Malformed(format!("{other:?} instead of the first ack")).into(),
-                );
-            }
-        }
-        tracing::info!(
-            "secondary {peer} in sync: {} entries, {} bytes copied",
-            copied.entries,
-            copied.bytes
-        );
+    /// A link to the secondary at `peer` for the directory `backing`. It starts degraded (the
+    /// replica is not known to be in sync) and resyncs in the background.
+    pub fn start(peer: SocketAddr, key: &[u8; 32], backing: &Path, opts: Options) -> Self {
         let link = Link {
             shared: Arc::new((
                 Mutex::new(Inner {
@@ -117,109 +183,496 @@ impl Link {
                     next_barrier: 1,
                     acked: 0,
                     waiting: Vec::new(),
-                    state: State::InSync,
-                    max_queued_bytes,
-                    ops_sent: copied.entries,
-                    bytes_sent: copied.bytes,
+                    state: State::Degraded("no secondary yet".into()),
+                    opts,
+                    ops_sent: 0,
+                    bytes_sent: 0,
+                    unacked: VecDeque::new(),
+                    unacked_bytes: 0,
+                    record: BTreeSet::new(),
+                    session: 0,
+                    stream: None,
+                    last_barrier: Instant::now(),
+                    gate_closed: false,
+                    busy: 0,
+                    resyncing: false,
+                    progress: Default::default(),
+                    last_resync: None,
+                    resync_error: None,
                 }),
                 Condvar::new(),
             )),
+            peer,
+            key: *key,
+            backing: backing.to_path_buf(),
         };
-        let l = link.clone();
-        std::thread::Builder::new()
-            .name("mirror-send".into())
-            .spawn(move || l.send_loop(to))
-            .expect("spawning a thread");
-        let l = link.clone();
-        std::thread::Builder::new()
-            .name("mirror-ack".into())
-            .spawn(move || l.ack_loop(from))
-            .expect("spawning a thread");
-        Ok(link)
+        link.spawn_resync();
+        link
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.shared.0.lock().expect("link state")
     }
 
-    /// Queues an operation (dropped when degraded: the replica is out of sync anyway).
+    /// Waits until the link is in sync (true) or `timeout` passes.
+    pub fn wait_in_sync(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock();
+        while g.state != State::InSync {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self
+                .shared
+                .1
+                .wait_timeout(g, deadline - now)
+                .expect("link state")
+                .0;
+        }
+        true
+    }
+
+    /// Enters the door for one change (held until the returned pass drops): waits while the
+    /// last resync pass runs.
+    pub fn pass(&self) -> Pass {
+        let mut g = self.lock();
+        while g.gate_closed {
+            g = self.shared.1.wait(g).expect("link state");
+        }
+        g.busy += 1;
+        Pass {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Queues an operation (recorded instead while the replica is not in sync).
     pub fn op(&self, op: Op) {
         let mut g = self.lock();
         if g.state != State::InSync {
+            let [a, b] = op.paths();
+            for p in [a, b].into_iter().flatten() {
+                g.record.insert(p.clone());
+            }
             return;
         }
         let m = Msg::Op(op);
-        g.queued_bytes += queued_cost(&m);
-        if g.queued_bytes > g.max_queued_bytes {
+        let cost = queued_cost(&m);
+        g.queued_bytes += cost;
+        if g.queued_bytes > g.opts.max_queued_bytes {
             let why = format!(
                 "more than {} MiB waiting for the secondary",
-                g.max_queued_bytes >> 20
+                g.opts.max_queued_bytes >> 20
             );
-            Self::degrade(&mut g, why);
+            if let Msg::Op(op) = &m {
+                let [a, b] = op.paths();
+                for p in [a, b].into_iter().flatten() {
+                    g.record.insert(p.clone());
+                }
+            }
+            self.break_locked(&mut g, why);
             return;
         }
+        let Msg::Op(op) = &m else { unreachable!() };
+        let barrier = g.next_barrier;
+        let now = Instant::now();
+        let data = op.data_len();
+        let [a, b] = op.paths();
+        for p in [a, b].into_iter().flatten() {
+            // Consecutive changes of one file are remembered once.
+            if g.unacked
+                .back()
+                .is_none_or(|(bb, last, _, _)| *bb != barrier || last != p)
+            {
+                g.unacked.push_back((barrier, p.clone(), now, data));
+            } else if let Some(last) = g.unacked.back_mut() {
+                last.3 += data;
+            }
+        }
+        g.unacked_bytes += data;
         g.queue.push_back(m);
         self.shared.1.notify_all();
     }
 
-    /// Completes `done` once everything queued so far is durable on the secondary (`true`), or
-    /// at once with `false` when degraded.
+    /// Completes `done` once everything queued so far is durable on the secondary (`true`); at
+    /// once with `false` when the primary serves alone; when the link is broken, once farmd has
+    /// decided (`degrade`: false).
     pub fn sync(&self, done: Done) {
         let mut g = self.lock();
+        match g.state {
+            State::InSync => {
+                let barrier = g.next_barrier;
+                g.next_barrier += 1;
+                g.last_barrier = Instant::now();
+                g.queue.push_back(Msg::Sync { barrier });
+                g.waiting.push((barrier, done));
+                self.shared.1.notify_all();
+            }
+            State::Broken(_) => {
+                let barrier = g.next_barrier;
+                g.waiting.push((barrier, done));
+            }
+            _ => {
+                drop(g);
+                done(false);
+            }
+        }
+    }
+
+    /// Gives the session up (something could not be replicated).
+    pub fn fail(&self, why: String) {
+        let mut g = self.lock();
+        self.break_locked(&mut g, why);
+    }
+
+    fn break_locked(&self, g: &mut Inner, why: String) {
         if g.state != State::InSync {
-            drop(g);
-            done(false);
             return;
         }
-        let barrier = g.next_barrier;
-        g.next_barrier += 1;
-        g.queue.push_back(Msg::Sync { barrier });
-        g.waiting.push((barrier, done));
+        g.session += 1;
+        if let Some(s) = g.stream.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        g.queue.clear();
+        g.queued_bytes = 0;
+        if g.opts.auto_degrade {
+            let generation = g.opts.generation;
+            self.degrade_locked(g, why, generation);
+        } else {
+            tracing::error!(
+                "replication broken ({why}): syncs wait until this primary may go on alone"
+            );
+            g.state = State::Broken(why);
+        }
         self.shared.1.notify_all();
     }
 
-    /// Marks the replica out of sync (something could not be replicated).
-    pub fn fail(&self, why: String) {
+    /// Goes on alone at data generation `generation` (farmd's decision once the secondary is
+    /// known to be out of sync, or gone): waiting syncs complete, changes are recorded, resyncs
+    /// are tried. Does nothing unless in sync or broken.
+    pub fn degrade(&self, why: &str, generation: u64) {
         let mut g = self.lock();
-        Self::degrade(&mut g, why);
+        if g.state == State::InSync {
+            self.break_locked(&mut g, why.to_string());
+        }
+        if matches!(g.state, State::Broken(_)) {
+            self.degrade_locked(&mut g, why.to_string(), generation);
+            drop(g);
+            self.spawn_resync();
+        }
+    }
+
+    fn degrade_locked(&self, g: &mut Inner, why: String, generation: u64) {
+        tracing::error!(
+            "DEGRADED: the replica is out of sync ({why}); this primary goes on alone at \
+             generation {generation}, fsync covers only the local disk until the secondary is \
+             back in sync"
+        );
+        // The secondary had everything acknowledged at the old generation; what it may lack is
+        // in the record.
+        g.opts.record_base = Some(g.opts.generation);
+        g.opts.generation = generation;
+        let unacked: Vec<RelPath> = g.unacked.drain(..).map(|(_, p, _, _)| p).collect();
+        g.record.extend(unacked);
+        g.unacked_bytes = 0;
+        g.state = State::Degraded(why);
+        for (_, done) in g.waiting.drain(..) {
+            done(false);
+        }
+        if g.opts.auto_degrade && !g.resyncing {
+            // The standalone tool: start trying at once.
+            g.resyncing = true;
+            let l = self.clone();
+            std::thread::Builder::new()
+                .name("mirror-resync".into())
+                .spawn(move || l.resync_loop())
+                .expect("spawning a thread");
+        }
+    }
+
+    /// A planned stop (swap): waits until everything is durable on the secondary (bounded by
+    /// `timeout`), then closes the session. Returns whether the secondary has everything.
+    pub fn stop(&self, timeout: Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.sync(Box::new(move |ok| {
+            let _ = tx.send(ok);
+        }));
+        let ok = rx.recv_timeout(timeout).unwrap_or(false);
+        let mut g = self.lock();
+        g.session += 1;
+        if let Some(s) = g.stream.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        g.state = State::Stopped;
+        for (_, done) in g.waiting.drain(..) {
+            done(false);
+        }
         self.shared.1.notify_all();
+        ok
     }
 
     pub fn status(&self) -> LinkStatus {
         let g = self.lock();
         LinkStatus {
             state: g.state.clone(),
+            generation: g.opts.generation,
             queued_bytes: g.queued_bytes,
+            lag_bytes: g.unacked_bytes,
+            lag: g
+                .unacked
+                .front()
+                .map_or(Duration::ZERO, |(_, _, t, _)| t.elapsed()),
             ops_sent: g.ops_sent,
             bytes_sent: g.bytes_sent,
             syncs_acknowledged: g.acked,
+            recorded: g.record.len(),
+            resync: (g.state == State::Resyncing)
+                .then(|| g.progress.lock().expect("progress").clone()),
+            last_resync: g.last_resync.clone(),
+            resync_error: g.resync_error.clone(),
         }
     }
 
-    fn degrade(g: &mut Inner, why: String) {
-        if g.state == State::InSync {
-            tracing::error!(
-                "DEGRADED: the replica is out of sync ({why}); this primary goes on alone and \
-                 fsync covers only the local disk until the secondary is brought back"
-            );
-            g.state = State::Degraded(why);
+    fn spawn_resync(&self) {
+        let mut g = self.lock();
+        if g.resyncing || !matches!(g.state, State::Degraded(_)) {
+            return;
         }
-        g.queue.clear();
-        g.queued_bytes = 0;
-        for (_, done) in g.waiting.drain(..) {
-            done(false);
+        g.resyncing = true;
+        drop(g);
+        let l = self.clone();
+        std::thread::Builder::new()
+            .name("mirror-resync".into())
+            .spawn(move || l.resync_loop())
+            .expect("spawning a thread");
+    }
+
+    /// Tries a resync every second while degraded.
+    fn resync_loop(self) {
+        let mut failures = 0u32;
+        loop {
+            {
+                let g = self.lock();
+                if !matches!(g.state, State::Degraded(_)) {
+                    drop(g);
+                    self.lock().resyncing = false;
+                    return;
+                }
+            }
+            match self.resync_once() {
+                Ok(()) => {
+                    self.lock().resyncing = false;
+                    return;
+                }
+                Err(e) => {
+                    let mut g = self.lock();
+                    if g.state == State::Resyncing {
+                        g.state = State::Degraded(format!("resync failed: {e}"));
+                    }
+                    if g.gate_closed {
+                        g.gate_closed = false;
+                        self.shared.1.notify_all();
+                    }
+                    if failures % 30 == 0 {
+                        tracing::warn!("resync with {}: {e}", self.peer);
+                    }
+                    g.resync_error = Some(e.to_string());
+                    failures += 1;
+                }
+            }
+            let g = self.lock();
+            let _ = self
+                .shared
+                .1
+                .wait_timeout_while(g, Duration::from_secs(1), |g| {
+                    matches!(g.state, State::Degraded(_))
+                })
+                .expect("link state");
         }
     }
 
-    fn send_loop(self, mut to: wire::Framed<std::io::BufWriter<TcpStream>>) {
+    fn resync_once(&self) -> Result<(), LinkError> {
+        let conn = TcpStream::connect_timeout(&self.peer, Duration::from_secs(2))
+            .map_err(|e| LinkError::Connect(self.peer, e))?;
+        conn.set_nodelay(true).ok();
+        // A resync answer that never comes ends the attempt.
+        conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        set_user_timeout(&conn, Duration::from_secs(10));
+        let reader = BufReader::with_capacity(
+            1 << 20,
+            conn.try_clone()
+                .map_err(|e| LinkError::Connect(self.peer, e))?,
+        );
+        let writer = std::io::BufWriter::with_capacity(
+            1 << 20,
+            conn.try_clone()
+                .map_err(|e| LinkError::Connect(self.peer, e))?,
+        );
+        let (mut to, mut from) = wire::connect(reader, writer, &self.key)?;
+        let (generation, record_base, progress, record) = {
+            let mut g = self.lock();
+            if !matches!(g.state, State::Degraded(_)) {
+                return Err(LinkError::Stopped);
+            }
+            g.state = State::Resyncing;
+            g.resync_error = None;
+            let progress = Arc::new(Mutex::new(Progress {
+                started: Some(Instant::now()),
+                ..Default::default()
+            }));
+            g.progress = progress.clone();
+            (
+                g.opts.generation,
+                g.opts.record_base,
+                progress,
+                std::mem::take(&mut g.record),
+            )
+        };
+        to.send(&Msg::Resync { generation })?;
+        to.flush()?;
+        let trusted = match from.recv()? {
+            Msg::Resyncing {
+                generation: theirs,
+                synced,
+            } => synced && record_base == Some(theirs),
+            Msg::Failed { message } => return Err(LinkError::Refused(message)),
+            other => {
+                return Err(WireError::Malformed(format!("{other:?} instead of Resyncing")).into());
+            }
+        };
+        let started = Instant::now();
+        tracing::info!(
+            "resync with {} to generation {generation}: {}",
+            self.peer,
+            if trusted {
+                format!(
+                    "replica complete at the record's start, {} recorded path(s) compared by \
+                     checksum, the rest by size and mtime",
+                    record.len()
+                )
+            } else {
+                "every file compared by checksum".to_string()
+            }
+        );
+        progress.lock().expect("progress").full_check = !trusted;
+        let mut r = Resync::new(&mut to, &mut from, &self.backing, progress.clone());
+        r.full_pass(&record, !trusted)?;
+        let mut passes = 1;
+        // Later passes: what changed meanwhile, until little is left or enough passes ran.
+        loop {
+            passes += 1;
+            progress.lock().expect("progress").pass = passes;
+            let last = {
+                let g = self.lock();
+                g.record.len() <= 256 || passes >= 8
+            };
+            if last {
+                break;
+            }
+            let changed = std::mem::take(&mut self.lock().record);
+            r.record_pass(&changed)?;
+        }
+        // The last pass, with changes held at the door: then in sync on this session.
+        {
+            let mut g = self.lock();
+            g.gate_closed = true;
+            while g.busy > 0 {
+                g = self.shared.1.wait(g).expect("link state");
+            }
+        }
+        let changed = std::mem::take(&mut self.lock().record);
+        r.record_pass(&changed)?;
+        let barrier = {
+            let mut g = self.lock();
+            let b = g.next_barrier;
+            g.next_barrier += 1;
+            b
+        };
+        to.send(&Msg::InSync { generation })?;
+        to.send(&Msg::Sync { barrier })?;
+        to.flush()?;
+        match from.recv()? {
+            Msg::Ack { barrier: b } if b == barrier => {}
+            Msg::Failed { message } => return Err(LinkError::Refused(message)),
+            other => {
+                return Err(WireError::Malformed(format!("{other:?} instead of an ack")).into());
+            }
+        }
+        conn.set_read_timeout(None).ok();
+        let p = progress.lock().expect("progress").clone();
+        let report = ResyncReport {
+            full_check: !trusted,
+            passes,
+            bytes_sent: p.bytes_sent,
+            bytes_same: p.bytes_same,
+            operations: p.operations,
+            took: started.elapsed(),
+        };
+        tracing::info!(
+            "secondary {} in sync at generation {generation}: {} pass(es), {} bytes of file data \
+             sent, {} bytes found equal, {} operations, {:.1} s",
+            self.peer,
+            report.passes,
+            report.bytes_sent,
+            report.bytes_same,
+            report.operations,
+            report.took.as_secs_f64()
+        );
+        let session = {
+            let mut g = self.lock();
+            g.state = State::InSync;
+            g.acked = barrier;
+            g.unacked.clear();
+            g.unacked_bytes = 0;
+            g.record.clear();
+            g.session += 1;
+            g.stream = conn.try_clone().ok();
+            g.last_resync = Some(report);
+            g.gate_closed = false;
+            g.ops_sent += p.operations;
+            g.bytes_sent += p.bytes_sent;
+            self.shared.1.notify_all();
+            g.session
+        };
+        let l = self.clone();
+        std::thread::Builder::new()
+            .name("mirror-send".into())
+            .spawn(move || l.send_loop(to, session))
+            .expect("spawning a thread");
+        let l = self.clone();
+        std::thread::Builder::new()
+            .name("mirror-ack".into())
+            .spawn(move || l.ack_loop(from, session))
+            .expect("spawning a thread");
+        Ok(())
+    }
+
+    fn send_loop(self, mut to: wire::Framed<std::io::BufWriter<TcpStream>>, session: u64) {
         loop {
             let batch: Vec<Msg> = {
                 let mut g = self.lock();
-                while g.queue.is_empty() && g.state == State::InSync {
-                    g = self.shared.1.wait(g).expect("link state");
-                }
-                if g.state != State::InSync {
-                    return;
+                loop {
+                    if g.session != session || g.state != State::InSync {
+                        return;
+                    }
+                    if !g.queue.is_empty() {
+                        break;
+                    }
+                    // Changes without an fsync get a barrier of their own after a while.
+                    let pending = g.unacked.back().is_some_and(|(b, ..)| *b == g.next_barrier);
+                    if pending && g.last_barrier.elapsed() >= BARRIER_EVERY {
+                        let barrier = g.next_barrier;
+                        g.next_barrier += 1;
+                        g.last_barrier = Instant::now();
+                        g.queue.push_back(Msg::Sync { barrier });
+                        break;
+                    }
+                    g = self
+                        .shared
+                        .1
+                        .wait_timeout(g, BARRIER_EVERY)
+                        .expect("link state")
+                        .0;
                 }
                 g.queue.drain(..).collect()
             };
@@ -235,6 +688,9 @@ impl Link {
             });
             let result = result.and_then(|()| to.flush());
             let mut g = self.lock();
+            if g.session != session {
+                return;
+            }
             match result {
                 Ok(()) => {
                     g.ops_sent += ops;
@@ -242,21 +698,28 @@ impl Link {
                     g.queued_bytes = g.queued_bytes.saturating_sub(cost);
                 }
                 Err(e) => {
-                    Self::degrade(&mut g, format!("sending failed: {e}"));
+                    self.break_locked(&mut g, format!("sending failed: {e}"));
                     return;
                 }
             }
         }
     }
 
-    fn ack_loop(self, mut from: wire::Framed<BufReader<TcpStream>>) {
+    fn ack_loop(self, mut from: wire::Framed<BufReader<TcpStream>>, session: u64) {
         loop {
             let m = from.recv();
             let mut g = self.lock();
+            if g.session != session {
+                return;
+            }
             match m {
                 Ok(Msg::Ack { barrier }) => {
                     g.acked = g.acked.max(barrier);
                     let acked = g.acked;
+                    while g.unacked.front().is_some_and(|(b, ..)| *b <= acked) {
+                        let (_, _, _, n) = g.unacked.pop_front().expect("front");
+                        g.unacked_bytes = g.unacked_bytes.saturating_sub(n);
+                    }
                     let (ready, wait): (Vec<_>, Vec<_>) =
                         g.waiting.drain(..).partition(|(b, _)| *b <= acked);
                     g.waiting = wait;
@@ -266,22 +729,36 @@ impl Link {
                     }
                 }
                 Ok(Msg::Failed { message }) => {
-                    Self::degrade(&mut g, format!("the secondary could not apply: {message}"));
-                    self.shared.1.notify_all();
+                    self.break_locked(&mut g, format!("the secondary could not apply: {message}"));
                     return;
                 }
                 Ok(other) => {
-                    Self::degrade(&mut g, format!("unexpected message {other:?}"));
-                    self.shared.1.notify_all();
+                    self.break_locked(&mut g, format!("unexpected message {other:?}"));
                     return;
                 }
                 Err(e) => {
-                    Self::degrade(&mut g, format!("session lost: {e}"));
-                    self.shared.1.notify_all();
+                    self.break_locked(&mut g, format!("session lost: {e}"));
                     return;
                 }
             }
         }
+    }
+}
+
+/// Ends a session whose data has gone unacknowledged this long (a peer that vanished without a
+/// reset), instead of TCP's retransmissions for many minutes.
+fn set_user_timeout(conn: &TcpStream, t: Duration) {
+    use std::os::fd::AsRawFd as _;
+    let ms = t.as_millis() as libc::c_uint;
+    // SAFETY: setsockopt with a valid fd and a c_uint of the size given.
+    unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        );
     }
 }
 
@@ -294,182 +771,12 @@ fn queued_cost(m: &Msg) -> usize {
     }
 }
 
-/// What the initial copy sent.
-pub struct Copied {
-    pub entries: u64,
-    pub bytes: u64,
-}
-
-/// Sends operations that make an empty replica equal to `root` (contents, sparse holes,
-/// hard links, symlinks, owners, modes, times), after one that empties it.
-pub fn copy_tree(
-    root: &Path,
-    send: &mut dyn FnMut(Op) -> Result<(), WireError>,
-) -> Result<Copied, LinkError> {
-    let backing = |path: &Path| {
-        let p = path.display().to_string();
-        move |source| LinkError::Backing { path: p, source }
-    };
-    send(Op::Reset)?;
-    let mut copied = Copied {
-        entries: 0,
-        bytes: 0,
-    };
-    // (dev, ino) of files seen, for hard links.
-    let mut seen: std::collections::HashMap<(u64, u64), Vec<u8>> = Default::default();
-    // Directories get their times after their content.
-    let mut dir_times: Vec<(Vec<u8>, std::fs::Metadata)> = Vec::new();
-    let mut stack = vec![Vec::<u8>::new()];
-    while let Some(rel) = stack.pop() {
-        let dir = root.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&rel));
-        let mut entries: Vec<_> = std::fs::read_dir(&dir)
-            .map_err(backing(&dir))?
-            .collect::<Result<_, _>>()
-            .map_err(backing(&dir))?;
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let name = e.file_name();
-            let mut child = rel.clone();
-            if !child.is_empty() {
-                child.push(b'/');
-            }
-            child.extend_from_slice(name.as_encoded_bytes());
-            let path = e.path();
-            let m = std::fs::symlink_metadata(&path).map_err(backing(&path))?;
-            let ft = m.file_type();
-            copied.entries += 1;
-            if ft.is_dir() {
-                send(Op::Mkdir {
-                    path: child.clone(),
-                    mode: m.mode() & 0o7777,
-                })?;
-                stack.push(child.clone());
-                dir_times.push((child, m));
-                continue;
-            } else if ft.is_symlink() {
-                let target = std::fs::read_link(&path).map_err(backing(&path))?;
-                send(Op::Symlink {
-                    target: target.as_os_str().as_encoded_bytes().to_vec(),
-                    path: child.clone(),
-                })?;
-            } else if ft.is_file() {
-                if m.nlink() > 1 {
-                    if let Some(first) = seen.get(&(m.dev(), m.ino())) {
-                        send(Op::Link {
-                            from: first.clone(),
-                            to: child,
-                        })?;
-                        continue;
-                    }
-                    seen.insert((m.dev(), m.ino()), child.clone());
-                }
-                send(Op::Create {
-                    path: child.clone(),
-                    mode: m.mode() & 0o7777,
-                })?;
-                copied.bytes += copy_file(&path, &child, m.len(), send)?;
-            } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() || ft.is_socket()
-            {
-                send(Op::Mknod {
-                    path: child.clone(),
-                    mode: m.mode(),
-                    rdev: m.rdev(),
-                })?;
-            }
-            meta(&child, &m, send)?;
-        }
-    }
-    for (rel, m) in dir_times.into_iter().rev() {
-        meta(&rel, &m, send)?;
-    }
-    let root_meta = std::fs::metadata(root).map_err(backing(root))?;
-    meta(&[], &root_meta, send)?;
-    Ok(copied)
-}
-
-/// Owner, mode (not for symlinks) and times.
-fn meta(
-    rel: &[u8],
-    m: &std::fs::Metadata,
-    send: &mut dyn FnMut(Op) -> Result<(), WireError>,
-) -> Result<(), WireError> {
-    send(Op::Chown {
-        path: rel.to_vec(),
-        uid: Some(m.uid()),
-        gid: Some(m.gid()),
-    })?;
-    if !m.file_type().is_symlink() {
-        send(Op::Chmod {
-            path: rel.to_vec(),
-            mode: m.mode() & 0o7777,
-        })?;
-    }
-    send(Op::Times {
-        path: rel.to_vec(),
-        atime: Some((m.atime(), m.atime_nsec() as u32)),
-        mtime: Some((m.mtime(), m.mtime_nsec() as u32)),
-    })
-}
-
-/// The data regions of a file (SEEK_DATA/SEEK_HOLE), as writes; then its size.
-fn copy_file(
-    path: &Path,
-    rel: &[u8],
-    size: u64,
-    send: &mut dyn FnMut(Op) -> Result<(), WireError>,
-) -> Result<u64, LinkError> {
-    use std::os::fd::AsRawFd as _;
-    use std::os::unix::fs::FileExt as _;
-    let p = path.display().to_string();
-    let err = |source| LinkError::Backing {
-        path: p.clone(),
-        source,
-    };
-    let f = std::fs::File::open(path).map_err(err)?;
-    let mut bytes = 0;
-    let mut pos: u64 = 0;
-    const CHUNK: u64 = 512 << 10;
-    while pos < size {
-        // SAFETY: valid fd.
-        let data = unsafe { libc::lseek(f.as_raw_fd(), pos as i64, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: only a hole is left
-        }
-        // SAFETY: valid fd.
-        let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
-        let end = if hole < 0 {
-            size
-        } else {
-            (hole as u64).min(size)
-        };
-        let mut at = data as u64;
-        while at < end {
-            let n = (end - at).min(CHUNK) as usize;
-            let mut buf = vec![0u8; n];
-            f.read_exact_at(&mut buf, at).map_err(err)?;
-            send(Op::Write {
-                path: rel.to_vec(),
-                offset: at,
-                data: buf,
-            })?;
-            bytes += n as u64;
-            at += n as u64;
-        }
-        pos = end;
-    }
-    send(Op::Truncate {
-        path: rel.to_vec(),
-        size,
-    })?;
-    Ok(bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
-    use crate::{replica, tree};
+    use crate::{replica, state::StateFile, tree};
 
     fn tmp(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("farm-link-{name}-{}", std::process::id()));
@@ -489,22 +796,113 @@ mod tests {
         std::fs::set_permissions(d.join("db/base"), std::fs::Permissions::from_mode(0o700))
             .unwrap();
         std::fs::write(d.join("empty"), b"").unwrap();
+        std::fs::write(d.join("big"), vec![7u8; 4 << 20]).unwrap();
+    }
+
+    fn equal(a: &Path, b: &Path) {
+        let diff = tree::differences(&tree::digest(a).unwrap(), &tree::digest(b).unwrap());
+        assert!(diff.is_empty(), "{diff:#?}");
+    }
+
+    fn server(dst: &Path, key: [u8; 32]) -> (replica::Server, SocketAddr) {
+        let r = replica::Replica::open(dst).unwrap();
+        let st = Arc::new(StateFile::in_memory(Default::default()));
+        let s = replica::Server::start("127.0.0.1:0".parse().unwrap(), r, st, &key).unwrap();
+        let addr = s.listen;
+        (s, addr)
+    }
+
+    fn opts(record_base: Option<u64>) -> Options {
+        Options {
+            max_queued_bytes: 64 << 20,
+            auto_degrade: true,
+            generation: 1,
+            record_base,
+        }
     }
 
     #[test]
-    fn the_initial_copy_makes_the_replica_equal() {
+    fn a_resync_fills_an_empty_replica_and_then_sends_only_what_changed() {
         let (src, dst) = (tmp("src"), tmp("dst"));
         sample(&src);
         std::fs::write(dst.join("stale"), b"left from before").unwrap();
-        let r = replica::Replica::open(&dst).unwrap();
-        let copied = copy_tree(&src, &mut |op| {
-            r.apply(&op)
-                .map_err(|e| WireError::Malformed(e.to_string()))
-        })
-        .expect("copy");
-        let diff = tree::differences(&tree::digest(&src).unwrap(), &tree::digest(&dst).unwrap());
-        assert!(diff.is_empty(), "{diff:#?}");
-        assert_eq!(copied.bytes, 100_000 + 4, "the hole is not sent");
+        let key = [9u8; 32];
+        let (_server, addr) = server(&dst, key);
+        let link = Link::start(addr, &key, &src, opts(None));
+        assert!(
+            link.wait_in_sync(Duration::from_secs(20)),
+            "{:?}",
+            link.status()
+        );
+        equal(&src, &dst);
+        let first = link.status().last_resync.expect("report");
+        assert_eq!(
+            first.bytes_sent,
+            100_000 + 4 + (4 << 20),
+            "holes are not sent"
+        );
+
+        // The session breaks; one block of the big file changes meanwhile (recorded), and a
+        // file goes away.
+        link.fail("test: cut".into());
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(src.join("big"))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"changed", 1 << 20).unwrap();
+        link.op(Op::Write {
+            path: b"big".to_vec(),
+            offset: 1 << 20,
+            data: b"changed".to_vec(),
+        });
+        std::fs::remove_file(src.join("empty")).unwrap();
+        link.op(Op::Unlink {
+            path: b"empty".to_vec(),
+        });
+        assert!(
+            link.wait_in_sync(Duration::from_secs(20)),
+            "{:?}",
+            link.status()
+        );
+        equal(&src, &dst);
+        let second = link.status().last_resync.expect("report");
+        assert!(!second.full_check, "the record is trusted: {second:?}");
+        assert_eq!(second.bytes_sent, 64 << 10, "one block: {second:?}");
+        let _ = std::fs::remove_dir_all(&src);
+        let _ = std::fs::remove_dir_all(&dst);
+    }
+
+    #[test]
+    fn without_a_record_every_file_is_compared_by_checksum() {
+        let (src, dst) = (tmp("csrc"), tmp("cdst"));
+        sample(&src);
+        let key = [8u8; 32];
+        let (server1, addr) = server(&dst, key);
+        let link = Link::start(addr, &key, &src, opts(None));
+        assert!(
+            link.wait_in_sync(Duration::from_secs(20)),
+            "{:?}",
+            link.status()
+        );
+        link.stop(Duration::from_secs(5));
+        drop(server1);
+        // The replica is altered behind the primary's back, keeping size and mtime.
+        let p = dst.join("big");
+        let m = std::fs::metadata(&p).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"rot", 3 << 20).unwrap();
+        f.set_modified(m.modified().unwrap()).unwrap();
+        let (_server2, addr) = server(&dst, key);
+        let link = Link::start(addr, &key, &src, opts(None));
+        assert!(
+            link.wait_in_sync(Duration::from_secs(20)),
+            "{:?}",
+            link.status()
+        );
+        equal(&src, &dst);
+        let r = link.status().last_resync.expect("report");
+        assert!(r.full_check);
+        assert_eq!(r.bytes_sent, 64 << 10, "{r:?}");
         let _ = std::fs::remove_dir_all(&src);
         let _ = std::fs::remove_dir_all(&dst);
     }
@@ -513,15 +911,14 @@ mod tests {
     fn a_sync_returns_once_the_secondary_has_the_data() {
         let (src, dst) = (tmp("lsrc"), tmp("ldst"));
         sample(&src);
-        let key = [9u8; 32];
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let d2 = dst.clone();
-        std::thread::spawn(move || {
-            let r = replica::Replica::open(&d2).unwrap();
-            replica::serve_on(&l, &r, &key);
-        });
-        let link = Link::establish(addr, &key, &src, 64 << 20).expect("link");
+        let key = [7u8; 32];
+        let (_server, addr) = server(&dst, key);
+        let link = Link::start(addr, &key, &src, opts(None));
+        assert!(
+            link.wait_in_sync(Duration::from_secs(20)),
+            "{:?}",
+            link.status()
+        );
         link.op(Op::Write {
             path: b"db/base/1".to_vec(),
             offset: 0,
@@ -535,6 +932,45 @@ mod tests {
             b"changed"
         );
         assert_eq!(link.status().state, State::InSync);
+        let _ = std::fs::remove_dir_all(&src);
+        let _ = std::fs::remove_dir_all(&dst);
+    }
+
+    #[test]
+    fn a_broken_link_holds_syncs_until_told_to_go_on_alone() {
+        let (src, dst) = (tmp("bsrc"), tmp("bdst"));
+        sample(&src);
+        let key = [6u8; 32];
+        let (_server, addr) = server(&dst, key);
+        let link = Link::start(
+            addr,
+            &key,
+            &src,
+            Options {
+                auto_degrade: false,
+                ..opts(None)
+            },
+        );
+        assert!(
+            link.wait_in_sync(Duration::from_secs(20)),
+            "{:?}",
+            link.status()
+        );
+        link.fail("test: cut".into());
+        assert!(matches!(link.status().state, State::Broken(_)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        link.sync(Box::new(move |ok| tx.send(ok).unwrap()));
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "a sync completed while nobody decided"
+        );
+        link.degrade("test: decided", 2);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(false));
+        assert!(
+            link.wait_in_sync(Duration::from_secs(20)),
+            "resynced afterwards"
+        );
+        assert_eq!(link.status().generation, 2);
         let _ = std::fs::remove_dir_all(&src);
         let _ = std::fs::remove_dir_all(&dst);
     }

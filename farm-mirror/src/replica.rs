@@ -13,7 +13,44 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::wire::{self, Msg, Op, WireError};
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
+
+use crate::{
+    state::{StateError, StateFile},
+    wire::{self, Entry, Kind, Msg, Op, WireError},
+};
+
+/// How a replica entry is described to the primary.
+fn describe(
+    path: Vec<u8>,
+    m: &std::fs::Metadata,
+    full: impl FnOnce() -> PathBuf,
+) -> Result<Entry, ReplicaError> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let ft = m.file_type();
+    let kind = if ft.is_dir() {
+        Kind::Dir
+    } else if ft.is_file() {
+        Kind::File
+    } else if ft.is_symlink() {
+        let target = std::fs::read_link(full()).map_err(Replica::os("reading the link", &path))?;
+        Kind::Symlink(target.into_os_string().into_vec())
+    } else if ft.is_fifo() || ft.is_socket() || ft.is_char_device() || ft.is_block_device() {
+        Kind::Other { rdev: m.rdev() }
+    } else {
+        Kind::Other { rdev: 0 }
+    };
+    Ok(Entry {
+        path,
+        kind,
+        mode: m.mode(),
+        uid: m.uid(),
+        gid: m.gid(),
+        size: m.len(),
+        mtime: (m.mtime(), m.mtime_nsec() as u32),
+        ino: m.ino(),
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -29,6 +66,8 @@ pub enum ReplicaError {
     Root(PathBuf, io::Error),
     #[error(transparent)]
     Wire(#[from] WireError),
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 fn check(r: libc::c_int) -> io::Result<()> {
@@ -302,7 +341,101 @@ impl Replica {
                 check(unsafe { libc::fallocate(f.as_raw_fd(), *mode, *offset as i64, *len as i64) })
                     .map_err(Self::os("fallocate", path))
             }
+            Op::RemoveAll { path } => self.remove_all(path),
         }
+    }
+
+    /// Removes an entry of any kind; a directory with its content (std's remove_dir_all does
+    /// not follow symlinks), reached through its parent's descriptor.
+    fn remove_all(&self, rel: &[u8]) -> Result<(), ReplicaError> {
+        let r = self.resolve(rel)?;
+        let m = match self.stat_at(&r) {
+            Ok(m) => m,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(Self::os("removing", rel)(e)),
+        };
+        if m.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            let p = PathBuf::from(format!("/proc/self/fd/{}", r.parent.as_raw_fd()))
+                .join(std::ffi::OsStr::from_bytes(r.name.as_bytes()));
+            std::fs::remove_dir_all(p).map_err(Self::os("removing", rel))
+        } else {
+            self.unlink(rel, 0)
+        }
+    }
+
+    fn stat_at(&self, r: &Resolved) -> io::Result<libc::stat> {
+        // SAFETY: stat is plain data, filled by fstatat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd, C string and stat buffer.
+        check(unsafe {
+            libc::fstatat(
+                r.parent.as_raw_fd(),
+                r.name.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })?;
+        Ok(st)
+    }
+
+    /// Every entry of the replica (for a resync), parents before children.
+    pub fn list(&self) -> Result<Vec<Entry>, ReplicaError> {
+        let mut out = Vec::new();
+        let mut stack = vec![Vec::<u8>::new()];
+        while let Some(rel) = stack.pop() {
+            let dir = self.dir.join(std::ffi::OsStr::from_bytes(&rel));
+            let read = std::fs::read_dir(&dir).map_err(Self::os("listing", &rel))?;
+            for e in read {
+                let e = e.map_err(Self::os("listing", &rel))?;
+                let child = crate::resync::join(&rel, e.file_name().as_bytes());
+                let m = e.metadata().map_err(Self::os("listing", &child))?;
+                let entry = describe(child.clone(), &m, || e.path())?;
+                if entry.kind == Kind::Dir {
+                    stack.push(child);
+                }
+                out.push(entry);
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    /// One entry and, for a regular file, the checksums of its blocks.
+    pub fn probe(&self, rel: &[u8]) -> Result<Msg, ReplicaError> {
+        let none = || Msg::Probed {
+            path: rel.to_vec(),
+            entry: None,
+            block_size: 0,
+            blocks: Vec::new(),
+        };
+        let r = self.resolve(rel)?;
+        match self.stat_at(&r) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(none()),
+            Err(e) => return Err(Self::os("probing", rel)(e)),
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {}
+            Ok(_) => {
+                let p = self.dir.join(std::ffi::OsStr::from_bytes(rel));
+                let m = std::fs::symlink_metadata(&p).map_err(Self::os("probing", rel))?;
+                return Ok(Msg::Probed {
+                    path: rel.to_vec(),
+                    entry: Some(describe(rel.to_vec(), &m, || p.clone())?),
+                    block_size: 0,
+                    blocks: Vec::new(),
+                });
+            }
+        }
+        let f = self.open_file(rel, libc::O_RDONLY)?;
+        let m = f.metadata().map_err(Self::os("probing", rel))?;
+        let entry = describe(rel.to_vec(), &m, PathBuf::new)?;
+        let bs = crate::resync::block_size(m.len());
+        let blocks =
+            crate::resync::hash_blocks(&f, m.len(), bs).map_err(Self::os("reading", rel))?;
+        Ok(Msg::Probed {
+            path: rel.to_vec(),
+            entry: Some(entry),
+            block_size: bs,
+            blocks,
+        })
     }
 
     fn chmod_root(&self, mode: u32) -> libc::c_int {
@@ -345,55 +478,229 @@ impl Replica {
     }
 }
 
-/// Serves one primary at a time on `listen`, forever: applies its operations, acknowledges its
-/// barriers once durable. A session that fails (network, authentication, an operation that
-/// cannot be applied) is logged and ended; the primary reconnects.
-pub fn serve(listen: SocketAddr, replica: &Replica, key: &[u8; 32]) -> Result<(), ReplicaError> {
-    let l = TcpListener::bind(listen).map_err(|e| ReplicaError::Os {
-        what: "listening on",
-        path: listen.to_string(),
-        source: e,
-    })?;
-    tracing::info!(
-        "secondary: replica {} listening on {listen}",
-        replica.dir().display()
-    );
-    serve_on(&l, replica, key);
-    Ok(())
+/// What the secondary's server shows (farmctl mirror status).
+#[derive(Debug, Clone, Default)]
+pub struct ServerStatus {
+    /// The primary connected now, if any.
+    pub primary: Option<String>,
+    /// Whether a resync is running (the replica is incomplete until it ends).
+    pub resyncing: bool,
+    pub ops_applied: u64,
+    pub bytes_applied: u64,
+    pub syncs_acknowledged: u64,
+    pub sessions: u64,
 }
 
-/// Serves the primaries that connect to `l`, one at a time, forever.
-pub fn serve_on(l: &TcpListener, replica: &Replica, key: &[u8; 32]) {
-    for conn in l.incoming() {
-        let Ok(conn) = conn else { continue };
-        let peer = conn.peer_addr().map_or("?".into(), |a| a.to_string());
-        match session(conn, replica, key) {
-            Ok(()) => tracing::info!("primary {peer} closed the session"),
-            Err(e) => tracing::warn!("session with {peer} ended: {e}"),
+struct Shared {
+    replica: Replica,
+    state: std::sync::Arc<StateFile>,
+    key: [u8; 32],
+    /// The session allowed to apply (a newer authenticated session ends an older one: a
+    /// primary that lost its connection without a reset reconnects at once).
+    current: std::sync::Mutex<(u64, Option<TcpStream>)>,
+    /// Held while applying: one session at a time touches the replica.
+    apply: std::sync::Mutex<()>,
+    status: std::sync::Mutex<ServerStatus>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// The secondary's replication server: accepts the primary's sessions on a listening socket
+/// until stopped.
+pub struct Server {
+    shared: std::sync::Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub listen: SocketAddr,
+}
+
+impl Server {
+    /// Listens on `listen` and serves primaries for `replica` until `stop`. `state` records
+    /// whether the replica is complete.
+    pub fn start(
+        listen: SocketAddr,
+        replica: Replica,
+        state: std::sync::Arc<StateFile>,
+        key: &[u8; 32],
+    ) -> Result<Self, ReplicaError> {
+        let l = bind(listen)?;
+        let listen = l.local_addr().unwrap_or(listen);
+        l.set_nonblocking(true).map_err(|e| ReplicaError::Os {
+            what: "listening on",
+            path: listen.to_string(),
+            source: e,
+        })?;
+        tracing::info!(
+            "secondary: replica {} listening on {listen}",
+            replica.dir().display()
+        );
+        let shared = std::sync::Arc::new(Shared {
+            replica,
+            state,
+            key: *key,
+            current: std::sync::Mutex::new((0, None)),
+            apply: std::sync::Mutex::new(()),
+            status: Default::default(),
+            stop: Default::default(),
+        });
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("mirror-listen".into())
+            .spawn(move || accept_loop(&l, &sh))
+            .expect("spawning a thread");
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+            listen,
+        })
+    }
+
+    pub fn status(&self) -> ServerStatus {
+        self.shared.status.lock().expect("status").clone()
+    }
+
+    /// Stops listening and ends the current session; returns once nothing applies any more.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.shared
+            .stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(s) = self.shared.current.lock().expect("current").1.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // An operation being applied finishes before this returns.
+        drop(self.shared.apply.lock());
     }
 }
 
-fn session(conn: TcpStream, replica: &Replica, key: &[u8; 32]) -> Result<(), ReplicaError> {
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn bind(listen: SocketAddr) -> Result<TcpListener, ReplicaError> {
+    TcpListener::bind(listen).map_err(|e| ReplicaError::Os {
+        what: "listening on",
+        path: listen.to_string(),
+        source: e,
+    })
+}
+
+/// Serves one primary at a time on `listen`, forever (the standalone tool): applies its
+/// operations, acknowledges its barriers once durable.
+pub fn serve(listen: SocketAddr, replica: Replica, key: &[u8; 32]) -> Result<(), ReplicaError> {
+    let _server = Server::start(
+        listen,
+        replica,
+        std::sync::Arc::new(StateFile::in_memory(Default::default())),
+        key,
+    )?;
+    loop {
+        std::thread::park();
+    }
+}
+
+fn accept_loop(l: &TcpListener, sh: &std::sync::Arc<Shared>) {
+    use std::sync::atomic::Ordering;
+    while !sh.stop.load(Ordering::SeqCst) {
+        let conn = match l.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let sh = sh.clone();
+        let _ = std::thread::Builder::new()
+            .name("mirror-session".into())
+            .spawn(move || {
+                let peer = conn.peer_addr().map_or("?".into(), |a| a.to_string());
+                match session(conn, &sh, &peer) {
+                    Ok(()) => tracing::info!("primary {peer} closed the session"),
+                    Err(e) => tracing::warn!("session with {peer} ended: {e}"),
+                }
+            });
+    }
+}
+
+fn session(conn: TcpStream, sh: &Shared, peer: &str) -> Result<(), ReplicaError> {
+    use std::sync::atomic::Ordering;
     conn.set_nodelay(true).ok();
+    conn.set_nonblocking(false).ok();
+    // The handshake is bounded; an established session waits as long as the primary is quiet.
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok();
     let reader =
         std::io::BufReader::with_capacity(1 << 20, conn.try_clone().map_err(WireError::Io)?);
-    let (mut from, mut to) = wire::accept(reader, conn, key)?;
-    tracing::info!("primary connected");
+    let writer =
+        std::io::BufWriter::with_capacity(1 << 20, conn.try_clone().map_err(WireError::Io)?);
+    let (mut from, mut to) = wire::accept(reader, writer, &sh.key)?;
+    conn.set_read_timeout(None).ok();
+    let me = {
+        let mut cur = sh.current.lock().expect("current");
+        if sh.stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if let Some(old) = cur.1.take() {
+            tracing::info!("a new session from {peer} replaces the previous one");
+            let _ = old.shutdown(std::net::Shutdown::Both);
+        }
+        cur.0 += 1;
+        cur.1 = conn.try_clone().ok();
+        cur.0
+    };
+    {
+        let mut st = sh.status.lock().expect("status");
+        st.primary = Some(peer.to_string());
+        st.sessions += 1;
+    }
+    tracing::info!("primary {peer} connected");
+    let result = serve_session(sh, me, &mut from, &mut to);
+    let mut st = sh.status.lock().expect("status");
+    if sh.current.lock().expect("current").0 == me {
+        st.primary = None;
+        st.resyncing = false;
+    }
+    result
+}
+
+fn serve_session(
+    sh: &Shared,
+    me: u64,
+    from: &mut wire::Framed<std::io::BufReader<TcpStream>>,
+    to: &mut wire::Framed<std::io::BufWriter<TcpStream>>,
+) -> Result<(), ReplicaError> {
+    let replica = &sh.replica;
+    // Set by InSync: the generation the replica is complete at once the next barrier is durable.
+    let mut completes: Option<u64> = None;
     loop {
         let m = match from.recv() {
             Ok(m) => m,
             Err(WireError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e.into()),
         };
+        let _applying = sh.apply.lock().expect("apply");
+        if sh.current.lock().expect("current").0 != me {
+            return Ok(()); // replaced by a newer session
+        }
         match m {
             Msg::Op(op) => {
                 if let Err(e) = replica.apply(&op) {
                     let _ = to.send(&Msg::Failed {
                         message: e.to_string(),
                     });
+                    let _ = to.flush();
                     return Err(e);
                 }
+                let mut st = sh.status.lock().expect("status");
+                st.ops_applied += 1;
+                st.bytes_applied += op.data_len() as u64;
             }
             Msg::Sync { barrier } => {
                 replica.sync().map_err(|e| ReplicaError::Os {
@@ -401,15 +708,68 @@ fn session(conn: TcpStream, replica: &Replica, key: &[u8; 32]) -> Result<(), Rep
                     path: replica.dir().display().to_string(),
                     source: e,
                 })?;
+                if let Some(generation) = completes.take() {
+                    sh.state.update(|f| {
+                        f.generation = generation;
+                        f.synced = true;
+                        f.seen = f.seen.max(generation);
+                    })?;
+                    sh.status.lock().expect("status").resyncing = false;
+                    tracing::info!("replica in sync (generation {generation})");
+                }
                 to.send(&Msg::Ack { barrier })?;
                 to.flush()?;
+                sh.status.lock().expect("status").syncs_acknowledged += 1;
             }
-            Msg::Ack { .. } | Msg::Failed { .. } => {
+            Msg::Resync { generation } => {
+                let before = sh.state.get();
+                // Incomplete from the first change on, durably, before anything is applied.
+                sh.state.update(|f| f.synced = false)?;
+                sh.status.lock().expect("status").resyncing = true;
+                tracing::info!(
+                    "resync to generation {generation} begins (replica was generation {}, {})",
+                    before.generation,
+                    if before.synced {
+                        "complete"
+                    } else {
+                        "incomplete"
+                    }
+                );
+                to.send(&Msg::Resyncing {
+                    generation: before.generation,
+                    synced: before.synced,
+                })?;
+                to.flush()?;
+            }
+            Msg::List => {
+                for e in replica.list()? {
+                    to.send(&Msg::Entry(e))?;
+                }
+                to.send(&Msg::EntriesEnd)?;
+                to.flush()?;
+            }
+            Msg::Probe { path } => {
+                to.send(&replica.probe(&path)?)?;
+                to.flush()?;
+            }
+            Msg::InSync { generation } => completes = Some(generation),
+            other => {
                 return Err(
-                    WireError::Malformed("a primary's message from the primary".into()).into(),
+                    WireError::Malformed(format!("{} from the primary", msg_name(&other))).into(),
                 );
             }
         }
+    }
+}
+
+fn msg_name(m: &Msg) -> &'static str {
+    match m {
+        Msg::Ack { .. } => "an acknowledgement",
+        Msg::Failed { .. } => "a failure report",
+        Msg::Resyncing { .. } | Msg::Entry(_) | Msg::EntriesEnd | Msg::Probed { .. } => {
+            "a secondary's answer"
+        }
+        _ => "a message",
     }
 }
 

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 const MAGIC: [u8; 4] = *b"FRMM";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const TAG: usize = 16;
 /// The largest frame accepted (a write of up to 1 MiB plus its path).
 pub const MAX_FRAME: usize = 2 << 20;
@@ -113,6 +113,10 @@ pub enum Op {
         offset: u64,
         len: u64,
     },
+    /// Remove an entry whatever it is, a directory with everything in it (resync).
+    RemoveAll {
+        path: RelPath,
+    },
 }
 
 impl Op {
@@ -123,6 +127,54 @@ impl Op {
             _ => 0,
         }
     }
+
+    /// The paths it changes (for the change record while the replica is out of sync).
+    pub fn paths(&self) -> [Option<&RelPath>; 2] {
+        match self {
+            Op::Reset => [None, None],
+            Op::Rename { from, to, .. } | Op::Link { from, to } => [Some(from), Some(to)],
+            Op::Write { path, .. }
+            | Op::Truncate { path, .. }
+            | Op::Create { path, .. }
+            | Op::Mkdir { path, .. }
+            | Op::Mknod { path, .. }
+            | Op::Unlink { path }
+            | Op::Rmdir { path }
+            | Op::Symlink { path, .. }
+            | Op::Chmod { path, .. }
+            | Op::Chown { path, .. }
+            | Op::Times { path, .. }
+            | Op::Fallocate { path, .. }
+            | Op::RemoveAll { path } => [Some(path), None],
+        }
+    }
+}
+
+/// What an entry of the replica is (resync compares it with the primary's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A FIFO, socket or device node.
+    Other {
+        rdev: u64,
+    },
+}
+
+/// An entry of the replica as the secondary describes it during a resync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub path: RelPath,
+    pub kind: Kind,
+    /// Permission bits and file type bits (st_mode).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: (i64, u32),
+    /// The replica's inode number (hard links share one).
+    pub ino: u64,
 }
 
 /// A message of a session.
@@ -131,11 +183,48 @@ pub enum Msg {
     /// Primary to secondary: apply.
     Op(Op),
     /// Primary to secondary: make everything sent so far durable, then acknowledge.
-    Sync { barrier: u64 },
+    Sync {
+        barrier: u64,
+    },
     /// Secondary to primary: everything up to this barrier is durable here.
-    Ack { barrier: u64 },
+    Ack {
+        barrier: u64,
+    },
     /// Secondary to primary: an operation could not be applied; the replica is out of sync.
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
+    /// Primary to secondary: a resync of generation `generation` begins; the replica is out of
+    /// sync until it ends (answered with `Resyncing`).
+    Resync {
+        generation: u64,
+    },
+    /// Secondary to primary: the replica's state before the resync began.
+    Resyncing {
+        generation: u64,
+        synced: bool,
+    },
+    /// Primary to secondary: describe every entry (answered with `Entry`s, then `EntriesEnd`).
+    List,
+    Entry(Entry),
+    EntriesEnd,
+    /// Primary to secondary: describe one entry and, for a file, the checksums of its blocks
+    /// (answered with `Probed`).
+    Probe {
+        path: RelPath,
+    },
+    Probed {
+        path: RelPath,
+        entry: Option<Entry>,
+        block_size: u64,
+        /// Truncated SHA-256 of each block (the last one may be short).
+        blocks: Vec<[u8; 16]>,
+    },
+    /// Primary to secondary: with the next barrier the replica is in sync at `generation`
+    /// (recorded durably before that barrier is acknowledged).
+    InSync {
+        generation: u64,
+    },
 }
 
 type HmacSha256 = Hmac<Sha256>;

@@ -7,15 +7,17 @@ use clap::{Parser, Subcommand};
 use farm_daemon::secret::Secret;
 use farm_mirror::{
     fs::MirrorFs,
-    link::Link,
+    link::{Link, Options},
     replica::{self, Replica},
 };
 
-/// farm-mirror - synchronous replication of a directory from the primary to the secondary.
+/// farm-mirror - synchronous replication of a directory from the primary to the secondary,
+/// by hand.
 ///
 /// The secondary keeps a replica directory up to date with what the primary's application
 /// writes, and makes it durable before the primary's fsync returns. Sessions are authenticated
-/// with the farm's cluster key.
+/// with the farm's cluster key. farmd runs the same replication itself for a `[mirror]` group
+/// (roles, failover, resync); this tool is for trying it out and for measurements.
 #[derive(Parser, Debug)]
 #[command(
     version,
@@ -121,8 +123,28 @@ fn primary(
     let backing = backing
         .canonicalize()
         .with_context(|| format!("backing directory {}", backing.display()))?;
-    let link = Link::establish(peer, key, &backing, max_in_flight_mib << 20)
-        .context("bringing the secondary in sync")?;
+    let link = Link::start(
+        peer,
+        key,
+        &backing,
+        Options {
+            max_queued_bytes: max_in_flight_mib << 20,
+            auto_degrade: true,
+            generation: 0,
+            record_base: None,
+        },
+    );
+    // The replica is brought in sync before the application is let in.
+    while !link.wait_in_sync(std::time::Duration::from_secs(10)) {
+        let st = link.status();
+        tracing::info!(
+            "waiting for the secondary {peer} to be in sync ({}{})",
+            st.state.name(),
+            st.resync_error
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+    }
     let fs = MirrorFs::new(&backing, link);
     let options = [
         fuser::MountOption::FSName("farm-mirror".into()),
@@ -146,5 +168,5 @@ fn primary(
 
 fn secondary(dir: &std::path::Path, listen: SocketAddr, key: &[u8; 32]) -> anyhow::Result<()> {
     let r = Replica::open(dir)?;
-    replica::serve(listen, &r, key).context("serving the primary")
+    replica::serve(listen, r, key).context("serving the primary")
 }
