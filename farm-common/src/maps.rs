@@ -252,7 +252,20 @@ pub struct VipInfo {
     pub nrules: u8,
     /// Index of the VIP in the configuration (for counters and logs).
     pub index: u8,
-    pub _reserved: [u8; 6],
+    /// A mirror group's VIP: whole on its primary, on no other node (see `mirror`); 0 for a
+    /// farm VIP, split by buckets.
+    pub mirror: u8,
+    pub _reserved: [u8; 5],
+}
+
+/// Values of `VipInfo::mirror`.
+pub mod mirror {
+    /// A farm VIP: bucket by bucket.
+    pub const FARM: u8 = 0;
+    /// This node is the mirror group's primary: every frame for the VIP is taken.
+    pub const PRIMARY: u8 = 1;
+    /// Another node is (or none is): every frame for the VIP is dropped.
+    pub const NOT_PRIMARY: u8 = 2;
 }
 
 impl VipInfo {
@@ -312,6 +325,9 @@ pub mod stat {
     pub const ERR_ICMP_INNER: u32 = 23;
     pub const ERR_ARP: u32 = 24;
     pub const ERR_NDP: u32 = 25;
+    /// Frames for a mirror group's VIP taken by this node (its primary) / dropped (not primary).
+    pub const MIRROR_ACCEPTED: u32 = 26;
+    pub const MIRROR_DROPPED: u32 = 27;
     pub const COUNT: u32 = 32;
 
     /// Names for display, indexed like the constants (empty = unused slot).
@@ -342,8 +358,8 @@ pub mod stat {
         "err_icmp_inner",
         "err_arp",
         "err_ndp",
-        "",
-        "",
+        "mirror_accepted",
+        "mirror_dropped",
         "",
         "",
         "",

@@ -75,6 +75,8 @@ pub struct Cluster {
     pub events: Vec<Event>,
     /// The recovery drill this node runs, announced in its heartbeats: (id, member index).
     pub drill: Option<(u32, u8)>,
+    /// This node's mirror group state, announced in every heartbeat.
+    pub mirror: crate::heartbeat::MirrorBeat,
     /// Sends nothing (this node plays a crashed member in a peer's drill).
     pub silent: bool,
     /// Per peer, per network: the (incarnation, sequence) last accepted (for the lost count).
@@ -169,6 +171,7 @@ impl Cluster {
                 counters,
                 events: Vec::new(),
                 drill: None,
+                mirror: Default::default(),
                 silent: false,
                 last_seq: vec![vec![None; networks]; cfg.members.len()],
             },
@@ -198,6 +201,7 @@ impl Cluster {
                 handed_over: a.handed_over,
                 released: a.released,
                 drill: self.drill,
+                mirror: self.mirror,
             };
             let bytes = heartbeat::encode(&self.key, &hb);
             for (i, addrs) in self.peer_addrs.iter().enumerate() {

@@ -3,6 +3,7 @@
 //! them at once, before anything on the host is touched.
 
 use std::{
+    collections::BTreeMap,
     collections::HashSet,
     fmt,
     net::IpAddr,
@@ -82,6 +83,95 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     drill: RawDrill,
+    mirror: Option<RawMirror>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMirror {
+    members: Vec<String>,
+    vip: String,
+    directory: PathBuf,
+    backing: PathBuf,
+    #[serde(default = "default_mirror_port")]
+    port: u16,
+    #[serde(default)]
+    addresses: std::collections::BTreeMap<String, String>,
+    #[serde(default = "default_failover_after_ms")]
+    failover_after_ms: u64,
+    preferred: Option<String>,
+    #[serde(default = "default_failback")]
+    failback: String,
+    #[serde(default = "default_max_in_flight_mib")]
+    max_in_flight_mib: usize,
+    #[serde(default = "default_command_timeout_s")]
+    command_timeout_s: u64,
+    start_primary: String,
+    stop_primary: String,
+    #[serde(default)]
+    start_secondary: Option<String>,
+    #[serde(default)]
+    stop_secondary: Option<String>,
+}
+
+fn default_mirror_port() -> u16 {
+    7948
+}
+fn default_failover_after_ms() -> u64 {
+    3000
+}
+fn default_failback() -> String {
+    "stay".into()
+}
+fn default_max_in_flight_mib() -> usize {
+    256
+}
+fn default_command_timeout_s() -> u64 {
+    120
+}
+
+/// What happens once the preferred node is back in sync after a failover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Failback {
+    /// The new primary keeps the role (no second interruption).
+    Stay,
+    /// The role returns to `preferred` by a planned swap once it is in sync.
+    Preferred,
+}
+
+/// A mirror group (`[mirror]`): two members, one primary holding the whole VIP and the
+/// application, its directory replicated synchronously to the other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mirror {
+    /// Indices (in `members`) of the two members, in the order written.
+    pub members: [usize; 2],
+    pub vip: IpAddr,
+    /// Where the application sees its data (mounted on the primary).
+    pub directory: PathBuf,
+    /// The local copy on each member (the data on the primary, the replica on the secondary).
+    pub backing: PathBuf,
+    /// Replication address of each member (by member index), with `port`.
+    pub addresses: BTreeMap<usize, IpAddr>,
+    pub port: u16,
+    /// The primary silent this long: the secondary takes over.
+    pub failover_after: Duration,
+    /// Index (in `members`) of the preferred primary.
+    pub preferred: usize,
+    pub failback: Failback,
+    pub max_in_flight_bytes: usize,
+    pub command_timeout: Duration,
+    pub start_primary: String,
+    pub stop_primary: String,
+    pub start_secondary: Option<String>,
+    pub stop_secondary: Option<String>,
+}
+
+impl Mirror {
+    /// The replication address of member `i`.
+    pub fn address(&self, i: usize) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.addresses[&i], self.port)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -555,6 +645,8 @@ pub struct Config {
     /// Export per-bucket series too (65536 of each).
     pub metrics_per_bucket: bool,
     pub drill: Drill,
+    /// The mirror group, if this farm has one.
+    pub mirror: Option<Mirror>,
     /// The file this configuration was read from (`farmctl reload` reads it again).
     pub source: PathBuf,
 }
@@ -1121,6 +1213,11 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         },
     };
 
+    let mirror = raw
+        .mirror
+        .as_ref()
+        .and_then(|m| validate_mirror(m, &members, &vips, hb, &mut e));
+
     if !e.0.is_empty() {
         return Err(e.0);
     }
@@ -1154,7 +1251,203 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         metrics,
         metrics_per_bucket: raw.metrics.per_bucket,
         drill,
+        mirror,
         source: PathBuf::new(),
+    })
+}
+
+fn validate_mirror(
+    m: &RawMirror,
+    members: &[Member],
+    vips: &[Vip],
+    hb: &RawHeartbeat,
+    e: &mut Errors,
+) -> Option<Mirror> {
+    let errors_before = e.0.len();
+    let index = |id: &str| members.iter().position(|x| x.id == id);
+    let mut idx = Vec::new();
+    if m.members.len() != 2 {
+        e.push(
+            "mirror.members",
+            format!(
+                "{} listed: a mirror group has exactly two members, e.g. [\"n1\", \"n2\"]",
+                m.members.len()
+            ),
+        );
+    }
+    for (i, id) in m.members.iter().enumerate() {
+        match index(id) {
+            Some(x) if !idx.contains(&x) => idx.push(x),
+            Some(_) => e.push(
+                format!("mirror.members[{i}]"),
+                format!("{id:?} is listed twice"),
+            ),
+            None => e.push(
+                format!("mirror.members[{i}]"),
+                format!("{id:?} is not a cluster member (list it in [[cluster.members]])"),
+            ),
+        }
+    }
+    let vip = match m.vip.parse::<IpAddr>() {
+        Ok(a) if vips.iter().any(|v| v.address == a) => Some(a),
+        Ok(a) => {
+            e.push(
+                "mirror.vip",
+                format!("{a} is not one of the [[vip]] addresses: add it as a [[vip]] (its port rules do not matter, the primary takes all of it)"),
+            );
+            None
+        }
+        Err(_) => {
+            e.push("mirror.vip", format!("{:?} is not an IP address", m.vip));
+            None
+        }
+    };
+    for (field, p) in [
+        ("mirror.directory", &m.directory),
+        ("mirror.backing", &m.backing),
+    ] {
+        if !p.is_absolute() || p.components().count() < 2 {
+            e.push(
+                field,
+                format!(
+                    "{:?} must be an absolute path below / (e.g. \"/srv/data\")",
+                    p.display()
+                ),
+            );
+        }
+    }
+    if m.directory.starts_with(&m.backing) || m.backing.starts_with(&m.directory) {
+        e.push(
+            "mirror.backing",
+            "must not be inside mirror.directory nor contain it: the backing copy lives beside \
+             the directory the application sees (e.g. directory = \"/srv/data\", backing = \
+             \"/var/lib/farm/data\")",
+        );
+    }
+    if m.port == 0 || m.port == hb.port {
+        e.push(
+            "mirror.port",
+            format!("{} cannot be used: pick a free TCP port other than heartbeat.port (7946 unless set)", m.port),
+        );
+    }
+    let mut addresses = BTreeMap::new();
+    for (id, a) in &m.addresses {
+        let Some(i) = index(id).filter(|i| idx.contains(i)) else {
+            e.push(
+                format!("mirror.addresses.{id}"),
+                format!("{id:?} is not a member of the mirror group"),
+            );
+            continue;
+        };
+        match a.parse::<IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => {
+                addresses.insert(i, ip);
+            }
+            _ => e.push(
+                format!("mirror.addresses.{id}"),
+                format!("{a:?} is not a unicast IP address of that member"),
+            ),
+        }
+    }
+    for &i in &idx {
+        addresses.entry(i).or_insert(members[i].address);
+    }
+    if !(200..=600_000).contains(&m.failover_after_ms) {
+        e.push(
+            "mirror.failover_after_ms",
+            format!(
+                "{} is out of range: allowed 200 to 600000 (milliseconds)",
+                m.failover_after_ms
+            ),
+        );
+    } else {
+        let loss = hb.interval_ms * u64::from(hb.loss_threshold);
+        if m.failover_after_ms < loss {
+            e.push(
+                "mirror.failover_after_ms",
+                format!(
+                    "{} is shorter than the heartbeat loss window ({loss} ms = heartbeat.interval_ms \
+                     x loss_threshold): a primary cut off must lose its quorum and stop before the \
+                     secondary takes over; use at least {loss}",
+                    m.failover_after_ms
+                ),
+            );
+        }
+    }
+    let preferred = match &m.preferred {
+        None => idx.first().copied(),
+        Some(id) => match index(id).filter(|i| idx.contains(i)) {
+            Some(i) => Some(i),
+            None => {
+                e.push(
+                    "mirror.preferred",
+                    format!("{id:?} is not one of mirror.members"),
+                );
+                None
+            }
+        },
+    };
+    let failback = match m.failback.as_str() {
+        "stay" => Failback::Stay,
+        "preferred" => Failback::Preferred,
+        other => {
+            e.push(
+                "mirror.failback",
+                format!("{other:?} is not allowed: use \"stay\" or \"preferred\""),
+            );
+            Failback::Stay
+        }
+    };
+    if !(1..=65_536).contains(&m.max_in_flight_mib) {
+        e.push(
+            "mirror.max_in_flight_mib",
+            format!(
+                "{} is out of range: allowed 1 to 65536 (MiB)",
+                m.max_in_flight_mib
+            ),
+        );
+    }
+    if !(1..=3600).contains(&m.command_timeout_s) {
+        e.push(
+            "mirror.command_timeout_s",
+            format!(
+                "{} is out of range: allowed 1 to 3600 (seconds)",
+                m.command_timeout_s
+            ),
+        );
+    }
+    for (field, c) in [
+        ("mirror.start_primary", Some(&m.start_primary)),
+        ("mirror.stop_primary", Some(&m.stop_primary)),
+        ("mirror.start_secondary", m.start_secondary.as_ref()),
+        ("mirror.stop_secondary", m.stop_secondary.as_ref()),
+    ] {
+        if c.is_some_and(|c| c.trim().is_empty()) {
+            e.push(
+                field,
+                "is empty: give the shell command (run with sh -c), or leave the optional ones out",
+            );
+        }
+    }
+    if e.0.len() != errors_before {
+        return None;
+    }
+    Some(Mirror {
+        members: [idx[0], idx[1]],
+        vip: vip?,
+        directory: m.directory.clone(),
+        backing: m.backing.clone(),
+        addresses,
+        port: m.port,
+        failover_after: Duration::from_millis(m.failover_after_ms),
+        preferred: preferred?,
+        failback,
+        max_in_flight_bytes: m.max_in_flight_mib << 20,
+        command_timeout: Duration::from_secs(m.command_timeout_s),
+        start_primary: m.start_primary.clone(),
+        stop_primary: m.stop_primary.clone(),
+        start_secondary: m.start_secondary.clone(),
+        stop_secondary: m.stop_secondary.clone(),
     })
 }
 

@@ -153,6 +153,9 @@ pub struct Dataplane {
     control_map: Array<MapData, Control>,
     vip_tables: [Array<MapData, VipSlot>; 2],
     vip_shadow: [Vec<VipSlot>; 2],
+    /// The VIPs last set, and the mirror group's VIP with whether this node is its primary.
+    vips: Vec<Vip>,
+    mirror: Option<(IpAddr, bool)>,
     tables: [Array<MapData, BucketEntry>; 2],
     /// The tables' memory, mapped (written directly; `None` where mmap failed: then through
     /// the map update call, entry by entry).
@@ -218,6 +221,8 @@ impl Dataplane {
                 vec![VipSlot::default(); VIP_SLOTS as usize],
                 vec![VipSlot::default(); VIP_SLOTS as usize],
             ],
+            vips: Vec::new(),
+            mirror: None,
             tables: [t0, t1],
             mapped,
             shadow: [zero.clone(), zero],
@@ -273,6 +278,7 @@ impl Dataplane {
     /// Replaces the VIP table: the idle table is filled (each VIP in a slot of its own) and then
     /// made live in one write, like the bucket tables.
     pub fn set_vips(&mut self, vips: &[Vip]) -> Result<(), DataplaneError> {
+        self.vips = vips.to_vec();
         let keys: Vec<[u8; 16]> = vips.iter().map(|v| vip_key(v.address).addr).collect();
         let mult = vip_multiplier(&keys);
         let mut table = vec![VipSlot::default(); VIP_SLOTS as usize];
@@ -280,7 +286,7 @@ impl Dataplane {
             let slot = &mut table[vip_slot(&keys[i], mult) as usize];
             *slot = VipSlot {
                 addr: keys[i],
-                info: vip_info(i, v),
+                info: vip_info(i, v, self.mirror),
                 used: 1,
                 _reserved: [0; 7],
             };
@@ -298,6 +304,16 @@ impl Dataplane {
         self.control.vip_table = idle as u8;
         self.control.vip_mult = mult;
         self.write_control()
+    }
+
+    /// Whether this node takes the whole of the mirror group's VIP (`primary`) or none of it.
+    pub fn set_mirror(&mut self, vip: IpAddr, primary: bool) -> Result<(), DataplaneError> {
+        if self.mirror == Some((vip, primary)) {
+            return Ok(());
+        }
+        self.mirror = Some((vip, primary));
+        let vips = std::mem::take(&mut self.vips);
+        self.set_vips(&vips)
     }
 
     /// Makes `entries` the live bucket table: the idle table is brought up to date (only the
@@ -599,10 +615,20 @@ pub fn vip_key(a: IpAddr) -> VipKey {
     }
 }
 
-fn vip_info(index: usize, v: &Vip) -> VipInfo {
+fn vip_info(index: usize, v: &Vip, mirror: Option<(IpAddr, bool)>) -> VipInfo {
     let mut info = VipInfo {
         index: index as u8,
         nrules: v.rules.len() as u8,
+        mirror: match mirror {
+            Some((a, primary)) if a == v.address => {
+                if primary {
+                    farm_common::mirror::PRIMARY
+                } else {
+                    farm_common::mirror::NOT_PRIMARY
+                }
+            }
+            _ => farm_common::mirror::FARM,
+        },
         ..Default::default()
     };
     for (slot, r) in info.rules.iter_mut().zip(&v.rules) {

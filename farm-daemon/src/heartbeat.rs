@@ -1,11 +1,11 @@
 //! The heartbeat message: what members tell each other several times a second, authenticated
 //! with the cluster key.
 //!
-//! Wire format (big-endian), 128 bytes plus the sender's id:
+//! Wire format (big-endian), 152 bytes plus the sender's id:
 //!
 //! ```text
 //!  0  magic "FRMH"            4
-//!  4  version (3)             1
+//!  4  version (4)             1
 //!  5  state                   1   joining, active, draining, leaving, unhealthy
 //!  6  weight                  2
 //!  8  incarnation             8   set once per farmd start; a restart is a new incarnation
@@ -26,8 +26,14 @@
 //! 104 drill id                4   a recovery drill the sender runs (0: none), on member...
 //! 108 drill member            1   ...with this index (by id); that member acts as if crashed
 //! 109 reserved                3
-//! 112 id                      n   1..=63 bytes
-//! 112+n  HMAC-SHA256          16  over everything before it, truncated
+//! 112 mirror role             1   0 none, 1 secondary, 2 primary, 3 primary handing over
+//! 113 mirror flags            1   1 copy complete, 2 replica in sync (primary), 4 yields the
+//!                                 primary role to the peer, 8 asks the primary for a swap
+//! 114 reserved                6
+//! 120 mirror generation       8   the data generation of the sender's copy
+//! 128 mirror seen             8   the highest generation the sender has seen its peer announce
+//! 136 id                      n   1..=63 bytes
+//! 136+n  HMAC-SHA256          16  over everything before it, truncated
 //! ```
 //!
 //! Decoding never panics: truncated, oversized, foreign, unauthenticated and replayed messages
@@ -39,9 +45,9 @@ use sha2::Sha256;
 use crate::transition::View;
 
 pub const MAGIC: [u8; 4] = *b"FRMH";
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// Bytes before the id.
-pub const FIXED: usize = 112;
+pub const FIXED: usize = 136;
 const TAG: usize = 16;
 pub const MAX_ID: usize = 63;
 pub const MAX_LEN: usize = FIXED + MAX_ID + TAG;
@@ -108,6 +114,62 @@ pub struct Heartbeat {
     /// A recovery drill the sender runs: (drill id, non-zero; index of the member that is to act
     /// as if it crashed).
     pub drill: Option<(u32, u8)>,
+    /// The sender's mirror group state.
+    pub mirror: MirrorBeat,
+}
+
+/// What a member of a mirror group tells its peer (see `mirror`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MirrorBeat {
+    pub role: MirrorRole,
+    pub flags: u8,
+    pub generation: u64,
+    pub seen: u64,
+}
+
+impl MirrorBeat {
+    pub const COMPLETE: u8 = 1;
+    pub const REPLICA_IN_SYNC: u8 = 2;
+    pub const YIELDS: u8 = 4;
+    pub const WANTS_SWAP: u8 = 8;
+    const ALL: u8 = 15;
+
+    pub fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// A mirror group member's role as announced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MirrorRole {
+    /// Not in a mirror group, or starting.
+    #[default]
+    None,
+    Secondary,
+    Primary,
+    /// Primary stopping its application to hand the role over (or losing it).
+    Stopping,
+}
+
+impl MirrorRole {
+    fn to_u8(self) -> u8 {
+        match self {
+            MirrorRole::None => 0,
+            MirrorRole::Secondary => 1,
+            MirrorRole::Primary => 2,
+            MirrorRole::Stopping => 3,
+        }
+    }
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => MirrorRole::None,
+            1 => MirrorRole::Secondary,
+            2 => MirrorRole::Primary,
+            3 => MirrorRole::Stopping,
+            _ => return None,
+        })
+    }
 }
 
 /// Why a datagram was not accepted. Each reason has its own counter.
@@ -200,6 +262,11 @@ pub fn encode(key: &[u8; 32], hb: &Heartbeat) -> Vec<u8> {
     b.extend_from_slice(&drill_id.to_be_bytes());
     b.push(drill_member);
     b.extend_from_slice(&[0; 3]);
+    b.push(hb.mirror.role.to_u8());
+    b.push(hb.mirror.flags);
+    b.extend_from_slice(&[0; 6]);
+    b.extend_from_slice(&hb.mirror.generation.to_be_bytes());
+    b.extend_from_slice(&hb.mirror.seen.to_be_bytes());
     b.extend_from_slice(id);
     let tag = mac(key, &b);
     b.extend_from_slice(&tag);
@@ -247,9 +314,18 @@ pub fn decode(key: &[u8; 32], b: &[u8]) -> Result<Heartbeat, Reject> {
     }
     // Reserved bytes must be zero: one encoding per message (found by the fuzzer: they were
     // ignored, so an authenticated message from a later version would have been misread).
-    if b[42..48] != [0; 6] || b[109..112] != [0; 3] {
+    if b[42..48] != [0; 6] || b[109..112] != [0; 3] || b[114..120] != [0; 6] {
         return Err(Reject::Malformed);
     }
+    if b[113] & !MirrorBeat::ALL != 0 {
+        return Err(Reject::Malformed);
+    }
+    let mirror = MirrorBeat {
+        role: MirrorRole::from_u8(b[112]).ok_or(Reject::Malformed)?,
+        flags: b[113],
+        generation: be64(b, 120),
+        seen: be64(b, 128),
+    };
     let drill_id = u32::from_be_bytes(b[104..108].try_into().expect("4 bytes"));
     let drill = match (drill_id, b[108]) {
         (0, 0) => None,
@@ -275,6 +351,7 @@ pub fn decode(key: &[u8; 32], b: &[u8]) -> Result<Heartbeat, Reject> {
         handed_over: view(56, 88),
         released: view(64, 96),
         drill,
+        mirror,
     })
 }
 
@@ -334,6 +411,12 @@ mod tests {
                 weights: 0xdd,
             },
             drill: Some((7, 2)),
+            mirror: MirrorBeat {
+                role: MirrorRole::Primary,
+                flags: MirrorBeat::COMPLETE | MirrorBeat::REPLICA_IN_SYNC,
+                generation: 5,
+                seen: 4,
+            },
         }
     }
 

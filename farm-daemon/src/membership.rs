@@ -38,6 +38,8 @@ pub struct Peer {
     pub released: View,
     /// The recovery drill it runs, if any: (id, member index).
     pub drill: Option<(u32, u8)>,
+    /// Its mirror group state, as last announced.
+    pub mirror: crate::heartbeat::MirrorBeat,
     guard: ReplayGuard,
     /// Whether it counted as alive at the last `tick`.
     pub alive: bool,
@@ -97,6 +99,7 @@ impl Membership {
                 handed_over: View::default(),
                 released: View::default(),
                 drill: None,
+                mirror: Default::default(),
                 guard: ReplayGuard::default(),
                 alive: false,
             })
@@ -151,6 +154,7 @@ impl Membership {
         p.handed_over = hb.handed_over;
         p.released = hb.released;
         p.drill = hb.drill;
+        p.mirror = hb.mirror;
         Ok(Received {
             index: i,
             moved,
@@ -306,6 +310,7 @@ mod tests {
             handed_over: View::default(),
             released: View::default(),
             drill: None,
+            mirror: Default::default(),
         }
     }
 

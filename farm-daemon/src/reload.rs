@@ -136,6 +136,14 @@ pub fn diff(old: &Config, new: &Config) -> Diff {
         let m = |c: &Config| c.metrics.map_or("off".into(), |a| a.to_string());
         restart("metrics.enabled/listen", m(old), m(new));
     }
+    if old.mirror != new.mirror {
+        let m = |c: &Config| {
+            c.mirror.as_ref().map_or("none".into(), |m| {
+                format!("{} on {}", m.directory.display(), m.vip)
+            })
+        };
+        restart("mirror", m(old), m(new));
+    }
 
     // VIPs and their rules.
     for v in &new.vips {

@@ -96,6 +96,9 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
         maps::stat(stat::NOT_VIP);
         return xdp_action::XDP_PASS;
     };
+    if vip.mirror != farm_common::mirror::FARM {
+        return verdict::mirror(ctx, ctl, vip.mirror);
+    }
     if h.is_fragment {
         // Every fragment of a datagram carries the same source address, and only the first one
         // carries ports: hashing all fragments on the client address keeps them together.

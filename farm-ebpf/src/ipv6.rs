@@ -138,6 +138,16 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
         return verdict::deliver(ctx, ctl, BucketKey::V6(src), None);
     }
     let l4 = t.off;
+    if vip.mirror != farm_common::mirror::FARM {
+        // A mirror group's VIP: whole on its primary; neighbour discovery as for any VIP.
+        let nd = t.proto == IPPROTO_ICMPV6
+            && load::<[u8; 1]>(ctx, l4).is_some_and(|b| {
+                b[0] == NDISC_NEIGHBOUR_SOLICITATION || b[0] == NDISC_NEIGHBOUR_ADVERTISEMENT
+            });
+        if !nd {
+            return verdict::mirror(ctx, ctl, vip.mirror);
+        }
+    }
     match t.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             let Some(ports) = load::<[u8; 4]>(ctx, l4) else {

@@ -75,6 +75,23 @@ pub fn deliver(ctx: &XdpContext, ctl: &Control, key: BucketKey, tcp: Option<Tcp>
     }
 }
 
+/// A frame for a mirror group's VIP (`role`: `VipInfo::mirror`): all taken on the primary,
+/// dropped elsewhere, and nowhere once the dead-man switch lapsed.
+#[inline(always)]
+pub fn mirror(ctx: &XdpContext, ctl: &Control, role: u8) -> u32 {
+    if !alive(ctl) {
+        maps::stat(stat::DEADMAN_DROP);
+        return xdp_action::XDP_DROP;
+    }
+    if role == farm_common::mirror::PRIMARY {
+        maps::stat(stat::MIRROR_ACCEPTED);
+        accept(ctx, ctl)
+    } else {
+        maps::stat(stat::MIRROR_DROPPED);
+        xdp_action::XDP_DROP
+    }
+}
+
 /// Hand the frame to the stack: it was sent to the cluster MAC, which the kernel does not treat
 /// as its own, so the destination becomes the interface's MAC.
 #[inline(always)]

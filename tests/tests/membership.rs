@@ -74,6 +74,7 @@ fn forged_replayed_and_random_heartbeats_change_nothing() {
                 handed_over: Default::default(),
                 released: Default::default(),
                 drill: None,
+                mirror: Default::default(),
             },
         )
     };
