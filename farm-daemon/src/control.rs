@@ -56,6 +56,12 @@ pub enum Request {
     DrillStatus,
     /// What the status page draws (JSON: status, bucket owners, recent events).
     Dashboard,
+    /// The mirror group: roles, sync state, lag, resync progress.
+    MirrorStatus,
+    /// A planned role swap of the mirror group (no data loss).
+    MirrorSwap,
+    /// Make this member the mirror group's primary whatever its copy (last resort).
+    MirrorPromote,
 }
 
 /// Something that happened, for the status page.
@@ -248,6 +254,11 @@ pub enum Response {
         json: String,
     },
     Drill(Box<DrillReport>),
+    Mirror(Box<crate::mirror::GroupStatus>),
+    /// A mirror request was taken; what it does.
+    MirrorDone {
+        message: String,
+    },
     Checks {
         healthy: bool,
         /// A return is held back by flap damping.
@@ -288,6 +299,9 @@ pub struct Status {
     /// The drill in progress or the last one.
     #[serde(default)]
     pub drill: Option<DrillReport>,
+    /// The mirror group, when configured.
+    #[serde(default)]
+    pub mirror: Option<crate::mirror::GroupStatus>,
     /// Members this node saw fail, and the last such failover.
     #[serde(default)]
     pub failovers: u64,

@@ -77,6 +77,8 @@ pub enum DaemonError {
     },
     #[error("interface {0} is down: bring it up first (`ip link set dev {0} up`)")]
     InterfaceDown(String),
+    #[error("mirror group: {0}")]
+    Mirror(#[from] crate::mirror::MirrorError),
 }
 
 /// Control requests from client tasks to the main loop, each with where to send the answer.
@@ -142,6 +144,8 @@ pub struct Daemon {
     crashed_in: Option<u32>,
     /// Recent events for the status page, newest last.
     events: std::collections::VecDeque<crate::control::Event>,
+    /// The mirror group this node is a member of, if any.
+    mirror: Option<crate::mirror::Group>,
 }
 
 /// Events the status page keeps.
@@ -276,6 +280,7 @@ impl Daemon {
             .cluster_mac
             .unwrap_or_else(|| secret.cluster_mac(cfg.mac_mode));
         let message_key = secret.message_key();
+        let mirror_key = secret.mirror_key();
         drop(secret);
 
         std::fs::create_dir_all(&cfg.state_dir)
@@ -341,6 +346,10 @@ impl Daemon {
         let mut dp = Dataplane::load()?;
         dp.set_identity(hash_key, link.mac, cluster_mac)?;
         dp.set_vips(&cfg.vips)?;
+        if let Some(m) = &cfg.mirror {
+            // Nobody's until this node is the group's primary.
+            dp.set_mirror(m.vip, false)?;
+        }
 
         let (cfg_checks, max_health_moves) = (cfg.checks.clone(), cfg.max_health_moves_per_minute);
         let (hooks, node_id) = (cfg.hooks.clone(), cfg.node_id.clone());
@@ -375,8 +384,13 @@ impl Daemon {
             crashed: None,
             crashed_in: None,
             events: std::collections::VecDeque::new(),
+            mirror: None,
         };
-        match d.setup(&pin_dir).await {
+        let result = match d.setup(&pin_dir).await {
+            Ok(listener) => d.start_mirror(mirror_key).map(|()| listener),
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(listener) => Ok((d, listener)),
             Err(e) => {
                 tracing::error!("start failed: {e}; undoing what was set up");
@@ -436,6 +450,116 @@ impl Daemon {
     /// takes none. When what this node announces changed (a move applied or handed over), the
     /// peers are told at once rather than at the next heartbeat: each handover switch then
     /// costs one message's latency, not a heartbeat interval.
+    /// Joins the mirror group, if this node is one of its members.
+    fn start_mirror(&mut self, key: [u8; 32]) -> Result<(), DaemonError> {
+        let Some(m) = self.cfg.mirror.clone() else {
+            return Ok(());
+        };
+        if !m.members.contains(&self.cfg.me) {
+            tracing::info!(
+                "mirror group VIP {}: this node is not a member (the VIP is dropped here)",
+                m.vip
+            );
+            return Ok(());
+        }
+        let ids: Vec<String> = self.cfg.members.iter().map(|x| x.id.clone()).collect();
+        self.mirror = Some(crate::mirror::Group::start(
+            m,
+            self.cfg.me,
+            &ids,
+            &self.cfg.state_dir,
+            key,
+        )?);
+        Ok(())
+    }
+
+    /// The mirror group's peer: its last announcement and when it was last heard.
+    fn mirror_peer(&self) -> Option<(crate::heartbeat::MirrorBeat, Option<std::time::Instant>)> {
+        let g = self.mirror.as_ref()?;
+        let peer = if g.cfg.members[0] == self.cfg.me {
+            g.cfg.members[1]
+        } else {
+            g.cfg.members[0]
+        };
+        let p = &self.cluster.membership.peers[peer];
+        Some((p.mirror, p.last_heard.iter().flatten().max().copied()))
+    }
+
+    fn mirror_peer_alive(&self) -> (crate::heartbeat::MirrorBeat, bool) {
+        match (self.mirror_peer(), &self.mirror) {
+            (Some((beat, heard)), Some(g)) => (
+                beat,
+                heard.is_some_and(|t| t.elapsed() <= g.cfg.failover_after),
+            ),
+            _ => (Default::default(), false),
+        }
+    }
+
+    /// Re-evaluates the mirror group and applies what it decided.
+    fn mirror_tick(&mut self) {
+        let Some((beat, heard)) = self.mirror_peer() else {
+            return;
+        };
+        let quorum = self.cluster.membership.has_quorum();
+        let healthy = self.health.healthy();
+        let Some(g) = self.mirror.as_mut() else {
+            return;
+        };
+        let effects = g.tick(std::time::Instant::now(), beat, heard, quorum, healthy);
+        let alive = heard.is_some_and(|t| t.elapsed() <= g.cfg.failover_after);
+        self.cluster.mirror = g.beat(&beat, alive);
+        self.mirror_effects(effects);
+    }
+
+    fn mirror_effects(&mut self, effects: Vec<crate::mirror::Effect>) {
+        for e in effects {
+            match e {
+                crate::mirror::Effect::Vip(primary) => {
+                    let vip = self.mirror.as_ref().map(|g| g.cfg.vip);
+                    if let Some(vip) = vip
+                        && let Err(e) = self.dp.set_mirror(vip, primary)
+                    {
+                        tracing::error!("mirror: setting the VIP {vip} in the data plane: {e}");
+                    }
+                }
+                crate::mirror::Effect::Event(text) => self.event(text),
+            }
+        }
+    }
+
+    fn mirror_request(&mut self, req: &Request) -> Response {
+        let (beat, alive) = self.mirror_peer_alive();
+        let Some(g) = self.mirror.as_mut() else {
+            return Response::Error {
+                message: "this node is not a member of a mirror group (no [mirror] section \
+                          naming it)"
+                    .into(),
+            };
+        };
+        match req {
+            Request::MirrorStatus => Response::Mirror(Box::new(g.status(&beat, alive))),
+            Request::MirrorSwap => match g.request_swap(&beat, alive) {
+                Ok(message) => {
+                    self.event(format!("mirror: {message}"));
+                    Response::MirrorDone { message }
+                }
+                Err(message) => Response::Error { message },
+            },
+            Request::MirrorPromote => {
+                let mut effects = Vec::new();
+                let r = g.force_promote(&beat, alive, &mut effects);
+                self.mirror_effects(effects);
+                match r {
+                    Ok(message) => Response::MirrorDone { message },
+                    Err(message) => Response::Error { message },
+                }
+            }
+            _ => Response::Error {
+                message: "not a mirror request".into(),
+            },
+        }
+    }
+
     fn advance(&mut self) -> Result<(), DaemonError> {
         let announced = self.handover.announce();
         let t0 = std::time::Instant::now();
@@ -675,6 +799,7 @@ impl Daemon {
                     }
                 }
                 _ = heartbeat.tick() => {
+                    self.mirror_tick();
                     self.cluster.send(self.handover.announce());
                     // A return held back by flap damping happens once the minute allows it.
                     if let Some(change) = self.health.evaluate(std::time::Instant::now()) {
@@ -783,6 +908,11 @@ impl Daemon {
         self.cluster.leave(announce);
         tokio::time::sleep(self.cfg.heartbeat.interval.min(Duration::from_millis(50))).await;
         self.cluster.leave(announce);
+        if let Some(g) = self.mirror.take() {
+            // The application stops and the directory is unmounted before the host is restored
+            // (a primary flushes to its secondary first).
+            let _ = tokio::task::spawn_blocking(move || g.shutdown()).await;
+        }
         self.teardown().await;
         tracing::info!("farmd stopped; host restored");
         result
@@ -1695,6 +1825,9 @@ impl Daemon {
             Request::Whois { clients } => Response::Whois {
                 entries: clients.iter().map(|c| self.whois(c)).collect(),
             },
+            Request::MirrorStatus | Request::MirrorSwap | Request::MirrorPromote => {
+                self.mirror_request(&req)
+            }
             Request::Dashboard => match self.dashboard() {
                 Ok(json) => Response::Dashboard { json },
                 Err(e) => Response::Error {
@@ -2220,6 +2353,10 @@ impl Daemon {
             quorum: self.quorum,
             handover: self.handover.progress(),
             drill: self.drill_report(),
+            mirror: self.mirror.as_ref().map(|g| {
+                let (beat, alive) = self.mirror_peer_alive();
+                g.status(&beat, alive)
+            }),
             queued: self.queued.map(|p| match self.describe_move() {
                 Some(why) => format!("{} (waits: {why})", p.name()),
                 None => p.name().into(),

@@ -15,6 +15,7 @@ pub mod heartbeat;
 pub mod hooks;
 pub mod membership;
 pub mod metrics;
+pub mod mirror;
 pub mod netlink;
 pub mod packet;
 pub mod reload;

@@ -29,7 +29,10 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
 };
 
-use crate::{link::Link, wire::Op};
+use crate::{
+    link::{Link, Synced},
+    wire::Op,
+};
 
 const TTL: Duration = Duration::from_secs(1);
 
@@ -278,9 +281,13 @@ impl MirrorFs {
         Ok(())
     }
 
-    /// Answers `reply` once the secondary has everything queued so far.
+    /// Answers `reply` once the secondary has everything queued so far (or the primary serves
+    /// alone); EIO when the primary stops without its secondary having it.
     fn after_sync(&self, reply: ReplyEmpty) {
-        self.link.sync(Box::new(move |_replicated| reply.ok()));
+        self.link.sync(Box::new(move |r| match r {
+            Synced::Failed => reply.error(libc::EIO),
+            Synced::Both | Synced::Local => reply.ok(),
+        }));
     }
 }
 
@@ -789,7 +796,10 @@ impl Filesystem for MirrorFs {
             if let Err(e) = file.sync_data() {
                 return reply.error(errno(&e));
             }
-            self.link.sync(Box::new(move |_| reply.written(n)));
+            self.link.sync(Box::new(move |r| match r {
+                Synced::Failed => reply.error(libc::EIO),
+                Synced::Both | Synced::Local => reply.written(n),
+            }));
         } else {
             reply.written(n);
         }

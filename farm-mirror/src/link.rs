@@ -47,8 +47,20 @@ pub enum LinkError {
     Stopped,
 }
 
-/// What a waiting sync learns: whether the secondary has the data too.
-pub type Done = Box<dyn FnOnce(bool) + Send>;
+/// How a sync ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synced {
+    /// Durable here and on the secondary.
+    Both,
+    /// Durable here; the primary serves alone (decided: the secondary is known out of sync).
+    Local,
+    /// Not acknowledged: the primary is stopping without its secondary (the application gets
+    /// EIO, as from a disk that went away).
+    Failed,
+}
+
+/// What a waiting sync learns.
+pub type Done = Box<dyn FnOnce(Synced) + Send>;
 
 /// The link's state, as status shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -294,9 +306,9 @@ impl Link {
         self.shared.1.notify_all();
     }
 
-    /// Completes `done` once everything queued so far is durable on the secondary (`true`); at
-    /// once with `false` when the primary serves alone; when the link is broken, once farmd has
-    /// decided (`degrade`: false).
+    /// Completes `done` once everything queued so far is durable on the secondary (`Both`); at
+    /// once with `Local` when the primary serves alone; when the link is broken, once farmd has
+    /// decided (`degrade`: `Local`, `stop`: `Failed`).
     pub fn sync(&self, done: Done) {
         let mut g = self.lock();
         match g.state {
@@ -312,9 +324,13 @@ impl Link {
                 let barrier = g.next_barrier;
                 g.waiting.push((barrier, done));
             }
-            _ => {
+            State::Stopped => {
                 drop(g);
-                done(false);
+                done(Synced::Failed);
+            }
+            State::Degraded(_) | State::Resyncing => {
+                drop(g);
+                done(Synced::Local);
             }
         }
     }
@@ -377,7 +393,7 @@ impl Link {
         g.unacked_bytes = 0;
         g.state = State::Degraded(why);
         for (_, done) in g.waiting.drain(..) {
-            done(false);
+            done(Synced::Local);
         }
         if g.opts.auto_degrade && !g.resyncing {
             // The standalone tool: start trying at once.
@@ -394,8 +410,8 @@ impl Link {
     /// `timeout`), then closes the session. Returns whether the secondary has everything.
     pub fn stop(&self, timeout: Duration) -> bool {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.sync(Box::new(move |ok| {
-            let _ = tx.send(ok);
+        self.sync(Box::new(move |r| {
+            let _ = tx.send(r == Synced::Both);
         }));
         let ok = rx.recv_timeout(timeout).unwrap_or(false);
         let mut g = self.lock();
@@ -405,7 +421,7 @@ impl Link {
         }
         g.state = State::Stopped;
         for (_, done) in g.waiting.drain(..) {
-            done(false);
+            done(Synced::Failed);
         }
         self.shared.1.notify_all();
         ok
@@ -725,7 +741,7 @@ impl Link {
                     g.waiting = wait;
                     drop(g);
                     for (_, done) in ready {
-                        done(true);
+                        done(Synced::Both);
                     }
                 }
                 Ok(Msg::Failed { message }) => {
@@ -925,8 +941,8 @@ mod tests {
             data: b"changed".to_vec(),
         });
         let (tx, rx) = std::sync::mpsc::channel();
-        link.sync(Box::new(move |ok| tx.send(ok).unwrap()));
-        assert!(rx.recv_timeout(Duration::from_secs(5)).expect("sync done"));
+        link.sync(Box::new(move |r| tx.send(r).unwrap()));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Synced::Both));
         assert_eq!(
             &std::fs::read(dst.join("db/base/1")).unwrap()[..7],
             b"changed"
@@ -959,13 +975,13 @@ mod tests {
         link.fail("test: cut".into());
         assert!(matches!(link.status().state, State::Broken(_)));
         let (tx, rx) = std::sync::mpsc::channel();
-        link.sync(Box::new(move |ok| tx.send(ok).unwrap()));
+        link.sync(Box::new(move |r| tx.send(r).unwrap()));
         assert!(
             rx.recv_timeout(Duration::from_millis(300)).is_err(),
             "a sync completed while nobody decided"
         );
         link.degrade("test: decided", 2);
-        assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(false));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(Synced::Local));
         assert!(
             link.wait_in_sync(Duration::from_secs(20)),
             "resynced afterwards"

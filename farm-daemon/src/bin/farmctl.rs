@@ -117,6 +117,34 @@ enum Command {
         #[arg(long, conflicts_with_all = ["member", "yes"])]
         status: bool,
     },
+    /// The mirror group (mirror mode): roles, sync state, swaps, forced promotion.
+    #[command(subcommand)]
+    Mirror(MirrorCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum MirrorCommand {
+    /// Roles of both members, whether the replica is in sync, replication lag (bytes not yet
+    /// durable on the secondary, age of the oldest), resync progress and speed, data
+    /// generations, and what the group waits for.
+    Status,
+    /// Planned role swap, no data loss: the primary stops the application, flushes every change
+    /// to the secondary and unmounts; the secondary then mounts its replica, starts the
+    /// application and takes the VIP. Refused unless the secondary is in sync. Run on either
+    /// member.
+    Swap,
+    /// Last resort: make THIS member primary whatever the state of its copy (an incomplete
+    /// copy, or one older than the peer's). What the old primary acknowledged that this copy
+    /// lacks is lost for good once the old primary rejoins (it is resynced from this one).
+    /// Refused while the peer is primary and reachable.
+    Promote {
+        /// Required: the promotion may lose acknowledged data.
+        #[arg(long)]
+        force: bool,
+        /// Do not ask for confirmation.
+        #[arg(long, short)]
+        yes: bool,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone, Copy)]
@@ -150,6 +178,22 @@ fn main() -> ExitCode {
             None,
         ),
         Command::Reload { diff } => (Request::Reload { dry_run: *diff }, None),
+        Command::Mirror(MirrorCommand::Status) => (Request::MirrorStatus, None),
+        Command::Mirror(MirrorCommand::Swap) => (Request::MirrorSwap, None),
+        Command::Mirror(MirrorCommand::Promote { force, yes }) => {
+            if !force {
+                eprintln!(
+                    "farmctl: a forced promotion may lose data the old primary acknowledged; \
+                     it needs --force (see farmctl mirror status first)"
+                );
+                return ExitCode::from(1);
+            }
+            if !yes && !confirm("Make this member the mirror group's primary whatever its copy?")
+            {
+                return ExitCode::from(1);
+            }
+            (Request::MirrorPromote, None)
+        }
         Command::Drill { status: true, .. } => (Request::DrillStatus, None),
         Command::Drill { member, yes, .. } => {
             if !yes && !confirm_drill(member.as_deref()) {
@@ -187,9 +231,11 @@ fn main() -> ExitCode {
             Response::Metrics { text } => print!("{text}"),
             Response::Dashboard { json } => println!("{json}"),
             Response::Simulation(sim) => print_json(sim),
-            Response::Planned { .. } | Response::Checks { .. } | Response::Error { .. } => {
-                print_json(&resp)
-            }
+            Response::Mirror(m) => print_json(m),
+            Response::Planned { .. }
+            | Response::Checks { .. }
+            | Response::Error { .. }
+            | Response::MirrorDone { .. } => print_json(&resp),
         }
     } else {
         match &resp {
@@ -209,6 +255,8 @@ fn main() -> ExitCode {
                 print_reload(r, matches!(req, Request::Reload { dry_run: true }))
             }
             Response::Drill(r) => print_drill(r),
+            Response::Mirror(m) => print_mirror(m),
+            Response::MirrorDone { message } => println!("{message}"),
             Response::Error { .. } => {}
         }
     }
@@ -248,6 +296,130 @@ fn confirm_drill(member: Option<&str>) -> bool {
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);
     matches!(line.trim(), "y" | "Y" | "yes")
+}
+
+/// Asks `question` on a terminal; refuses without one (scripts pass --yes).
+fn confirm(question: &str) -> bool {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    if !std::io::stdin().is_terminal() {
+        eprintln!("farmctl: not a terminal; add --yes to confirm from a script");
+        return false;
+    }
+    print!("{question} [y/N] ");
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    matches!(line.trim(), "y" | "Y" | "yes")
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+fn print_mirror(m: &farm_daemon::mirror::GroupStatus) {
+    let role = |r: farm_daemon::heartbeat::MirrorRole| {
+        serde_json::to_value(r)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    println!("mirror group: VIP {} -> {}", m.vip, m.directory);
+    println!(
+        "  {:<12} {:<10} copy: generation {}, {}{}",
+        m.node,
+        role(m.role),
+        m.generation,
+        if m.complete { "complete" } else { "INCOMPLETE" },
+        if m.eligible {
+            ""
+        } else {
+            " (not eligible to become primary by itself)"
+        }
+    );
+    println!(
+        "  {:<12} {:<10} {}",
+        m.peer,
+        if m.peer_alive {
+            role(m.peer_role)
+        } else {
+            "unreachable".into()
+        },
+        if m.seen > m.generation {
+            format!("announced generation {}", m.seen)
+        } else {
+            String::new()
+        }
+    );
+    if let Some(r) = &m.replication {
+        let detail = m
+            .replication_detail
+            .as_ref()
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default();
+        println!("replication to {}: {r}{detail}", m.peer);
+        println!(
+            "  lag {} (oldest {} ms), queued {}, {} sent, {} syncs acknowledged{}",
+            bytes(m.lag_bytes),
+            m.lag_ms,
+            bytes(m.queued_bytes),
+            bytes(m.bytes_sent),
+            m.syncs_acknowledged,
+            if m.recorded_paths > 0 {
+                format!(", {} path(s) in the change record", m.recorded_paths)
+            } else {
+                String::new()
+            }
+        );
+    }
+    if let Some(r) = &m.resync {
+        println!(
+            "  resync pass {}: {}/{} entries, {} sent, {} equal, {}/s{}",
+            r.pass,
+            r.entries_done,
+            r.entries_total,
+            bytes(r.bytes_sent),
+            bytes(r.bytes_same),
+            bytes(r.bytes_per_second as u64),
+            if r.full_check {
+                " (every file compared by checksum)"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(r) = &m.last_resync {
+        println!(
+            "  last resync: {} sent, {} found equal, {:.1} s, {}/s{}",
+            bytes(r.bytes_sent),
+            bytes(r.bytes_same),
+            r.seconds,
+            bytes(r.bytes_per_second as u64),
+            if r.full_check {
+                " (every file compared by checksum)"
+            } else {
+                " (change record)"
+            }
+        );
+    }
+    if let Some(p) = &m.primary_connected {
+        println!(
+            "replica: primary {p} connected{}, {} operations ({}) applied",
+            if m.resyncing { ", RESYNCING" } else { "" },
+            m.ops_applied,
+            bytes(m.bytes_applied)
+        );
+    }
+    if let Some(w) = &m.waiting {
+        println!("waiting: {w}");
+    }
+    if let Some(t) = &m.last_takeover {
+        println!("last takeover: {t}");
+    }
 }
 
 fn print_reload(r: &control::ReloadReport, dry_run: bool) {
