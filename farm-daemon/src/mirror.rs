@@ -399,6 +399,8 @@ impl Group {
         } else {
             cfg.members[0]
         };
+        // A killed primary leaves its FUSE mount behind (its directory then fails with ENOTCONN).
+        detach(&cfg.directory);
         for d in [&cfg.backing, &cfg.directory] {
             std::fs::create_dir_all(d).map_err(|source| MirrorError::Dir {
                 path: d.display().to_string(),
@@ -409,8 +411,6 @@ impl Group {
             path: state_dir.display().to_string(),
             source,
         })?;
-        // A killed primary leaves its FUSE mount behind.
-        detach(&cfg.directory);
         let facts = StateFile::open(
             &state_dir.join("mirror.state"),
             Facts {

@@ -140,11 +140,15 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
     let l4 = t.off;
     if vip.mirror != farm_common::mirror::FARM {
         // A mirror group's VIP: whole on its primary; neighbour discovery as for any VIP.
-        let nd = t.proto == IPPROTO_ICMPV6
-            && load::<[u8; 1]>(ctx, l4).is_some_and(|b| {
-                b[0] == NDISC_NEIGHBOUR_SOLICITATION || b[0] == NDISC_NEIGHBOUR_ADVERTISEMENT
-            });
-        if !nd {
+        let ty = if t.proto == IPPROTO_ICMPV6 {
+            match load::<[u8; 8]>(ctx, l4) {
+                Some(icmp) => icmp[0],
+                None => return verdict::malformed(stat::ERR_L4_SHORT),
+            }
+        } else {
+            0
+        };
+        if ty != NDISC_NEIGHBOUR_SOLICITATION && ty != NDISC_NEIGHBOUR_ADVERTISEMENT {
             return verdict::mirror(ctx, ctl, vip.mirror);
         }
     }
