@@ -747,12 +747,19 @@ impl Group {
             .name("mirror-demote".into())
             .spawn(move || {
                 let started = Instant::now();
-                run(&cfg.stop_primary, "stop_primary", &cfg, &node, cfg.command_timeout);
-                // Everything written so far reaches the secondary (bounded: a secondary that is
-                // gone makes waiting syncs fail rather than succeed).
-                let flushed = link.stop(Duration::from_secs(10));
-                if !flushed {
-                    tracing::warn!("mirror: the secondary did not confirm the last changes");
+                if yield_to_peer {
+                    // A handover: the application's last writes and syncs still reach the
+                    // secondary, then everything is flushed to it.
+                    run(&cfg.stop_primary, "stop_primary", &cfg, &node, cfg.command_timeout);
+                    if !link.stop(Duration::from_secs(10)) {
+                        tracing::warn!("mirror: the secondary did not confirm the last changes");
+                    }
+                } else {
+                    // Losing the role: nothing more may be acknowledged. Syncs waiting for the
+                    // secondary fail now (EIO), so the application is not stuck in them while
+                    // it is stopped.
+                    link.stop(Duration::ZERO);
+                    run(&cfg.stop_primary, "stop_primary", &cfg, &node, cfg.command_timeout);
                 }
                 unmount(&cfg.directory, session);
                 let server = Replica::open(&cfg.backing)
