@@ -103,6 +103,8 @@ fn commands(t: &Topology, i: usize, app: &App) -> (String, String) {
             )
         }
         App::Postgres => {
+            // On a takeover the data comes from the other node: its postmaster.pid names a
+            // process of that host, so it is removed (as HA agents for PostgreSQL do).
             let pg = pg_bin();
             let log = format!("{dir}/n{n}-pg.log");
             let sock = format!("{dir}/n{n}-pgsock");
@@ -115,6 +117,7 @@ fn commands(t: &Topology, i: usize, app: &App) -> (String, String) {
                        echo \"listen_addresses = '*'\" >> {data}/pg/postgresql.conf; \
                        echo 'host all all 0.0.0.0/0 trust' >> {data}/pg/pg_hba.conf; \
                      fi; \
+                     rm -f {data}/pg/postmaster.pid; \
                      runuser -u postgres -- {pg}/pg_ctl -D {data}/pg -l {log} -o '-p 5432 -k {sock}' -w -t 120 start"
                 ),
                 format!(
@@ -568,7 +571,7 @@ fn postgresql_keeps_every_committed_transaction_across_a_failover() {
     .expect("script");
     let logs = t.dir.join("pgbench");
     std::fs::create_dir_all(&logs).expect("log dir");
-    let bench = t
+    let mut bench = t
         .client
         .command(Path::new(&format!("{pg}/pgbench")))
         .current_dir(&logs)
@@ -588,6 +591,7 @@ fn postgresql_keeps_every_committed_transaction_across_a_failover() {
             "-f",
         ])
         .arg(&script)
+        .arg("postgres")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -611,9 +615,26 @@ fn postgresql_keeps_every_committed_transaction_across_a_failover() {
         }
         out
     };
-    while committed_lines(&logs).len() < 200 {
-        assert!(Instant::now() < deadline, "pgbench committed too little");
-        std::thread::sleep(Duration::from_millis(100));
+    // (pgbench writes its log when it ends: the table tells how far it got.)
+    loop {
+        let o = psql("SELECT count(*) FROM committed");
+        let n: u64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap_or(0);
+        if n >= 300 {
+            break;
+        }
+        if let Ok(Some(status)) = bench.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = bench.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("pgbench ended ({status}) after {n} transactions: {err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pgbench committed too little ({n}): {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
     let killed = Instant::now();
     kill_host(&t, 0);
