@@ -805,6 +805,75 @@ impl Filesystem for MirrorFs {
         }
     }
 
+    fn copy_file_range(
+        &mut self,
+        _req: &Request<'_>,
+        _ino_in: u64,
+        fh_in: u64,
+        offset_in: i64,
+        _ino_out: u64,
+        fh_out: u64,
+        offset_out: i64,
+        len: u64,
+        _flags: u32,
+        reply: ReplyWrite,
+    ) {
+        // Held while the change is made and queued (see Link::pass).
+        let _pass = self.link.pass();
+        let (Some(Handle::File { file: from, .. }), Some(Handle::File { file: to, ino, .. })) =
+            (self.handles.get(&fh_in), self.handles.get(&fh_out))
+        else {
+            return reply.error(libc::EBADF);
+        };
+        let (mut off_in, mut off_out) = (offset_in, offset_out);
+        // The backing filesystem copies (reflinks where it can); the copied range is then
+        // shipped as writes of what the destination now holds.
+        // SAFETY: valid fds and offsets owned by this call.
+        let n = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut off_in,
+                to.as_raw_fd(),
+                &mut off_out,
+                len as usize,
+                0,
+            )
+        };
+        if n < 0 {
+            return reply.error(errno(&std::io::Error::last_os_error()));
+        }
+        let Some(path) = self.nodes.get(ino).and_then(|n| n.path.clone()) else {
+            self.link
+                .fail("a copy into a hard-linked file through a removed name".into());
+            return reply.written(n as u32);
+        };
+        // Read back through a descriptor of our own (the destination may be write-only).
+        let back = match File::open(self.real(&path)) {
+            Ok(f) => f,
+            Err(e) => {
+                self.link.fail(format!("reading back a copied range: {e}"));
+                return reply.written(n as u32);
+            }
+        };
+        let mut at = offset_out as u64;
+        let end = at + n as u64;
+        while at < end {
+            let chunk = ((end - at) as usize).min(512 << 10);
+            let mut buf = vec![0u8; chunk];
+            if let Err(e) = back.read_exact_at(&mut buf, at) {
+                self.link.fail(format!("reading back a copied range: {e}"));
+                break;
+            }
+            self.link.op(Op::Write {
+                path: path.clone(),
+                offset: at,
+                data: buf,
+            });
+            at += chunk as u64;
+        }
+        reply.written(n as u32);
+    }
+
     fn flush(
         &mut self,
         _req: &Request<'_>,

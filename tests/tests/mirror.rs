@@ -1,16 +1,13 @@
-//! Mirror mode's replication on two real nodes (network namespaces): what the primary's
-//! application was told is durable (its fsync returned) is on the secondary, whenever the
-//! primary dies; and the replica is the same tree as the primary's, entry for entry.
+//! Mirror mode's replication on two real nodes (network namespaces), with the standalone
+//! `farm-mirror` tool: every kind of change an application makes reaches the replica, which is
+//! the same tree as the primary's entry for entry, and fsx's random workload finds the
+//! replicated directory consistent. (Failover through farmd: `mirror_failover.rs`.)
 
 use std::{
     io::Write as _,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     process::{Child, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
     time::{Duration, Instant},
 };
 
@@ -126,6 +123,46 @@ fn primary(t: &Topology, i: usize, peer: usize, backing: &Path, mount: &Path) ->
     }
 }
 
+/// Runs fsx on `file` with `ops` operations; returns (passed, what it printed last).
+fn fsx(t: &Topology, file: &Path, seed: u64, ops: u64) -> (bool, String) {
+    let home = std::env::var("HOME").expect("HOME");
+    let fsx = PathBuf::from(home).join(".local/share/farm/tools/bin/fsx");
+    assert!(
+        fsx.exists(),
+        "{} is missing: run `cargo xtask setup`",
+        fsx.display()
+    );
+    let config = t.dir.join("fsx.toml");
+    std::fs::write(
+        &config,
+        "flen = 1048576\n\n[opsize]\nmax = 131072\n\n[weights]\nclose_open = 2\nread = 10\n\
+         write = 10\nmapread = 5\nmapwrite = 5\ninvalidate = 1\ntruncate = 3\nfsync = 2\n\
+         fdatasync = 2\nposix_fallocate = 2\npunch_hole = 2\nsendfile = 2\n\
+         copy_file_range = 2\n",
+    )
+    .expect("fsx config");
+    let out = std::process::Command::new(&fsx)
+        .arg("-f")
+        .arg(&config)
+        .args(["-N", &ops.to_string(), "-S", &seed.to_string(), "-P"])
+        .arg(&t.dir)
+        .arg(file)
+        .output()
+        .expect("run fsx");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last: Vec<&str> = text.lines().rev().take(8).collect();
+    let summary = format!(
+        "{ops} operations, exit {}: {}",
+        out.status,
+        last.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    );
+    (out.status.success(), summary)
+}
+
 fn two_nodes() -> Topology {
     Topology::build(Spec {
         nodes: 2,
@@ -133,139 +170,6 @@ fn two_nodes() -> Topology {
         test_servers: false,
         ..Spec::default()
     })
-}
-
-/// Records `first..` appended to `file`, each fsync'ed before it counts as acknowledged, until
-/// the filesystem fails (its primary died) or `stop`.
-fn append_records(file: PathBuf, first: u64, acked: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
-    let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o644)
-        .open(&file)
-    else {
-        return;
-    };
-    let mut n = first;
-    while !stop.load(Ordering::Relaxed) {
-        let line = format!("record {n:08}\n");
-        if f.write_all(line.as_bytes()).is_err() || f.sync_data().is_err() {
-            return;
-        }
-        acked.store(n, Ordering::SeqCst);
-        n += 1;
-    }
-}
-
-/// The records in a file (complete lines only; a torn last line is not a record).
-fn records(file: &Path) -> Vec<u64> {
-    let text = std::fs::read_to_string(file).unwrap_or_default();
-    text.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| l.trim().strip_prefix("record ")?.parse().ok())
-        .collect()
-}
-
-#[test]
-fn no_acknowledged_write_is_lost_when_the_primary_is_killed() {
-    if !require_root("no_acknowledged_write_is_lost_when_the_primary_is_killed") {
-        return;
-    }
-    let t = two_nodes();
-    // One data directory and one mount point per node; the roles swap at every failover.
-    let data: Vec<PathBuf> = (0..2)
-        .map(|i| t.dir.join(format!("data-n{}", i + 1)))
-        .collect();
-    let mnt: Vec<PathBuf> = (0..2)
-        .map(|i| t.dir.join(format!("mnt-n{}", i + 1)))
-        .collect();
-    for d in data.iter().chain(&mnt) {
-        std::fs::create_dir_all(d).expect("dir");
-    }
-    let mut seed = std::process::id() as u64 | 1;
-    let mut next = 0u64;
-    let mut lost_total = 0;
-    let mut recoveries = Vec::new();
-    for round in 0..10 {
-        let (p, s) = (round % 2, 1 - round % 2);
-        let sec = secondary(&t, s, &data[s]);
-        let started = Instant::now();
-        let (mut prim, mount) = primary(&t, p, s, &data[p], &mnt[p]);
-        let serving_after = started.elapsed();
-        // The application resumes after the last record it finds (as a database replays its
-        // log), appending and fsyncing; the primary's node dies at a random moment.
-        let file = mnt[p].join("records.log");
-        let have = records(&file);
-        // A record torn by the crash (a line without its newline) is dropped first, as a
-        // database drops a torn log record: it was never acknowledged.
-        let text = std::fs::read(&file).unwrap_or_default();
-        let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        if complete < text.len() {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&file)
-                .and_then(|f| f.set_len(complete as u64))
-                .expect("truncate the torn record");
-        }
-        assert_eq!(
-            have.last().map_or(0, |l| l + 1),
-            next,
-            "round {round}: the new primary starts from the last acknowledged record"
-        );
-        let acked = Arc::new(AtomicU64::new(u64::MAX));
-        let stop = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let (f, a, s) = (file.clone(), acked.clone(), stop.clone());
-            std::thread::spawn(move || append_records(f, next, a, s))
-        };
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        std::thread::sleep(Duration::from_millis(150 + seed % 500));
-        // SIGKILL: no unmount, no goodbye to the secondary.
-        prim.0.kill().expect("kill primary");
-        let _ = prim.0.wait();
-        stop.store(true, Ordering::Relaxed);
-        drop(mount);
-        let _ = writer.join();
-        drop(sec);
-        // What the secondary has is what the next primary will serve.
-        let got = records(&data[s].join("records.log"));
-        let last_acked = acked.load(Ordering::SeqCst);
-        let lost = if last_acked == u64::MAX {
-            0
-        } else {
-            (next..=last_acked).filter(|n| !got.contains(n)).count()
-        };
-        eprintln!(
-            "mirror round {round}: n{} killed after records {next}..{last_acked}; the replica \
-             on n{} has up to {:?}; lost acknowledged records: {lost}; primary served {:.0} ms \
-             after start (full copy included)",
-            p + 1,
-            s + 1,
-            got.last(),
-            serving_after.as_secs_f64() * 1000.0
-        );
-        lost_total += lost;
-        recoveries.push(serving_after);
-        let bad: Vec<&[u64]> = got.windows(2).filter(|w| w[1] != w[0] + 1).collect();
-        assert!(
-            bad.is_empty(),
-            "records out of order or duplicated on the replica: {bad:?}; primary's backing has \
-             {:?}",
-            records(&data[p].join("records.log"))
-                .windows(2)
-                .filter(|w| w[1] != w[0] + 1)
-                .map(|w| w.to_vec())
-                .collect::<Vec<_>>()
-        );
-        if last_acked != u64::MAX {
-            assert!(last_acked > next, "round {round}: the workload ran");
-        }
-        next = got.last().map_or(0, |l| l + 1);
-    }
-    assert_eq!(lost_total, 0, "acknowledged records lost");
-    assert!(next > 100, "only {next} records in 10 rounds");
 }
 
 #[test]
@@ -342,6 +246,16 @@ fn the_replica_is_the_same_tree_as_the_primary() {
     std::fs::File::open(m("db"))
         .and_then(|d| d.sync_all())
         .expect("fsync dir");
+
+    // Conformance: fsx (the File System eXerciser) drives random reads, writes, mmap reads and
+    // writes, truncates, fsync, fdatasync, fallocate, hole punching, copy_file_range and
+    // sendfile on the mount, checking every read against its model of the file.
+    let fsx_ops = 20_000;
+    for (seed, file) in [(1, "fsx-a"), (2, "fsx-b")] {
+        let (ok, summary) = fsx(&t, &m(file), seed, fsx_ops);
+        eprintln!("mirror fsx seed {seed}: {summary}");
+        assert!(ok, "fsx found an inconsistency on the replicated directory: {summary}");
+    }
 
     let (a, b) = (
         tree::digest(&backing).expect("backing"),

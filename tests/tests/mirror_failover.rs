@@ -45,8 +45,69 @@ fn backing_dir(t: &Topology, i: usize) -> PathBuf {
     t.dir.join(format!("n{}-backing", i + 1))
 }
 
+/// A topology running a mirror group. Dropping it kills everything that ran in the nodes'
+/// namespaces (farmd, the application: a killed primary leaves PostgreSQL or the record service
+/// behind otherwise) and unmounts the replicated directories.
+struct Mirrored(Topology);
+
+impl std::ops::Deref for Mirrored {
+    type Target = Topology;
+    fn deref(&self) -> &Topology {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Mirrored {
+    fn deref_mut(&mut self) -> &mut Topology {
+        &mut self.0
+    }
+}
+
+impl Drop for Mirrored {
+    fn drop(&mut self) {
+        for i in 0..2 {
+            kill_namespace(&self.0, i);
+            if let Some(mut c) = self.0.nodes[i].farmd.take() {
+                let _ = c.wait();
+            }
+        }
+        // The application's processes may take a moment to go (PostgreSQL's children).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (0..2).any(|i| kill_namespace(&self.0, i) > 0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for i in 0..2 {
+            let d = data_dir(&self.0, i);
+            if let Ok(c) = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()) {
+                // SAFETY: valid C string.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+}
+
+/// SIGKILLs every process in node `i`'s network namespace; returns how many there were.
+fn kill_namespace(t: &Topology, i: usize) -> usize {
+    let ns = t.nodes[i].ns.inode();
+    let mut killed = 0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let inode = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .ok();
+        if inode == Some(ns) && pid != std::process::id() as i32 {
+            // SAFETY: kill(2) of a process in the test's own namespace.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed += 1;
+        }
+    }
+    killed
+}
+
 /// Two nodes, the client host as witness, a `[mirror]` group running `app`. Not started.
-fn pair(app: &App) -> Topology {
+fn pair(app: &App) -> Mirrored {
     let t = Topology::build(Spec {
         nodes: 2,
         client_addrs: 1,
@@ -80,7 +141,7 @@ stop_primary = '''{stop}'''
         );
         std::fs::write(&t.nodes[i].config, cfg + &mirror).expect("config");
     }
-    t
+    Mirrored(t)
 }
 
 /// The start and stop commands of `app` on node `i`.
@@ -194,22 +255,7 @@ fn primary_in_sync(t: &Topology, i: usize, within: Duration) -> GroupStatus {
 fn kill_host(t: &Topology, i: usize) {
     t.switch
         .ip(&["link", "set", "dev", &t.nodes[i].name, "down"]);
-    let ns = t.nodes[i].ns.inode();
-    let mut killed = 0;
-    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let inode = std::fs::metadata(format!("/proc/{pid}/ns/net"))
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-            .ok();
-        if inode == Some(ns) && pid != std::process::id() as i32 {
-            // SAFETY: kill(2) of a process in the test's own namespace.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            killed += 1;
-        }
-    }
-    assert!(killed > 0, "nothing ran on n{}", i + 1);
+    assert!(kill_namespace(t, i) > 0, "nothing ran on n{}", i + 1);
 }
 
 /// Brings node `i` back: link up, farmd started (it rejoins as secondary).

@@ -118,7 +118,7 @@ fn step(n: usize, total: usize, what: &str) {
 
 fn setup() -> Result<()> {
     let started = Instant::now();
-    let total = 4;
+    let total = 5;
 
     step(1, total, "nightly Rust toolchain (builds the eBPF program)");
     if output(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])).is_none() {
@@ -179,6 +179,30 @@ fn setup() -> Result<()> {
         ("chromium", "chromium"),
     ])?;
 
+    step(
+        5,
+        total,
+        &format!(
+            "mirror mode: PostgreSQL (failover test), fsx {FSX_VERSION} (filesystem conformance)"
+        ),
+    );
+    let has_pg = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().any(|e| e.path().join("bin/pgbench").exists()))
+        .unwrap_or(false);
+    if has_pg {
+        eprintln!("      PostgreSQL present");
+    } else {
+        apt_install(&["postgresql"])?;
+    }
+    let fsx = tools_dir()?.join("bin/fsx");
+    let have = output(Command::new(&fsx).arg("--version")).unwrap_or_default();
+    if have.contains(FSX_VERSION) {
+        eprintln!("      fsx present ({have})");
+    } else {
+        eprintln!("      building fsx {FSX_VERSION} into {}", tools_dir()?.display());
+        status(cargo().args(["install", "fsx", "--locked", "--version", FSX_VERSION]).arg("--root").arg(tools_dir()?))?;
+    }
+
     eprintln!("setup done in {:.0?}", started.elapsed());
     Ok(())
 }
@@ -219,6 +243,15 @@ fn install_bpf_linker(sysroot: &str) -> Result<()> {
             .args(["--no-default-features", "--features", LLVM_FEATURE])
             .env("LLVM_PREFIX", &prefix),
     )
+}
+
+/// fsx (the File System eXerciser, Rust rewrite) runs on the replicated directory in the
+/// mirror tests; the tests look for it here.
+const FSX_VERSION: &str = "0.3.2";
+
+fn tools_dir() -> Result<PathBuf> {
+    let home = std::env::var("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home).join(".local/share/farm/tools"))
 }
 
 /// Installs the Debian packages of the tools (command, package) that are not on PATH.
