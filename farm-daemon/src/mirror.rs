@@ -97,13 +97,24 @@ pub enum Decision {
     /// Waiting for something, said in status.
     Wait(String),
     /// Become primary; `new_generation`: the peer's copy will lack what is written from now on.
-    Promote { new_generation: bool, why: String },
+    Promote {
+        new_generation: bool,
+        why: String,
+    },
     /// Stop being primary; `yield_to_peer`: the peer is in sync and takes over (a swap).
-    Demote { yield_to_peer: bool, why: String },
+    Demote {
+        yield_to_peer: bool,
+        why: String,
+    },
     /// Replication broke with the peer alive: start a new generation and announce it.
-    NewGeneration { why: String },
+    NewGeneration {
+        why: String,
+    },
     /// Go on alone at this (already announced) generation.
-    GoAlone { generation: u64, why: String },
+    GoAlone {
+        generation: u64,
+        why: String,
+    },
 }
 
 /// How long a primary stays in sync before failing back to the preferred member.
@@ -197,7 +208,9 @@ pub fn decide(s: &Situation) -> Decision {
                         ),
                     };
                 }
-                return Decision::Wait("SPLIT BRAIN: the peer is primary too and steps down".into());
+                return Decision::Wait(
+                    "SPLIT BRAIN: the peer is primary too and steps down".into(),
+                );
             }
             if !s.quorum {
                 return Decision::Demote {
@@ -505,13 +518,19 @@ impl Group {
         if f.synced {
             flags |= MirrorBeat::COMPLETE;
         }
-        if self.link().is_some_and(|l| l.status().state == LinkState::InSync) {
+        if self
+            .link()
+            .is_some_and(|l| l.status().state == LinkState::InSync)
+        {
             flags |= MirrorBeat::REPLICA_IN_SYNC;
         }
         if self.yielding.is_some() {
             flags |= MirrorBeat::YIELDS;
         }
-        if self.swap_requested && !self.is_primary() && peer_alive && peer.role == MirrorRole::Primary
+        if self.swap_requested
+            && !self.is_primary()
+            && peer_alive
+            && peer.role == MirrorRole::Primary
         {
             flags |= MirrorBeat::WANTS_SWAP;
         }
@@ -552,13 +571,15 @@ impl Group {
                 }
             }
         }
-        if self
-            .yielding
-            .is_some_and(|t| peer.role == MirrorRole::Primary || t.elapsed() > Duration::from_secs(30))
-        {
+        if self.yielding.is_some_and(|t| {
+            peer.role == MirrorRole::Primary || t.elapsed() > Duration::from_secs(30)
+        }) {
             self.yielding = None;
         }
-        if self.swap_requested && (peer.role != MirrorRole::Primary || !peer_alive) && !self.is_primary() {
+        if self.swap_requested
+            && (peer.role != MirrorRole::Primary || !peer_alive)
+            && !self.is_primary()
+        {
             // A swap asked for on the secondary ends when the peer is no longer primary.
             self.swap_requested = false;
         }
@@ -569,7 +590,10 @@ impl Group {
             }
             _ => self.in_sync_since = None,
         }
-        if !matches!(link_status.as_ref().map(|s| &s.state), Some(LinkState::Broken(_))) {
+        if !matches!(
+            link_status.as_ref().map(|s| &s.state),
+            Some(LinkState::Broken(_))
+        ) {
             self.pending = None;
         }
         let s = Situation {
@@ -697,13 +721,21 @@ impl Group {
                     match mount(&cfg, link.clone()) {
                         Ok(s) => break s,
                         Err(e) => {
-                            tracing::error!("mirror: mounting {}: {e}; retrying", cfg.directory.display());
+                            tracing::error!(
+                                "mirror: mounting {}: {e}; retrying",
+                                cfg.directory.display()
+                            );
                             std::thread::sleep(Duration::from_secs(1));
                         }
                     }
                 };
-                let command_ok =
-                    run(&cfg.start_primary, "start_primary", &cfg, &node, cfg.command_timeout);
+                let command_ok = run(
+                    &cfg.start_primary,
+                    "start_primary",
+                    &cfg,
+                    &node,
+                    cfg.command_timeout,
+                );
                 let _ = tx.send(Outcome::Primary {
                     link,
                     session,
@@ -750,7 +782,13 @@ impl Group {
                 if yield_to_peer {
                     // A handover: the application's last writes and syncs still reach the
                     // secondary, then everything is flushed to it.
-                    run(&cfg.stop_primary, "stop_primary", &cfg, &node, cfg.command_timeout);
+                    run(
+                        &cfg.stop_primary,
+                        "stop_primary",
+                        &cfg,
+                        &node,
+                        cfg.command_timeout,
+                    );
                     if !link.stop(Duration::from_secs(10)) {
                         tracing::warn!("mirror: the secondary did not confirm the last changes");
                     }
@@ -759,7 +797,13 @@ impl Group {
                     // secondary fail now (EIO), so the application is not stuck in them while
                     // it is stopped.
                     link.stop(Duration::ZERO);
-                    run(&cfg.stop_primary, "stop_primary", &cfg, &node, cfg.command_timeout);
+                    run(
+                        &cfg.stop_primary,
+                        "stop_primary",
+                        &cfg,
+                        &node,
+                        cfg.command_timeout,
+                    );
                 }
                 unmount(&cfg.directory, session);
                 let server = Replica::open(&cfg.backing)
@@ -818,11 +862,17 @@ impl Group {
     /// `farmctl mirror swap`.
     pub fn request_swap(&mut self, peer: &MirrorBeat, peer_alive: bool) -> Result<String, String> {
         if !peer_alive {
-            return Err(format!("{} is not reachable: nothing to swap with", self.peer_id));
+            return Err(format!(
+                "{} is not reachable: nothing to swap with",
+                self.peer_id
+            ));
         }
         match (self.role(), peer.role) {
             (MirrorRole::Primary, MirrorRole::Secondary) => {
-                if self.link().is_none_or(|l| l.status().state != LinkState::InSync) {
+                if self
+                    .link()
+                    .is_none_or(|l| l.status().state != LinkState::InSync)
+                {
                     return Err(format!(
                         "{}'s replica is not in sync: a swap now would lose data (wait for the \
                          resync, see farmctl mirror status)",
@@ -919,7 +969,11 @@ impl Group {
             node: self.node.clone(),
             peer: self.peer_id.clone(),
             role: self.role(),
-            peer_role: if peer_alive { peer.role } else { MirrorRole::None },
+            peer_role: if peer_alive {
+                peer.role
+            } else {
+                MirrorRole::None
+            },
             peer_alive,
             generation: f.generation,
             complete: f.synced,
@@ -981,7 +1035,13 @@ impl Group {
         }
         match std::mem::replace(&mut self.role, Role::Secondary(None)) {
             Role::Primary { link, session } => {
-                run(&self.cfg.stop_primary, "stop_primary", &self.cfg, &self.node, self.cfg.command_timeout);
+                run(
+                    &self.cfg.stop_primary,
+                    "stop_primary",
+                    &self.cfg,
+                    &self.node,
+                    self.cfg.command_timeout,
+                );
                 link.stop(Duration::from_secs(10));
                 unmount(&self.cfg.directory, session);
             }
@@ -990,7 +1050,13 @@ impl Group {
                     s.stop();
                 }
                 if let Some(c) = &self.cfg.stop_secondary {
-                    run(c, "stop_secondary", &self.cfg, &self.node, self.cfg.command_timeout);
+                    run(
+                        c,
+                        "stop_secondary",
+                        &self.cfg,
+                        &self.node,
+                        self.cfg.command_timeout,
+                    );
                 }
             }
             Role::Changing(..) => {}
@@ -1072,7 +1138,10 @@ fn run(command: &str, what: &str, cfg: &MirrorConfig, node: &str, timeout: Durat
             Ok(Some(status)) => {
                 let ok = status.success();
                 if ok {
-                    tracing::info!("mirror: {what} done in {} ms", started.elapsed().as_millis());
+                    tracing::info!(
+                        "mirror: {what} done in {} ms",
+                        started.elapsed().as_millis()
+                    );
                 } else {
                     tracing::error!("mirror: {what} failed: {status}");
                 }
@@ -1098,7 +1167,6 @@ fn run(command: &str, what: &str, cfg: &MirrorConfig, node: &str, timeout: Durat
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -1266,7 +1334,10 @@ mod tests {
             peer_alive: false,
             ..p.clone()
         };
-        assert!(matches!(decide(&silent), Decision::GoAlone { generation: 4, .. }));
+        assert!(matches!(
+            decide(&silent),
+            Decision::GoAlone { generation: 4, .. }
+        ));
     }
 
     #[test]

@@ -254,7 +254,10 @@ fn the_replica_is_the_same_tree_as_the_primary() {
     for (seed, file) in [(1, "fsx-a"), (2, "fsx-b")] {
         let (ok, summary) = fsx(&t, &m(file), seed, fsx_ops);
         eprintln!("mirror fsx seed {seed}: {summary}");
-        assert!(ok, "fsx found an inconsistency on the replicated directory: {summary}");
+        assert!(
+            ok,
+            "fsx found an inconsistency on the replicated directory: {summary}"
+        );
     }
 
     let (a, b) = (

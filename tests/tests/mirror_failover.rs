@@ -191,7 +191,10 @@ fn commands(t: &Topology, i: usize, app: &App) -> (String, String) {
 
 fn pg_bin() -> String {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path().join("bin"))).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                .collect()
+        })
         .unwrap_or_default();
     versions.sort();
     versions
@@ -348,7 +351,12 @@ impl Client {
     }
 
     fn acked(&self) -> Vec<u64> {
-        self.acked.lock().expect("acked").iter().map(|x| x.0).collect()
+        self.acked
+            .lock()
+            .expect("acked")
+            .iter()
+            .map(|x| x.0)
+            .collect()
     }
 
     fn last(&self) -> u64 {
@@ -381,7 +389,11 @@ fn lost(acked: &[u64], dir: &Path) -> Vec<u64> {
         .filter(|l| l.ends_with('\n'))
         .filter_map(|l| l.trim().parse().ok())
         .collect();
-    acked.iter().copied().filter(|n| !have.contains(n)).collect()
+    acked
+        .iter()
+        .copied()
+        .filter(|n| !have.contains(n))
+        .collect()
 }
 
 fn random(seed: &mut u64) -> u64 {
@@ -423,13 +435,9 @@ fn the_primary_dies_ten_times_and_no_acknowledged_record_is_lost() {
         let at_kill = client.last();
         let killed = Instant::now();
         kill_host(&t, primary);
-        wait_mirror(
-            &t,
-            survivor,
-            Duration::from_secs(30),
-            "takeover",
-            |s| s.role == MirrorRole::Primary,
-        );
+        wait_mirror(&t, survivor, Duration::from_secs(30), "takeover", |s| {
+            s.role == MirrorRole::Primary
+        });
         client.wait_more(5, Duration::from_secs(30));
         let rto = client.outage_after(killed);
         let missing = lost(&client.acked(), &data_dir(&t, survivor));
@@ -565,7 +573,11 @@ fn a_cut_with_the_witness_on_the_secondary_side_never_makes_two_primaries() {
         a.role
     );
     assert_eq!(both, 0, "two primaries at once");
-    assert_eq!(b.role, MirrorRole::Primary, "n2 (with the witness) took over");
+    assert_eq!(
+        b.role,
+        MirrorRole::Primary,
+        "n2 (with the witness) took over"
+    );
     assert_ne!(a.role, MirrorRole::Primary, "n1 (without) stepped down");
     client.wait_more(10, Duration::from_secs(30));
     let acked = client.stop();
@@ -596,7 +608,9 @@ fn postgresql_keeps_every_committed_transaction_across_a_failover() {
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let o = psql("CREATE TABLE IF NOT EXISTS committed (client int, tx int, PRIMARY KEY (client, tx))");
+        let o = psql(
+            "CREATE TABLE IF NOT EXISTS committed (client int, tx int, PRIMARY KEY (client, tx))",
+        );
         if o.status.success() {
             break;
         }
@@ -664,7 +678,10 @@ fn postgresql_keeps_every_committed_transaction_across_a_failover() {
     // (pgbench writes its log when it ends: the table tells how far it got.)
     loop {
         let o = psql("SELECT count(*) FROM committed");
-        let n: u64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap_or(0);
+        let n: u64 = String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
         if n >= 300 {
             break;
         }

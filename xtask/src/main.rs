@@ -44,8 +44,9 @@ enum Task {
     Bench {
         /// dataplane: ns/packet and drop rate against nftables; failover: link-cut recovery
         /// against keepalived (--trials N); rolling: failed requests of a rolling restart
-        /// against keepalived.
-        #[arg(value_parser = ["dataplane", "failover", "rolling"])]
+        /// against keepalived; mirror: mirror mode's fsync latency, write throughput and
+        /// resync speed against the same directory without replication (--mib N, --fsyncs N).
+        #[arg(value_parser = ["dataplane", "failover", "rolling", "mirror"])]
         what: String,
         /// Extra arguments for the benchmark.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -199,8 +200,16 @@ fn setup() -> Result<()> {
     if have.contains(FSX_VERSION) {
         eprintln!("      fsx present ({have})");
     } else {
-        eprintln!("      building fsx {FSX_VERSION} into {}", tools_dir()?.display());
-        status(cargo().args(["install", "fsx", "--locked", "--version", FSX_VERSION]).arg("--root").arg(tools_dir()?))?;
+        eprintln!(
+            "      building fsx {FSX_VERSION} into {}",
+            tools_dir()?.display()
+        );
+        status(
+            cargo()
+                .args(["install", "fsx", "--locked", "--version", FSX_VERSION])
+                .arg("--root")
+                .arg(tools_dir()?),
+        )?;
     }
 
     eprintln!("setup done in {:.0?}", started.elapsed());

@@ -188,8 +188,7 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(1);
             }
-            if !yes && !confirm("Make this member the mirror group's primary whatever its copy?")
-            {
+            if !yes && !confirm("Make this member the mirror group's primary whatever its copy?") {
                 return ExitCode::from(1);
             }
             (Request::MirrorPromote, None)

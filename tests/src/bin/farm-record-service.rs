@@ -21,7 +21,9 @@ fn main() {
             "--listen" => listen = args.next(),
             "--pidfile" => pidfile = args.next().map(PathBuf::from),
             other => {
-                eprintln!("usage: farm-record-service --dir DIR --listen ADDR:PORT [--pidfile F] ({other}?)");
+                eprintln!(
+                    "usage: farm-record-service --dir DIR --listen ADDR:PORT [--pidfile F] ({other}?)"
+                );
                 std::process::exit(2);
             }
         }

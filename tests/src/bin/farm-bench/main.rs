@@ -2,6 +2,9 @@
 //!
 //! `failover` and `rolling`: recovery against keepalived (see `recovery`).
 //!
+//! `mirror`: mirror mode's fsync latency, write throughput and resync speed against the same
+//! directory without replication (see `mirror`).
+//!
 //! `dataplane`: ns/packet of the XDP program from BPF_PROG_TEST_RUN with repeat, per path,
 //! next to the empty XDP program measured in the same run (the floor); then the drop rate of
 //! the XDP filter against the kernel's own tool for the job, an nftables `jhash ... mod 3` rule
@@ -27,6 +30,7 @@ use farm_tests::{
     netns::Netns,
 };
 
+mod mirror;
 mod recovery;
 
 fn main() -> Result<()> {
@@ -35,9 +39,10 @@ fn main() -> Result<()> {
         Some("dataplane") => dataplane(&args[1..]),
         Some("failover") => recovery::failover(flag(&args[1..], "--trials", 20)? as usize),
         Some("rolling") => recovery::rolling(),
+        Some("mirror") => mirror::mirror(&args[1..]),
         _ => bail!(
             "usage: farm-bench dataplane [--repeat N] [--rounds N] | failover [--trials N] | \
-             rolling"
+             rolling | mirror [--mib N] [--fsyncs N]"
         ),
     }
 }
