@@ -21,6 +21,7 @@ use std::{
         },
     },
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -281,13 +282,48 @@ impl MirrorFs {
         Ok(())
     }
 
-    /// Answers `reply` once the secondary has everything queued so far (or the primary serves
-    /// alone); EIO when the primary stops without its secondary having it.
-    fn after_sync(&self, reply: ReplyEmpty) {
-        self.link.sync(Box::new(move |r| match r {
-            Synced::Failed => reply.error(libc::EIO),
-            Synced::Both | Synced::Local => reply.ok(),
+    /// Makes everything so far durable here (`local`) and on the secondary at the same time:
+    /// the barrier goes out first, the local sync runs while the secondary works, and `answer`
+    /// gets the outcome once both are done (the local error first; EIO when the primary stops
+    /// without its secondary having the data).
+    fn sync_both(
+        &self,
+        local: impl FnOnce() -> Result<(), i32>,
+        answer: impl FnOnce(Result<(), i32>) + Send + 'static,
+    ) {
+        type Answer = Box<dyn FnOnce(Result<(), i32>) + Send>;
+        struct Pending {
+            local: Option<Result<(), i32>>,
+            remote: Option<Synced>,
+            answer: Option<Answer>,
+        }
+        fn settle(p: &Mutex<Pending>, local: Option<Result<(), i32>>, remote: Option<Synced>) {
+            let mut g = p.lock().expect("pending sync");
+            if local.is_some() {
+                g.local = local;
+            }
+            if remote.is_some() {
+                g.remote = remote;
+            }
+            if let (Some(l), Some(r)) = (g.local, g.remote)
+                && let Some(answer) = g.answer.take()
+            {
+                drop(g);
+                answer(match (l, r) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), Synced::Failed) => Err(libc::EIO),
+                    (Ok(()), Synced::Both | Synced::Local) => Ok(()),
+                });
+            }
+        }
+        let pending = Arc::new(Mutex::new(Pending {
+            local: None,
+            remote: None,
+            answer: Some(Box::new(answer)),
         }));
+        let p = pending.clone();
+        self.link.sync(Box::new(move |r| settle(&p, None, Some(r))));
+        settle(&pending, Some(local()), None);
     }
 }
 
@@ -793,13 +829,13 @@ impl Filesystem for MirrorFs {
             let Some(Handle::File { file, .. }) = self.handles.get(&fh) else {
                 return reply.error(libc::EBADF);
             };
-            if let Err(e) = file.sync_data() {
-                return reply.error(errno(&e));
-            }
-            self.link.sync(Box::new(move |r| match r {
-                Synced::Failed => reply.error(libc::EIO),
-                Synced::Both | Synced::Local => reply.written(n),
-            }));
+            self.sync_both(
+                || file.sync_data().map_err(|e| errno(&e)),
+                move |r| match r {
+                    Ok(()) => reply.written(n),
+                    Err(e) => reply.error(e),
+                },
+            );
         } else {
             reply.written(n);
         }
@@ -903,15 +939,15 @@ impl Filesystem for MirrorFs {
         let Some(Handle::File { file, .. }) = self.handles.get(&fh) else {
             return reply.error(libc::EBADF);
         };
-        let r = if datasync {
-            file.sync_data()
-        } else {
-            file.sync_all()
+        let local = || {
+            if datasync {
+                file.sync_data()
+            } else {
+                file.sync_all()
+            }
+            .map_err(|e| errno(&e))
         };
-        if let Err(e) = r {
-            return reply.error(errno(&e));
-        }
-        self.after_sync(reply);
+        self.sync_both(local, move |r| reply_empty(reply, r));
     }
 
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
@@ -979,12 +1015,14 @@ impl Filesystem for MirrorFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self
+        let dir = self
             .path_of(ino)
-            .and_then(|p| File::open(self.real(&p)).map_err(|e| errno(&e)))
-            .and_then(|d| d.sync_all().map_err(|e| errno(&e)));
-        match r {
-            Ok(()) => self.after_sync(reply),
+            .and_then(|p| File::open(self.real(&p)).map_err(|e| errno(&e)));
+        match dir {
+            Ok(d) => self.sync_both(
+                || d.sync_all().map_err(|e| errno(&e)),
+                move |r| reply_empty(reply, r),
+            ),
             Err(e) => reply.error(e),
         }
     }

@@ -101,6 +101,76 @@ pub struct Replica {
     /// The directory opened for reading (syncfs does not take O_PATH descriptors).
     synced: std::fs::File,
     dir: PathBuf,
+    /// What changed since the last sync (see `sync`).
+    dirty: std::sync::Mutex<Dirty>,
+}
+
+/// Entries changed since the last sync: a sync makes just these durable (fdatasync of the
+/// files written, fsync of those whose metadata changed and of the directories whose entries
+/// changed) instead of the whole filesystem, unless too much changed or a change cannot be
+/// followed by name (a directory renamed over dirty entries, a reset, a removal of a tree).
+#[derive(Default)]
+struct Dirty {
+    data: std::collections::HashSet<Vec<u8>>,
+    meta: std::collections::HashSet<Vec<u8>>,
+    dirs: std::collections::HashSet<Vec<u8>>,
+    everything: bool,
+}
+
+/// Past this many dirty entries a sync is one syncfs.
+const TARGETED_SYNC_MAX: usize = 64;
+
+fn parent(rel: &[u8]) -> Vec<u8> {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => rel[..i].to_vec(),
+        None => Vec::new(),
+    }
+}
+
+impl Dirty {
+    fn record(&mut self, op: &Op) {
+        match op {
+            Op::Reset | Op::RemoveAll { .. } => self.everything = true,
+            Op::Write { path, .. } | Op::Truncate { path, .. } | Op::Fallocate { path, .. } => {
+                self.data.insert(path.clone());
+            }
+            Op::Chmod { path, .. } | Op::Chown { path, .. } | Op::Times { path, .. } => {
+                self.meta.insert(path.clone());
+            }
+            Op::Create { path, .. } => {
+                self.meta.insert(path.clone());
+                self.dirs.insert(parent(path));
+            }
+            Op::Mkdir { path, .. } | Op::Mknod { path, .. } | Op::Symlink { path, .. } => {
+                self.dirs.insert(parent(path));
+            }
+            Op::Unlink { path } | Op::Rmdir { path } => {
+                self.dirs.insert(parent(path));
+            }
+            Op::Link { to, .. } => {
+                self.dirs.insert(parent(to));
+            }
+            Op::Rename { from, to, .. } => {
+                self.dirs.insert(parent(from));
+                self.dirs.insert(parent(to));
+                // Dirty entries now live under the new name.
+                let mut prefix = from.clone();
+                prefix.push(b'/');
+                let all = self.data.iter().chain(&self.meta).chain(&self.dirs);
+                if all.clone().any(|p| p.starts_with(&prefix)) {
+                    self.everything = true;
+                }
+                for set in [&mut self.data, &mut self.meta] {
+                    if set.contains(from) {
+                        set.insert(to.clone());
+                    }
+                }
+            }
+        }
+        if self.data.len() + self.meta.len() + self.dirs.len() > TARGETED_SYNC_MAX {
+            self.everything = true;
+        }
+    }
 }
 
 /// A path's parent directory (an O_PATH fd beneath the root) and its last component.
@@ -130,6 +200,7 @@ impl Replica {
             root,
             synced,
             dir: dir.into(),
+            dirty: Default::default(),
         })
     }
 
@@ -220,6 +291,7 @@ impl Replica {
 
     /// Applies one operation.
     pub fn apply(&self, op: &Op) -> Result<(), ReplicaError> {
+        self.dirty.lock().expect("dirty").record(op);
         match op {
             Op::Reset => self.clear(),
             Op::Write { path, offset, data } => {
@@ -471,10 +543,64 @@ impl Replica {
         Ok(())
     }
 
-    /// Makes everything applied so far durable.
+    /// Makes everything applied so far durable: the changed entries one by one, or the whole
+    /// filesystem when that is simpler (see `Dirty`).
     pub fn sync(&self) -> io::Result<()> {
-        // SAFETY: valid fd.
-        check(unsafe { libc::syncfs(self.synced.as_raw_fd()) })
+        let d = std::mem::take(&mut *self.dirty.lock().expect("dirty"));
+        if d.everything || self.sync_entries(&d).is_err() {
+            // SAFETY: valid fd.
+            return check(unsafe { libc::syncfs(self.synced.as_raw_fd()) });
+        }
+        Ok(())
+    }
+
+    fn sync_entries(&self, d: &Dirty) -> Result<(), ReplicaError> {
+        for (set, data_only) in [(&d.data, true), (&d.meta, false)] {
+            for p in set {
+                if data_only && d.meta.contains(p) {
+                    continue; // synced in full with the metadata changes
+                }
+                match self.open_file(p, libc::O_RDONLY) {
+                    Ok(f) => {
+                        let r = if data_only {
+                            f.sync_data()
+                        } else {
+                            f.sync_all()
+                        };
+                        r.map_err(Self::os("syncing", p))?;
+                    }
+                    // Gone since (its directory is dirty), or not a regular file (a symlink's
+                    // or a node's metadata): the whole filesystem then.
+                    Err(ReplicaError::Os { source, .. })
+                        if source.raw_os_error() == Some(libc::ENOENT) =>
+                    {
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        for p in &d.dirs {
+            let parts = components(p)?;
+            let dir = self.open_dir(&parts, p)?;
+            // An O_PATH descriptor cannot be fsynced: reopen it for reading.
+            let c = CString::new(".").expect("static");
+            // SAFETY: valid fd and C string; the result is owned right after.
+            let fd = unsafe {
+                libc::openat(
+                    dir.as_raw_fd(),
+                    c.as_ptr(),
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                return Err(Self::os("syncing", p)(io::Error::last_os_error()));
+            }
+            // SAFETY: fresh fd.
+            let f = unsafe { std::fs::File::from_raw_fd(fd) };
+            f.sync_all().map_err(Self::os("syncing", p))?;
+        }
+        Ok(())
     }
 }
 
