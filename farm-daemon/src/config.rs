@@ -1787,6 +1787,47 @@ rules = [ { protocol = "tcp", ports = 80 }, { protocol = "udp", ports = "5000-51
     }
 
     #[test]
+    fn mirror_group_mistakes_are_named_with_the_fix() {
+        let vip = parse(GOOD).unwrap().vips[0].address;
+        let ok = format!(
+            "{GOOD}\n[mirror]\nmembers = [\"web1\", \"web2\"]\nvip = \"{vip}\"\n\
+             directory = \"/srv/data\"\nbacking = \"/var/lib/farm/data\"\n\
+             start_primary = \"systemctl start app\"\nstop_primary = \"systemctl stop app\"\n"
+        );
+        let c = parse(&ok).unwrap();
+        let m = c.mirror.expect("mirror group");
+        assert_eq!(m.preferred, m.members[0], "the first member is preferred");
+        assert_eq!(m.failover_after, Duration::from_secs(3));
+        assert_eq!(m.address(1).ip(), c.members[1].address);
+        let bad = ok
+            .replace("\"web2\"]", "\"web9\"]")
+            .replace(&format!("vip = \"{vip}\""), "vip = \"198.51.100.1\"")
+            .replace("/var/lib/farm/data", "/srv/data/copy")
+            .replace(
+                "stop_primary = \"systemctl stop app\"",
+                "stop_primary = \" \"",
+            )
+            + "failover_after_ms = 100\nfailback = \"sometimes\"\n";
+        let errors = field_errors(&bad);
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "mirror.members[1]",
+            "mirror.vip",
+            "mirror.backing",
+            "mirror.stop_primary",
+            "mirror.failover_after_ms",
+            "mirror.failback",
+        ] {
+            assert!(fields.contains(&f), "{f} not named: {errors:#?}");
+        }
+        let vip_error = errors.iter().find(|e| e.field == "mirror.vip").unwrap();
+        assert!(
+            vip_error.message.contains("add it as a [[vip]]"),
+            "{vip_error:?}"
+        );
+    }
+
+    #[test]
     fn every_mistake_is_named() {
         let bad = GOOD
             .replace("id = \"web1\"\ninterface", "id = \"web 1\"\ninterface")

@@ -2117,6 +2117,60 @@ impl Daemon {
                 .sample("farm_drill_timestamp_seconds", &labels, at);
             }
         }
+        if let Some(g) = &self.mirror {
+            let (beat, alive) = self.mirror_peer_alive();
+            let m = g.status(&beat, alive);
+            let role = serde_json::to_value(m.role)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let labels = [("role", role.as_str())];
+            t.family(
+                "farm_mirror_role",
+                "gauge",
+                "1, labelled with this member's mirror role (secondary, primary, stopping).",
+            )
+            .sample("farm_mirror_role", &labels, 1.0);
+            t.family(
+                "farm_mirror_generation",
+                "gauge",
+                "The data generation of this member's copy (it grows at each failover).",
+            )
+            .sample("farm_mirror_generation", &[], m.generation as f64);
+            t.family(
+                "farm_mirror_eligible",
+                "gauge",
+                "1 while this member's copy may become the live data by itself (complete and \
+                 not older than the peer's).",
+            )
+            .sample("farm_mirror_eligible", &[], m.eligible as u8 as f64);
+            if let Some(r) = &m.replication {
+                t.family(
+                    "farm_mirror_in_sync",
+                    "gauge",
+                    "1 while the primary's replica is in sync (fsync covers both members).",
+                )
+                .sample("farm_mirror_in_sync", &[], (r == "in sync") as u8 as f64);
+                t.family(
+                    "farm_mirror_lag_bytes",
+                    "gauge",
+                    "File data shipped but not yet durable on the secondary.",
+                )
+                .sample("farm_mirror_lag_bytes", &[], m.lag_bytes as f64);
+                t.family(
+                    "farm_mirror_lag_seconds",
+                    "gauge",
+                    "Age of the oldest change not yet durable on the secondary.",
+                )
+                .sample("farm_mirror_lag_seconds", &[], m.lag_ms as f64 / 1000.0);
+                t.family(
+                    "farm_mirror_sent_bytes_total",
+                    "counter",
+                    "File data sent to the secondary (live changes and resyncs).",
+                )
+                .sample("farm_mirror_sent_bytes_total", &[], m.bytes_sent as f64);
+            }
+        }
         let now = std::time::Instant::now();
         t.family(
             "farm_check_passing",

@@ -346,6 +346,9 @@ pub struct Group {
     yielding: Option<Instant>,
     swap_requested: bool,
     in_sync_since: Option<Instant>,
+    /// The health checks have passed since this member became primary: only then does a
+    /// failing check hand the role over (the application is still starting before).
+    healthy_as_primary: bool,
     /// The last decision that waits, for status.
     pub waiting: Option<String>,
     /// When the last promotion started (for the takeover time), and how long it took.
@@ -462,6 +465,7 @@ impl Group {
             yielding: None,
             swap_requested: false,
             in_sync_since: None,
+            healthy_as_primary: false,
             waiting: None,
             last_takeover: None,
             cfg,
@@ -583,6 +587,9 @@ impl Group {
             // A swap asked for on the secondary ends when the peer is no longer primary.
             self.swap_requested = false;
         }
+        if self.is_primary() && healthy {
+            self.healthy_as_primary = true;
+        }
         let link_status = self.link().map(Link::status);
         match &link_status {
             Some(st) if st.state == LinkState::InSync => {
@@ -609,7 +616,7 @@ impl Group {
             in_sync_for: self
                 .in_sync_since
                 .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
-            healthy,
+            healthy: healthy || !self.healthy_as_primary,
             me_preferred: self.cfg.preferred == self.me,
             me_lower: self.me < self.peer,
             failback: self.cfg.failback,
@@ -844,6 +851,7 @@ impl Group {
                 tracing::warn!("{msg}");
                 effects.push(Effect::Event(msg));
                 self.last_takeover = Some((self.node.clone(), took));
+                self.healthy_as_primary = false;
                 self.role = Role::Primary { link, session };
             }
             Outcome::Secondary { server, took } => {

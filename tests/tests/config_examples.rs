@@ -46,6 +46,16 @@ fn examples_say_what_they_claim() {
         u.vips[0].rules[0].affinity,
         farm_common::affinity::CONNECTION
     );
+    let m = example("mirror-postgresql.toml");
+    let group = m.mirror.as_ref().expect("a [mirror] group");
+    assert_eq!(group.members, [0, 1]);
+    assert_eq!(group.vip, m.vips[0].address);
+    assert_eq!(group.failback, farm_daemon::config::Failback::Preferred);
+    assert_eq!(group.address(1).to_string(), "10.99.0.2:7948");
+    assert!(
+        m.witness.is_some(),
+        "a two-member mirror group needs its witness"
+    );
     let t = example("two-node-witness.toml");
     assert_eq!(t.members.len(), 2);
     assert!(t.witness.is_some());

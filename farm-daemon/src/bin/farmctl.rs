@@ -858,6 +858,10 @@ fn print_status(s: &Status) {
         }
         println!("{line}");
     }
+    if let Some(m) = &s.mirror {
+        println!();
+        print_mirror(m);
+    }
 }
 
 fn truncate(s: &str, n: usize) -> String {
