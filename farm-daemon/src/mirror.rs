@@ -559,10 +559,11 @@ impl Group {
         let peer_alive =
             peer_heard.is_some_and(|t| now.saturating_duration_since(t) <= self.cfg.failover_after);
         // What the peer announced is remembered durably.
-        if peer_alive && peer.generation > self.facts.get().seen {
-            if let Err(e) = self.facts.update(|f| f.seen = peer.generation) {
-                tracing::error!("mirror: {e}");
-            }
+        if peer_alive
+            && peer.generation > self.facts.get().seen
+            && let Err(e) = self.facts.update(|f| f.seen = peer.generation)
+        {
+            tracing::error!("mirror: {e}");
         }
         // A role change that ended.
         if let Role::Changing(_, rx) = &self.role {

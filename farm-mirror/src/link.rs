@@ -489,7 +489,7 @@ impl Link {
                         g.gate_closed = false;
                         self.shared.1.notify_all();
                     }
-                    if failures % 30 == 0 {
+                    if failures.is_multiple_of(30) {
                         tracing::warn!("resync with {}: {e}", self.peer);
                     }
                     g.resync_error = Some(e.to_string());

@@ -89,6 +89,13 @@ pub struct Progress {
     pub started: Option<Instant>,
 }
 
+/// The replica's answer to a probe: its entry and, for a file, its block checksums.
+struct Probed {
+    entry: Option<Entry>,
+    block_size: u64,
+    blocks: Vec<[u8; 16]>,
+}
+
 /// The primary's side of one resync session.
 pub struct Resync<'a> {
     pub to: &'a mut Framed<BufWriter<TcpStream>>,
@@ -209,10 +216,7 @@ impl<'a> Resync<'a> {
         }
         // Parents sort before their children; a path gone here is removed there.
         for path in paths {
-            let theirs = match self.probe(path)? {
-                (Some(e), _, _) => Some(e),
-                (None, _, _) => None,
-            };
+            let theirs = self.probe(path)?.entry;
             self.fix(path, theirs.as_ref(), true, false)?;
             self.progress.lock().expect("progress").entries_done += 1;
         }
@@ -226,7 +230,7 @@ impl<'a> Resync<'a> {
         Ok(())
     }
 
-    fn probe(&mut self, path: &[u8]) -> Result<(Option<Entry>, u64, Vec<[u8; 16]>), LinkError> {
+    fn probe(&mut self, path: &[u8]) -> Result<Probed, LinkError> {
         self.to.send(&Msg::Probe {
             path: path.to_vec(),
         })?;
@@ -237,7 +241,11 @@ impl<'a> Resync<'a> {
                 entry,
                 block_size,
                 blocks,
-            } if p == path => Ok((entry, block_size, blocks)),
+            } if p == path => Ok(Probed {
+                entry,
+                block_size,
+                blocks,
+            }),
             Msg::Failed { message } => Err(LinkError::Refused(message)),
             other => Err(unexpected(&other)),
         }
@@ -352,8 +360,8 @@ impl<'a> Resync<'a> {
                 true
             }
             Some(t) if force || t.size != size || t.mtime != mtime(&m) => {
-                let (_, bs, blocks) = self.probe(rel)?;
-                let changed = self.send_differing(&f, rel, size, bs.max(1), &blocks)?;
+                let p = self.probe(rel)?;
+                let changed = self.send_differing(&f, rel, size, p.block_size.max(1), &p.blocks)?;
                 if t.size != size {
                     self.send(Op::Truncate {
                         path: path.clone(),
