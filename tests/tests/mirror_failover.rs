@@ -486,6 +486,12 @@ fn the_primary_dies_ten_times_and_no_acknowledged_record_is_lost() {
     );
     let diff = tree::differences(&a, &b);
     assert!(diff.is_empty(), "the copies differ: {diff:#?}");
+    let shown = t.farmctl(primary, &["mirror", "status"]);
+    assert!(shown.status.success());
+    eprintln!(
+        "$ farmctl mirror status\n{}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
     eprintln!(
         "mirror: after 10 failovers the copies are identical ({} entries, content checksums); \
          {} records acknowledged, 0 lost",
