@@ -178,8 +178,9 @@ async fn run(args: &[String], timeout: Duration) -> Result<i32, String> {
         .map(|st| st.code().unwrap_or(-1))
 }
 
-/// Runs `cmd` (stdin closed) and waits at most `timeout` for it; past that it is killed.
-/// `program` names it in the errors. Shared by checks and notify hooks.
+/// Runs `cmd` (stdin closed) in a process group of its own and waits at most `timeout` for it;
+/// past that the whole group is killed (a shell's children too). `program` names it in the
+/// errors. Shared by checks, notify hooks and the mirror group's application commands.
 pub(crate) async fn run_bounded(
     mut cmd: tokio::process::Command,
     program: &str,
@@ -187,6 +188,7 @@ pub(crate) async fn run_bounded(
 ) -> Result<std::process::ExitStatus, String> {
     let mut child = cmd
         .stdin(std::process::Stdio::null())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot run {program}: {e}"))?;
@@ -194,6 +196,10 @@ pub(crate) async fn run_bounded(
         Ok(Ok(st)) => Ok(st),
         Ok(Err(e)) => Err(format!("waiting for {program}: {e}")),
         Err(_) => {
+            if let Some(pid) = child.id() {
+                // SAFETY: kill(2) of the process group this call created.
+                unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+            }
             let _ = child.kill().await;
             Err(format!("{program} did not finish within {timeout:?}"))
         }

@@ -339,6 +339,8 @@ pub struct Group {
     peer_id: String,
     node: String,
     key: [u8; 32],
+    /// farmd's runtime, on which the role change threads run the application's commands.
+    rt: tokio::runtime::Handle,
     facts: Arc<StateFile>,
     role: Role,
     started: Instant,
@@ -458,6 +460,7 @@ impl Group {
             peer_id: members[peer].clone(),
             node: members[me].clone(),
             key,
+            rt: tokio::runtime::Handle::current(),
             facts: Arc::new(facts),
             role: Role::Secondary(None),
             started: Instant::now(),
@@ -703,6 +706,7 @@ impl Group {
         let peer_addr = cfg.address(self.peer);
         let key = self.key;
         let node = self.node.clone();
+        let rt = self.rt.clone();
         let record_base = Some(before.generation);
         std::thread::Builder::new()
             .name("mirror-promote".into())
@@ -712,7 +716,7 @@ impl Group {
                     s.stop();
                 }
                 if let Some(c) = &cfg.stop_secondary {
-                    run(c, "stop_secondary", &cfg, &node, cfg.command_timeout);
+                    run(&rt, &cfg, &node, "stop_secondary", c);
                 }
                 let link = Link::start(
                     peer_addr,
@@ -737,13 +741,7 @@ impl Group {
                         }
                     }
                 };
-                let command_ok = run(
-                    &cfg.start_primary,
-                    "start_primary",
-                    &cfg,
-                    &node,
-                    cfg.command_timeout,
-                );
+                let command_ok = run(&rt, &cfg, &node, "start_primary", &cfg.start_primary);
                 let _ = tx.send(Outcome::Primary {
                     link,
                     session,
@@ -780,6 +778,7 @@ impl Group {
         let (tx, rx) = mpsc::channel();
         let cfg = self.cfg.clone();
         let node = self.node.clone();
+        let rt = self.rt.clone();
         let facts = self.facts.clone();
         let key = self.key;
         let me = self.me;
@@ -790,13 +789,7 @@ impl Group {
                 if yield_to_peer {
                     // A handover: the application's last writes and syncs still reach the
                     // secondary, then everything is flushed to it.
-                    run(
-                        &cfg.stop_primary,
-                        "stop_primary",
-                        &cfg,
-                        &node,
-                        cfg.command_timeout,
-                    );
+                    run(&rt, &cfg, &node, "stop_primary", &cfg.stop_primary);
                     if !link.stop(Duration::from_secs(10)) {
                         tracing::warn!("mirror: the secondary did not confirm the last changes");
                     }
@@ -805,13 +798,7 @@ impl Group {
                     // secondary fail now (EIO), so the application is not stuck in them while
                     // it is stopped.
                     link.stop(Duration::ZERO);
-                    run(
-                        &cfg.stop_primary,
-                        "stop_primary",
-                        &cfg,
-                        &node,
-                        cfg.command_timeout,
-                    );
+                    run(&rt, &cfg, &node, "stop_primary", &cfg.stop_primary);
                 }
                 unmount(&cfg.directory, session);
                 let server = Replica::open(&cfg.backing)
@@ -822,7 +809,7 @@ impl Group {
                     .map_err(|e| tracing::error!("mirror: cannot serve the replica: {e}"))
                     .ok();
                 if let Some(c) = &cfg.start_secondary {
-                    run(c, "start_secondary", &cfg, &node, cfg.command_timeout);
+                    run(&rt, &cfg, &node, "start_secondary", c);
                 }
                 let _ = tx.send(Outcome::Secondary {
                     server,
@@ -1045,11 +1032,11 @@ impl Group {
         match std::mem::replace(&mut self.role, Role::Secondary(None)) {
             Role::Primary { link, session } => {
                 run(
-                    &self.cfg.stop_primary,
-                    "stop_primary",
+                    &self.rt,
                     &self.cfg,
                     &self.node,
-                    self.cfg.command_timeout,
+                    "stop_primary",
+                    &self.cfg.stop_primary,
                 );
                 link.stop(Duration::from_secs(10));
                 unmount(&self.cfg.directory, session);
@@ -1059,13 +1046,7 @@ impl Group {
                     s.stop();
                 }
                 if let Some(c) = &self.cfg.stop_secondary {
-                    run(
-                        c,
-                        "stop_secondary",
-                        &self.cfg,
-                        &self.node,
-                        self.cfg.command_timeout,
-                    );
+                    run(&self.rt, &self.cfg, &self.node, "stop_secondary", c);
                 }
             }
             Role::Changing(..) => {}
@@ -1120,59 +1101,40 @@ fn unmount(dir: &Path, session: fuser::BackgroundSession) {
     drop(session);
 }
 
-/// Runs one of the application's commands (sh -c), bounded by `timeout` (then its process group
-/// is killed). Output goes to farmd's log. Returns whether it exited with status 0.
-fn run(command: &str, what: &str, cfg: &MirrorConfig, node: &str, timeout: Duration) -> bool {
-    use std::os::unix::process::CommandExt as _;
+/// Runs one of the application's commands (`what`: start_primary, ...) with sh -c, bounded by
+/// `command_timeout` (see `checks::run_bounded`), on the daemon's runtime from the calling role
+/// change thread. Output goes to farmd's log. Returns whether it exited with status 0.
+fn run(
+    rt: &tokio::runtime::Handle,
+    cfg: &MirrorConfig,
+    node: &str,
+    what: &str,
+    command: &str,
+) -> bool {
     tracing::info!("mirror: running {what}: {command}");
     let started = Instant::now();
-    let mut cmd = std::process::Command::new("/bin/sh");
+    let mut cmd = tokio::process::Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(command)
         .env("FARM_MIRROR_ROLE_COMMAND", what)
         .env("FARM_MIRROR_DIRECTORY", &cfg.directory)
         .env("FARM_MIRROR_VIP", cfg.vip.to_string())
-        .env("FARM_NODE", node)
-        .stdin(std::process::Stdio::null())
-        .process_group(0);
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("mirror: {what} could not start: {e}");
-            return false;
+        .env("FARM_NODE", node);
+    match rt.block_on(crate::checks::run_bounded(cmd, what, cfg.command_timeout)) {
+        Ok(status) if status.success() => {
+            tracing::info!(
+                "mirror: {what} done in {} ms",
+                started.elapsed().as_millis()
+            );
+            true
         }
-    };
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                let ok = status.success();
-                if ok {
-                    tracing::info!(
-                        "mirror: {what} done in {} ms",
-                        started.elapsed().as_millis()
-                    );
-                } else {
-                    tracing::error!("mirror: {what} failed: {status}");
-                }
-                return ok;
-            }
-            Ok(None) if started.elapsed() < timeout => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Ok(None) => {
-                tracing::error!(
-                    "mirror: {what} still running after {} s: killed",
-                    timeout.as_secs()
-                );
-                // SAFETY: kill(2) of the command's own process group.
-                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-                let _ = child.wait();
-                return false;
-            }
-            Err(e) => {
-                tracing::error!("mirror: waiting for {what}: {e}");
-                return false;
-            }
+        Ok(status) => {
+            tracing::error!("mirror: {what} failed: {status}");
+            false
+        }
+        Err(e) => {
+            tracing::error!("mirror: {e}");
+            false
         }
     }
 }
