@@ -884,28 +884,20 @@ impl Filesystem for MirrorFs {
             return reply.written(n as u32);
         };
         // Read back through a descriptor of our own (the destination may be write-only).
-        let back = match File::open(self.real(&path)) {
-            Ok(f) => f,
-            Err(e) => {
-                self.link.fail(format!("reading back a copied range: {e}"));
-                return reply.written(n as u32);
-            }
-        };
-        let mut at = offset_out as u64;
-        let end = at + n as u64;
-        while at < end {
-            let chunk = ((end - at) as usize).min(512 << 10);
-            let mut buf = vec![0u8; chunk];
-            if let Err(e) = back.read_exact_at(&mut buf, at) {
-                self.link.fail(format!("reading back a copied range: {e}"));
-                break;
-            }
-            self.link.op(Op::Write {
-                path: path.clone(),
-                offset: at,
-                data: buf,
+        let from = offset_out as u64;
+        let shipped = File::open(self.real(&path))
+            .map_err(|e| crate::link::LinkError::Backing {
+                path: String::from_utf8_lossy(&path).into_owned(),
+                source: e,
+            })
+            .and_then(|back| {
+                crate::resync::range_writes(&back, &path, from, from + n as u64, &mut |op| {
+                    self.link.op(op);
+                    Ok(())
+                })
             });
-            at += chunk as u64;
+        if let Err(e) = shipped {
+            self.link.fail(format!("reading back a copied range: {e}"));
         }
         reply.written(n as u32);
     }

@@ -428,46 +428,13 @@ impl<'a> Resync<'a> {
             } else {
                 (hole as u64).min(size)
             };
-            self.write_range(f, rel, data as u64, end)?;
+            range_writes(f, rel, data as u64, end, &mut |op| self.send(op))?;
             pos = end;
         }
         self.send(Op::Truncate {
             path: rel.to_vec(),
             size,
         })
-    }
-
-    fn write_range(
-        &mut self,
-        f: &std::fs::File,
-        rel: &[u8],
-        from: u64,
-        to: u64,
-    ) -> Result<(), LinkError> {
-        const CHUNK: u64 = 512 << 10;
-        let mut at = from;
-        while at < to {
-            let n = (to - at).min(CHUNK) as usize;
-            let mut buf = vec![0u8; n];
-            match f.read_exact_at(&mut buf, at) {
-                Ok(()) => {}
-                // Shrunk meanwhile: the change record has it.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => {
-                    return Err(LinkError::Backing {
-                        path: String::from_utf8_lossy(rel).into_owned(),
-                        source: e,
-                    });
-                }
-            }
-            self.send(Op::Write {
-                path: rel.to_vec(),
-                offset: at,
-                data: buf,
-            })?;
-            at += n as u64;
-        }
-        Ok(())
     }
 
     /// Sends the blocks of our file whose checksums differ from the replica's (`blocks` of
@@ -526,6 +493,41 @@ impl<'a> Resync<'a> {
         }
         Ok(changed)
     }
+}
+
+/// The bytes `from..to` of `f` as writes to `rel` of at most 512 KiB each, in order, given to
+/// `emit`; stops at the file's end if it shrank meanwhile (whoever shrank it recorded that).
+/// Shared by the resync and the primary's copy_file_range.
+pub fn range_writes(
+    f: &std::fs::File,
+    rel: &[u8],
+    from: u64,
+    to: u64,
+    emit: &mut dyn FnMut(Op) -> Result<(), LinkError>,
+) -> Result<(), LinkError> {
+    const CHUNK: u64 = 512 << 10;
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(CHUNK) as usize;
+        let mut buf = vec![0u8; n];
+        match f.read_exact_at(&mut buf, at) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => {
+                return Err(LinkError::Backing {
+                    path: String::from_utf8_lossy(rel).into_owned(),
+                    source: e,
+                });
+            }
+        }
+        emit(Op::Write {
+            path: rel.to_vec(),
+            offset: at,
+            data: buf,
+        })?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 fn mtime(m: &std::fs::Metadata) -> (i64, u32) {
