@@ -13,7 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
+use std::os::unix::ffi::OsStrExt as _;
 
 use crate::{
     state::{StateError, StateFile},
@@ -21,25 +21,9 @@ use crate::{
 };
 
 /// How a replica entry is described to the primary.
-fn describe(
-    path: Vec<u8>,
-    m: &std::fs::Metadata,
-    full: impl FnOnce() -> PathBuf,
-) -> Result<Entry, ReplicaError> {
-    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
-    let ft = m.file_type();
-    let kind = if ft.is_dir() {
-        Kind::Dir
-    } else if ft.is_file() {
-        Kind::File
-    } else if ft.is_symlink() {
-        let target = std::fs::read_link(full()).map_err(Replica::os("reading the link", &path))?;
-        Kind::Symlink(target.into_os_string().into_vec())
-    } else if ft.is_fifo() || ft.is_socket() || ft.is_char_device() || ft.is_block_device() {
-        Kind::Other { rdev: m.rdev() }
-    } else {
-        Kind::Other { rdev: 0 }
-    };
+fn describe(path: Vec<u8>, m: &std::fs::Metadata, full: &Path) -> Result<Entry, ReplicaError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let kind = crate::resync::kind_of(m, full).map_err(Replica::os("reading the link", &path))?;
     Ok(Entry {
         path,
         kind,
@@ -461,7 +445,7 @@ impl Replica {
                 let e = e.map_err(Self::os("listing", &rel))?;
                 let child = crate::resync::join(&rel, e.file_name().as_bytes());
                 let m = e.metadata().map_err(Self::os("listing", &child))?;
-                let entry = describe(child.clone(), &m, || e.path())?;
+                let entry = describe(child.clone(), &m, &e.path())?;
                 if entry.kind == Kind::Dir {
                     stack.push(child);
                 }
@@ -490,7 +474,7 @@ impl Replica {
                 let m = std::fs::symlink_metadata(&p).map_err(Self::os("probing", rel))?;
                 return Ok(Msg::Probed {
                     path: rel.to_vec(),
-                    entry: Some(describe(rel.to_vec(), &m, || p.clone())?),
+                    entry: Some(describe(rel.to_vec(), &m, &p)?),
                     block_size: 0,
                     blocks: Vec::new(),
                 });
@@ -498,7 +482,7 @@ impl Replica {
         }
         let f = self.open_file(rel, libc::O_RDONLY)?;
         let m = f.metadata().map_err(Self::os("probing", rel))?;
-        let entry = describe(rel.to_vec(), &m, PathBuf::new)?;
+        let entry = describe(rel.to_vec(), &m, Path::new(""))?;
         let bs = crate::resync::block_size(m.len());
         let blocks =
             crate::resync::hash_blocks(&f, m.len(), bs).map_err(Self::os("reading", rel))?;

@@ -117,7 +117,9 @@ fn backing(path: &Path) -> impl FnOnce(std::io::Error) -> LinkError + '_ {
     }
 }
 
-fn kind_of(m: &std::fs::Metadata, full: &Path) -> std::io::Result<Kind> {
+/// What an entry is, from its metadata (`full`: its path, read only for a symlink's target).
+/// Shared by both sides of a resync.
+pub(crate) fn kind_of(m: &std::fs::Metadata, full: &Path) -> std::io::Result<Kind> {
     let ft = m.file_type();
     Ok(if ft.is_dir() {
         Kind::Dir
