@@ -2120,11 +2120,7 @@ impl Daemon {
         if let Some(g) = &self.mirror {
             let (beat, alive) = self.mirror_peer_alive();
             let m = g.status(&beat, alive);
-            let role = serde_json::to_value(m.role)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
-            let labels = [("role", role.as_str())];
+            let labels = [("role", m.role.name())];
             t.family(
                 "farm_mirror_role",
                 "gauge",

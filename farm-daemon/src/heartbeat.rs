@@ -153,6 +153,16 @@ pub enum MirrorRole {
 }
 
 impl MirrorRole {
+    /// As status, metrics and JSON show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MirrorRole::None => "none",
+            MirrorRole::Secondary => "secondary",
+            MirrorRole::Primary => "primary",
+            MirrorRole::Stopping => "stopping",
+        }
+    }
+
     fn to_u8(self) -> u8 {
         match self {
             MirrorRole::None => 0,
@@ -382,6 +392,18 @@ impl ReplayGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mirror_role_names_are_their_json_names() {
+        for r in [
+            MirrorRole::None,
+            MirrorRole::Secondary,
+            MirrorRole::Primary,
+            MirrorRole::Stopping,
+        ] {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.name());
+        }
+    }
 
     const KEY: [u8; 32] = [7; 32];
 

@@ -321,17 +321,11 @@ fn bytes(n: u64) -> String {
 }
 
 fn print_mirror(m: &farm_daemon::mirror::GroupStatus) {
-    let role = |r: farm_daemon::heartbeat::MirrorRole| {
-        serde_json::to_value(r)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default()
-    };
     println!("mirror group: VIP {} -> {}", m.vip, m.directory);
     println!(
         "  {:<12} {:<10} copy: generation {}, {}{}",
         m.node,
-        role(m.role),
+        m.role.name(),
         m.generation,
         if m.complete { "complete" } else { "INCOMPLETE" },
         if m.eligible {
@@ -344,9 +338,9 @@ fn print_mirror(m: &farm_daemon::mirror::GroupStatus) {
         "  {:<12} {:<10} {}",
         m.peer,
         if m.peer_alive {
-            role(m.peer_role)
+            m.peer_role.name()
         } else {
-            "unreachable".into()
+            "unreachable"
         },
         if m.seen > m.generation {
             format!("announced generation {}", m.seen)
