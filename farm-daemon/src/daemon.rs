@@ -473,41 +473,26 @@ impl Daemon {
         Ok(())
     }
 
-    /// The mirror group's peer: its last announcement and when it was last heard.
-    fn mirror_peer(&self) -> Option<(crate::heartbeat::MirrorBeat, Option<std::time::Instant>)> {
-        let g = self.mirror.as_ref()?;
-        let peer = if g.cfg.members[0] == self.cfg.me {
-            g.cfg.members[1]
-        } else {
-            g.cfg.members[0]
-        };
-        let p = &self.cluster.membership.peers[peer];
-        Some((p.mirror, p.last_heard.iter().flatten().max().copied()))
+    /// The mirror group's peer as the group sees it.
+    fn mirror_view(&self) -> crate::mirror::PeerView {
+        self.mirror.as_ref().map_or_else(Default::default, |g| {
+            g.view(
+                &self.cluster.membership.peers[g.peer_index()],
+                std::time::Instant::now(),
+            )
+        })
     }
 
-    fn mirror_peer_alive(&self) -> (crate::heartbeat::MirrorBeat, bool) {
-        match (self.mirror_peer(), &self.mirror) {
-            (Some((beat, heard)), Some(g)) => (
-                beat,
-                heard.is_some_and(|t| t.elapsed() <= g.cfg.failover_after),
-            ),
-            _ => (Default::default(), false),
-        }
-    }
-
-    /// Re-evaluates the mirror group and applies what it decided.
+    /// Re-evaluates the mirror group, applies what it decided and announces its state.
     fn mirror_tick(&mut self) {
-        let Some((beat, heard)) = self.mirror_peer() else {
-            return;
-        };
+        let view = self.mirror_view();
         let quorum = self.cluster.membership.has_quorum();
         let healthy = self.health.healthy();
         let Some(g) = self.mirror.as_mut() else {
             return;
         };
-        let effects = g.tick(std::time::Instant::now(), beat, heard, quorum, healthy);
-        let alive = heard.is_some_and(|t| t.elapsed() <= g.cfg.failover_after);
-        self.cluster.mirror = g.beat(&beat, alive);
+        let effects = g.tick(std::time::Instant::now(), view, quorum, healthy);
+        self.cluster.mirror = g.announced();
         self.mirror_effects(effects);
     }
 
@@ -528,7 +513,7 @@ impl Daemon {
     }
 
     fn mirror_request(&mut self, req: &Request) -> Response {
-        let (beat, alive) = self.mirror_peer_alive();
+        let view = self.mirror_view();
         let Some(g) = self.mirror.as_mut() else {
             return Response::Error {
                 message: "this node is not a member of a mirror group (no [mirror] section \
@@ -537,8 +522,8 @@ impl Daemon {
             };
         };
         match req {
-            Request::MirrorStatus => Response::Mirror(Box::new(g.status(&beat, alive))),
-            Request::MirrorSwap => match g.request_swap(&beat, alive) {
+            Request::MirrorStatus => Response::Mirror(Box::new(g.status(view))),
+            Request::MirrorSwap => match g.request_swap(view) {
                 Ok(message) => {
                     self.event(format!("mirror: {message}"));
                     Response::MirrorDone { message }
@@ -547,7 +532,7 @@ impl Daemon {
             },
             Request::MirrorPromote => {
                 let mut effects = Vec::new();
-                let r = g.force_promote(&beat, alive, &mut effects);
+                let r = g.force_promote(view, &mut effects);
                 self.mirror_effects(effects);
                 match r {
                     Ok(message) => Response::MirrorDone { message },
@@ -2118,8 +2103,7 @@ impl Daemon {
             }
         }
         if let Some(g) = &self.mirror {
-            let (beat, alive) = self.mirror_peer_alive();
-            let m = g.status(&beat, alive);
+            let m = g.status(self.mirror_view());
             let labels = [("role", m.role.name())];
             t.family(
                 "farm_mirror_role",
@@ -2403,10 +2387,7 @@ impl Daemon {
             quorum: self.quorum,
             handover: self.handover.progress(),
             drill: self.drill_report(),
-            mirror: self.mirror.as_ref().map(|g| {
-                let (beat, alive) = self.mirror_peer_alive();
-                g.status(&beat, alive)
-            }),
+            mirror: self.mirror.as_ref().map(|g| g.status(self.mirror_view())),
             queued: self.queued.map(|p| match self.describe_move() {
                 Some(why) => format!("{} (waits: {why})", p.name()),
                 None => p.name().into(),

@@ -323,6 +323,14 @@ enum Role {
     Changing(MirrorRole, mpsc::Receiver<Outcome>),
 }
 
+/// The peer as this member last heard it: its announcement, and whether it is alive for the
+/// group (heard within `failover_after`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PeerView {
+    pub beat: MirrorBeat,
+    pub alive: bool,
+}
+
 /// Something the daemon must do or show after a tick.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
@@ -351,6 +359,8 @@ pub struct Group {
     /// The health checks have passed since this member became primary: only then does a
     /// failing check hand the role over (the application is still starting before).
     healthy_as_primary: bool,
+    /// What this member announces (set by `tick`).
+    announced: MirrorBeat,
     /// The last decision that waits, for status.
     pub waiting: Option<String>,
     /// When the last promotion started (for the takeover time), and how long it took.
@@ -469,11 +479,13 @@ impl Group {
             swap_requested: false,
             in_sync_since: None,
             healthy_as_primary: false,
+            announced: MirrorBeat::default(),
             waiting: None,
             last_takeover: None,
             cfg,
         };
         g.role = Role::Secondary(g.serve());
+        g.announced = g.beat(PeerView::default(), false);
         Ok(g)
     }
 
@@ -518,17 +530,34 @@ impl Group {
         }
     }
 
-    /// What this member announces.
-    pub fn beat(&self, peer: &MirrorBeat, peer_alive: bool) -> MirrorBeat {
+    /// The member index of the peer.
+    pub fn peer_index(&self) -> usize {
+        self.peer
+    }
+
+    /// The peer as the group sees it, from its membership entry.
+    pub fn view(&self, p: &crate::membership::Peer, now: Instant) -> PeerView {
+        let heard = p.last_heard.iter().flatten().max();
+        PeerView {
+            beat: p.mirror,
+            alive: heard
+                .is_some_and(|&t| now.saturating_duration_since(t) <= self.cfg.failover_after),
+        }
+    }
+
+    /// What this member announces in its heartbeats, as of the last tick.
+    pub fn announced(&self) -> MirrorBeat {
+        self.announced
+    }
+
+    /// What this member announces, `replica_in_sync`: as primary, its link is in sync.
+    fn beat(&self, peer: PeerView, replica_in_sync: bool) -> MirrorBeat {
         let f = self.facts.get();
         let mut flags = 0;
         if f.synced {
             flags |= MirrorBeat::COMPLETE;
         }
-        if self
-            .link()
-            .is_some_and(|l| l.status().state == LinkState::InSync)
-        {
+        if replica_in_sync {
             flags |= MirrorBeat::REPLICA_IN_SYNC;
         }
         if self.yielding.is_some() {
@@ -536,8 +565,8 @@ impl Group {
         }
         if self.swap_requested
             && !self.is_primary()
-            && peer_alive
-            && peer.role == MirrorRole::Primary
+            && peer.alive
+            && peer.beat.role == MirrorRole::Primary
         {
             flags |= MirrorBeat::WANTS_SWAP;
         }
@@ -549,18 +578,19 @@ impl Group {
         }
     }
 
-    /// Re-evaluates the group. `peer_heard`: when the peer was last heard (any network).
+    /// Re-evaluates the group, and what it announces.
     pub fn tick(
         &mut self,
         now: Instant,
-        peer: MirrorBeat,
-        peer_heard: Option<Instant>,
+        view: PeerView,
         quorum: bool,
         healthy: bool,
     ) -> Vec<Effect> {
         let mut effects = Vec::new();
-        let peer_alive =
-            peer_heard.is_some_and(|t| now.saturating_duration_since(t) <= self.cfg.failover_after);
+        let PeerView {
+            beat: peer,
+            alive: peer_alive,
+        } = view;
         // What the peer announced is remembered durably.
         if peer_alive
             && peer.generation > self.facts.get().seen
@@ -595,11 +625,13 @@ impl Group {
             self.healthy_as_primary = true;
         }
         let link_status = self.link().map(Link::status);
-        match &link_status {
-            Some(st) if st.state == LinkState::InSync => {
-                self.in_sync_since.get_or_insert(now);
-            }
-            _ => self.in_sync_since = None,
+        let mut replica_in_sync = link_status
+            .as_ref()
+            .is_some_and(|st| st.state == LinkState::InSync);
+        if replica_in_sync {
+            self.in_sync_since.get_or_insert(now);
+        } else {
+            self.in_sync_since = None;
         }
         if !matches!(
             link_status.as_ref().map(|s| &s.state),
@@ -660,19 +692,22 @@ impl Group {
             Decision::GoAlone { generation, why } => {
                 if let Err(e) = self.facts.update(|f| f.generation = generation) {
                     tracing::error!("mirror: {e}");
-                    return effects;
+                } else {
+                    if let Some(l) = self.link() {
+                        l.degrade(&why, generation);
+                    }
+                    replica_in_sync = false;
+                    self.pending = None;
+                    effects.push(Effect::Event(format!(
+                        "mirror: primary {} goes on alone at generation {generation} ({why}); \
+                         the group is DEGRADED until {} is back in sync",
+                        self.node, self.peer_id
+                    )));
                 }
-                if let Some(l) = self.link() {
-                    l.degrade(&why, generation);
-                }
-                self.pending = None;
-                effects.push(Effect::Event(format!(
-                    "mirror: primary {} goes on alone at generation {generation} ({why}); the \
-                     group is DEGRADED until {} is back in sync",
-                    self.node, self.peer_id
-                )));
             }
         }
+        // A member that stopped being primary this tick has no replica any more.
+        self.announced = self.beat(view, replica_in_sync && self.is_primary());
         effects
     }
 
@@ -856,8 +891,9 @@ impl Group {
     }
 
     /// `farmctl mirror swap`.
-    pub fn request_swap(&mut self, peer: &MirrorBeat, peer_alive: bool) -> Result<String, String> {
-        if !peer_alive {
+    pub fn request_swap(&mut self, view: PeerView) -> Result<String, String> {
+        let peer = &view.beat;
+        if !view.alive {
             return Err(format!(
                 "{} is not reachable: nothing to swap with",
                 self.peer_id
@@ -902,11 +938,10 @@ impl Group {
     /// `farmctl mirror promote --force`: this member becomes primary whatever its copy.
     pub fn force_promote(
         &mut self,
-        peer: &MirrorBeat,
-        peer_alive: bool,
+        view: PeerView,
         effects: &mut Vec<Effect>,
     ) -> Result<String, String> {
-        if peer_alive && matches!(peer.role, MirrorRole::Primary | MirrorRole::Stopping) {
+        if view.alive && matches!(view.beat.role, MirrorRole::Primary | MirrorRole::Stopping) {
             return Err(format!(
                 "{} is primary and reachable: forcing would make two primaries (use farmctl \
                  mirror swap)",
@@ -937,7 +972,8 @@ impl Group {
         Ok(warning)
     }
 
-    pub fn status(&self, peer: &MirrorBeat, peer_alive: bool) -> GroupStatus {
+    pub fn status(&self, view: PeerView) -> GroupStatus {
+        let (peer, peer_alive) = (&view.beat, view.alive);
         let f = self.facts.get();
         let link: Option<LinkStatus> = self.link().map(Link::status);
         let server: Option<ServerStatus> = match &self.role {
