@@ -262,35 +262,23 @@ impl Link {
     pub fn op(&self, op: Op) {
         let mut g = self.lock();
         if g.state != State::InSync {
-            let [a, b] = op.paths();
-            for p in [a, b].into_iter().flatten() {
-                g.record.insert(p.clone());
-            }
+            g.record_paths(&op);
             return;
         }
-        let m = Msg::Op(op);
-        let cost = queued_cost(&m);
-        g.queued_bytes += cost;
+        g.queued_bytes += op_cost(&op);
         if g.queued_bytes > g.opts.max_queued_bytes {
             let why = format!(
                 "more than {} MiB waiting for the secondary",
                 g.opts.max_queued_bytes >> 20
             );
-            if let Msg::Op(op) = &m {
-                let [a, b] = op.paths();
-                for p in [a, b].into_iter().flatten() {
-                    g.record.insert(p.clone());
-                }
-            }
+            g.record_paths(&op);
             self.break_locked(&mut g, why);
             return;
         }
-        let Msg::Op(op) = &m else { unreachable!() };
         let barrier = g.next_barrier;
         let now = Instant::now();
         let data = op.data_len();
-        let [a, b] = op.paths();
-        for p in [a, b].into_iter().flatten() {
+        for p in op.paths().into_iter().flatten() {
             // Consecutive changes of one file are remembered once.
             if g.unacked
                 .back()
@@ -302,7 +290,7 @@ impl Link {
             }
         }
         g.unacked_bytes += data;
-        g.queue.push_back(m);
+        g.queue.push_back(Msg::Op(op));
         self.shared.1.notify_all();
     }
 
@@ -345,10 +333,7 @@ impl Link {
         if g.state != State::InSync {
             return;
         }
-        g.session += 1;
-        if let Some(s) = g.stream.take() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
+        g.end_session();
         g.queue.clear();
         g.queued_bytes = 0;
         if g.opts.auto_degrade {
@@ -373,8 +358,6 @@ impl Link {
         }
         if matches!(g.state, State::Broken(_)) {
             self.degrade_locked(&mut g, why.to_string(), generation);
-            drop(g);
-            self.spawn_resync();
         }
     }
 
@@ -395,15 +378,7 @@ impl Link {
         for (_, done) in g.waiting.drain(..) {
             done(Synced::Local);
         }
-        if g.opts.auto_degrade && !g.resyncing {
-            // The standalone tool: start trying at once.
-            g.resyncing = true;
-            let l = self.clone();
-            std::thread::Builder::new()
-                .name("mirror-resync".into())
-                .spawn(move || l.resync_loop())
-                .expect("spawning a thread");
-        }
+        self.spawn_resync_locked(g);
     }
 
     /// A planned stop (swap): waits until everything is durable on the secondary (bounded by
@@ -415,10 +390,7 @@ impl Link {
         }));
         let ok = rx.recv_timeout(timeout).unwrap_or(false);
         let mut g = self.lock();
-        g.session += 1;
-        if let Some(s) = g.stream.take() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
+        g.end_session();
         g.state = State::Stopped;
         for (_, done) in g.waiting.drain(..) {
             done(Synced::Failed);
@@ -451,11 +423,16 @@ impl Link {
 
     fn spawn_resync(&self) {
         let mut g = self.lock();
+        self.spawn_resync_locked(&mut g);
+    }
+
+    /// Starts the resync thread unless one runs or the link is not degraded (the thread takes
+    /// the lock only once the caller has let it go).
+    fn spawn_resync_locked(&self, g: &mut Inner) {
         if g.resyncing || !matches!(g.state, State::Degraded(_)) {
             return;
         }
         g.resyncing = true;
-        drop(g);
         let l = self.clone();
         std::thread::Builder::new()
             .name("mirror-resync".into())
@@ -778,12 +755,34 @@ fn set_user_timeout(conn: &TcpStream, t: Duration) {
     }
 }
 
-/// What a queued message counts against the in-flight bound: its file data and a fixed
-/// allowance for the rest of an operation.
+/// What an operation counts against the in-flight bound: its file data and a fixed allowance
+/// for the rest.
+fn op_cost(op: &Op) -> usize {
+    op.data_len() + 64
+}
+
+/// The same for any queued message (barriers count nothing).
 fn queued_cost(m: &Msg) -> usize {
     match m {
-        Msg::Op(op) => op.data_len() + 64,
+        Msg::Op(op) => op_cost(op),
         _ => 0,
+    }
+}
+
+impl Inner {
+    /// Keeps the paths `op` changes in the change record.
+    fn record_paths(&mut self, op: &Op) {
+        for p in op.paths().into_iter().flatten() {
+            self.record.insert(p.clone());
+        }
+    }
+
+    /// Ends the current session: its threads stop touching the state, its socket closes.
+    fn end_session(&mut self) {
+        self.session += 1;
+        if let Some(s) = self.stream.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
