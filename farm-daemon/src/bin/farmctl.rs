@@ -188,7 +188,13 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(1);
             }
-            if !yes && !confirm("Make this member the mirror group's primary whatever its copy?") {
+            if !yes
+                && !confirm(
+                    "Make this member the mirror group's primary whatever its copy?",
+                    "a forced promotion may lose acknowledged data; add --yes to run it from a \
+                     script",
+                )
+            {
                 return ExitCode::from(1);
             }
             (Request::MirrorPromote, None)
@@ -276,32 +282,27 @@ fn main() -> ExitCode {
     }
 }
 
-/// Asks on a terminal; refuses without a terminal (scripts pass --yes).
+/// Asks before a drill (see `confirm`).
 fn confirm_drill(member: Option<&str>) -> bool {
-    use std::io::{BufRead as _, IsTerminal as _, Write as _};
     let who = member.unwrap_or("another member");
-    if !std::io::stdin().is_terminal() {
-        eprintln!(
-            "farmctl: a drill makes {who} act as if it crashed (its clients' connections break); \
-             add --yes to run it from a script"
-        );
-        return false;
-    }
-    print!(
-        "The drill makes {who} act as if it crashed: its clients get no answer until the farm \
-         takes over, and their connections break. Go on? [y/N] "
-    );
-    let _ = std::io::stdout().flush();
-    let mut line = String::new();
-    let _ = std::io::stdin().lock().read_line(&mut line);
-    matches!(line.trim(), "y" | "Y" | "yes")
+    confirm(
+        &format!(
+            "The drill makes {who} act as if it crashed: its clients get no answer until the farm \
+             takes over, and their connections break. Go on?"
+        ),
+        &format!(
+            "a drill makes {who} act as if it crashed (its clients' connections break); add \
+             --yes to run it from a script"
+        ),
+    )
 }
 
-/// Asks `question` on a terminal; refuses without one (scripts pass --yes).
-fn confirm(question: &str) -> bool {
+/// Asks `question` on a terminal; without one, refuses with `without_terminal` (scripts pass
+/// --yes).
+fn confirm(question: &str, without_terminal: &str) -> bool {
     use std::io::{BufRead as _, IsTerminal as _, Write as _};
     if !std::io::stdin().is_terminal() {
-        eprintln!("farmctl: not a terminal; add --yes to confirm from a script");
+        eprintln!("farmctl: {without_terminal}");
         return false;
     }
     print!("{question} [y/N] ");
