@@ -413,6 +413,27 @@ pub struct ResyncStatus {
     pub bytes_per_second: f64,
 }
 
+impl ResyncStatus {
+    /// A resync's progress after `took`.
+    fn of(p: &farm_mirror::resync::Progress, took: Duration) -> Self {
+        let seconds = took.as_secs_f64();
+        Self {
+            full_check: p.full_check,
+            pass: p.pass,
+            entries_done: p.entries_done,
+            entries_total: p.entries_total,
+            bytes_sent: p.bytes_sent,
+            bytes_same: p.bytes_same,
+            seconds,
+            bytes_per_second: if seconds > 0.0 {
+                (p.bytes_sent + p.bytes_same) as f64 / seconds
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
 impl Group {
     /// Opens the state file and starts as secondary (listening for the peer).
     pub fn start(
@@ -980,23 +1001,6 @@ impl Group {
             Role::Secondary(Some(s)) => Some(s.status()),
             _ => None,
         };
-        let resync = |p: &farm_mirror::resync::Progress| {
-            let secs = p.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
-            ResyncStatus {
-                full_check: p.full_check,
-                pass: p.pass,
-                entries_done: p.entries_done,
-                entries_total: p.entries_total,
-                bytes_sent: p.bytes_sent,
-                bytes_same: p.bytes_same,
-                seconds: secs,
-                bytes_per_second: if secs > 0.0 {
-                    (p.bytes_sent + p.bytes_same) as f64 / secs
-                } else {
-                    0.0
-                },
-            }
-        };
         GroupStatus {
             node: self.node.clone(),
             peer: self.peer_id.clone(),
@@ -1024,24 +1028,14 @@ impl Group {
             bytes_sent: link.as_ref().map_or(0, |l| l.bytes_sent),
             syncs_acknowledged: link.as_ref().map_or(0, |l| l.syncs_acknowledged),
             recorded_paths: link.as_ref().map_or(0, |l| l.recorded as u64),
-            resync: link.as_ref().and_then(|l| l.resync.as_ref()).map(resync),
-            last_resync: link.as_ref().and_then(|l| l.last_resync.as_ref()).map(|r| {
-                let secs = r.took.as_secs_f64();
-                ResyncStatus {
-                    full_check: r.full_check,
-                    pass: r.passes,
-                    entries_done: 0,
-                    entries_total: 0,
-                    bytes_sent: r.bytes_sent,
-                    bytes_same: r.bytes_same,
-                    seconds: secs,
-                    bytes_per_second: if secs > 0.0 {
-                        (r.bytes_sent + r.bytes_same) as f64 / secs
-                    } else {
-                        0.0
-                    },
-                }
-            }),
+            resync: link
+                .as_ref()
+                .and_then(|l| l.resync.as_ref())
+                .map(|p| ResyncStatus::of(p, p.started.map_or(Duration::ZERO, |t| t.elapsed()))),
+            last_resync: link
+                .as_ref()
+                .and_then(|l| l.last_resync.as_ref())
+                .map(|r| ResyncStatus::of(&r.progress, r.took)),
             primary_connected: server.as_ref().and_then(|s| s.primary.clone()),
             resyncing: server.as_ref().is_some_and(|s| s.resyncing),
             ops_applied: server.as_ref().map_or(0, |s| s.ops_applied),

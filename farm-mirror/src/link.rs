@@ -99,14 +99,10 @@ pub struct Options {
     pub record_base: Option<u64>,
 }
 
-/// A completed resync, for status and tests.
+/// A completed resync, for status and tests: its last progress, and how long it took.
 #[derive(Debug, Clone)]
 pub struct ResyncReport {
-    pub full_check: bool,
-    pub passes: u32,
-    pub bytes_sent: u64,
-    pub bytes_same: u64,
-    pub operations: u64,
+    pub progress: Progress,
     pub took: Duration,
 }
 
@@ -533,7 +529,6 @@ impl Link {
                 return Err(WireError::Malformed(format!("{other:?} instead of Resyncing")).into());
             }
         };
-        let started = Instant::now();
         tracing::info!(
             "resync with {} to generation {generation}: {}",
             self.peer,
@@ -594,21 +589,17 @@ impl Link {
         conn.set_read_timeout(None).ok();
         let p = progress.lock().expect("progress").clone();
         let report = ResyncReport {
-            full_check: !trusted,
-            passes,
-            bytes_sent: p.bytes_sent,
-            bytes_same: p.bytes_same,
-            operations: p.operations,
-            took: started.elapsed(),
+            took: p.started.map_or(Duration::ZERO, |t| t.elapsed()),
+            progress: p.clone(),
         };
         tracing::info!(
             "secondary {} in sync at generation {generation}: {} pass(es), {} bytes of file data \
              sent, {} bytes found equal, {} operations, {:.1} s",
             self.peer,
-            report.passes,
-            report.bytes_sent,
-            report.bytes_same,
-            report.operations,
+            p.pass,
+            p.bytes_sent,
+            p.bytes_same,
+            p.operations,
             report.took.as_secs_f64()
         );
         let session = {
@@ -852,7 +843,7 @@ mod tests {
         equal(&src, &dst);
         let first = link.status().last_resync.expect("report");
         assert_eq!(
-            first.bytes_sent,
+            first.progress.bytes_sent,
             100_000 + 4 + (4 << 20),
             "holes are not sent"
         );
@@ -881,8 +872,15 @@ mod tests {
         );
         equal(&src, &dst);
         let second = link.status().last_resync.expect("report");
-        assert!(!second.full_check, "the record is trusted: {second:?}");
-        assert_eq!(second.bytes_sent, 64 << 10, "one block: {second:?}");
+        assert!(
+            !second.progress.full_check,
+            "the record is trusted: {second:?}"
+        );
+        assert_eq!(
+            second.progress.bytes_sent,
+            64 << 10,
+            "one block: {second:?}"
+        );
         let _ = std::fs::remove_dir_all(&src);
         let _ = std::fs::remove_dir_all(&dst);
     }
@@ -916,8 +914,8 @@ mod tests {
         );
         equal(&src, &dst);
         let r = link.status().last_resync.expect("report");
-        assert!(r.full_check);
-        assert_eq!(r.bytes_sent, 64 << 10, "{r:?}");
+        assert!(r.progress.full_check);
+        assert_eq!(r.progress.bytes_sent, 64 << 10, "{r:?}");
         let _ = std::fs::remove_dir_all(&src);
         let _ = std::fs::remove_dir_all(&dst);
     }
