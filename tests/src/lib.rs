@@ -10,6 +10,7 @@
 pub mod fixture;
 pub mod frames;
 pub mod keepalived;
+pub mod mirror_tool;
 pub mod netns;
 pub mod topology;
 pub mod traffic;

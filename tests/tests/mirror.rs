@@ -7,57 +7,24 @@ use std::{
     io::Write as _,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
 use farm_mirror::tree;
 use farm_tests::{
-    bin, require_root,
+    mirror_tool::{self, MirrorProc, Mount},
+    require_root,
     topology::{Spec, Topology},
 };
 
 const PORT: u16 = 7947;
 
-/// A running farm-mirror, killed (SIGKILL) when dropped if still running.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn mirror(t: &Topology, i: usize, args: &[&str], log: &str) -> MirrorProc {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    mirror_tool::spawn(t, i, &args, &t.dir.join(log)).expect("spawn farm-mirror")
 }
 
-/// A mount point, lazily unmounted when dropped (a killed primary leaves its FUSE mount).
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).expect("path");
-        // SAFETY: valid C string.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    }
-}
-
-fn mirror(t: &Topology, i: usize, args: &[&str], log: &str) -> Proc {
-    let log = std::fs::File::create(t.dir.join(log)).expect("log");
-    Proc(
-        t.nodes[i]
-            .ns
-            .command(&bin("farm-mirror"))
-            .arg("--key")
-            .arg(t.key_file())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn farm-mirror"),
-    )
-}
-
-fn secondary(t: &Topology, i: usize, replica: &Path) -> Proc {
+fn secondary(t: &Topology, i: usize, replica: &Path) -> MirrorProc {
     let listen = format!("{}:{PORT}", t.nodes[i].addr4);
     let p = mirror(
         t,
@@ -89,7 +56,13 @@ fn secondary(t: &Topology, i: usize, replica: &Path) -> Proc {
 
 /// Starts the primary on node `i` (backing -> mount, replicated to node `peer`) and waits
 /// until the mount serves.
-fn primary(t: &Topology, i: usize, peer: usize, backing: &Path, mount: &Path) -> (Proc, Mount) {
+fn primary(
+    t: &Topology,
+    i: usize,
+    peer: usize,
+    backing: &Path,
+    mount: &Path,
+) -> (MirrorProc, Mount) {
     let p = mirror(
         t,
         i,
@@ -107,11 +80,7 @@ fn primary(t: &Topology, i: usize, peer: usize, backing: &Path, mount: &Path) ->
     let m = Mount(mount.to_path_buf());
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.contains(&format!(" {} ", mount.display())) && l.contains("farm-mirror"));
-        if mounted {
+        if mirror_tool::mounted(mount) {
             return (p, m);
         }
         assert!(

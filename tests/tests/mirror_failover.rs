@@ -77,11 +77,7 @@ impl Drop for Mirrored {
             std::thread::sleep(Duration::from_millis(50));
         }
         for i in 0..2 {
-            let d = data_dir(&self.0, i);
-            if let Ok(c) = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()) {
-                // SAFETY: valid C string.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
+            farm_tests::mirror_tool::detach(&data_dir(&self.0, i));
         }
     }
 }

@@ -10,48 +10,19 @@ use std::{
     io::{Read as _, Write as _},
     os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use farm_tests::{
-    bin,
+    mirror_tool::{self, MirrorProc},
     topology::{Spec, Topology},
 };
 
 const PORT: u16 = 7950;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child; SIGTERM lets the primary unmount.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.0.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(t: &Topology, i: usize, args: &[String], log: &Path) -> Result<Proc> {
-    let f = std::fs::File::create(log)?;
-    Ok(Proc(
-        t.nodes[i]
-            .ns
-            .command(&bin("farm-mirror"))
-            .arg("--key")
-            .arg(t.key_file())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .spawn()
-            .context("farm-mirror")?,
-    ))
+fn spawn(t: &Topology, i: usize, args: &[String], log: &Path) -> Result<MirrorProc> {
+    mirror_tool::spawn(t, i, args, log).context("farm-mirror")
 }
 
 /// Starts the primary and waits until its log says the replica is in sync and the mount
@@ -61,7 +32,7 @@ fn start_primary(
     backing: &Path,
     mount: &Path,
     log: &Path,
-) -> Result<(Proc, (u64, u64, f64))> {
+) -> Result<(MirrorProc, (u64, u64, f64))> {
     let p = spawn(
         t,
         0,
@@ -79,10 +50,9 @@ fn start_primary(
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .contains(&format!(" {} ", mount.display()));
-        if mounted && let Some(l) = text.lines().find(|l| l.contains(" in sync at generation")) {
+        if mirror_tool::mounted(mount)
+            && let Some(l) = text.lines().find(|l| l.contains(" in sync at generation"))
+        {
             return Ok((p, resync_figures(l)?));
         }
         if Instant::now() > deadline {
