@@ -1204,6 +1204,15 @@ mod tests {
         }
     }
 
+    /// A primary whose secondary is alive and in sync.
+    fn primary_in_sync() -> Situation {
+        let mut p = base();
+        p.role = MirrorRole::Primary;
+        p.peer.role = MirrorRole::Secondary;
+        p.link = Some(LinkState::InSync);
+        p
+    }
+
     #[test]
     fn a_secondary_takes_over_only_when_the_primary_is_gone_and_its_copy_is_eligible() {
         let s = base();
@@ -1292,10 +1301,7 @@ mod tests {
 
     #[test]
     fn a_primary_without_quorum_steps_down_and_a_broken_link_waits_for_the_peer() {
-        let mut p = base();
-        p.role = MirrorRole::Primary;
-        p.peer.role = MirrorRole::Secondary;
-        p.link = Some(LinkState::InSync);
+        let p = primary_in_sync();
         assert_eq!(decide(&p), Decision::Nothing);
         let cut = Situation {
             quorum: false,
@@ -1343,10 +1349,7 @@ mod tests {
 
     #[test]
     fn health_swap_and_failback_hand_the_role_over_only_to_a_replica_in_sync() {
-        let mut p = base();
-        p.role = MirrorRole::Primary;
-        p.peer.role = MirrorRole::Secondary;
-        p.link = Some(LinkState::InSync);
+        let p = primary_in_sync();
         let sick = Situation {
             healthy: false,
             ..p.clone()

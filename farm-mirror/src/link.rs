@@ -818,6 +818,15 @@ mod tests {
         (s, addr)
     }
 
+    /// Waits (bounded) until `link` is in sync.
+    fn in_sync(link: &Link) {
+        assert!(
+            link.wait_in_sync(Duration::from_secs(20)),
+            "{:?}",
+            link.status()
+        );
+    }
+
     fn opts(record_base: Option<u64>) -> Options {
         Options {
             max_queued_bytes: 64 << 20,
@@ -835,11 +844,7 @@ mod tests {
         let key = [9u8; 32];
         let (_server, addr) = server(&dst, key);
         let link = Link::start(addr, &key, &src, opts(None));
-        assert!(
-            link.wait_in_sync(Duration::from_secs(20)),
-            "{:?}",
-            link.status()
-        );
+        in_sync(&link);
         equal(&src, &dst);
         let first = link.status().last_resync.expect("report");
         assert_eq!(
@@ -865,11 +870,7 @@ mod tests {
         link.op(Op::Unlink {
             path: b"empty".to_vec(),
         });
-        assert!(
-            link.wait_in_sync(Duration::from_secs(20)),
-            "{:?}",
-            link.status()
-        );
+        in_sync(&link);
         equal(&src, &dst);
         let second = link.status().last_resync.expect("report");
         assert!(
@@ -892,11 +893,7 @@ mod tests {
         let key = [8u8; 32];
         let (server1, addr) = server(&dst, key);
         let link = Link::start(addr, &key, &src, opts(None));
-        assert!(
-            link.wait_in_sync(Duration::from_secs(20)),
-            "{:?}",
-            link.status()
-        );
+        in_sync(&link);
         link.stop(Duration::from_secs(5));
         drop(server1);
         // The replica is altered behind the primary's back, keeping size and mtime.
@@ -907,11 +904,7 @@ mod tests {
         f.set_modified(m.modified().unwrap()).unwrap();
         let (_server2, addr) = server(&dst, key);
         let link = Link::start(addr, &key, &src, opts(None));
-        assert!(
-            link.wait_in_sync(Duration::from_secs(20)),
-            "{:?}",
-            link.status()
-        );
+        in_sync(&link);
         equal(&src, &dst);
         let r = link.status().last_resync.expect("report");
         assert!(r.progress.full_check);
@@ -927,11 +920,7 @@ mod tests {
         let key = [7u8; 32];
         let (_server, addr) = server(&dst, key);
         let link = Link::start(addr, &key, &src, opts(None));
-        assert!(
-            link.wait_in_sync(Duration::from_secs(20)),
-            "{:?}",
-            link.status()
-        );
+        in_sync(&link);
         link.op(Op::Write {
             path: b"db/base/1".to_vec(),
             offset: 0,
@@ -964,11 +953,7 @@ mod tests {
                 ..opts(None)
             },
         );
-        assert!(
-            link.wait_in_sync(Duration::from_secs(20)),
-            "{:?}",
-            link.status()
-        );
+        in_sync(&link);
         link.fail("test: cut".into());
         assert!(matches!(link.status().state, State::Broken(_)));
         let (tx, rx) = std::sync::mpsc::channel();
