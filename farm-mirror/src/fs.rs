@@ -113,12 +113,7 @@ fn kind(m: &std::fs::Metadata) -> FileType {
 }
 
 fn join(parent: &[u8], name: &OsStr) -> Vec<u8> {
-    let mut p = parent.to_vec();
-    if !p.is_empty() {
-        p.push(b'/');
-    }
-    p.extend_from_slice(name.as_bytes());
-    p
+    crate::wire::join(parent, name.as_bytes())
 }
 
 fn reply_entry(reply: ReplyEntry, r: Result<FileAttr, i32>) {

@@ -443,7 +443,7 @@ impl Replica {
             let read = std::fs::read_dir(&dir).map_err(Self::os("listing", &rel))?;
             for e in read {
                 let e = e.map_err(Self::os("listing", &rel))?;
-                let child = crate::resync::join(&rel, e.file_name().as_bytes());
+                let child = wire::join(&rel, e.file_name().as_bytes());
                 let m = e.metadata().map_err(Self::os("listing", &child))?;
                 let entry = describe(child.clone(), &m, &e.path())?;
                 if entry.kind == Kind::Dir {

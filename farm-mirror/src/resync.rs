@@ -31,18 +31,8 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{
     link::LinkError,
-    wire::{Entry, Framed, Kind, Msg, Op, RelPath, WireError},
+    wire::{Entry, Framed, Kind, Msg, Op, RelPath, WireError, join},
 };
-
-/// `parent/name` as a relative path (`name` alone under the root).
-pub fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
-    let mut p = parent.to_vec();
-    if !p.is_empty() {
-        p.push(b'/');
-    }
-    p.extend_from_slice(name);
-    p
-}
 
 /// Block size for comparing a file of `size` bytes: 64 KiB, doubled until the checksums fit in
 /// one message (at most 65536 blocks).

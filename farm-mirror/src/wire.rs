@@ -42,6 +42,16 @@ pub enum WireError {
 /// itself). Checked by the secondary before use (see `replica::resolve`).
 pub type RelPath = Vec<u8>;
 
+/// `parent/name` as a relative path (`name` alone under the root).
+pub fn join(parent: &[u8], name: &[u8]) -> RelPath {
+    let mut p = parent.to_vec();
+    if !p.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
 /// A change to the replicated directory, as the primary made it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
