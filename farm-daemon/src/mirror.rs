@@ -1097,7 +1097,7 @@ fn mount(cfg: &MirrorConfig, link: Link) -> std::io::Result<fuser::BackgroundSes
 }
 
 /// Lazily unmounts whatever is mounted at `dir` (a leftover of a killed primary).
-fn detach(dir: &Path) {
+pub fn detach(dir: &Path) {
     if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
         // SAFETY: valid C string.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };

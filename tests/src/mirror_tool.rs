@@ -51,13 +51,9 @@ pub fn mounted(mount: &Path) -> bool {
         .any(|l| l.contains(&format!(" {} ", mount.display())) && l.contains("farm-mirror"))
 }
 
-/// Lazily unmounts whatever is mounted at `path` (a killed primary leaves its FUSE mount).
-pub fn detach(path: &Path) {
-    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
-        // SAFETY: valid C string.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    }
-}
+/// Lazily unmounts whatever is mounted at a path (a killed primary leaves its FUSE mount):
+/// farmd's own.
+pub use farm_daemon::mirror::detach;
 
 /// A mount point, detached when dropped.
 pub struct Mount(pub PathBuf);
