@@ -768,12 +768,7 @@ impl Group {
             .name("mirror-promote".into())
             .spawn(move || {
                 let started = Instant::now();
-                if let Some(s) = server {
-                    s.stop();
-                }
-                if let Some(c) = &cfg.stop_secondary {
-                    run(&rt, &cfg, &node, "stop_secondary", c);
-                }
+                stop_secondary(&rt, &cfg, &node, server);
                 let link = Link::start(
                     peer_addr,
                     &key,
@@ -842,21 +837,7 @@ impl Group {
             .name("mirror-demote".into())
             .spawn(move || {
                 let started = Instant::now();
-                if yield_to_peer {
-                    // A handover: the application's last writes and syncs still reach the
-                    // secondary, then everything is flushed to it.
-                    run(&rt, &cfg, &node, "stop_primary", &cfg.stop_primary);
-                    if !link.stop(Duration::from_secs(10)) {
-                        tracing::warn!("mirror: the secondary did not confirm the last changes");
-                    }
-                } else {
-                    // Losing the role: nothing more may be acknowledged. Syncs waiting for the
-                    // secondary fail now (EIO), so the application is not stuck in them while
-                    // it is stopped.
-                    link.stop(Duration::ZERO);
-                    run(&rt, &cfg, &node, "stop_primary", &cfg.stop_primary);
-                }
-                unmount(&cfg.directory, session);
+                stop_primary(&rt, &cfg, &node, link, session, yield_to_peer);
                 let server = Replica::open(&cfg.backing)
                     .map_err(|e| e.to_string())
                     .and_then(|r| {
@@ -1061,26 +1042,51 @@ impl Group {
         }
         match std::mem::replace(&mut self.role, Role::Secondary(None)) {
             Role::Primary { link, session } => {
-                run(
-                    &self.rt,
-                    &self.cfg,
-                    &self.node,
-                    "stop_primary",
-                    &self.cfg.stop_primary,
-                );
-                link.stop(Duration::from_secs(10));
-                unmount(&self.cfg.directory, session);
+                stop_primary(&self.rt, &self.cfg, &self.node, link, session, true);
             }
-            Role::Secondary(server) => {
-                if let Some(s) = server {
-                    s.stop();
-                }
-                if let Some(c) = &self.cfg.stop_secondary {
-                    run(&self.rt, &self.cfg, &self.node, "stop_secondary", c);
-                }
-            }
+            Role::Secondary(server) => stop_secondary(&self.rt, &self.cfg, &self.node, server),
             Role::Changing(..) => {}
         }
+    }
+}
+
+/// Ends the primary role: the application stops and the directory is unmounted. `flush`: a
+/// handover (or farmd stopping), so the application's last writes and syncs still reach the
+/// secondary and then everything is flushed to it; otherwise the role is lost and nothing more
+/// may be acknowledged: syncs waiting for the secondary fail first (EIO), so the application
+/// is not stuck in them while it is stopped.
+fn stop_primary(
+    rt: &tokio::runtime::Handle,
+    cfg: &MirrorConfig,
+    node: &str,
+    link: Link,
+    session: fuser::BackgroundSession,
+    flush: bool,
+) {
+    if flush {
+        run(rt, cfg, node, "stop_primary", &cfg.stop_primary);
+        if !link.stop(Duration::from_secs(10)) {
+            tracing::warn!("mirror: the secondary did not confirm the last changes");
+        }
+    } else {
+        link.stop(Duration::ZERO);
+        run(rt, cfg, node, "stop_primary", &cfg.stop_primary);
+    }
+    unmount(&cfg.directory, session);
+}
+
+/// Ends the secondary role: the replica server stops, then `stop_secondary` if configured.
+fn stop_secondary(
+    rt: &tokio::runtime::Handle,
+    cfg: &MirrorConfig,
+    node: &str,
+    server: Option<Server>,
+) {
+    if let Some(s) = server {
+        s.stop();
+    }
+    if let Some(c) = &cfg.stop_secondary {
+        run(rt, cfg, node, "stop_secondary", c);
     }
 }
 
