@@ -1,20 +1,45 @@
-//! The heartbeat runtime: sockets on each heartbeat network, sending, receiving (authenticated,
-//! counted per reason), and the membership they feed.
+//! The heartbeat runtime. Heartbeats never wait for anything else farmd does: sending,
+//! receiving, authenticating and judging liveness run on a thread of their own
+//! (`farm-heartbeat`, a single-threaded tokio runtime), scheduled with a real-time policy
+//! (`heartbeat.scheduling`, `fifo` priority 10 by default) with farmd's memory locked, and that
+//! thread also refreshes the dead-man deadline. Nothing on it scans, blocks on the main loop or
+//! logs per datagram.
+//!
+//! The main loop holds a [`Cluster`]: it publishes what this member announces (its state, where
+//! its bucket moves stand, a drill order, the mirror group's state) and takes in [`Update`]s
+//! (the peers as the thread last judged them, quorum, and what changed). Liveness is judged on
+//! each datagram's arrival time (the kernel's receive timestamp), so even a late judgement is a
+//! right one.
+//!
+//! Keeping the true positives: the main loop stamps a watchdog as it goes round; when it has
+//! made no progress for [`stall_limit`] (farmd hung while its heartbeat thread runs), the thread
+//! goes silent and lets the dead-man switch lapse, so the peers take this member's buckets as
+//! they would a crashed one's. A farmd stopped as a whole (SIGSTOP) sends nothing anyway.
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::{Duration, SystemTime},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
-use tokio::{net::UdpSocket, sync::mpsc, time::Instant};
+use tokio::{
+    io::Interest,
+    net::UdpSocket,
+    sync::mpsc::{self, UnboundedReceiver, UnboundedSender},
+};
 
 use crate::{
-    config::Config,
+    config::{Config, Policy, Scheduling},
+    dataplane::Deadman,
     handover::Announce,
-    heartbeat::{self, Heartbeat, Reject, State},
-    membership::{Event, Membership, config_digest},
+    heartbeat::{self, Heartbeat, MirrorBeat, Reject, State},
+    lateness::{Histogram, Lateness},
+    membership::{Event, Membership, Peer, config_digest},
     witness::{Witness, WitnessError},
 };
 
@@ -32,12 +57,8 @@ pub enum ClusterError {
     },
     #[error(transparent)]
     Witness(#[from] WitnessError),
-}
-
-/// A datagram received on heartbeat network `net`.
-pub struct Datagram {
-    pub net: usize,
-    pub bytes: Vec<u8>,
+    #[error("cannot start the heartbeat thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Heartbeat traffic counters.
@@ -52,67 +73,159 @@ pub struct Counters {
     pub lost: BTreeMap<String, Vec<u64>>,
     /// Rejected datagrams by reason.
     pub rejected: BTreeMap<String, u64>,
-    /// Peers declared lost.
+    /// Peers declared lost (silent for the loss window; planned departures are not counted).
     pub peers_lost: u64,
+    /// Peers that announced they were leaving (a planned stop).
+    #[serde(default)]
+    pub peers_left: u64,
 }
 
+/// How the heartbeat thread runs, as it turned out (a policy the host refuses is reported,
+/// and the thread runs on at normal priority).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SchedulingStatus {
+    /// `fifo`, `rr` or `other`: the policy in force.
+    pub policy: String,
+    pub priority: i32,
+    pub memory_locked: bool,
+    /// What the host refused, if anything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+/// What this member announces in its heartbeats, as the main loop last published it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Outgoing {
+    state: State,
+    announce: Announce,
+    config_digest: u64,
+    drill: Option<(u32, u8)>,
+    mirror: MirrorBeat,
+    /// Sends nothing and lets the dead-man switch lapse (a member playing crashed in a drill).
+    silent: bool,
+}
+
+/// Shared between the main loop and the heartbeat thread; every lock is held for a copy.
+struct Shared {
+    outgoing: Mutex<Outgoing>,
+    counters: Mutex<Counters>,
+    lateness: Mutex<Lateness>,
+    scheduling: Mutex<SchedulingStatus>,
+    /// Milliseconds since `base` at which the main loop last went round (the watchdog).
+    main_beat: AtomicU64,
+    base: Instant,
+    /// Set while the thread holds this member silent because the main loop stalled.
+    stalled: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Orders from the main loop to the heartbeat thread.
+enum Command {
+    /// Send a round now (what is announced changed: peers act on it a message's latency later,
+    /// not a heartbeat interval).
+    SendNow,
+    /// Start over as a restarted farmd (a new incarnation).
+    Restart,
+    /// New timers after a reload.
+    Timers {
+        interval: Duration,
+        loss_window: Duration,
+        deadman_timeout: Duration,
+    },
+    /// Weights changed by a reload.
+    Weights(Vec<u32>),
+    Stop,
+}
+
+/// What the heartbeat thread hands the main loop.
+pub struct Update {
+    /// Every member as the thread judges it (this member's own entry included).
+    pub peers: Vec<Peer>,
+    pub quorum: bool,
+    /// Liveness and quorum changes since the previous update.
+    pub events: Vec<Event>,
+    /// A peer announced another move state, member list or drill: act on it now.
+    pub urgent: bool,
+}
+
+/// How long the main loop may make no progress before the heartbeat thread takes this member
+/// out (silent, dead-man switch lapsed): a hung farmd must not look alive. Generous: nothing
+/// the main loop does takes more than milliseconds.
+pub fn stall_limit(loss_window: Duration) -> Duration {
+    (loss_window * 4).max(Duration::from_secs(5))
+}
+
+/// The main loop's side of the heartbeat runtime.
 pub struct Cluster {
+    /// The peers as the heartbeat thread last judged them; this member's own state
+    /// (`my_state`) is the main loop's.
     pub membership: Membership,
-    key: [u8; 32],
-    incarnation: u64,
-    seq: u64,
     /// The digest of this node's member list and weights (changes on reload).
     pub config_digest: u64,
-    sockets: Vec<Arc<UdpSocket>>,
-    /// Per peer, per network: where its heartbeats go.
-    peer_addrs: Vec<Vec<SocketAddr>>,
-    witness: Option<Witness>,
-    witness_window: Duration,
-    joined_at: Instant,
-    join_deferred: bool,
-    pub counters: Counters,
     /// Membership events since the daemon last took them (for notify hooks).
     pub events: Vec<Event>,
     /// The recovery drill this node runs, announced in its heartbeats: (id, member index).
     pub drill: Option<(u32, u8)>,
     /// This node's mirror group state, announced in every heartbeat.
-    pub mirror: crate::heartbeat::MirrorBeat,
-    /// Sends nothing (this node plays a crashed member in a peer's drill).
-    pub silent: bool,
+    pub mirror: MirrorBeat,
+    silent: bool,
+    announce: Announce,
+    joined_at: Instant,
+    join_deferred: bool,
+    shared: Arc<Shared>,
+    commands: UnboundedSender<Command>,
+    /// Until `start`: the thread's state, and its end of the command channel.
+    io: Option<(Io, UnboundedReceiver<Command>)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    witness: Option<Arc<Witness>>,
+    witness_window: Duration,
+}
+
+/// The heartbeat thread's state.
+struct Io {
+    membership: Membership,
+    key: [u8; 32],
+    incarnation: u64,
+    seq: u64,
+    sockets: Vec<std::net::UdpSocket>,
+    /// Per peer, per network: where its heartbeats go.
+    peer_addrs: Vec<Vec<SocketAddr>>,
     /// Per peer, per network: the (incarnation, sequence) last accepted (for the lost count).
     last_seq: Vec<Vec<Option<(u64, u64)>>>,
+    witness: Option<Arc<Witness>>,
+    witness_window: Duration,
+    interval: Duration,
+    deadman_timeout: Duration,
+    shared: Arc<Shared>,
+}
+
+fn new_incarnation() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
 }
 
 impl Cluster {
-    /// Binds the heartbeat sockets (before anything on the host is changed) and starts the
-    /// receivers, which feed the returned channel.
-    pub async fn bind(
-        cfg: &Config,
-        key: [u8; 32],
-    ) -> Result<(Self, mpsc::Receiver<Datagram>), ClusterError> {
+    /// Binds the heartbeat sockets (before anything on the host is changed); the thread starts
+    /// with `start`.
+    pub fn bind(cfg: &Config, key: [u8; 32]) -> Result<Self, ClusterError> {
         let me = cfg.me();
         let networks = me.heartbeat_addrs.len();
-        let (tx, rx) = mpsc::channel(1024);
         let mut sockets = Vec::new();
         for (net, ip) in me.heartbeat_addrs.iter().enumerate() {
             let addr = SocketAddr::new(*ip, cfg.heartbeat.port);
-            let s = UdpSocket::bind(addr)
-                .await
-                .map_err(|source| ClusterError::Bind { addr, net, source })?;
-            let s = Arc::new(s);
-            let (rs, tx) = (s.clone(), tx.clone());
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 2048];
-                while let Ok((n, _)) = rs.recv_from(&mut buf).await {
-                    let d = Datagram {
-                        net,
-                        bytes: buf[..n].to_vec(),
-                    };
-                    if tx.send(d).await.is_err() {
-                        break;
-                    }
-                }
-            });
+            let bind_err = |source| ClusterError::Bind { addr, net, source };
+            let s = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
+            s.set_nonblocking(true).map_err(bind_err)?;
+            if let Err(e) = crate::packet::enable_rx_timestamps(&s) {
+                tracing::warn!(
+                    "heartbeat socket {addr}: no receive timestamps ({e}); lateness is measured \
+                     from when the thread reads a datagram"
+                );
+            }
             sockets.push(s);
         }
         let members: Vec<(String, u32)> = cfg
@@ -132,12 +245,13 @@ impl Cluster {
             .collect();
         let loss_window = cfg.heartbeat.loss_window();
         let witness = match cfg.witness {
-            Some(w) => Some(Witness::start(
+            Some(w) => Some(Arc::new(Witness::start(
                 w,
                 cfg.heartbeat.interval.max(Duration::from_millis(100)),
-            )?),
+            )?)),
             None => None,
         };
+        let witness_window = loss_window.max(Duration::from_millis(500));
         let mut counters = Counters::default();
         for m in &cfg.members {
             counters.sent.insert(m.id.clone(), vec![0; networks]);
@@ -147,163 +261,196 @@ impl Cluster {
         for r in Reject::ALL {
             counters.rejected.insert(r.name().into(), 0);
         }
-        Ok((
-            Self {
-                membership: Membership::new(
-                    &members,
-                    cfg.me,
-                    networks,
-                    loss_window,
-                    cfg.witness.is_some(),
-                ),
-                key,
-                incarnation: SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64),
-                seq: 0,
-                config_digest: config_digest(&members),
-                sockets,
-                peer_addrs,
-                witness,
-                witness_window: loss_window.max(Duration::from_millis(500)),
-                joined_at: Instant::now(),
-                join_deferred: false,
-                counters,
-                events: Vec::new(),
+        let digest = config_digest(&members);
+        let membership = || {
+            Membership::new(
+                &members,
+                cfg.me,
+                networks,
+                loss_window,
+                cfg.witness.is_some(),
+            )
+        };
+        let announce = Announce {
+            applied: Default::default(),
+            settled: Default::default(),
+            released: Default::default(),
+            handed_over: Default::default(),
+        };
+        let shared = Arc::new(Shared {
+            outgoing: Mutex::new(Outgoing {
+                state: State::Joining,
+                announce,
+                config_digest: digest,
                 drill: None,
-                mirror: Default::default(),
+                mirror: MirrorBeat::default(),
                 silent: false,
-                last_seq: vec![vec![None; networks]; cfg.members.len()],
-            },
-            rx,
-        ))
-    }
-
-    /// Sends one heartbeat to every peer on every network, announcing where this node's bucket
-    /// moves stand.
-    pub fn send(&mut self, a: Announce) {
-        if self.silent {
-            return;
-        }
-        self.seq += 1;
-        let me = self.membership.me;
-        for (net, sock) in self.sockets.iter().enumerate() {
-            let hb = Heartbeat {
-                id: self.membership.peers[me].id.clone(),
-                state: self.membership.my_state,
-                weight: self.membership.peers[me].weight as u16,
-                incarnation: self.incarnation,
-                seq: self.seq,
-                applied: a.applied,
-                config_digest: self.config_digest,
-                network: net as u8,
-                settled: a.settled,
-                handed_over: a.handed_over,
-                released: a.released,
-                drill: self.drill,
-                mirror: self.mirror,
-            };
-            let bytes = heartbeat::encode(&self.key, &hb);
-            for (i, addrs) in self.peer_addrs.iter().enumerate() {
-                if i == me {
-                    continue;
-                }
-                // A full socket buffer loses one heartbeat, which the loss threshold absorbs.
-                if sock.try_send_to(&bytes, addrs[net]).is_ok()
-                    && let Some(c) = self.counters.sent.get_mut(&self.membership.peers[i].id)
-                {
-                    c[net] += 1;
-                }
-            }
-        }
-    }
-
-    /// Takes in one received datagram. Returns whether it came from a live peer that announced
-    /// another move state than before (see `membership::Received`).
-    pub fn receive(&mut self, d: &Datagram, now: Instant) -> bool {
-        let result = heartbeat::decode(&self.key, &d.bytes).and_then(|hb| {
-            self.membership
-                .receive(&hb, d.net, now.into_std())
-                .map(|r| (r, hb))
+            }),
+            counters: Mutex::new(counters),
+            lateness: Mutex::new(Lateness::default()),
+            scheduling: Mutex::new(SchedulingStatus::default()),
+            main_beat: AtomicU64::new(0),
+            base: Instant::now(),
+            stalled: AtomicBool::new(false),
         });
-        match result {
-            Ok((r, hb)) => {
-                let i = r.index;
-                let id = &self.membership.peers[i].id;
-                if let Some(c) = self.counters.received.get_mut(id) {
-                    c[d.net] += 1;
-                }
-                // The sender numbers each round of heartbeats (one per network) in turn: a gap
-                // on this network is heartbeats lost on it.
-                let last = &mut self.last_seq[i][d.net];
-                if let Some((inc, seq)) = *last
-                    && inc == hb.incarnation
-                    && hb.seq > seq + 1
-                    && let Some(c) = self.counters.lost.get_mut(id)
-                {
-                    c[d.net] += hb.seq - seq - 1;
-                }
-                *last = Some((hb.incarnation, hb.seq));
-                if r.digest_changed && hb.config_digest != self.config_digest {
-                    tracing::warn!(
-                        "member {} runs with another member list or weights than this node: a \
-                         weight change waits until every member has it (farmctl reload there)",
-                        hb.id
-                    );
-                }
-                self.membership.peers[i].alive && r.moved
-            }
-            Err(r) => {
-                *self.counters.rejected.entry(r.name().into()).or_default() += 1;
-                tracing::debug!("heartbeat rejected on network {}: {r}", d.net);
-                false
-            }
-        }
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let io = Io {
+            membership: membership(),
+            key,
+            incarnation: new_incarnation(),
+            seq: 0,
+            sockets,
+            peer_addrs,
+            last_seq: vec![vec![None; networks]; cfg.members.len()],
+            witness: witness.clone(),
+            witness_window,
+            interval: cfg.heartbeat.interval,
+            deadman_timeout: cfg.deadman_timeout,
+            shared: shared.clone(),
+        };
+        Ok(Self {
+            membership: membership(),
+            config_digest: digest,
+            events: Vec::new(),
+            drill: None,
+            mirror: MirrorBeat::default(),
+            silent: false,
+            announce,
+            joined_at: Instant::now(),
+            join_deferred: false,
+            shared,
+            commands,
+            io: Some((io, command_rx)),
+            thread: None,
+            witness,
+            witness_window,
+        })
     }
 
-    /// Re-evaluates membership (and logs what changed). A joining node becomes active after
-    /// one loss window with quorum, and only when `may_join` (no other bucket move is in
-    /// progress: one planned change at a time). Returns whether anything changed.
-    pub fn tick(&mut self, now: Instant, may_join: bool) -> bool {
-        let state = self.membership.my_state;
-        if self.membership.my_state == State::Joining
-            && self.membership.has_quorum()
-            && now.duration_since(self.joined_at) >= self.membership.loss_window
-        {
-            if may_join {
-                self.membership.my_state = State::Active;
-                self.join_deferred = false;
-                tracing::info!(
-                    "joined: heard the farm for one loss window with quorum, now active"
+    /// Starts the heartbeat thread: from now on it sends, receives, judges liveness and keeps
+    /// `deadman` armed. Returns the channel of its updates.
+    pub fn start(
+        &mut self,
+        deadman: Deadman,
+        scheduling: Scheduling,
+    ) -> Result<UnboundedReceiver<Update>, ClusterError> {
+        let (io, commands) = self.io.take().expect("started once");
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.stamp();
+        let thread = std::thread::Builder::new()
+            .name("farm-heartbeat".into())
+            .spawn(move || {
+                let status = apply_scheduling(scheduling);
+                *lock(&io.shared.scheduling) = status;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a single-threaded tokio runtime");
+                rt.block_on(io.run(commands, tx, deadman));
+            })
+            .map_err(ClusterError::Thread)?;
+        self.thread = Some(thread);
+        let s = self.scheduling();
+        for p in &s.problems {
+            tracing::warn!("heartbeat thread: {p}");
+        }
+        Ok(rx)
+    }
+
+    /// The heartbeat thread's scheduling, as it turned out (waits briefly for the thread to
+    /// have set it).
+    pub fn scheduling(&self) -> SchedulingStatus {
+        for _ in 0..100 {
+            let s = lock(&self.shared.scheduling).clone();
+            if !s.policy.is_empty() || self.thread.is_none() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        lock(&self.shared.scheduling).clone()
+    }
+
+    /// Tells the watchdog that the main loop makes progress.
+    pub fn stamp(&self) {
+        let ms = self.shared.base.elapsed().as_millis() as u64;
+        self.shared.main_beat.store(ms, Ordering::Relaxed);
+    }
+
+    fn publish_now(&mut self) {
+        let o = Outgoing {
+            state: self.membership.my_state,
+            announce: self.announce,
+            config_digest: self.config_digest,
+            drill: self.drill,
+            mirror: self.mirror,
+            silent: self.silent,
+        };
+        *lock(&self.shared.outgoing) = o;
+    }
+
+    /// Publishes what this member announces; the heartbeat thread sends it on its own timer.
+    pub fn publish(&mut self, a: Announce) {
+        self.announce = a;
+        self.publish_now();
+    }
+
+    /// Publishes and sends a round at once.
+    pub fn send(&mut self, a: Announce) {
+        self.publish(a);
+        let _ = self.commands.send(Command::SendNow);
+    }
+
+    /// Sends nothing and lets the dead-man switch lapse (`true`), or goes on (`false`).
+    pub fn set_silent(&mut self, silent: bool) {
+        self.silent = silent;
+        self.publish_now();
+    }
+
+    /// Takes in what the heartbeat thread judged. Returns whether the bucket map should be
+    /// recomputed now.
+    pub fn absorb(&mut self, u: Update) -> bool {
+        let weights: Vec<u32> = self.membership.peers.iter().map(|p| p.weight).collect();
+        let digests: Vec<u64> = self.membership.peers.iter().map(|p| p.config_digest).collect();
+        let before = self.membership.my_state;
+        self.membership.absorb(u.peers, u.quorum);
+        for (p, w) in self.membership.peers.iter_mut().zip(weights) {
+            p.weight = w;
+        }
+        for (p, old) in self.membership.peers.iter().zip(digests) {
+            if p.config_digest != old && p.config_digest != self.config_digest && p.alive {
+                tracing::warn!(
+                    member = %p.id,
+                    "member runs with another member list or weights than this node: a weight \
+                     change waits until every member has it (farmctl reload there)"
                 );
-            } else if !self.join_deferred {
-                self.join_deferred = true;
-                tracing::info!("joining waits for the bucket move in progress to complete");
             }
         }
-        let witness = self
-            .witness
-            .as_ref()
-            .is_some_and(|w| w.reachable(self.witness_window));
-        let events = self.membership.tick(now.into_std(), witness);
-        let changed = !events.is_empty() || state != self.membership.my_state;
-        self.events.extend(events.iter().cloned());
-        for e in events {
+        let changed = u.urgent || !u.events.is_empty();
+        for e in &u.events {
             match e {
                 Event::PeerLost { id, silent_for } => {
-                    self.counters.peers_lost += 1;
+                    lock(&self.shared.counters).peers_lost += 1;
                     tracing::warn!(
-                        "member {id} lost: not heard for {} ms on any heartbeat network; its \
-                         buckets move to the others",
-                        silent_for.as_millis()
+                        member = %id,
+                        silent_ms = silent_for.as_millis() as u64,
+                        "member lost: not heard on any heartbeat network; its buckets move to \
+                         the others"
                     );
                 }
-                Event::PeerBack { id } => tracing::info!("member {id} heard again"),
+                Event::PeerLeft { id } => {
+                    lock(&self.shared.counters).peers_left += 1;
+                    tracing::info!(
+                        member = %id,
+                        "member left (planned stop); its buckets move to the others"
+                    );
+                }
+                Event::PeerBack { id } => tracing::info!(member = %id, "member heard again"),
                 Event::QuorumLost => {
                     if self.membership.my_state == State::Active {
                         self.membership.my_state = State::Joining;
                     }
                     tracing::error!(
+                        witness = self.witness.is_some(),
                         "lost quorum: this node sees too few members{}; releasing every bucket",
                         if self.witness.is_some() {
                             " and cannot reach the witness"
@@ -316,37 +463,99 @@ impl Cluster {
                     // Its view is as incomplete as a starting node's (it may hear some members
                     // before others): it serves again only after a loss window with quorum, or
                     // it would take buckets of members it has simply not heard yet.
-                    self.joined_at = now;
+                    self.joined_at = Instant::now();
                     tracing::info!("quorum: listening for one loss window, then serving");
                 }
             }
         }
+        self.events.extend(u.events);
+        if before != self.membership.my_state {
+            self.publish_now();
+        }
         changed
     }
 
-    /// A reload's heartbeat timers: a peer is lost after `loss_window` from now on.
-    pub fn set_loss_window(&mut self, loss_window: Duration) {
+    /// A joining node becomes active after one loss window with quorum, and only when
+    /// `may_join` (no other bucket move is in progress: one planned change at a time). Returns
+    /// whether its state changed.
+    pub fn tick(&mut self, now: Instant, may_join: bool) -> bool {
+        if self.membership.my_state == State::Joining
+            && self.membership.has_quorum()
+            && now.saturating_duration_since(self.joined_at) >= self.membership.loss_window
+        {
+            if may_join {
+                self.membership.my_state = State::Active;
+                self.join_deferred = false;
+                tracing::info!(
+                    "joined: heard the farm for one loss window with quorum, now active"
+                );
+                self.publish_now();
+                return true;
+            } else if !self.join_deferred {
+                self.join_deferred = true;
+                tracing::info!("joining waits for the bucket move in progress to complete");
+            }
+        }
+        false
+    }
+
+    /// A reload's heartbeat timers.
+    pub fn set_timers(&mut self, interval: Duration, loss_window: Duration, deadman: Duration) {
         self.membership.loss_window = loss_window;
         self.witness_window = loss_window.max(Duration::from_millis(500));
+        let _ = self.commands.send(Command::Timers {
+            interval,
+            loss_window,
+            deadman_timeout: deadman,
+        });
+    }
+
+    /// A reload's weights (in member order).
+    pub fn set_weights(&mut self, weights: Vec<u32>, digest: u64) {
+        for (p, w) in self.membership.peers.iter_mut().zip(&weights) {
+            p.weight = *w;
+        }
+        self.config_digest = digest;
+        self.publish_now();
+        let _ = self.commands.send(Command::Weights(weights));
     }
 
     /// Starts over as a restarted farmd would (after playing a crashed member in a drill): a
     /// new incarnation, joining, serving only after a loss window.
     pub fn restart(&mut self) {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
-        self.incarnation = now.max(self.incarnation + 1);
-        self.seq = 0;
         self.silent = false;
         self.membership.my_state = State::Joining;
         self.joined_at = Instant::now();
+        self.publish_now();
+        let _ = self.commands.send(Command::Restart);
     }
 
     /// Announces that this node leaves (peers take its buckets at once).
     pub fn leave(&mut self, a: Announce) {
         self.membership.my_state = State::Leaving;
+        self.silent = false;
         self.send(a);
+    }
+
+    /// Stops the heartbeat thread (after `leave`).
+    pub fn stop(&mut self) {
+        let _ = self.commands.send(Command::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        lock(&self.shared.counters).clone()
+    }
+
+    pub fn lateness(&self) -> Lateness {
+        lock(&self.shared.lateness).clone()
+    }
+
+    /// Whether the heartbeat thread holds this member silent because the main loop stalled.
+    pub fn stalled(&self) -> bool {
+        self.shared.stalled.load(Ordering::Relaxed)
     }
 
     pub fn witness_addr(&self) -> Option<IpAddr> {
@@ -358,4 +567,312 @@ impl Cluster {
             .as_ref()
             .map(|w| w.reachable(self.witness_window))
     }
+}
+
+/// Sets the calling thread's scheduling policy and locks the process's memory, as configured;
+/// what the host refuses is reported, not fatal (a container may forbid real-time
+/// scheduling: heartbeats then run at normal priority, which status and the log say).
+fn apply_scheduling(s: Scheduling) -> SchedulingStatus {
+    let mut status = SchedulingStatus {
+        policy: Policy::Other.name().into(),
+        priority: 0,
+        memory_locked: false,
+        problems: Vec::new(),
+    };
+    if s.lock_memory {
+        // MCL_ONFAULT: pages are locked as they are touched, so locking does not inflate the
+        // resident size with every mapping's untouched pages.
+        // SAFETY: mlockall has no memory-safety preconditions.
+        let r = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };
+        if r == 0 {
+            status.memory_locked = true;
+        } else {
+            status.problems.push(format!(
+                "cannot lock memory ({}); heartbeats may wait for pages swapped out (needs \
+                 CAP_IPC_LOCK or LimitMEMLOCK=infinity; heartbeat.lock_memory = false silences \
+                 this)",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    let policy = match s.policy {
+        Policy::Fifo => Some(libc::SCHED_FIFO),
+        Policy::RoundRobin => Some(libc::SCHED_RR),
+        Policy::Other => None,
+    };
+    if let Some(p) = policy {
+        let param = libc::sched_param {
+            sched_priority: s.priority,
+        };
+        // SAFETY: pid 0 is the calling thread; param is a valid sched_param.
+        let r = unsafe { libc::sched_setscheduler(0, p | libc::SCHED_RESET_ON_FORK, &param) };
+        if r == 0 {
+            status.policy = s.policy.name().into();
+            status.priority = s.priority;
+        } else {
+            status.problems.push(format!(
+                "cannot use the real-time policy {} priority {} ({}); heartbeats run at normal \
+                 priority and a saturated host can delay them (needs CAP_SYS_NICE, and under \
+                 systemd RestrictRealtime=no; heartbeat.scheduling = \"other\" silences this)",
+                s.policy.name(),
+                s.priority,
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    status
+}
+
+/// A datagram as the socket reader hands it to the thread's loop.
+struct Received {
+    net: usize,
+    bytes: Vec<u8>,
+    /// When it arrived (the kernel's timestamp, on the monotonic clock).
+    arrived: Instant,
+}
+
+fn interval_timer(period: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval(period);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
+
+impl Io {
+    async fn run(
+        mut self,
+        mut commands: UnboundedReceiver<Command>,
+        updates: UnboundedSender<Update>,
+        deadman: Deadman,
+    ) {
+        let (tx, mut datagrams) = mpsc::channel::<Received>(1024);
+        let mut readers = Vec::new();
+        for (net, s) in std::mem::take(&mut self.sockets).into_iter().enumerate() {
+            let s = match UdpSocket::from_std(s) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(network = net, "heartbeat socket: {e}");
+                    continue;
+                }
+            };
+            let s = Arc::new(s);
+            let (rs, tx) = (s.clone(), tx.clone());
+            readers.push(s);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                loop {
+                    let r = rs
+                        .async_io(Interest::READABLE, || {
+                            crate::packet::recv_timestamped(&rs.as_raw_fd(), &mut buf)
+                        })
+                        .await;
+                    let Ok((n, _, waited)) = r else {
+                        continue;
+                    };
+                    let now = Instant::now();
+                    let d = Received {
+                        net,
+                        bytes: buf[..n].to_vec(),
+                        arrived: now.checked_sub(waited).unwrap_or(now),
+                    };
+                    if tx.send(d).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut send = interval_timer(self.interval);
+        let mut live = interval_timer((self.interval / 10).max(Duration::from_millis(2)));
+        let mut arm = interval_timer((self.deadman_timeout / 5).max(Duration::from_millis(10)));
+        let mut pending: Vec<Event> = Vec::new();
+        loop {
+            tokio::select! {
+                due = send.tick() => {
+                    let late = due.into_std().elapsed();
+                    lock(&self.shared.lateness).send.record(late);
+                    self.send_round(&readers);
+                }
+                _ = arm.tick() => {
+                    let out = *lock(&self.shared.outgoing);
+                    if !out.silent && !self.main_stalled() && let Err(e) = deadman.arm(self.deadman_timeout) {
+                        tracing::error!("refreshing the dead-man switch failed: {e}");
+                    }
+                }
+                Some(d) = datagrams.recv() => {
+                    let waited = d.arrived.elapsed();
+                    lock(&self.shared.lateness).receive.record(waited);
+                    if let Some(urgent) = self.receive(&d) {
+                        // A peer that announced it leaves is out at once: judge now.
+                        pending.extend(self.judge());
+                        let events = std::mem::take(&mut pending);
+                        let urgent = urgent || !events.is_empty();
+                        let _ = updates.send(self.update(events, urgent));
+                    }
+                }
+                _ = live.tick() => {
+                    pending.extend(self.judge());
+                    if !pending.is_empty() {
+                        let events = std::mem::take(&mut pending);
+                        let _ = updates.send(self.update(events, true));
+                    }
+                }
+                cmd = commands.recv() => match cmd {
+                    Some(Command::SendNow) => self.send_round(&readers),
+                    Some(Command::Restart) => {
+                        self.incarnation = new_incarnation().max(self.incarnation + 1);
+                        self.seq = 0;
+                    }
+                    Some(Command::Timers { interval, loss_window, deadman_timeout }) => {
+                        if interval != self.interval {
+                            self.interval = interval;
+                            send = interval_timer(interval);
+                            live = interval_timer((interval / 10).max(Duration::from_millis(2)));
+                        }
+                        if deadman_timeout != self.deadman_timeout {
+                            self.deadman_timeout = deadman_timeout;
+                            arm = interval_timer((deadman_timeout / 5).max(Duration::from_millis(10)));
+                        }
+                        self.membership.loss_window = loss_window;
+                        self.witness_window = loss_window.max(Duration::from_millis(500));
+                    }
+                    Some(Command::Weights(w)) => {
+                        for (p, w) in self.membership.peers.iter_mut().zip(w) {
+                            p.weight = w;
+                        }
+                    }
+                    Some(Command::Stop) | None => break,
+                },
+            }
+        }
+    }
+
+    /// Whether the main loop has made no progress for the stall limit; logs the transitions.
+    fn main_stalled(&self) -> bool {
+        let now = self.shared.base.elapsed().as_millis() as u64;
+        let beat = self.shared.main_beat.load(Ordering::Relaxed);
+        let limit = stall_limit(self.membership.loss_window).as_millis() as u64;
+        let stalled = now.saturating_sub(beat) > limit;
+        let was = self.shared.stalled.swap(stalled, Ordering::Relaxed);
+        if stalled && !was {
+            tracing::error!(
+                stalled_ms = now.saturating_sub(beat),
+                "farmd's main loop makes no progress: going silent and letting the dead-man \
+                 switch lapse, so that the peers take this member's buckets"
+            );
+        } else if was && !stalled {
+            tracing::warn!("farmd's main loop goes on again: heartbeats resume");
+        }
+        stalled
+    }
+
+    fn update(&self, events: Vec<Event>, urgent: bool) -> Update {
+        Update {
+            peers: self.membership.peers.clone(),
+            quorum: self.membership.has_quorum(),
+            events,
+            urgent,
+        }
+    }
+
+    fn judge(&mut self) -> Vec<Event> {
+        let witness = self
+            .witness
+            .as_ref()
+            .is_some_and(|w| w.reachable(self.witness_window));
+        self.membership.tick(Instant::now(), witness)
+    }
+
+    /// Sends one heartbeat to every peer on every network.
+    fn send_round(&mut self, sockets: &[Arc<UdpSocket>]) {
+        let out = *lock(&self.shared.outgoing);
+        if out.silent || self.main_stalled() {
+            return;
+        }
+        self.seq += 1;
+        let me = self.membership.me;
+        let mut sent = vec![vec![0u64; sockets.len()]; self.peer_addrs.len()];
+        for (net, sock) in sockets.iter().enumerate() {
+            let hb = Heartbeat {
+                id: self.membership.peers[me].id.clone(),
+                state: out.state,
+                weight: self.membership.peers[me].weight as u16,
+                incarnation: self.incarnation,
+                seq: self.seq,
+                applied: out.announce.applied,
+                config_digest: out.config_digest,
+                network: net as u8,
+                settled: out.announce.settled,
+                handed_over: out.announce.handed_over,
+                released: out.announce.released,
+                drill: out.drill,
+                mirror: out.mirror,
+            };
+            let bytes = heartbeat::encode(&self.key, &hb);
+            for (i, addrs) in self.peer_addrs.iter().enumerate() {
+                if i == me {
+                    continue;
+                }
+                // A full socket buffer loses one heartbeat, which the loss threshold absorbs.
+                if sock.try_send_to(&bytes, addrs[net]).is_ok() {
+                    sent[i][net] += 1;
+                }
+            }
+        }
+        let mut c = lock(&self.shared.counters);
+        for (i, per_net) in sent.iter().enumerate() {
+            if let Some(v) = c.sent.get_mut(&self.membership.peers[i].id) {
+                for (a, n) in v.iter_mut().zip(per_net) {
+                    *a += n;
+                }
+            }
+        }
+    }
+
+    /// Takes in one received datagram. `None` when rejected; else whether the main loop should
+    /// act at once (the peer announced another move state, state, member list or drill).
+    fn receive(&mut self, d: &Received) -> Option<bool> {
+        let result = heartbeat::decode(&self.key, &d.bytes).and_then(|hb| {
+            let before = self
+                .membership
+                .peers
+                .iter()
+                .find(|p| p.id == hb.id)
+                .map(|p| p.state);
+            self.membership
+                .receive(&hb, d.net, d.arrived)
+                .map(|r| (r, hb, before))
+        });
+        let mut c = lock(&self.shared.counters);
+        match result {
+            Ok((r, hb, before)) => {
+                let i = r.index;
+                let id = &self.membership.peers[i].id;
+                if let Some(v) = c.received.get_mut(id) {
+                    v[d.net] += 1;
+                }
+                // The sender numbers each round of heartbeats (one per network) in turn: a gap
+                // on this network is heartbeats lost on it.
+                let last = &mut self.last_seq[i][d.net];
+                if let Some((inc, seq)) = *last
+                    && inc == hb.incarnation
+                    && hb.seq > seq + 1
+                    && let Some(v) = c.lost.get_mut(id)
+                {
+                    v[d.net] += hb.seq - seq - 1;
+                }
+                *last = Some((hb.incarnation, hb.seq));
+                let state_changed = before != Some(Some(hb.state));
+                Some(r.moved || r.digest_changed || state_changed)
+            }
+            Err(r) => {
+                *c.rejected.entry(r.name().into()).or_default() += 1;
+                None
+            }
+        }
+    }
+}
+
+/// p99 of a lateness histogram in milliseconds, for people.
+pub fn p99_ms(h: &Histogram) -> f64 {
+    h.quantile_us(0.99) as f64 / 1000.0
 }

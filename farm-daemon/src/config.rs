@@ -340,6 +340,9 @@ struct RawHeartbeat {
     interval_ms: u64,
     loss_threshold: u32,
     port: u16,
+    scheduling: String,
+    priority: i32,
+    lock_memory: bool,
 }
 
 impl Default for RawHeartbeat {
@@ -348,6 +351,9 @@ impl Default for RawHeartbeat {
             interval_ms: 50,
             loss_threshold: 8,
             port: 7946,
+            scheduling: "fifo".into(),
+            priority: 10,
+            lock_memory: true,
         }
     }
 }
@@ -505,6 +511,36 @@ pub struct Heartbeat {
     pub interval: Duration,
     pub loss_threshold: u32,
     pub port: u16,
+    /// How the heartbeat thread is scheduled.
+    pub scheduling: Scheduling,
+}
+
+/// The heartbeat thread's scheduling (see `cluster`): a real-time policy by default, so that
+/// no ordinary process on a saturated host can delay heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scheduling {
+    pub policy: Policy,
+    /// 1..=99 for `fifo` and `rr`; unused for `other`.
+    pub priority: i32,
+    /// mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT): farmd's pages are never swapped out.
+    pub lock_memory: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    Fifo,
+    RoundRobin,
+    Other,
+}
+
+impl Policy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Fifo => "fifo",
+            Policy::RoundRobin => "rr",
+            Policy::Other => "other",
+        }
+    }
 }
 
 impl Heartbeat {
@@ -1093,6 +1129,30 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
     if hb.port == 0 {
         e.push("heartbeat.port", "must be a UDP port from 1 to 65535");
     }
+    let policy = match hb.scheduling.as_str() {
+        "fifo" => Policy::Fifo,
+        "rr" => Policy::RoundRobin,
+        "other" => Policy::Other,
+        other => {
+            e.push(
+                "heartbeat.scheduling",
+                format!(
+                    "\"{other}\" is not a scheduling policy: use \"fifo\" (the default), \"rr\" \
+                     or \"other\" (no real-time priority)"
+                ),
+            );
+            Policy::Other
+        }
+    };
+    if policy != Policy::Other && !(1..=99).contains(&hb.priority) {
+        e.push(
+            "heartbeat.priority",
+            format!(
+                "{} is out of range: real-time priorities go from 1 to 99 (default 10)",
+                hb.priority
+            ),
+        );
+    }
     let loss_window_ms = hb.interval_ms * hb.loss_threshold as u64;
     if raw.cluster.deadman_timeout_ms > loss_window_ms {
         e.push(
@@ -1240,6 +1300,11 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
             interval: Duration::from_millis(hb.interval_ms),
             loss_threshold: hb.loss_threshold,
             port: hb.port,
+            scheduling: Scheduling {
+                policy,
+                priority: hb.priority,
+                lock_memory: hb.lock_memory,
+            },
         },
         witness,
         drain_timeout: Duration::from_secs(raw.handover.drain_timeout_s),

@@ -21,7 +21,7 @@ use crate::{
     announce::{AnnounceError, Announcer},
     assign,
     checks::{self, Change, Health},
-    cluster::{Cluster, ClusterError, Datagram},
+    cluster::{Cluster, ClusterError},
     config::{Config, MacMode, format_mac},
     control::{
         DrillReport, HeartbeatStatus, MemberStatus, NetworkStatus, Outcome, Placement,
@@ -112,7 +112,6 @@ pub struct Daemon {
     _lock: File,
     lock_path: PathBuf,
     cluster: Cluster,
-    heartbeats: Option<tokio::sync::mpsc::Receiver<Datagram>>,
     /// Whether this node may serve (quorum), as last applied.
     quorum: bool,
     handover: Handover,
@@ -212,17 +211,16 @@ impl Planned {
 
 type Interval = tokio::time::Interval;
 
-/// The main loop's timers: the dead-man refresh (five times per timeout), heartbeats, and the
-/// liveness check (ten times per heartbeat interval, so that a silent peer is noticed within a
-/// tenth of an interval after its loss window ends, not up to a whole interval).
-fn timers(cfg: &Config) -> (Interval, Interval, Interval) {
+/// The main loop's timers (heartbeats themselves, liveness and the dead-man switch are the
+/// heartbeat thread's, see `cluster`): the lifecycle step once per heartbeat interval, and a
+/// tick ten times per interval for joining and drills.
+fn timers(cfg: &Config) -> (Interval, Interval) {
     let make = |period: Duration| {
         let mut i = tokio::time::interval(period);
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     };
     (
-        make((cfg.deadman_timeout / 5).max(Duration::from_millis(10))),
         make(cfg.heartbeat.interval),
         make((cfg.heartbeat.interval / 10).max(Duration::from_millis(2))),
     )
@@ -292,7 +290,7 @@ impl Daemon {
         let lock = take_lock(&lock_path, &cfg.interface)?;
         // Heartbeat sockets next: an address that is not this host's fails here, before the
         // host is touched.
-        let (cluster, heartbeats) = Cluster::bind(&cfg, message_key).await?;
+        let cluster = Cluster::bind(&cfg, message_key)?;
         let metrics_listener =
             match cfg.metrics {
                 Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -366,7 +364,6 @@ impl Daemon {
             lock_path,
             cfg,
             cluster,
-            heartbeats: Some(heartbeats),
             quorum: false,
             handover,
             applied: Vec::new(),
@@ -616,6 +613,11 @@ impl Daemon {
                         detail: format!("not heard for {} ms", silent_for.as_millis()),
                     }
                 }
+                membership::Event::PeerLeft { id } => hooks::Event {
+                    name: "peer-left",
+                    member: id,
+                    detail: "announced it was leaving (planned stop)".into(),
+                },
                 membership::Event::PeerBack { id } => hooks::Event {
                     name: "peer-back",
                     member: id,
@@ -708,11 +710,13 @@ impl Daemon {
         let mut int = signal(SignalKind::interrupt()).map_err(io("installing SIGINT handler"))?;
         let mut hup = signal(SignalKind::hangup()).map_err(io("installing SIGHUP handler"))?;
         let announcer = Announcer::new(self.link.index)?;
-        let (mut deadman, mut heartbeat, mut liveness) = timers(&self.cfg);
+        let (mut heartbeat, mut liveness) = timers(&self.cfg);
+        let mut updates = self
+            .cluster
+            .start(self.dp.deadman(), self.cfg.heartbeat.scheduling)?;
         // Announce at once, twice more a second apart, then every announce_interval.
         let mut announce_at = tokio::time::Instant::now();
         let mut announced = 0u32;
-        let mut heartbeats = self.heartbeats.take().expect("run once");
         let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(16);
         let mut check_results = checks::start(&self.cfg.checks);
         if let Some(l) = self.metrics_listener.take() {
@@ -760,6 +764,9 @@ impl Daemon {
         );
 
         let result = loop {
+            // The heartbeat thread's watchdog: this loop goes round at least every liveness
+            // tick.
+            self.cluster.stamp();
             tokio::select! {
                 _ = term.recv() => if self.begin_stop("SIGTERM") { break Ok(()); },
                 _ = int.recv() => if self.begin_stop("SIGINT") { break Ok(()); },
@@ -775,23 +782,15 @@ impl Daemon {
                         tracing::warn!("SIGHUP: the control queue is full; reload not done");
                     }
                 }
-                _ = deadman.tick() => {
-                    // A member playing crashed in a drill lets its dead-man switch lapse.
-                    if self.crashed.is_none()
-                        && let Err(e) = self.dp.arm(self.cfg.deadman_timeout)
-                    {
-                        tracing::error!("refreshing the dead-man switch failed: {e}");
-                    }
-                }
                 _ = heartbeat.tick() => {
                     self.mirror_tick();
-                    self.cluster.send(self.handover.announce());
+                    self.cluster.publish(self.handover.announce());
                     // A return held back by flap damping happens once the minute allows it.
                     if let Some(change) = self.health.evaluate(std::time::Instant::now()) {
                         self.on_health(change);
                     }
                     let may_join = self.may_join();
-                    self.cluster.tick(tokio::time::Instant::now(), may_join);
+                    self.cluster.tick(Instant::now(), may_join);
                     self.start_queued();
                     if let Err(e) = self.advance() {
                         tracing::error!("updating the bucket map failed: {e}");
@@ -816,15 +815,16 @@ impl Daemon {
                         self.obey_drill();
                     }
                     let may_join = self.may_join();
-                    if self.cluster.tick(tokio::time::Instant::now(), may_join)
+                    if self.cluster.tick(Instant::now(), may_join)
                         && let Err(e) = self.advance()
                     {
                         tracing::error!("updating the bucket map failed: {e}");
                     }
                 }
-                Some(d) = heartbeats.recv() => {
-                    // A peer that applied or handed over a move: act on it now (see advance).
-                    if self.cluster.receive(&d, tokio::time::Instant::now()) {
+                Some(u) = updates.recv() => {
+                    // A peer that applied or handed over a move, or a liveness change: act on
+                    // it now (see advance).
+                    if self.cluster.absorb(u) {
                         self.obey_drill();
                         if let Err(e) = self.advance() {
                             tracing::error!("updating the bucket map failed: {e}");
@@ -855,7 +855,7 @@ impl Daemon {
                         Request::Reload { dry_run } => {
                             let (response, effects) = self.reload(dry_run).await;
                             if effects.timers {
-                                (deadman, heartbeat, liveness) = timers(&self.cfg);
+                                (heartbeat, liveness) = timers(&self.cfg);
                             }
                             if effects.checks {
                                 check_results = checks::start(&self.cfg.checks);
@@ -885,7 +885,6 @@ impl Daemon {
                 .del_mac_filter(self.link.index, run.probe_mac)
                 .await;
         }
-        self.cluster.silent = false;
         self.cluster.drill = None;
         // Tell the peers first, so they take this node's buckets at once rather than after the
         // loss window; twice, in case one is lost.
@@ -893,6 +892,8 @@ impl Daemon {
         self.cluster.leave(announce);
         tokio::time::sleep(self.cfg.heartbeat.interval.min(Duration::from_millis(50))).await;
         self.cluster.leave(announce);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        self.cluster.stop();
         if let Some(g) = self.mirror.take() {
             // The application stops and the directory is unmounted before the host is restored
             // (a primary flushes to its secondary first).
@@ -1337,11 +1338,9 @@ impl Daemon {
             self.undo.push(Undo::Vip(index, *addr));
         }
         if d.weights_changed {
-            for (p, (_, w)) in self.cluster.membership.peers.iter_mut().zip(&members) {
-                p.weight = *w;
-            }
+            let weights = members.iter().map(|(_, w)| *w).collect();
             self.handover.set_members(members);
-            self.cluster.config_digest = digest;
+            self.cluster.set_weights(weights, digest);
         }
         if d.checks_changed {
             self.health
@@ -1350,7 +1349,11 @@ impl Daemon {
         if d.hooks_changed {
             self.hooks = Hooks::new(new.hooks.clone(), new.node_id.clone());
         }
-        self.cluster.set_loss_window(new.heartbeat.loss_window());
+        self.cluster.set_timers(
+            new.heartbeat.interval,
+            new.heartbeat.loss_window(),
+            new.deadman_timeout,
+        );
         self.handover.set_timeouts(new.drain_timeout, new.udp_idle);
         let effects = Reloaded {
             timers: d.timers_changed,
@@ -1750,14 +1753,14 @@ impl Daemon {
             (None, Some((id, by))) if self.crashed_in != Some(id) => {
                 self.crashed = Some((id, by, Instant::now()));
                 self.crashed_in = Some(id);
-                self.cluster.silent = true;
+                self.cluster.set_silent(true);
                 if let Err(e) = self.dp.disarm() {
                     tracing::error!("drill: stopping the data plane: {e}");
                 }
                 tracing::warn!(
                     "drill {id} run by {}: acting as if crashed (no heartbeats, no VIP \
                      traffic) until the drill ends",
-                    m.peers[by].id
+                    self.cluster.membership.peers[by].id
                 );
             }
             (Some((id, by, since)), order)
@@ -2001,7 +2004,7 @@ impl Daemon {
         for (k, v) in &stats {
             t.sample("farm_xdp_total", &[("counter", k)], *v as f64);
         }
-        let c = &self.cluster.counters;
+        let c = &self.cluster.counters();
         let nets = self.cfg.me().heartbeat_addrs.len();
         for (name, help, counts) in [
             (
@@ -2325,7 +2328,7 @@ impl Daemon {
                     peers: m.peers.len() - 1,
                 })
                 .collect(),
-            counters: self.cluster.counters.clone(),
+            counters: self.cluster.counters(),
             witness: self.cluster.witness_addr().map(|address| WitnessStatus {
                 address,
                 reachable: self.cluster.witness_reachable().unwrap_or(false),

@@ -147,10 +147,81 @@ impl Drop for MappedTable {
     }
 }
 
+/// The control map and the value last written to it.
+struct ControlWord {
+    map: Array<MapData, Control>,
+    value: Control,
+}
+
+/// The data plane's control word, shared between the main loop (tables, masks, VIPs) and the
+/// heartbeat thread (dead-man deadline). Every write is the whole value under one lock, so
+/// neither overwrites the other's fields with stale ones.
+#[derive(Clone)]
+pub struct Deadman(std::sync::Arc<std::sync::Mutex<ControlWord>>);
+
+impl Deadman {
+    fn update(&self, f: impl FnOnce(&mut Control)) -> Result<(), DataplaneError> {
+        let mut w = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut w.value);
+        let value = w.value;
+        w.map.set(0, value, 0).map_err(map_err(MAP_CONTROL))
+    }
+
+    fn get(&self) -> Control {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .value
+    }
+
+    /// Refreshes the deadline: the node serves for `timeout` from now unless refreshed again.
+    pub fn arm(&self, timeout: Duration) -> Result<(), DataplaneError> {
+        self.update(|c| c.deadline_ns = coarse_now_ns() + timeout.as_nanos() as u64)
+    }
+
+    /// Stops serving now (deadline in the past).
+    pub fn disarm(&self) -> Result<(), DataplaneError> {
+        self.update(|c| c.deadline_ns = 0)
+    }
+}
+
+/// The per-bucket traffic counters (per CPU in the kernel), readable from any thread.
+#[derive(Clone)]
+pub struct BucketCounterReader(std::sync::Arc<PerCpuArray<MapData, BucketCounters>>);
+
+impl BucketCounterReader {
+    /// Counters of one bucket, summed over CPUs.
+    pub fn bucket(&self, b: u32) -> Result<BucketCounters, DataplaneError> {
+        let v = self.0.get(&b, 0).map_err(map_err(MAP_BUCKET_COUNTERS))?;
+        Ok(v.iter().fold(BucketCounters::default(), |mut a, c| {
+            a.accepted_packets += c.accepted_packets;
+            a.accepted_bytes += c.accepted_bytes;
+            a.dropped_packets += c.dropped_packets;
+            a.dropped_bytes += c.dropped_bytes;
+            a
+        }))
+    }
+
+    /// (bucket, packets, bytes) of every bucket that saw traffic, accepted and dropped summed.
+    pub fn all(&self) -> Result<Vec<(u32, u64, u64)>, DataplaneError> {
+        let mut seen = Vec::new();
+        for b in 0..BUCKETS {
+            let c = self.bucket(b)?;
+            let packets = c.accepted_packets + c.dropped_packets;
+            if packets > 0 {
+                seen.push((b, packets, c.accepted_bytes + c.dropped_bytes));
+            }
+        }
+        Ok(seen)
+    }
+}
+
 /// The loaded (not necessarily attached) data plane.
 pub struct Dataplane {
     ebpf: Ebpf,
-    control_map: Array<MapData, Control>,
+    /// The control word, shared with the heartbeat thread (which refreshes the dead-man
+    /// deadline in it).
+    control: Deadman,
     vip_tables: [Array<MapData, VipSlot>; 2],
     vip_shadow: [Vec<VipSlot>; 2],
     /// The VIPs last set, and the mirror group's VIP with whether this node is its primary.
@@ -162,9 +233,8 @@ pub struct Dataplane {
     mapped: [Option<MappedTable>; 2],
     /// What each table holds, so that an update writes only the entries that change.
     shadow: [Vec<BucketEntry>; 2],
-    counters: PerCpuArray<MapData, BucketCounters>,
+    counters: BucketCounterReader,
     stats: PerCpuArray<MapData, u64>,
-    control: Control,
     links: Vec<PinnedLink>,
     /// Attach mode in use ("driver" or "generic"), once attached.
     pub xdp_mode: Option<&'static str>,
@@ -215,7 +285,10 @@ impl Dataplane {
         let zero = vec![BucketEntry::default(); BUCKETS as usize];
         Ok(Self {
             ebpf,
-            control_map,
+            control: Deadman(std::sync::Arc::new(std::sync::Mutex::new(ControlWord {
+                map: control_map,
+                value: Control::default(),
+            }))),
             vip_tables: [v0, v1],
             vip_shadow: [
                 vec![VipSlot::default(); VIP_SLOTS as usize],
@@ -226,9 +299,8 @@ impl Dataplane {
             tables: [t0, t1],
             mapped,
             shadow: [zero.clone(), zero],
-            counters,
+            counters: BucketCounterReader(std::sync::Arc::new(counters)),
             stats,
-            control: Control::default(),
             links: Vec::new(),
             xdp_mode: None,
         })
@@ -263,16 +335,11 @@ impl Dataplane {
         if_mac: [u8; 6],
         cluster_mac: [u8; 6],
     ) -> Result<(), DataplaneError> {
-        self.control.hash_key = hash_key.to_bytes();
-        self.control.if_mac = if_mac;
-        self.control.cluster_mac = cluster_mac;
-        self.write_control()
-    }
-
-    fn write_control(&mut self) -> Result<(), DataplaneError> {
-        self.control_map
-            .set(0, self.control, 0)
-            .map_err(map_err(MAP_CONTROL))
+        self.control.update(|c| {
+            c.hash_key = hash_key.to_bytes();
+            c.if_mac = if_mac;
+            c.cluster_mac = cluster_mac;
+        })
     }
 
     /// Replaces the VIP table: the idle table is filled (each VIP in a slot of its own) and then
@@ -291,7 +358,7 @@ impl Dataplane {
                 _reserved: [0; 7],
             };
         }
-        let idle = (self.control.vip_table ^ 1) as usize;
+        let idle = (self.control().vip_table ^ 1) as usize;
         let name = if idle == 0 { MAP_VIPS_0 } else { MAP_VIPS_1 };
         for (s, slot) in table.iter().enumerate() {
             if self.vip_shadow[idle][s] != *slot {
@@ -301,9 +368,10 @@ impl Dataplane {
                 self.vip_shadow[idle][s] = *slot;
             }
         }
-        self.control.vip_table = idle as u8;
-        self.control.vip_mult = mult;
-        self.write_control()
+        self.control.update(|c| {
+            c.vip_table = idle as u8;
+            c.vip_mult = mult;
+        })
     }
 
     /// Whether this node takes the whole of the mirror group's VIP (`primary`) or none of it.
@@ -332,7 +400,7 @@ impl Dataplane {
         givers_done: u64,
     ) -> Result<usize, DataplaneError> {
         assert_eq!(entries.len(), BUCKETS as usize);
-        let idle = (self.control.active_table ^ 1) as usize;
+        let idle = (self.control().active_table ^ 1) as usize;
         let name = if idle == 0 {
             MAP_BUCKETS_0
         } else {
@@ -351,10 +419,11 @@ impl Dataplane {
                 written += 1;
             }
         }
-        self.control.active_table = idle as u32;
-        self.control.givers_ready = givers_ready;
-        self.control.givers_done = givers_done;
-        self.write_control()?;
+        self.control.update(|c| {
+            c.active_table = idle as u32;
+            c.givers_ready = givers_ready;
+            c.givers_done = givers_done;
+        })?;
         Ok(written)
     }
 
@@ -365,34 +434,41 @@ impl Dataplane {
         givers_ready: u64,
         givers_done: u64,
     ) -> Result<bool, DataplaneError> {
-        if (self.control.givers_ready, self.control.givers_done) == (givers_ready, givers_done) {
+        let c = self.control();
+        if (c.givers_ready, c.givers_done) == (givers_ready, givers_done) {
             return Ok(false);
         }
-        self.control.givers_ready = givers_ready;
-        self.control.givers_done = givers_done;
-        self.write_control()?;
+        self.control.update(|c| {
+            c.givers_ready = givers_ready;
+            c.givers_done = givers_done;
+        })?;
         Ok(true)
     }
 
     /// The live bucket table.
     pub fn buckets(&self) -> &[BucketEntry] {
-        &self.shadow[self.control.active_table as usize]
+        &self.shadow[self.control().active_table as usize]
     }
 
     /// Refreshes the dead-man deadline: the node serves for `timeout` from now unless refreshed.
     pub fn arm(&mut self, timeout: Duration) -> Result<(), DataplaneError> {
-        self.control.deadline_ns = coarse_now_ns() + timeout.as_nanos() as u64;
-        self.write_control()
+        self.control.arm(timeout)
     }
 
     /// Stops serving now (deadline in the past).
     pub fn disarm(&mut self) -> Result<(), DataplaneError> {
-        self.control.deadline_ns = 0;
-        self.write_control()
+        self.control.disarm()
     }
 
-    pub fn control(&self) -> &Control {
-        &self.control
+    /// The control word as last written.
+    pub fn control(&self) -> Control {
+        self.control.get()
+    }
+
+    /// A handle on the dead-man deadline for another thread (the heartbeat thread refreshes
+    /// it, so that nothing the main loop does can let it lapse while heartbeats flow).
+    pub fn deadman(&self) -> Deadman {
+        self.control.clone()
     }
 
     /// Attaches the XDP program (native mode first unless told otherwise) and the egress program,
@@ -510,17 +586,13 @@ impl Dataplane {
 
     /// Counters of one bucket, summed over CPUs.
     pub fn bucket_counter(&self, b: u32) -> Result<BucketCounters, DataplaneError> {
-        let v = self
-            .counters
-            .get(&b, 0)
-            .map_err(map_err(MAP_BUCKET_COUNTERS))?;
-        Ok(v.iter().fold(BucketCounters::default(), |mut a, c| {
-            a.accepted_packets += c.accepted_packets;
-            a.accepted_bytes += c.accepted_bytes;
-            a.dropped_packets += c.dropped_packets;
-            a.dropped_bytes += c.dropped_bytes;
-            a
-        }))
+        self.counters.bucket(b)
+    }
+
+    /// A reader of the per-bucket counters for another thread: reading all 65536 of them
+    /// takes tens of milliseconds, which the main loop must not spend.
+    pub fn counter_reader(&self) -> BucketCounterReader {
+        self.counters.clone()
     }
 
     /// The data plane's event and error counters, by name, summed over CPUs.

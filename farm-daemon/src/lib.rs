@@ -13,6 +13,7 @@ pub mod drill;
 pub mod handover;
 pub mod heartbeat;
 pub mod hooks;
+pub mod lateness;
 pub mod membership;
 pub mod metrics;
 pub mod mirror;

@@ -61,6 +61,8 @@ pub struct Received {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     PeerLost { id: String, silent_for: Duration },
+    /// It announced it was leaving (a planned stop): not a failure.
+    PeerLeft { id: String },
     PeerBack { id: String },
     QuorumLost,
     QuorumRegained,
@@ -184,18 +186,28 @@ impl Membership {
                 self.peers[i].alive = true;
                 continue;
             }
-            let alive = self.heard_within(i, now);
+            // A peer that announced it leaves is gone at once (its buckets move without
+            // waiting for the loss window), and that is no failure.
+            let leaving = self.peers[i].state == Some(State::Leaving);
+            let alive = self.heard_within(i, now) && !leaving;
             let p = &mut self.peers[i];
             if p.alive && !alive {
                 let last = p.last_heard.iter().flatten().max().copied();
-                events.push(Event::PeerLost {
-                    id: p.id.clone(),
-                    silent_for: last.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
+                events.push(if leaving {
+                    Event::PeerLeft { id: p.id.clone() }
+                } else {
+                    Event::PeerLost {
+                        id: p.id.clone(),
+                        silent_for: last
+                            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
+                    }
                 });
-                // A peer that comes back may have restarted with any incarnation.
-                p.guard.forget();
-                p.state = None;
-            } else if !p.alive && alive {
+                if !leaving {
+                    // A peer that comes back may have restarted with any incarnation.
+                    p.guard.forget();
+                    p.state = None;
+                }
+            } else if !leaving && !p.alive && alive {
                 events.push(Event::PeerBack { id: p.id.clone() });
             }
             p.alive = alive;
@@ -242,6 +254,13 @@ impl Membership {
 
     pub fn has_quorum(&self) -> bool {
         self.quorum
+    }
+
+    /// Takes the peers and quorum as judged elsewhere (the heartbeat thread); this node's own
+    /// state stays as it is.
+    pub fn absorb(&mut self, peers: Vec<Peer>, quorum: bool) {
+        self.peers = peers;
+        self.quorum = quorum;
     }
 
     /// The view the bucket assignment is computed from. This node counts as serving only with

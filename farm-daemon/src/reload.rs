@@ -107,6 +107,18 @@ pub fn diff(old: &Config, new: &Config) -> Diff {
             new.heartbeat.port.to_string(),
         );
     }
+    if old.heartbeat.scheduling != new.heartbeat.scheduling {
+        let s = |c: &Config| {
+            let s = c.heartbeat.scheduling;
+            format!(
+                "{} priority {}{}",
+                s.policy.name(),
+                s.priority,
+                if s.lock_memory { ", memory locked" } else { "" }
+            )
+        };
+        restart("heartbeat.scheduling/priority/lock_memory", s(old), s(new));
+    }
     if old.witness != new.witness {
         let w = |c: &Config| c.witness.map_or("none".into(), |w| w.to_string());
         restart("cluster.witness", w(old), w(new));
