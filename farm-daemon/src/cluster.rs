@@ -410,7 +410,12 @@ impl Cluster {
     /// recomputed now.
     pub fn absorb(&mut self, u: Update) -> bool {
         let weights: Vec<u32> = self.membership.peers.iter().map(|p| p.weight).collect();
-        let digests: Vec<u64> = self.membership.peers.iter().map(|p| p.config_digest).collect();
+        let digests: Vec<u64> = self
+            .membership
+            .peers
+            .iter()
+            .map(|p| p.config_digest)
+            .collect();
         let before = self.membership.my_state;
         self.membership.absorb(u.peers, u.quorum);
         for (p, w) in self.membership.peers.iter_mut().zip(weights) {

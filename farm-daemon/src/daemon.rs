@@ -112,6 +112,9 @@ pub struct Daemon {
     _lock: File,
     lock_path: PathBuf,
     cluster: Cluster,
+    /// Counts the connections left in buckets handed over (on its own thread).
+    accounting: crate::connections::Accounting,
+    counted: Option<tokio::sync::mpsc::UnboundedReceiver<crate::connections::Counted>>,
     /// Whether this node may serve (quorum), as last applied.
     quorum: bool,
     handover: Handover,
@@ -291,6 +294,9 @@ impl Daemon {
         // Heartbeat sockets next: an address that is not this host's fails here, before the
         // host is touched.
         let cluster = Cluster::bind(&cfg, message_key)?;
+        let (counted_tx, counted) = tokio::sync::mpsc::unbounded_channel();
+        let accounting = crate::connections::Accounting::start(hash_key, counted_tx)
+            .map_err(io("starting the accounting thread"))?;
         let metrics_listener =
             match cfg.metrics {
                 Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -364,6 +370,8 @@ impl Daemon {
             lock_path,
             cfg,
             cluster,
+            accounting,
+            counted: Some(counted),
             quorum: false,
             handover,
             applied: Vec::new(),
@@ -585,6 +593,9 @@ impl Daemon {
                 serving.join(", ")
             ));
         }
+        if let Some(req) = self.handover.poll_count(t0) {
+            self.accounting.ask(req);
+        }
         let now = self.handover.announce();
         if now != announced {
             self.cluster.send(now);
@@ -714,6 +725,7 @@ impl Daemon {
         let mut updates = self
             .cluster
             .start(self.dp.deadman(), self.cfg.heartbeat.scheduling)?;
+        let mut counted = self.counted.take().expect("run once");
         // Announce at once, twice more a second apart, then every announce_interval.
         let mut announce_at = tokio::time::Instant::now();
         let mut announced = 0u32;
@@ -816,6 +828,14 @@ impl Daemon {
                     }
                     let may_join = self.may_join();
                     if self.cluster.tick(Instant::now(), may_join)
+                        && let Err(e) = self.advance()
+                    {
+                        tracing::error!("updating the bucket map failed: {e}");
+                    }
+                }
+                Some(c) = counted.recv() => {
+                    // Connections left in the buckets handed over, counted off this loop.
+                    if self.handover.handle_count(c)
                         && let Err(e) = self.advance()
                     {
                         tracing::error!("updating the bucket map failed: {e}");

@@ -161,7 +161,10 @@ pub struct Deadman(std::sync::Arc<std::sync::Mutex<ControlWord>>);
 
 impl Deadman {
     fn update(&self, f: impl FnOnce(&mut Control)) -> Result<(), DataplaneError> {
-        let mut w = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut w = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut w.value);
         let value = w.value;
         w.map.set(0, value, 0).map_err(map_err(MAP_CONTROL))

@@ -1,16 +1,19 @@
 //! The runtime of bucket moves (see `transition` for the rules): which plan this node applies,
 //! whether it has handed over its outgoing buckets (no connection left in them, after at least
 //! the UDP idle time, or the drain timeout), and when the whole move is complete.
+//!
+//! No I/O: the connections left in the outgoing buckets are counted elsewhere (`connections`,
+//! on a thread of its own). `poll_count` says when a count is due; `handle_count` takes the
+//! answer. Only a count asked for after the buckets were released (no new connection can
+//! arrive in them any more) can end a move early.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use farm_common::{BUCKETS, BucketKey, HashKey, affinity, bucket_of, proto_mask};
+use farm_common::HashKey;
 
 use crate::{
     config::Vip,
+    connections::{CountRequest, Counted},
     heartbeat::State,
     membership::{Membership, config_digest},
     transition::{self, Members, Plan, View},
@@ -71,8 +74,14 @@ pub struct Handover {
     pub immediate: bool,
     cached: Option<(PlanKey, Plan)>,
     started: Option<(View, Instant)>,
-    last_scan: Option<Instant>,
-    connections_left: usize,
+    /// When this node released its outgoing buckets for the current target.
+    released_at: Option<Instant>,
+    /// A count asked for and not yet answered (when it was asked).
+    counting: Option<Instant>,
+    /// When the last count was asked for.
+    last_count: Option<Instant>,
+    /// The last count for the current target: (connections, when it was asked for).
+    connections: Option<(usize, Instant)>,
     progress: Option<Progress>,
     /// Whether this node served at the previous step.
     was_serving: bool,
@@ -103,8 +112,10 @@ impl Handover {
             immediate: false,
             cached: None,
             started: None,
-            last_scan: None,
-            connections_left: 0,
+            released_at: None,
+            counting: None,
+            last_count: None,
+            connections: None,
             progress: None,
             was_serving: false,
         }
@@ -300,7 +311,9 @@ impl Handover {
             Some((t, at)) if t == target => at,
             _ => {
                 self.started = Some((target, now));
-                self.last_scan = None;
+                self.released_at = None;
+                self.last_count = None;
+                self.connections = None;
                 now
             }
         };
@@ -317,33 +330,31 @@ impl Handover {
             }
             self.released = target;
         }
+        if self.released == target && self.released_at.is_none() {
+            self.released_at = Some(now);
+        }
         let ready = mask_of(&|p| p.released == target)
             | if self.released == target {
                 1 << self.me
             } else {
                 0
             };
-        if outgoing == 0 {
-            self.connections_left = 0;
-        } else if self
-            .last_scan
-            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(250))
-        {
-            let buckets = self.plan(key).outgoing.clone();
-            self.connections_left = self.connections_in(&buckets);
-            self.last_scan = Some(now);
-        }
+        // None left, by a count asked for after the release.
+        let none_left = matches!(
+            (self.connections, self.released_at),
+            (Some((0, asked)), Some(released)) if asked >= released
+        );
         let done = self.released == target
             && (outgoing == 0
                 || self.immediate
-                || (elapsed >= self.udp_idle && self.connections_left == 0)
+                || (elapsed >= self.udp_idle && none_left)
                 || elapsed >= self.drain_timeout);
         if done && self.handed_over != target {
             if outgoing > 0 {
                 tracing::info!(
                     "handed over {outgoing} bucket(s) after {} ms ({} connection(s) left)",
                     elapsed.as_millis(),
-                    self.connections_left
+                    self.connections_left()
                 );
             }
             self.handed_over = target;
@@ -376,7 +387,7 @@ impl Handover {
             settled: self.names(settled.serving),
             target: self.names(target.serving),
             outgoing_buckets: outgoing,
-            connections_left: self.connections_left,
+            connections_left: self.connections_left(),
             waiting_for: self.names(waiting),
             elapsed_ms: elapsed.as_millis() as u64,
         });
@@ -391,97 +402,54 @@ impl Handover {
         self.progress.clone()
     }
 
-    /// This node's TCP connections to a VIP whose bucket is in `buckets`.
-    fn connections_in(&self, buckets: &[u32]) -> usize {
-        let mut set = vec![false; BUCKETS as usize];
-        for &b in buckets {
-            set[b as usize] = true;
-        }
-        let mut n = 0;
-        for (path, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
-            let Ok(text) = std::fs::read_to_string(path) else {
-                continue;
-            };
-            for line in text.lines().skip(1) {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                if f.len() < 4 {
-                    continue;
-                }
-                // Listening, time-wait and closed sockets hold no connection to keep.
-                if matches!(f[3], "0A" | "06" | "07") {
-                    continue;
-                }
-                let (Some((local, lport)), Some((remote, rport))) =
-                    (parse_addr(f[1], v6), parse_addr(f[2], v6))
-                else {
-                    continue;
-                };
-                let Some(vip) = self.vips.iter().find(|v| v.address == local) else {
-                    continue;
-                };
-                let conn = vip.rules.iter().any(|r| {
-                    r.protocols & proto_mask::TCP != 0
-                        && (r.port_lo..=r.port_hi).contains(&lport)
-                        && r.affinity == affinity::CONNECTION
-                });
-                let key = match (remote, conn) {
-                    (IpAddr::V4(a), false) => BucketKey::V4(a.octets()),
-                    (IpAddr::V4(a), true) => BucketKey::V4Port(a.octets(), rport.to_be_bytes()),
-                    (IpAddr::V6(a), false) => BucketKey::V6(a.octets()),
-                    (IpAddr::V6(a), true) => BucketKey::V6Port(a.octets(), rport.to_be_bytes()),
-                };
-                if set[bucket_of(&self.seed, key) as usize] {
-                    n += 1;
-                }
-            }
-        }
-        n
+    /// The connections left in the outgoing buckets, as last counted (0 before a count).
+    fn connections_left(&self) -> usize {
+        self.connections.map_or(0, |(n, _)| n)
     }
-}
 
-/// `0100007F:0050` (IPv4, words in host order) or 32 hex digits (IPv6) and a port.
-fn parse_addr(s: &str, v6: bool) -> Option<(IpAddr, u16)> {
-    let (a, p) = s.split_once(':')?;
-    let port = u16::from_str_radix(p, 16).ok()?;
-    let word = |i: usize| -> Option<[u8; 4]> {
-        Some(
-            u32::from_str_radix(a.get(i * 8..i * 8 + 8)?, 16)
-                .ok()?
-                .to_ne_bytes(),
-        )
-    };
-    let ip = if v6 {
-        let mut o = [0u8; 16];
-        for i in 0..4 {
-            o[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+    /// A count of the connections in this node's outgoing buckets, when one is due: while it
+    /// hands buckets over and has not handed them over yet, every 250 ms, one at a time.
+    pub fn poll_count(&mut self, now: Instant) -> Option<CountRequest> {
+        let (target, _) = self.started?;
+        // An answer lost (the accounting thread gone) is given up after 5 s.
+        let in_flight = self
+            .counting
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(5));
+        if self.handed_over == target || self.immediate || in_flight {
+            return None;
         }
-        let v6 = Ipv6Addr::from(o);
-        // IPv4 connections on a dual-stack socket.
-        match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
+        if self
+            .last_count
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_millis(250))
+        {
+            return None;
         }
-    } else {
-        IpAddr::V4(Ipv4Addr::from(word(0)?))
-    };
-    Some((ip, port))
-}
+        let plan = &self.cached.as_ref()?.1;
+        if self.cached.as_ref()?.0.1 != target || plan.outgoing.is_empty() {
+            return None;
+        }
+        let buckets = plan.outgoing.clone();
+        self.counting = Some(now);
+        self.last_count = Some(now);
+        Some(CountRequest {
+            target,
+            buckets,
+            vips: self.vips.clone(),
+            asked: now,
+        })
+    }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proc_net_tcp_addresses() {
-        assert_eq!(
-            parse_addr("0100007F:0050", false),
-            Some(("127.0.0.1".parse().unwrap(), 80))
-        );
-        // ::ffff:10.0.0.1 port 8080, as /proc/net/tcp6 prints it on little-endian hosts.
-        assert_eq!(
-            parse_addr("0000000000000000FFFF00000100000A:1F90", true),
-            Some(("10.0.0.1".parse().unwrap(), 8080))
-        );
-        assert_eq!(parse_addr("zz:1", false), None);
+    /// A count's answer. Returns whether it can change the plan (the move may be over).
+    pub fn handle_count(&mut self, c: Counted) -> bool {
+        if self.counting == Some(c.asked) {
+            self.counting = None;
+        }
+        match (self.started, c.connections) {
+            (Some((target, _)), Some(n)) if target == c.target => {
+                self.connections = Some((n, c.asked));
+                n == 0
+            }
+            _ => false,
+        }
     }
 }

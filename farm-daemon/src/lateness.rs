@@ -50,7 +50,11 @@ impl Histogram {
         for (i, &c) in self.counts.iter().enumerate() {
             seen += c;
             if seen >= rank {
-                return BOUNDS_US.get(i).copied().unwrap_or(u64::MAX).min(self.max_us);
+                return BOUNDS_US
+                    .get(i)
+                    .copied()
+                    .unwrap_or(u64::MAX)
+                    .min(self.max_us);
             }
         }
         self.max_us
@@ -63,9 +67,7 @@ impl Histogram {
         let mut out = Vec::with_capacity(BOUNDS_US.len() + 1);
         for i in 0..=BOUNDS_US.len() {
             acc += self.counts.get(i).copied().unwrap_or(0);
-            let bound = BOUNDS_US
-                .get(i)
-                .map_or(f64::INFINITY, |&b| b as f64 / 1e6);
+            let bound = BOUNDS_US.get(i).map_or(f64::INFINITY, |&b| b as f64 / 1e6);
             out.push((bound, acc));
         }
         out
@@ -101,7 +103,10 @@ mod tests {
         assert_eq!(h.max_us, 40_000);
         let c = h.cumulative();
         assert_eq!(c.first(), Some(&(0.0001, 98)));
-        assert_eq!(c.last().map(|&(b, n)| (b.is_infinite(), n)), Some((true, 100)));
+        assert_eq!(
+            c.last().map(|&(b, n)| (b.is_infinite(), n)),
+            Some((true, 100))
+        );
     }
 
     #[test]

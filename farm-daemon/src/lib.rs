@@ -6,6 +6,7 @@ pub mod assign;
 pub mod checks;
 pub mod cluster;
 pub mod config;
+pub mod connections;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;

@@ -60,10 +60,17 @@ pub struct Received {
 /// A change `tick` noticed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    PeerLost { id: String, silent_for: Duration },
+    PeerLost {
+        id: String,
+        silent_for: Duration,
+    },
     /// It announced it was leaving (a planned stop): not a failure.
-    PeerLeft { id: String },
-    PeerBack { id: String },
+    PeerLeft {
+        id: String,
+    },
+    PeerBack {
+        id: String,
+    },
     QuorumLost,
     QuorumRegained,
 }

@@ -43,19 +43,6 @@ pub fn set_recv_timeout(fd: &OwnedFd, timeout: Duration) -> std::io::Result<()> 
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfc1071_example() {
-        // RFC 1071 section 3: the sum of these words is 0xddf2, its complement 0x220d.
-        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
-        assert_eq!(inet_checksum(&[&data]), 0x220d);
-        assert_eq!(inet_checksum(&[&data[..4], &data[4..]]), 0x220d);
-    }
-}
-
 /// Asks the kernel to stamp every datagram received on `fd` with its arrival time
 /// (SO_TIMESTAMPNS), read by [`recv_timestamped`].
 pub fn enable_rx_timestamps(fd: &impl AsRawFd) -> std::io::Result<()> {
@@ -145,5 +132,18 @@ fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
             ))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc1071_example() {
+        // RFC 1071 section 3: the sum of these words is 0xddf2, its complement 0x220d.
+        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(inet_checksum(&[&data]), 0x220d);
+        assert_eq!(inet_checksum(&[&data[..4], &data[4..]]), 0x220d);
     }
 }
