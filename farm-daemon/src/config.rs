@@ -238,13 +238,14 @@ fn default_hook_timeout() -> u64 {
 }
 
 /// Events a hook can be run on.
-pub const HOOK_EVENTS: [&str; 7] = [
+pub const HOOK_EVENTS: [&str; 8] = [
     "became-active",
     "drained",
     "unhealthy",
     "healthy",
     "lost-quorum",
     "peer-lost",
+    "peer-left",
     "peer-back",
 ];
 

@@ -325,6 +325,16 @@ pub struct HeartbeatStatus {
     pub networks: Vec<NetworkStatus>,
     pub counters: crate::cluster::Counters,
     pub witness: Option<WitnessStatus>,
+    /// How late heartbeats were sent and processed (histograms since start).
+    #[serde(default)]
+    pub lateness: crate::lateness::Lateness,
+    /// The heartbeat thread's scheduling as it turned out.
+    #[serde(default)]
+    pub scheduling: crate::cluster::SchedulingStatus,
+    /// Set while the heartbeat thread holds this member silent because farmd's main loop
+    /// stalled.
+    #[serde(default)]
+    pub main_loop_stalled: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

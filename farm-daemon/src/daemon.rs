@@ -726,6 +726,12 @@ impl Daemon {
             .cluster
             .start(self.dp.deadman(), self.cfg.heartbeat.scheduling)?;
         let mut counted = self.counted.take().expect("run once");
+        let (traffic_tx, mut traffic_rx) = tokio::sync::mpsc::unbounded_channel::<(
+            Request,
+            tokio::sync::oneshot::Sender<Response>,
+            Result<BucketTraffic, String>,
+        )>();
+        let traffic_gate = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
         // Announce at once, twice more a second apart, then every announce_interval.
         let mut announce_at = tokio::time::Instant::now();
         let mut announced = 0u32;
@@ -833,6 +839,9 @@ impl Daemon {
                         tracing::error!("updating the bucket map failed: {e}");
                     }
                 }
+                Some((req, reply, seen)) = traffic_rx.recv() => {
+                    let _ = reply.send(self.handle_traffic(req, seen));
+                }
                 Some(c) = counted.recv() => {
                     // Connections left in the buckets handed over, counted off this loop.
                     if self.handover.handle_count(c)
@@ -886,6 +895,21 @@ impl Daemon {
                             response
                         }
                         Request::Drill { member } => self.start_drill(member).await,
+                        req @ (Request::Metrics | Request::Buckets { .. }) => {
+                            // The counters are read off this loop, one reader at a time;
+                            // the answer is rendered here when they arrive.
+                            let (reader, tx) = (self.dp.counter_reader(), traffic_tx.clone());
+                            let gate = traffic_gate.clone();
+                            tokio::spawn(async move {
+                                let Ok(_permit) = gate.acquire_owned().await else { return };
+                                let seen = tokio::task::spawn_blocking(move || reader.all())
+                                    .await
+                                    .map_err(|e| e.to_string())
+                                    .and_then(|r| r.map_err(|e| e.to_string()));
+                                let _ = tx.send((req, reply, seen));
+                            });
+                            continue;
+                        }
                         req => self.handle(req),
                     };
                     // A drain or resume that started shows in the next heartbeat at once.
@@ -1801,24 +1825,37 @@ impl Daemon {
         }
     }
 
+    /// Answers a request that needs the per-bucket counters (`metrics`, `buckets`), read
+    /// beforehand off the main loop (65536 per-CPU values take tens of milliseconds).
+    fn handle_traffic(&self, req: Request, seen: Result<BucketTraffic, String>) -> Response {
+        let error = |message: String| Response::Error { message };
+        let seen = match seen {
+            Ok(s) => s,
+            Err(e) => return error(e),
+        };
+        match req {
+            Request::Buckets { bucket } => match self.buckets(bucket, seen) {
+                Ok(r) => Response::Buckets(Box::new(r)),
+                Err(e) => error(e.to_string()),
+            },
+            Request::Metrics => match self.metrics_text(seen) {
+                Ok(text) => Response::Metrics { text },
+                Err(e) => error(e.to_string()),
+            },
+            _ => error("not a traffic request".into()),
+        }
+    }
+
     /// Answers one control request.
     pub fn handle(&mut self, req: Request) -> Response {
         match req {
             Request::Drain { force } => self.plan_change(Planned::Drain, force),
             Request::Resume => self.plan_change(Planned::Resume, false),
-            Request::Buckets { bucket } => match self.buckets(bucket) {
-                Ok(r) => Response::Buckets(Box::new(r)),
-                Err(e) => Response::Error {
-                    message: e.to_string(),
-                },
-            },
+            req @ (Request::Buckets { .. } | Request::Metrics) => {
+                let seen = self.dp.counter_reader().all().map_err(|e| e.to_string());
+                self.handle_traffic(req, seen)
+            }
             Request::SimulateFailure { member } => self.simulate_failure(&member),
-            Request::Metrics => match self.metrics_text() {
-                Ok(text) => Response::Metrics { text },
-                Err(e) => Response::Error {
-                    message: e.to_string(),
-                },
-            },
             Request::Checks => Response::Checks {
                 healthy: self.health.healthy(),
                 damped: self.health.damped(),
@@ -1877,7 +1914,7 @@ impl Daemon {
 
     /// Traffic per member (its current buckets) and per bucket that saw any, from this node's
     /// per-bucket counters: every member sees every packet, so they cover the whole farm.
-    fn traffic(&self) -> Result<(Vec<crate::control::MemberTraffic>, BucketTraffic), DaemonError> {
+    fn traffic(&self, seen: &BucketTraffic) -> Vec<crate::control::MemberTraffic> {
         let mut members: Vec<crate::control::MemberTraffic> = self
             .cfg
             .members
@@ -1889,32 +1926,31 @@ impl Daemon {
                 bytes: 0,
             })
             .collect();
-        let mut seen = Vec::new();
-        for b in 0..BUCKETS {
-            let c = self.dp.bucket_counter(b)?;
-            let (packets, bytes) = (
-                c.accepted_packets + c.dropped_packets,
-                c.accepted_bytes + c.dropped_bytes,
-            );
+        for &o in &self.owners {
+            if let Some(m) = members.get_mut(o as usize) {
+                m.buckets += 1;
+            }
+        }
+        for &(b, packets, bytes) in seen {
             if let Some(m) = self
                 .owners
                 .get(b as usize)
                 .and_then(|&o| members.get_mut(o as usize))
             {
-                m.buckets += 1;
                 m.packets += packets;
                 m.bytes += bytes;
             }
-            if packets > 0 {
-                seen.push((b, packets, bytes));
-            }
         }
-        Ok((members, seen))
+        members
     }
 
-    fn buckets(&self, detail: Option<u32>) -> Result<crate::control::BucketReport, DaemonError> {
+    fn buckets(
+        &self,
+        detail: Option<u32>,
+        mut seen: BucketTraffic,
+    ) -> Result<crate::control::BucketReport, DaemonError> {
         let n = self.cfg.members.len();
-        let (members, mut seen) = self.traffic()?;
+        let members = self.traffic(&seen);
         seen.sort_unstable_by_key(|&(b, packets, _)| std::cmp::Reverse((packets, b)));
         let busiest = seen
             .iter()
@@ -1938,7 +1974,7 @@ impl Daemon {
     }
 
     /// Every series of the metrics endpoint.
-    fn metrics_text(&self) -> Result<String, DaemonError> {
+    fn metrics_text(&self, per_bucket: BucketTraffic) -> Result<String, DaemonError> {
         let mut t = crate::metrics::Text::default();
         let me = self.cfg.node_id.as_str();
         let shares = assign::shares(&self.owners, self.cfg.members.len());
@@ -1967,7 +2003,7 @@ impl Daemon {
         for (i, m) in self.cfg.members.iter().enumerate() {
             t.sample("farm_buckets_owned", &[("member", &m.id)], shares[i] as f64);
         }
-        let (traffic, per_bucket) = self.traffic()?;
+        let traffic = self.traffic(&per_bucket);
         t.family(
             "farm_member_packets_total",
             "counter",
@@ -2024,6 +2060,48 @@ impl Daemon {
         for (k, v) in &stats {
             t.sample("farm_xdp_total", &[("counter", k)], *v as f64);
         }
+        let lateness = self.cluster.lateness();
+        t.family(
+            "farm_heartbeat_lateness_seconds",
+            "histogram",
+            "How late heartbeats were: from the due time to the send (direction=send), from \
+             the arrival on the socket to the processing (direction=receive).",
+        );
+        for (dir, h) in [("send", &lateness.send), ("receive", &lateness.receive)] {
+            for (bound, n) in h.cumulative() {
+                let le = if bound.is_infinite() {
+                    "+Inf".to_string()
+                } else {
+                    bound.to_string()
+                };
+                t.sample(
+                    "farm_heartbeat_lateness_seconds_bucket",
+                    &[("direction", dir), ("le", &le)],
+                    n as f64,
+                );
+            }
+            t.sample(
+                "farm_heartbeat_lateness_seconds_sum",
+                &[("direction", dir)],
+                h.sum_us as f64 / 1e6,
+            );
+            t.sample(
+                "farm_heartbeat_lateness_seconds_count",
+                &[("direction", dir)],
+                h.count as f64,
+            );
+        }
+        let sched = self.cluster.scheduling();
+        t.family(
+            "farm_heartbeat_realtime",
+            "gauge",
+            "1 while the heartbeat thread runs with a real-time scheduling policy.",
+        )
+        .sample(
+            "farm_heartbeat_realtime",
+            &[("policy", &sched.policy)],
+            (sched.policy != "other") as u8 as f64,
+        );
         let c = &self.cluster.counters();
         let nets = self.cfg.me().heartbeat_addrs.len();
         for (name, help, counts) in [
@@ -2072,6 +2150,12 @@ impl Daemon {
             "Members this member saw fail (not heard for the loss window).",
         )
         .sample("farm_failovers_total", &[], self.failovers as f64);
+        t.family(
+            "farm_peers_left_total",
+            "counter",
+            "Members this member saw leave by a planned stop (not failures).",
+        )
+        .sample("farm_peers_left_total", &[], c.peers_left as f64);
         if let Some((m, d, _)) = &self.last_failover {
             t.family(
                 "farm_last_failover_seconds",
@@ -2353,6 +2437,9 @@ impl Daemon {
                 address,
                 reachable: self.cluster.witness_reachable().unwrap_or(false),
             }),
+            lateness: self.cluster.lateness(),
+            scheduling: self.cluster.scheduling(),
+            main_loop_stalled: self.cluster.stalled(),
         }
     }
 

@@ -93,9 +93,22 @@ fn systemd_unit_fits_farmd() {
         stop > reference.stop_drain_timeout.as_secs() + 5,
         "TimeoutStopSec {stop} must exceed handover.stop_drain_timeout_s"
     );
-    for cap in ["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN"] {
+    for cap in [
+        "CAP_BPF",
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_NICE",
+        "CAP_IPC_LOCK",
+    ] {
         assert!(value("CapabilityBoundingSet").contains(cap), "{cap}");
     }
+    // The heartbeat thread's real-time policy (heartbeat.scheduling, on by default).
+    assert_eq!(value("RestrictRealtime"), "no");
+    assert_eq!(
+        reference.heartbeat.scheduling.policy,
+        farm_daemon::config::Policy::Fifo
+    );
     assert!(value("ReadWritePaths").contains("/sys/fs/bpf"));
     // Reload is SIGHUP; the drill's probe client is a packet socket.
     assert_eq!(value("ExecReload"), "/bin/kill -HUP $MAINPID");

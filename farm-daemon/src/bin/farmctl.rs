@@ -767,6 +767,29 @@ fn print_status(s: &Status) {
         .map(|n| format!("net{} {}/{} peers heard", n.index, n.peers_heard, n.peers))
         .collect();
     println!("heartbeat networks: {}", nets.join(", "));
+    let (send, recv) = (&hb.lateness.send, &hb.lateness.receive);
+    println!(
+        "heartbeat lateness p99/max: send {:.1}/{:.1} ms, receive {:.1}/{:.1} ms  (thread: {}{}{})",
+        send.quantile_us(0.99) as f64 / 1e3,
+        send.max_us as f64 / 1e3,
+        recv.quantile_us(0.99) as f64 / 1e3,
+        recv.max_us as f64 / 1e3,
+        if hb.scheduling.policy == "other" || hb.scheduling.policy.is_empty() {
+            "normal priority".to_string()
+        } else {
+            format!("{} {}", hb.scheduling.policy, hb.scheduling.priority)
+        },
+        if hb.scheduling.memory_locked {
+            ", memory locked"
+        } else {
+            ""
+        },
+        if hb.main_loop_stalled {
+            "; MAIN LOOP STALLED: this member is silent"
+        } else {
+            ""
+        }
+    );
     if let Some(w) = &hb.witness {
         println!(
             "witness {} {}",
