@@ -690,6 +690,7 @@ impl Io {
         let mut live = interval_timer((self.interval / 10).max(Duration::from_millis(2)));
         let mut arm = interval_timer((self.deadman_timeout / 5).max(Duration::from_millis(10)));
         let mut pending: Vec<Event> = Vec::new();
+        let started = Instant::now();
         loop {
             tokio::select! {
                 due = send.tick() => {
@@ -704,8 +705,11 @@ impl Io {
                     }
                 }
                 Some(d) = datagrams.recv() => {
-                    let waited = d.arrived.elapsed();
-                    lock(&self.shared.lateness).receive.record(waited);
+                    // Datagrams queued while farmd was still setting the host up are judged
+                    // (at their arrival time) but are not the thread's lateness.
+                    if d.arrived >= started {
+                        lock(&self.shared.lateness).receive.record(d.arrived.elapsed());
+                    }
                     if let Some(urgent) = self.receive(&d) {
                         // A peer that announced it leaves is out at once: judge now.
                         pending.extend(self.judge());

@@ -129,7 +129,10 @@ fn rolling_restart_of_five_at_600_new_connections_per_second_fails_nothing() {
         rate >= 600.0,
         "the load did not reach 600 new connections/s ({rate:.0}/s)"
     );
-    assert!(requests > 1000 && reconnects > 30, "the keep-alive load ran");
+    assert!(
+        requests > 1000 && reconnects > 30,
+        "the keep-alive load ran"
+    );
     let alarms = false_alarms(&t, &all);
     assert!(
         alarms.is_empty(),
@@ -141,13 +144,22 @@ fn rolling_restart_of_five_at_600_new_connections_per_second_fails_nothing() {
         let s = t.status(i).expect("status");
         assert_eq!(s.failovers, 0, "{}: failovers counted", t.nodes[i].name);
     }
+    // A SYN that arrives between the previous owner's release and the new owner's takeover
+    // is retransmitted by the client a second later (no request fails; see the README's
+    // known limits). A few per thousand at most; many would mean a takeover waits for
+    // something.
     assert!(
-        report.slow <= 10,
-        "{} connections stalled a second: {:#?}",
+        report.slow * 1000 <= report.answered,
+        "{} of {} connections stalled a second: {:#?}",
         report.slow,
+        report.answered,
         report.slow_samples
     );
-    assert_eq!(t.owners(0, &t.clients4()), before, "every member has its share back");
+    assert_eq!(
+        t.owners(0, &t.clients4()),
+        before,
+        "every member has its share back"
+    );
 }
 
 #[test]
@@ -242,7 +254,10 @@ fn a_frozen_farmd_is_declared_lost_within_the_loss_window() {
     let loss_window = Duration::from_millis(400);
     let noticed = loop {
         let s = t.status(0).expect("n1 status");
-        if s.members.iter().any(|m| m.id == "n2" && m.state != "serving") {
+        if s.members
+            .iter()
+            .any(|m| m.id == "n2" && m.state != "serving")
+        {
             break stopped.elapsed();
         }
         assert!(
