@@ -16,6 +16,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use farm_tests::{
+    busy::{self, TimeWaits},
     keepalived::Keepalived,
     topology::{Spec, TCP_PORT, Topology},
     traffic::{self, KeepAlives, NewConnections},
@@ -247,28 +248,82 @@ struct Rolling {
     new_answered: u64,
     new_failed: u64,
     stalled: u64,
+    /// farmd CPU seconds per restart step (all members together), for farm rows.
+    cpu_per_step: Option<f64>,
+    /// The worst member's p99 heartbeat lateness, send and receive (ms), for farm rows.
+    lateness_p99: Option<(f64, f64)>,
+    /// Members declared lost by a running member (false failovers), for farm rows.
+    false_losses: Option<usize>,
 }
 
-/// The load of the rolling restarts: 30 keep-alive clients (servers close a connection after 50
-/// requests, as NGINX after keepalive_requests) and 3 threads of new connections.
-fn load(t: &Topology) -> (KeepAlives, NewConnections) {
-    let clients = t.clients4();
-    (
-        KeepAlives::start(&t.client, &clients[..30], t.vip4(TCP_PORT)),
-        NewConnections::start(
-            &t.client,
-            &clients[30..],
-            t.vip4(TCP_PORT),
-            3,
-            Duration::from_millis(5),
-        ),
-    )
+/// The rolling restart's conditions: a quiet lab (3 nodes, 3 threads of new connections) or a
+/// busy web farm (5 nodes, weights 1,1,2,1,1, ~600+ new connections/s from 370 addresses and
+/// more than 10k TIME_WAIT sockets on every member).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Load {
+    Quiet,
+    Busy,
 }
 
-fn finish(name: &str, started: Instant, l: (KeepAlives, NewConnections)) -> Rolling {
+impl Load {
+    fn nodes(self) -> usize {
+        match self {
+            Load::Quiet => 3,
+            Load::Busy => 5,
+        }
+    }
+
+    fn spec(self) -> Spec {
+        match self {
+            Load::Quiet => Spec {
+                nodes: 3,
+                client_addrs: 200,
+                keepalive_requests: Some(50),
+                ..Spec::default()
+            },
+            Load::Busy => Spec {
+                nodes: 5,
+                client_addrs: 400,
+                weights: vec![1, 1, 2, 1, 1],
+                keepalive_requests: Some(50),
+                ..Spec::default()
+            },
+        }
+    }
+
+    /// 30 keep-alive clients (servers close a connection after 50 requests, as NGINX after
+    /// keepalive_requests) and threads of new connections; busy: TIME_WAIT fillers too.
+    fn start(self, t: &Topology) -> (KeepAlives, NewConnections, Vec<TimeWaits>) {
+        let clients = t.clients4();
+        let fillers = match self {
+            Load::Quiet => Vec::new(),
+            Load::Busy => t
+                .nodes
+                .iter()
+                .map(|n| TimeWaits::start(&n.ns, 10_500))
+                .collect(),
+        };
+        let (threads, pause) = match self {
+            Load::Quiet => (3, Duration::from_millis(5)),
+            Load::Busy => (16, Duration::from_millis(12)),
+        };
+        (
+            KeepAlives::start(&t.client, &clients[..30], t.vip4(TCP_PORT)),
+            NewConnections::start(&t.client, &clients[30..], t.vip4(TCP_PORT), threads, pause),
+            fillers,
+        )
+    }
+}
+
+fn finish(
+    name: &str,
+    started: Instant,
+    l: (KeepAlives, NewConnections, Vec<TimeWaits>),
+) -> Rolling {
     std::thread::sleep(Duration::from_secs(1));
     let (requests, errors) = l.0.finish();
     let n = l.1.finish();
+    drop(l.2);
     Rolling {
         name: name.into(),
         seconds: started.elapsed().as_secs_f64(),
@@ -277,52 +332,99 @@ fn finish(name: &str, started: Instant, l: (KeepAlives, NewConnections)) -> Roll
         new_answered: n.answered,
         new_failed: n.failed,
         stalled: n.slow,
+        cpu_per_step: None,
+        lateness_p99: None,
+        false_losses: None,
     }
 }
 
-fn spec() -> Spec {
-    Spec {
-        nodes: 3,
-        client_addrs: 200,
-        keepalive_requests: Some(50),
-        ..Spec::default()
-    }
+fn farmd_pid(t: &Topology, i: usize) -> Option<u32> {
+    t.nodes[i].farmd.as_ref().map(|c| c.id())
 }
 
-fn farm_rolling() -> Result<Rolling> {
-    let mut t = Topology::build(spec());
+fn farm_rolling(load: Load) -> Result<Rolling> {
+    let mut t = Topology::build(load.spec());
     t.start_all();
-    let l = load(&t);
+    let all: Vec<usize> = (0..load.nodes()).collect();
+    let l = load.start(&t);
     std::thread::sleep(Duration::from_secs(1));
     let started = Instant::now();
-    for i in 0..3 {
-        let o = t.farmctl(i, &["drain", "--timeout", "60"]);
-        if !o.status.success() {
-            bail!("farmctl drain: {}", String::from_utf8_lossy(&o.stderr));
+    let mut cpu = 0.0;
+    let mut lateness = (0.0f64, 0.0f64);
+    for i in all.clone() {
+        // CPU of every farmd during this step: read at its start, before the restarted one
+        // exits, and at its end.
+        let at_start: Vec<f64> = all
+            .iter()
+            .map(|&j| farmd_pid(&t, j).map_or(0.0, busy::cpu_seconds))
+            .collect();
+        if load == Load::Quiet {
+            let o = t.farmctl(i, &["drain", "--timeout", "60"]);
+            if !o.status.success() {
+                bail!("farmctl drain: {}", String::from_utf8_lossy(&o.stderr));
+            }
         }
+        if let Ok(s) = t.status(i) {
+            let h = &s.heartbeat.lateness;
+            lateness.0 = lateness.0.max(h.send.quantile_us(0.99) as f64 / 1e3);
+            lateness.1 = lateness.1.max(h.receive.quantile_us(0.99) as f64 / 1e3);
+        }
+        let leaving = farmd_pid(&t, i).map_or(0.0, busy::cpu_seconds);
+        // Busy: SIGTERM alone (it drains first), as systemctl restart does.
         t.signal_farmd(i, libc::SIGTERM);
         t.start_farmd(i);
-        t.wait_converged(&[0, 1, 2], Duration::from_secs(60));
-        eprintln!("  farm: {} drained, restarted, rejoined", t.nodes[i].name);
+        t.wait_converged(&all, Duration::from_secs(60));
+        for &j in &all {
+            let now = farmd_pid(&t, j).map_or(0.0, busy::cpu_seconds);
+            cpu += if j == i {
+                (leaving - at_start[j]) + now
+            } else {
+                now - at_start[j]
+            };
+        }
+        eprintln!("  farm: {} restarted, rejoined", t.nodes[i].name);
     }
-    Ok(finish("farm (drain, restart farmd, rejoin)", started, l))
+    for &i in &all {
+        if let Ok(s) = t.status(i) {
+            let h = &s.heartbeat.lateness;
+            lateness.0 = lateness.0.max(h.send.quantile_us(0.99) as f64 / 1e3);
+            lateness.1 = lateness.1.max(h.receive.quantile_us(0.99) as f64 / 1e3);
+        }
+    }
+    let false_losses = all
+        .iter()
+        .map(|&i| t.log(i).matches("member lost").count())
+        .sum();
+    let name = match load {
+        Load::Quiet => "farm (drain, restart farmd, rejoin)",
+        Load::Busy => "farm, busy (systemctl-like restart)",
+    };
+    let mut r = finish(name, started, l);
+    r.cpu_per_step = Some(cpu / load.nodes() as f64);
+    r.lateness_p99 = Some(lateness);
+    r.false_losses = Some(false_losses);
+    Ok(r)
 }
 
-fn keepalived_rolling(advert: Duration) -> Result<Rolling> {
-    let t = Topology::build(spec());
+fn keepalived_rolling(load: Load, advert: Duration) -> Result<Rolling> {
+    let t = Topology::build(load.spec());
     let mut ka = Keepalived::start(&t, advert);
-    let l = load(&t);
+    let l = load.start(&t);
     std::thread::sleep(Duration::from_secs(1));
     let started = Instant::now();
-    for i in 0..3 {
+    for i in 0..load.nodes() {
         ka.stop_node(i);
         std::thread::sleep(Duration::from_millis(500));
         ka.start_node(&t, i);
         ka.wait_one_master(&t, Duration::from_secs(30));
         eprintln!("  keepalived: {} restarted", t.nodes[i].name);
     }
+    let busy = if load == Load::Busy { ", busy" } else { "" };
     Ok(finish(
-        &format!("keepalived (restart, advert {} ms)", advert.as_millis()),
+        &format!(
+            "keepalived{busy} (restart, advert {} ms)",
+            advert.as_millis()
+        ),
         started,
         l,
     ))
@@ -330,34 +432,53 @@ fn keepalived_rolling(advert: Duration) -> Result<Rolling> {
 
 pub fn rolling() -> Result<()> {
     println!(
-        "rolling restart of 3 nodes under load: 30 keep-alive clients (a request every 20 ms; \
-         servers close a connection cleanly after 50 requests) and 3 threads of new connections"
+        "rolling restart under load: 30 keep-alive clients (a request every 20 ms; servers \
+         close a connection cleanly after 50 requests) and new connections. Quiet: 3 nodes, 3 \
+         threads of new connections. Busy: 5 nodes (weights 1,1,2,1,1), 16 threads of new \
+         connections from 370 addresses, more than 10k TIME_WAIT sockets on every member"
     );
     let rows = vec![
-        farm_rolling()?,
-        keepalived_rolling(Duration::from_secs(1))?,
-        keepalived_rolling(Duration::from_millis(100))?,
+        farm_rolling(Load::Quiet)?,
+        keepalived_rolling(Load::Quiet, Duration::from_secs(1))?,
+        keepalived_rolling(Load::Quiet, Duration::from_millis(100))?,
+        farm_rolling(Load::Busy)?,
+        keepalived_rolling(Load::Busy, Duration::from_millis(100))?,
     ];
     println!();
     println!(
-        "{:<40} {:>6} {:>10} {:>7} {:>10} {:>7} {:>8}",
-        "", "s", "keep-alive", "failed", "new conns", "failed", "stalled"
+        "{:<40} {:>6} {:>10} {:>7} {:>10} {:>7} {:>8} {:>8} {:>12} {:>5}",
+        "",
+        "s",
+        "keep-alive",
+        "failed",
+        "new conns",
+        "failed",
+        "stalled",
+        "cpu/step",
+        "hb p99 ms",
+        "lost"
     );
     for r in &rows {
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         println!(
-            "{:<40} {:>6.1} {:>10} {:>7} {:>10} {:>7} {:>8}",
+            "{:<40} {:>6.1} {:>10} {:>7} {:>10} {:>7} {:>8} {:>8} {:>12} {:>5}",
             r.name,
             r.seconds,
             r.keepalive_requests,
             r.keepalive_errors,
             r.new_answered,
             r.new_failed,
-            r.stalled
+            r.stalled,
+            opt(r.cpu_per_step.map(|c| format!("{c:.2} s"))),
+            opt(r.lateness_p99.map(|(s, v)| format!("{s:.1}/{v:.1}"))),
+            opt(r.false_losses.map(|n| n.to_string())),
         );
     }
     println!(
         "(failed: requests or connections that failed or were reset; stalled: connections \
-         whose SYN went unanswered once and was retransmitted a second later)"
+         whose SYN went unanswered once and was retransmitted a second later; cpu/step: CPU \
+         seconds of all farmds per restart step; hb p99: the worst member's heartbeat lateness \
+         p99, send/receive; lost: members declared lost by a running member)"
     );
     Ok(())
 }
