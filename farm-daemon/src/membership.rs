@@ -343,6 +343,44 @@ mod tests {
     const W: Duration = Duration::from_millis(400);
 
     #[test]
+    fn a_peer_that_announces_it_leaves_is_gone_at_once_and_not_lost() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut m = Membership::new(&members(3), 0, 1, W, false);
+        m.receive(&hb("n2", 1, State::Active), 0, t0).unwrap();
+        m.receive(&hb("n3", 1, State::Active), 0, t0).unwrap();
+        m.tick(t0, false);
+        // n3 drains, then announces it leaves (twice, as farmd does).
+        m.receive(&hb("n3", 2, State::Leaving), 0, t0 + ms(50))
+            .unwrap();
+        assert_eq!(
+            m.tick(t0 + ms(50), false),
+            vec![Event::PeerLeft { id: "n3".into() }],
+            "gone at once, without waiting for the loss window"
+        );
+        m.receive(&hb("n3", 3, State::Leaving), 0, t0 + ms(100))
+            .unwrap();
+        m.receive(&hb("n2", 2, State::Active), 0, t0 + ms(100))
+            .unwrap();
+        assert_eq!(m.tick(t0 + ms(100), false), vec![], "not back, not lost");
+        m.receive(&hb("n2", 3, State::Active), 0, t0 + W).unwrap();
+        assert_eq!(
+            m.tick(t0 + W + ms(200), false),
+            vec![],
+            "silence after leaving: no loss"
+        );
+        assert!(!m.peers[2].alive);
+        // It restarts (a newer incarnation) and is back.
+        let mut again = hb("n3", 1, State::Joining);
+        again.incarnation = 2;
+        m.receive(&again, 0, t0 + W + ms(300)).unwrap();
+        assert_eq!(
+            m.tick(t0 + W + ms(300), false),
+            vec![Event::PeerBack { id: "n3".into() }]
+        );
+    }
+
+    #[test]
     fn peers_come_and_go_with_heartbeats() {
         let t0 = Instant::now();
         let mut m = Membership::new(&members(3), 0, 2, W, false);
