@@ -39,7 +39,7 @@ use crate::{
     handover::Announce,
     heartbeat::{self, Heartbeat, MirrorBeat, Reject, State},
     lateness::{Histogram, Lateness},
-    membership::{Event, Membership, Peer, config_digest},
+    membership::{Event, Membership, config_digest},
     witness::{Witness, WitnessError},
 };
 
@@ -93,16 +93,17 @@ pub struct SchedulingStatus {
     pub problems: Vec<String>,
 }
 
-/// What this member announces in its heartbeats, as the main loop last published it.
+/// What this member announces in its heartbeats, as the main loop last published it (see
+/// `node::Node::outgoing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Outgoing {
-    state: State,
-    announce: Announce,
-    config_digest: u64,
-    drill: Option<(u32, u8)>,
-    mirror: MirrorBeat,
+pub struct Outgoing {
+    pub state: State,
+    pub announce: Announce,
+    pub config_digest: u64,
+    pub drill: Option<(u32, u8)>,
+    pub mirror: MirrorBeat,
     /// Sends nothing and lets the dead-man switch lapse (a member playing crashed in a drill).
-    silent: bool,
+    pub silent: bool,
 }
 
 /// Shared between the main loop and the heartbeat thread; every lock is held for a copy.
@@ -141,15 +142,7 @@ enum Command {
 }
 
 /// What the heartbeat thread hands the main loop.
-pub struct Update {
-    /// Every member as the thread judges it (this member's own entry included).
-    pub peers: Vec<Peer>,
-    pub quorum: bool,
-    /// Liveness and quorum changes since the previous update.
-    pub events: Vec<Event>,
-    /// A peer announced another move state, member list or drill: act on it now.
-    pub urgent: bool,
-}
+pub type Update = crate::node::PeerUpdate;
 
 /// How long the main loop may make no progress before the heartbeat thread takes this member
 /// out (silent, dead-man switch lapsed): a hung farmd must not look alive. Generous: nothing
@@ -158,23 +151,9 @@ pub fn stall_limit(loss_window: Duration) -> Duration {
     (loss_window * 4).max(Duration::from_secs(5))
 }
 
-/// The main loop's side of the heartbeat runtime.
+/// The main loop's side of the heartbeat runtime: an I/O handle (the rules that use what the
+/// thread judges are the node core's, `node`).
 pub struct Cluster {
-    /// The peers as the heartbeat thread last judged them; this member's own state
-    /// (`my_state`) is the main loop's.
-    pub membership: Membership,
-    /// The digest of this node's member list and weights (changes on reload).
-    pub config_digest: u64,
-    /// Membership events since the daemon last took them (for notify hooks).
-    pub events: Vec<Event>,
-    /// The recovery drill this node runs, announced in its heartbeats: (id, member index).
-    pub drill: Option<(u32, u8)>,
-    /// This node's mirror group state, announced in every heartbeat.
-    pub mirror: MirrorBeat,
-    silent: bool,
-    announce: Announce,
-    joined_at: Instant,
-    join_deferred: bool,
     shared: Arc<Shared>,
     commands: UnboundedSender<Command>,
     /// Until `start`: the thread's state, and its end of the command channel.
@@ -262,25 +241,17 @@ impl Cluster {
             counters.rejected.insert(r.name().into(), 0);
         }
         let digest = config_digest(&members);
-        let membership = || {
-            Membership::new(
-                &members,
-                cfg.me,
-                networks,
-                loss_window,
-                cfg.witness.is_some(),
-            )
-        };
-        let announce = Announce {
-            applied: Default::default(),
-            settled: Default::default(),
-            released: Default::default(),
-            handed_over: Default::default(),
-        };
+        let membership = Membership::new(
+            &members,
+            cfg.me,
+            networks,
+            loss_window,
+            cfg.witness.is_some(),
+        );
         let shared = Arc::new(Shared {
             outgoing: Mutex::new(Outgoing {
                 state: State::Joining,
-                announce,
+                announce: Announce::default(),
                 config_digest: digest,
                 drill: None,
                 mirror: MirrorBeat::default(),
@@ -295,7 +266,7 @@ impl Cluster {
         });
         let (commands, command_rx) = mpsc::unbounded_channel();
         let io = Io {
-            membership: membership(),
+            membership,
             key,
             incarnation: new_incarnation(),
             seq: 0,
@@ -309,15 +280,6 @@ impl Cluster {
             shared: shared.clone(),
         };
         Ok(Self {
-            membership: membership(),
-            config_digest: digest,
-            events: Vec::new(),
-            drill: None,
-            mirror: MirrorBeat::default(),
-            silent: false,
-            announce,
-            joined_at: Instant::now(),
-            join_deferred: false,
             shared,
             commands,
             io: Some((io, command_rx)),
@@ -376,137 +338,18 @@ impl Cluster {
         self.shared.main_beat.store(ms, Ordering::Relaxed);
     }
 
-    fn publish_now(&mut self) {
-        let o = Outgoing {
-            state: self.membership.my_state,
-            announce: self.announce,
-            config_digest: self.config_digest,
-            drill: self.drill,
-            mirror: self.mirror,
-            silent: self.silent,
-        };
+    /// Publishes what this member announces; the heartbeat thread sends it on its own timer.
+    pub fn publish(&self, o: Outgoing) {
         *lock(&self.shared.outgoing) = o;
     }
 
-    /// Publishes what this member announces; the heartbeat thread sends it on its own timer.
-    pub fn publish(&mut self, a: Announce) {
-        self.announce = a;
-        self.publish_now();
-    }
-
-    /// Publishes and sends a round at once.
-    pub fn send(&mut self, a: Announce) {
-        self.publish(a);
+    /// Sends a round at once (what is announced changed).
+    pub fn send_now(&self) {
         let _ = self.commands.send(Command::SendNow);
-    }
-
-    /// Sends nothing and lets the dead-man switch lapse (`true`), or goes on (`false`).
-    pub fn set_silent(&mut self, silent: bool) {
-        self.silent = silent;
-        self.publish_now();
-    }
-
-    /// Takes in what the heartbeat thread judged. Returns whether the bucket map should be
-    /// recomputed now.
-    pub fn absorb(&mut self, u: Update) -> bool {
-        let weights: Vec<u32> = self.membership.peers.iter().map(|p| p.weight).collect();
-        let digests: Vec<u64> = self
-            .membership
-            .peers
-            .iter()
-            .map(|p| p.config_digest)
-            .collect();
-        let before = self.membership.my_state;
-        self.membership.absorb(u.peers, u.quorum);
-        for (p, w) in self.membership.peers.iter_mut().zip(weights) {
-            p.weight = w;
-        }
-        for (p, old) in self.membership.peers.iter().zip(digests) {
-            if p.config_digest != old && p.config_digest != self.config_digest && p.alive {
-                tracing::warn!(
-                    member = %p.id,
-                    "member runs with another member list or weights than this node: a weight \
-                     change waits until every member has it (farmctl reload there)"
-                );
-            }
-        }
-        let changed = u.urgent || !u.events.is_empty();
-        for e in &u.events {
-            match e {
-                Event::PeerLost { id, silent_for } => {
-                    lock(&self.shared.counters).peers_lost += 1;
-                    tracing::warn!(
-                        member = %id,
-                        silent_ms = silent_for.as_millis() as u64,
-                        "member lost: not heard on any heartbeat network; its buckets move to \
-                         the others"
-                    );
-                }
-                Event::PeerLeft { id } => {
-                    lock(&self.shared.counters).peers_left += 1;
-                    tracing::info!(
-                        member = %id,
-                        "member left (planned stop); its buckets move to the others"
-                    );
-                }
-                Event::PeerBack { id } => tracing::info!(member = %id, "member heard again"),
-                Event::QuorumLost => {
-                    if self.membership.my_state == State::Active {
-                        self.membership.my_state = State::Joining;
-                    }
-                    tracing::error!(
-                        witness = self.witness.is_some(),
-                        "lost quorum: this node sees too few members{}; releasing every bucket",
-                        if self.witness.is_some() {
-                            " and cannot reach the witness"
-                        } else {
-                            ""
-                        }
-                    )
-                }
-                Event::QuorumRegained => {
-                    // Its view is as incomplete as a starting node's (it may hear some members
-                    // before others): it serves again only after a loss window with quorum, or
-                    // it would take buckets of members it has simply not heard yet.
-                    self.joined_at = Instant::now();
-                    tracing::info!("quorum: listening for one loss window, then serving");
-                }
-            }
-        }
-        self.events.extend(u.events);
-        if before != self.membership.my_state {
-            self.publish_now();
-        }
-        changed
-    }
-
-    /// A joining node becomes active after one loss window with quorum, and only when
-    /// `may_join` (no other bucket move is in progress: one planned change at a time). Returns
-    /// whether its state changed.
-    pub fn tick(&mut self, now: Instant, may_join: bool) -> bool {
-        if self.membership.my_state == State::Joining
-            && self.membership.has_quorum()
-            && now.saturating_duration_since(self.joined_at) >= self.membership.loss_window
-        {
-            if may_join {
-                self.membership.my_state = State::Active;
-                self.join_deferred = false;
-                tracing::info!(
-                    "joined: heard the farm for one loss window with quorum, now active"
-                );
-                self.publish_now();
-                return true;
-            } else if !self.join_deferred {
-                self.join_deferred = true;
-                tracing::info!("joining waits for the bucket move in progress to complete");
-            }
-        }
-        false
     }
 
     /// A reload's heartbeat timers.
     pub fn set_timers(&mut self, interval: Duration, loss_window: Duration, deadman: Duration) {
-        self.membership.loss_window = loss_window;
         self.witness_window = loss_window.max(Duration::from_millis(500));
         let _ = self.commands.send(Command::Timers {
             interval,
@@ -516,33 +359,17 @@ impl Cluster {
     }
 
     /// A reload's weights (in member order).
-    pub fn set_weights(&mut self, weights: Vec<u32>, digest: u64) {
-        for (p, w) in self.membership.peers.iter_mut().zip(&weights) {
-            p.weight = *w;
-        }
-        self.config_digest = digest;
-        self.publish_now();
+    pub fn set_weights(&self, weights: Vec<u32>) {
         let _ = self.commands.send(Command::Weights(weights));
     }
 
     /// Starts over as a restarted farmd would (after playing a crashed member in a drill): a
-    /// new incarnation, joining, serving only after a loss window.
-    pub fn restart(&mut self) {
-        self.silent = false;
-        self.membership.my_state = State::Joining;
-        self.joined_at = Instant::now();
-        self.publish_now();
+    /// new incarnation and sequence.
+    pub fn restart(&self) {
         let _ = self.commands.send(Command::Restart);
     }
 
-    /// Announces that this node leaves (peers take its buckets at once).
-    pub fn leave(&mut self, a: Announce) {
-        self.membership.my_state = State::Leaving;
-        self.silent = false;
-        self.send(a);
-    }
-
-    /// Stops the heartbeat thread (after `leave`).
+    /// Stops the heartbeat thread (after announcing `leaving`).
     pub fn stop(&mut self) {
         let _ = self.commands.send(Command::Stop);
         if let Some(t) = self.thread.take() {
@@ -788,7 +615,18 @@ impl Io {
             .witness
             .as_ref()
             .is_some_and(|w| w.reachable(self.witness_window));
-        self.membership.tick(Instant::now(), witness)
+        let events = self.membership.tick(Instant::now(), witness);
+        if !events.is_empty() {
+            let mut c = lock(&self.shared.counters);
+            for e in &events {
+                match e {
+                    Event::PeerLost { .. } => c.peers_lost += 1,
+                    Event::PeerLeft { .. } => c.peers_left += 1,
+                    _ => {}
+                }
+            }
+        }
+        events
     }
 
     /// Sends one heartbeat to every peer on every network.

@@ -154,7 +154,7 @@ pub fn count_in(sockets: &[Socket4], vips: &[Vip], seed: &HashKey, buckets: &[bo
 }
 
 /// A count the main loop asks for: the connections in `buckets` (handed over for `target`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CountRequest {
     pub target: View,
     pub buckets: Vec<u32>,

@@ -355,12 +355,90 @@ pub struct MemberStatus {
     pub id: String,
     pub address: IpAddr,
     pub weight: u32,
-    /// As this node sees it: serving, joining, draining (handing its buckets over), drained
-    /// (holds none), leaving, unhealthy, no-quorum (this node), lost (was heard, now silent),
-    /// unknown (never heard).
-    pub state: String,
+    pub state: MemberState,
     pub buckets: usize,
     pub this_node: bool,
+}
+
+/// A member's state as a node sees it (in JSON, its kebab-case name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemberState {
+    /// It serves its share.
+    Serving,
+    /// Started (or back without quorum for a while), not serving yet.
+    Joining,
+    /// Handing its buckets over.
+    Draining,
+    /// Drained: holds no bucket.
+    Drained,
+    /// Stopping (it announced it leaves).
+    Leaving,
+    /// Its health checks fail.
+    Unhealthy,
+    /// This node, active but without quorum: it serves nothing.
+    NoQuorum,
+    /// It was heard and went silent (a failure).
+    Lost,
+    /// It announced it was leaving, and went (a planned stop).
+    Left,
+    /// Never heard.
+    Unknown,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Serving => "serving",
+            MemberState::Joining => "joining",
+            MemberState::Draining => "draining",
+            MemberState::Drained => "drained",
+            MemberState::Leaving => "leaving",
+            MemberState::Unhealthy => "unhealthy",
+            MemberState::NoQuorum => "no-quorum",
+            MemberState::Lost => "lost",
+            MemberState::Left => "left",
+            MemberState::Unknown => "unknown",
+        }
+    }
+
+    pub const ALL: [MemberState; 10] = [
+        MemberState::Serving,
+        MemberState::Joining,
+        MemberState::Draining,
+        MemberState::Drained,
+        MemberState::Leaving,
+        MemberState::Unhealthy,
+        MemberState::NoQuorum,
+        MemberState::Lost,
+        MemberState::Left,
+        MemberState::Unknown,
+    ];
+}
+
+impl From<crate::heartbeat::State> for MemberState {
+    fn from(s: crate::heartbeat::State) -> Self {
+        use crate::heartbeat::State;
+        match s {
+            State::Joining => MemberState::Joining,
+            State::Active => MemberState::Serving,
+            State::Draining => MemberState::Draining,
+            State::Leaving => MemberState::Leaving,
+            State::Unhealthy => MemberState::Unhealthy,
+        }
+    }
+}
+
+impl std::fmt::Display for MemberState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for MemberState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -443,6 +521,17 @@ pub fn request(socket: &Path, req: &Request, timeout: Duration) -> Result<Respon
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_state_names_are_their_json_names() {
+        for s in MemberState::ALL {
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::Value::String(s.as_str().into())
+            );
+            assert_eq!(s, s.as_str());
+        }
+    }
 
     #[test]
     fn client_forms() {

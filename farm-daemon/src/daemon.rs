@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use farm_common::{BUCKETS, BucketEntry, BucketKey, HashKey, bucket_of};
+use farm_common::{BUCKETS, BucketKey, HashKey, bucket_of};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
@@ -19,22 +19,21 @@ use tokio::{
 
 use crate::{
     announce::{AnnounceError, Announcer},
-    assign,
-    checks::{self, Change, Health},
+    assign, checks,
     cluster::{Cluster, ClusterError},
     config::{Config, MacMode, format_mac},
     control::{
-        DrillReport, HeartbeatStatus, MemberStatus, NetworkStatus, Outcome, Placement,
-        ReloadReport, Request, Response, ShareChange, Status, Traffic, VipStatus, WhoisEntry,
-        WitnessStatus, parse_client,
+        DrillReport, HeartbeatStatus, MemberStatus, NetworkStatus, Placement, ReloadReport,
+        Request, Response, ShareChange, Status, Traffic, VipStatus, WhoisEntry, WitnessStatus,
+        parse_client,
     },
     dataplane::{self, Dataplane, DataplaneError},
     drill::{self, Probe, ProbeClient},
-    handover::Handover,
     heartbeat::State,
-    hooks::{self, Hooks},
-    membership::{self, config_digest},
+    hooks::Hooks,
+    membership::config_digest,
     netlink::{LinkFacts, Netlink, NetlinkError},
+    node::{Action, Node, NodeConfig, Planned},
     reload,
     secret::{Secret, SecretError},
 };
@@ -105,7 +104,6 @@ pub struct Daemon {
     cluster_mac: [u8; 6],
     link: LinkFacts,
     dp: Dataplane,
-    owners: Vec<u8>,
     started: Instant,
     netlink: Netlink,
     undo: Vec<Undo>,
@@ -115,20 +113,11 @@ pub struct Daemon {
     /// Counts the connections left in buckets handed over (on its own thread).
     accounting: crate::connections::Accounting,
     counted: Option<tokio::sync::mpsc::UnboundedReceiver<crate::connections::Counted>>,
-    /// Whether this node may serve (quorum), as last applied.
-    quorum: bool,
-    handover: Handover,
-    /// The bucket entries last written to the data plane.
-    applied: Vec<BucketEntry>,
-    /// A drain or resume waiting for another bucket move to complete.
-    queued: Option<Planned>,
-    /// Set on SIGTERM/SIGINT while draining before leaving: leave by then at the latest.
-    stopping: Option<Instant>,
-    /// The application's health, from the configured checks.
-    health: Health,
+    /// This member's lifecycle rules (no I/O).
+    node: Node,
+    /// The node core asked to leave.
+    leave: bool,
     hooks: Hooks,
-    /// This member's state as status shows it, at the last bucket-map step (for hooks).
-    last_state: String,
     /// The metrics endpoint, bound at start (served once running).
     metrics_listener: Option<tokio::net::TcpListener>,
     /// How long the last bucket-map change took from planning to live.
@@ -139,11 +128,6 @@ pub struct Daemon {
     /// The recovery drill this node runs, and the last one's result.
     drill: Option<DrillRun>,
     last_drill: Option<DrillReport>,
-    /// While this node plays the crashed member of a peer's drill: (drill id, the peer, since).
-    crashed: Option<(u32, usize, Instant)>,
-    /// The last drill this node played crashed in (an order still announced is not obeyed
-    /// twice).
-    crashed_in: Option<u32>,
     /// Recent events for the status page, newest last.
     events: std::collections::VecDeque<crate::control::Event>,
     /// The mirror group this node is a member of, if any.
@@ -186,31 +170,6 @@ struct Reloaded {
 
 /// (bucket, packets, bytes) of each bucket that saw traffic.
 type BucketTraffic = Vec<(u32, u64, u64)>;
-
-/// A bucket move: who is moving (a peer's index, or `None` for this node), from which serving
-/// set to which.
-#[derive(Debug, Clone, Copy)]
-struct Move {
-    by: Option<usize>,
-    from: crate::transition::View,
-    to: crate::transition::View,
-}
-
-/// A planned change of this node's own state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Planned {
-    Drain,
-    Resume,
-}
-
-impl Planned {
-    fn name(self) -> &'static str {
-        match self {
-            Planned::Drain => "drain",
-            Planned::Resume => "resume",
-        }
-    }
-}
 
 type Interval = tokio::time::Interval;
 
@@ -307,16 +266,27 @@ impl Daemon {
                 })?),
                 None => None,
             };
-        let handover = Handover::new(
-            cfg.members
-                .iter()
-                .map(|m| (m.id.clone(), m.weight))
-                .collect(),
-            cfg.me,
-            hash_key,
-            cfg.vips.clone(),
-            cfg.drain_timeout,
-            cfg.udp_idle,
+        let node = Node::new(
+            NodeConfig {
+                me: cfg.me,
+                members: cfg
+                    .members
+                    .iter()
+                    .map(|m| (m.id.clone(), m.weight))
+                    .collect(),
+                networks: cfg.me().heartbeat_addrs.len(),
+                loss_window: cfg.heartbeat.loss_window(),
+                has_witness: cfg.witness.is_some(),
+                seed: hash_key,
+                vips: cfg.vips.clone(),
+                drain_timeout: cfg.drain_timeout,
+                udp_idle: cfg.udp_idle,
+                stop_drain_timeout: cfg.stop_drain_timeout,
+                drill_timeout: cfg.drill.timeout,
+                checks: cfg.checks.clone(),
+                max_health_moves_per_minute: cfg.max_health_moves_per_minute,
+            },
+            Instant::now(),
         );
 
         let netlink = Netlink::connect()?;
@@ -355,10 +325,8 @@ impl Daemon {
             dp.set_mirror(m.vip, false)?;
         }
 
-        let (cfg_checks, max_health_moves) = (cfg.checks.clone(), cfg.max_health_moves_per_minute);
         let (hooks, node_id) = (cfg.hooks.clone(), cfg.node_id.clone());
         let mut d = Daemon {
-            owners: Vec::new(),
             hash_key,
             cluster_mac,
             link,
@@ -372,22 +340,15 @@ impl Daemon {
             cluster,
             accounting,
             counted: Some(counted),
-            quorum: false,
-            handover,
-            applied: Vec::new(),
-            queued: None,
-            stopping: None,
-            health: Health::new(&cfg_checks, max_health_moves),
+            node,
+            leave: false,
             hooks: Hooks::new(hooks, node_id),
-            last_state: String::new(),
             metrics_listener,
             last_apply: Duration::ZERO,
             failovers: 0,
             last_failover: None,
             drill: None,
             last_drill: None,
-            crashed: None,
-            crashed_in: None,
             events: std::collections::VecDeque::new(),
             mirror: None,
         };
@@ -410,7 +371,8 @@ impl Daemon {
         self.undo.push(Undo::Socket(self.cfg.socket.clone()));
 
         // Joining: nothing is ours until this node has listened to the farm for a loss window.
-        self.advance()?;
+        self.node.refresh(Instant::now());
+        self.act();
 
         let index = self.link.index;
         match self.netlink.add_mac_filter(index, self.cluster_mac).await {
@@ -482,7 +444,7 @@ impl Daemon {
     fn mirror_view(&self) -> crate::mirror::PeerView {
         self.mirror.as_ref().map_or_else(Default::default, |g| {
             g.view(
-                &self.cluster.membership.peers[g.peer_index()],
+                &self.node.membership.peers[g.peer_index()],
                 std::time::Instant::now(),
             )
         })
@@ -491,13 +453,13 @@ impl Daemon {
     /// Re-evaluates the mirror group, applies what it decided and announces its state.
     fn mirror_tick(&mut self) {
         let view = self.mirror_view();
-        let quorum = self.cluster.membership.has_quorum();
-        let healthy = self.health.healthy();
+        let quorum = self.node.membership.has_quorum();
+        let healthy = self.node.health.healthy();
         let Some(g) = self.mirror.as_mut() else {
             return;
         };
         let effects = g.tick(std::time::Instant::now(), view, quorum, healthy);
-        self.cluster.mirror = g.announced();
+        self.node.mirror = g.announced();
         self.mirror_effects(effects);
     }
 
@@ -550,125 +512,80 @@ impl Daemon {
         }
     }
 
-    fn advance(&mut self) -> Result<(), DaemonError> {
-        let announced = self.handover.announce();
-        let t0 = std::time::Instant::now();
-        let step = self.handover.step(&self.cluster.membership, t0);
-        let planned = t0.elapsed();
-        self.quorum = self.cluster.membership.has_quorum();
-        let (ready, done) = (step.givers_ready, step.givers_done);
-        if step.plan.entries == self.applied {
-            self.dp.set_handover_masks(ready, done)?;
-        } else {
-            let plan = step.plan;
-            let written = self.dp.set_buckets_and_masks(&plan.entries, ready, done)?;
-            let applied_in = t0.elapsed();
-            self.last_apply = applied_in;
-            self.applied.clone_from(&plan.entries);
-            self.owners.clone_from(&plan.owners);
-            let count = |st: u8| self.applied.iter().filter(|e| e.state == st).count();
-            let serving: Vec<String> = self
-                .cluster
-                .membership
-                .candidates()
-                .into_iter()
-                .filter(|c| c.serving)
-                .map(|c| c.id)
-                .collect();
-            let (mine, incoming, outgoing) = (
-                count(farm_common::bucket_state::MINE),
-                count(farm_common::bucket_state::INCOMING),
-                count(farm_common::bucket_state::OUTGOING),
-            );
-            tracing::info!(
-                "bucket map: serving [{}]; this node owns {mine}, takes over {incoming}, hands \
-                 over {outgoing} ({written} entries written; planned in {} us, live after {} us)",
-                serving.join(", "),
-                planned.as_micros(),
-                applied_in.as_micros(),
-            );
-            self.event(format!(
-                "bucket map: serving [{}]; this node owns {mine}, takes over {incoming}, hands \
-                 over {outgoing}",
-                serving.join(", ")
-            ));
-        }
-        if let Some(req) = self.handover.poll_count(t0) {
-            self.accounting.ask(req);
-        }
-        let now = self.handover.announce();
-        if now != announced {
-            self.cluster.send(now);
-        }
-        self.notify();
-        Ok(())
-    }
-
-    /// Runs the notify hooks for what changed since the last step.
-    fn notify(&mut self) {
-        let me = self.cfg.node_id.clone();
-        for e in std::mem::take(&mut self.cluster.events) {
-            let event = match e {
-                membership::Event::PeerLost { id, silent_for } => {
-                    let took = silent_for + self.last_apply;
-                    tracing::info!(
-                        "failover of {id}: {} ms from its last heartbeat to the new map live \
-                         here",
-                        took.as_millis()
-                    );
-                    self.failovers += 1;
-                    self.last_failover = Some((id.clone(), took, Instant::now()));
-                    hooks::Event {
-                        name: "peer-lost",
-                        member: id,
-                        detail: format!("not heard for {} ms", silent_for.as_millis()),
+    /// Carries out what the node core decided (see `node::Action`), then publishes what this
+    /// member announces.
+    fn act(&mut self) {
+        while let Some(a) = self.node.poll_action() {
+            match a {
+                Action::WriteBuckets {
+                    entries,
+                    ready,
+                    done,
+                    serving,
+                    counts: (mine, incoming, outgoing),
+                } => {
+                    let t0 = Instant::now();
+                    match self.dp.set_buckets_and_masks(&entries, ready, done) {
+                        Ok(written) => {
+                            self.last_apply = t0.elapsed();
+                            tracing::info!(
+                                written,
+                                live_after_us = self.last_apply.as_micros() as u64,
+                                "bucket map: serving [{}]; this node owns {mine}, takes over \
+                                 {incoming}, hands over {outgoing}",
+                                serving.join(", "),
+                            );
+                        }
+                        Err(e) => tracing::error!("updating the bucket map failed: {e}"),
                     }
                 }
-                membership::Event::PeerLeft { id } => hooks::Event {
-                    name: "peer-left",
-                    member: id,
-                    detail: "announced it was leaving (planned stop)".into(),
-                },
-                membership::Event::PeerBack { id } => hooks::Event {
-                    name: "peer-back",
-                    member: id,
-                    detail: String::new(),
-                },
-                membership::Event::QuorumLost => hooks::Event {
-                    name: "lost-quorum",
-                    member: me.clone(),
-                    detail: "this member releases every bucket".into(),
-                },
-                membership::Event::QuorumRegained => {
-                    self.event("quorum regained");
-                    continue;
+                Action::SetMasks { ready, done } => {
+                    if let Err(e) = self.dp.set_handover_masks(ready, done) {
+                        tracing::error!("updating the handover masks failed: {e}");
+                    }
                 }
-            };
-            self.event(
-                format!("{} {} {}", event.name, event.member, event.detail)
-                    .trim_end()
-                    .to_string(),
-            );
-            self.hooks.fire(&event);
-        }
-        let state = self.member_state(self.cfg.me, &[]);
-        if state != self.last_state {
-            let name = match state.as_str() {
-                "serving" => Some("became-active"),
-                "drained" => Some("drained"),
-                "unhealthy" => Some("unhealthy"),
-                _ => None,
-            };
-            self.event(format!("{me}: {} -> {state}", self.last_state));
-            if let Some(name) = name {
-                self.hooks.fire(&hooks::Event {
-                    name,
-                    member: me,
-                    detail: format!("was {}", self.last_state),
-                });
+                Action::Announce { send_now } => {
+                    self.cluster.publish(self.node.outgoing());
+                    if send_now {
+                        self.cluster.send_now();
+                    }
+                }
+                Action::Count(req) => {
+                    self.accounting.ask(req);
+                }
+                Action::Hook(e) => {
+                    self.hooks.fire(&e);
+                }
+                Action::Event(text) => {
+                    self.event(text);
+                }
+                Action::Failover { member, silent_for } => {
+                    let took = silent_for + self.last_apply;
+                    tracing::info!(
+                        member = %member,
+                        took_ms = took.as_millis() as u64,
+                        "failover: from the member's last heartbeat to the new map live here"
+                    );
+                    self.failovers += 1;
+                    self.last_failover = Some((member, took, Instant::now()));
+                }
+                Action::Crash { .. } => {
+                    self.cluster.publish(self.node.outgoing());
+                    if let Err(e) = self.dp.disarm() {
+                        tracing::error!("drill: stopping the data plane: {e}");
+                    }
+                }
+                Action::Rejoin { .. } => {
+                    self.cluster.restart();
+                    self.cluster.publish(self.node.outgoing());
+                    if let Err(e) = self.dp.arm(self.cfg.deadman_timeout) {
+                        tracing::error!("drill: re-arming the data plane: {e}");
+                    }
+                }
+                Action::Leave => self.leave = true,
             }
-            self.last_state = state;
         }
+        self.cluster.publish(self.node.outgoing());
     }
 
     /// Undoes every host change, newest first. Errors are logged, and the rest still undone.
@@ -778,16 +695,21 @@ impl Daemon {
                 MacMode::Multicast => "multicast",
             },
             self.cfg.vips.len(),
-            assign::shares(&self.owners, self.cfg.members.len())[self.cfg.me],
+            assign::shares(self.node.owners(), self.cfg.members.len())[self.cfg.me],
         );
 
-        let result = loop {
+        let result: Result<(), DaemonError> = loop {
+            // Carry out what the node core decided in the previous turn; leave when it says so.
+            self.act();
+            if self.leave {
+                break Ok(());
+            }
             // The heartbeat thread's watchdog: this loop goes round at least every liveness
             // tick.
             self.cluster.stamp();
             tokio::select! {
-                _ = term.recv() => if self.begin_stop("SIGTERM") { break Ok(()); },
-                _ = int.recv() => if self.begin_stop("SIGINT") { break Ok(()); },
+                _ = term.recv() => self.node.handle_stop("SIGTERM", Instant::now()),
+                _ = int.recv() => self.node.handle_stop("SIGINT", Instant::now()),
                 _ = hup.recv() => {
                     // The same reload as `farmctl reload` (answered, and its effects applied,
                     // by the control arm below); nobody waits for the answer.
@@ -802,63 +724,28 @@ impl Daemon {
                 }
                 _ = heartbeat.tick() => {
                     self.mirror_tick();
-                    self.cluster.publish(self.handover.announce());
-                    // A return held back by flap damping happens once the minute allows it.
-                    if let Some(change) = self.health.evaluate(std::time::Instant::now()) {
-                        self.on_health(change);
-                    }
-                    let may_join = self.may_join();
-                    self.cluster.tick(Instant::now(), may_join);
-                    self.start_queued();
-                    if let Err(e) = self.advance() {
-                        tracing::error!("updating the bucket map failed: {e}");
-                    }
-                    if self.stop_due() {
-                        break Ok(());
-                    }
+                    self.node.handle_timeout(Instant::now());
                 }
                 Some((i, outcome)) = check_results.recv() => {
-                    if let Some(change) = self.health.record(i, outcome, std::time::Instant::now()) {
-                        self.on_health(change);
-                        if let Err(e) = self.advance() {
-                            tracing::error!("updating the bucket map failed: {e}");
-                        }
-                    }
+                    self.node.handle_health(i, outcome, Instant::now());
                 }
                 _ = liveness.tick() => {
                     if self.drill.is_some() {
                         self.drill_tick().await;
                     }
-                    if self.crashed.is_some() {
-                        self.obey_drill();
-                    }
-                    let may_join = self.may_join();
-                    if self.cluster.tick(Instant::now(), may_join)
-                        && let Err(e) = self.advance()
-                    {
-                        tracing::error!("updating the bucket map failed: {e}");
-                    }
+                    self.node.handle_tick(Instant::now());
                 }
                 Some((req, reply, seen)) = traffic_rx.recv() => {
                     let _ = reply.send(self.handle_traffic(req, seen));
                 }
                 Some(c) = counted.recv() => {
                     // Connections left in the buckets handed over, counted off this loop.
-                    if self.handover.handle_count(c)
-                        && let Err(e) = self.advance()
-                    {
-                        tracing::error!("updating the bucket map failed: {e}");
-                    }
+                    self.node.handle_count(c, Instant::now());
                 }
                 Some(u) = updates.recv() => {
-                    // A peer that applied or handed over a move, or a liveness change: act on
-                    // it now (see advance).
-                    if self.cluster.absorb(u) {
-                        self.obey_drill();
-                        if let Err(e) = self.advance() {
-                            tracing::error!("updating the bucket map failed: {e}");
-                        }
-                    }
+                    // A peer that applied or handed over a move, or a liveness change: the
+                    // node core acts on it now.
+                    self.node.handle_update(u, Instant::now());
                 }
                 _ = tokio::time::sleep_until(announce_at) => {
                     if let Err(e) = announcer.announce(
@@ -912,12 +799,6 @@ impl Daemon {
                         }
                         req => self.handle(req),
                     };
-                    // A drain or resume that started shows in the next heartbeat at once.
-                    if matches!(response, Response::Planned { outcome: Outcome::Started, .. })
-                        && let Err(e) = self.advance()
-                    {
-                        tracing::error!("updating the bucket map failed: {e}");
-                    }
                     let _ = reply.send(response);
                 }
             }
@@ -929,13 +810,13 @@ impl Daemon {
                 .del_mac_filter(self.link.index, run.probe_mac)
                 .await;
         }
-        self.cluster.drill = None;
         // Tell the peers first, so they take this node's buckets at once rather than after the
         // loss window; twice, in case one is lost.
-        let announce = self.handover.announce();
-        self.cluster.leave(announce);
+        self.node.leave();
+        self.cluster.publish(self.node.outgoing());
+        self.cluster.send_now();
         tokio::time::sleep(self.cfg.heartbeat.interval.min(Duration::from_millis(50))).await;
-        self.cluster.leave(announce);
+        self.cluster.send_now();
         tokio::time::sleep(Duration::from_millis(5)).await;
         self.cluster.stop();
         if let Some(g) = self.mirror.take() {
@@ -985,287 +866,6 @@ impl Daemon {
         });
     }
 
-    /// A bucket move in progress anywhere in this node's view; `None` when every member that
-    /// is heard serves its settled map. Checked on every liveness tick: no strings here.
-    fn current_move(&self) -> Option<Move> {
-        let h = &self.handover;
-        if h.settled != h.applied {
-            return Some(Move {
-                by: None,
-                from: h.settled,
-                to: h.applied,
-            });
-        }
-        let m = &self.cluster.membership;
-        m.peers
-            .iter()
-            .enumerate()
-            .find(|(i, p)| *i != m.me && p.alive && p.state.is_some() && p.settled != p.applied)
-            .map(|(i, p)| Move {
-                by: Some(i),
-                from: p.settled,
-                to: p.applied,
-            })
-    }
-
-    /// The move in progress, for people; `None` when there is none.
-    fn describe_move(&self) -> Option<String> {
-        let mv = self.current_move()?;
-        let (from, to) = (
-            self.handover.describe(mv.from),
-            self.handover.describe(mv.to),
-        );
-        Some(match mv.by {
-            None => format!("buckets are moving from {from} to {to}"),
-            Some(i) => format!(
-                "member {} is moving buckets from {from} to {to}",
-                self.cfg.members[i].id
-            ),
-        })
-    }
-
-    /// Whether a joining member may become active now: no bucket move in progress (one planned
-    /// change at a time) and the application healthy.
-    fn may_join(&self) -> bool {
-        self.health.healthy() && self.current_move().is_none()
-    }
-
-    /// The application's health changed.
-    fn on_health(&mut self, change: Change) {
-        let state = self.cluster.membership.my_state;
-        match change {
-            Change::Unhealthy { answered, why } => {
-                if matches!(state, State::Active | State::Joining) {
-                    self.cluster.membership.my_state = State::Unhealthy;
-                    self.queued = None;
-                    self.handover.immediate = !answered;
-                    tracing::warn!(
-                        "unhealthy ({why}): giving this member's buckets away {}",
-                        if answered {
-                            "keeping its connections (the application still answers)"
-                        } else {
-                            "at once (the application does not answer)"
-                        }
-                    );
-                } else {
-                    tracing::warn!("unhealthy ({why}); this member is {state:?} and stays so");
-                }
-            }
-            Change::Healthy => {
-                self.hooks.fire(&hooks::Event {
-                    name: "healthy",
-                    member: self.cfg.node_id.clone(),
-                    detail: String::new(),
-                });
-                if state == State::Unhealthy {
-                    tracing::info!("healthy again: taking this member's share back");
-                    if let Response::Planned { message, .. } =
-                        self.plan_change(Planned::Resume, false)
-                    {
-                        tracing::info!("{message}");
-                    }
-                }
-            }
-        }
-    }
-
-    /// Whether a member other than this one serves.
-    fn others_serve(&self) -> bool {
-        let me = self.cfg.me;
-        self.cluster
-            .membership
-            .candidates()
-            .iter()
-            .enumerate()
-            .any(|(i, c)| i != me && c.serving)
-    }
-
-    /// Whether this node is draining and holds no bucket any more.
-    fn drained(&self) -> bool {
-        self.cluster.membership.my_state == State::Draining
-            && self.handover.settled == self.handover.applied
-            && !self.owners.iter().any(|&o| o as usize == self.cfg.me)
-    }
-
-    /// Starts a drain or resume now.
-    fn apply(&mut self, p: Planned) {
-        self.event(format!("{} started", p.name()));
-        let m = &mut self.cluster.membership;
-        match p {
-            Planned::Drain => {
-                m.my_state = State::Draining;
-                tracing::info!(
-                    "draining: handing this node's buckets to the others (connections are kept \
-                     for up to {} s)",
-                    self.cfg.drain_timeout.as_secs()
-                );
-            }
-            Planned::Resume => {
-                self.handover.immediate = false;
-                // Back to joining when quorum went meanwhile: it serves again after a loss
-                // window with quorum, as a starting node does.
-                m.my_state = if m.has_quorum() {
-                    State::Active
-                } else {
-                    State::Joining
-                };
-                tracing::info!("resuming: taking this node's share back");
-            }
-        }
-    }
-
-    /// Starts a queued drain or resume once no other move is in progress.
-    fn start_queued(&mut self) {
-        if let Some(p) = self.queued
-            && self.current_move().is_none()
-        {
-            self.queued = None;
-            self.apply(p);
-        }
-    }
-
-    /// A drain or resume request: at once, or queued behind the move in progress.
-    fn plan_change(&mut self, p: Planned, force: bool) -> Response {
-        let state = self.cluster.membership.my_state;
-        let planned = |outcome, message: String| Response::Planned { outcome, message };
-        if state == State::Leaving || self.stopping.is_some() {
-            return Response::Error {
-                message: "farmd is stopping".into(),
-            };
-        }
-        if self.queued == Some(p) {
-            return planned(Outcome::Queued, format!("a {} is already queued", p.name()));
-        }
-        if let Some(q) = self.queued.take() {
-            // The opposite request withdraws the queued one.
-            return planned(
-                Outcome::Cancelled,
-                format!("the queued {} is withdrawn; nothing changes", q.name()),
-            );
-        }
-        match (p, state) {
-            (Planned::Drain, State::Draining) => {
-                return planned(
-                    Outcome::Unchanged,
-                    if self.drained() {
-                        "already drained".into()
-                    } else {
-                        "already draining".into()
-                    },
-                );
-            }
-            (Planned::Drain, State::Joining | State::Unhealthy) => {
-                // It holds nothing: it simply stays out.
-                self.apply(p);
-                return planned(
-                    Outcome::Started,
-                    "this node serves nothing yet; it stays out until `farmctl resume`".into(),
-                );
-            }
-            (Planned::Drain, _) if !force && !self.others_serve() => {
-                return Response::Error {
-                    message: "no other member serves: draining this node would leave the VIPs \
-                              unanswered; use --force to drain anyway"
-                        .into(),
-                };
-            }
-            (Planned::Resume, State::Active | State::Joining) => {
-                return planned(Outcome::Unchanged, "not drained: nothing to resume".into());
-            }
-            (Planned::Resume, _) if !self.health.healthy() => {
-                return Response::Error {
-                    message: format!(
-                        "the health checks fail ({}): this member comes back by itself when \
-                         they pass (see farmctl checks)",
-                        self.health.failing().join(", ")
-                    ),
-                };
-            }
-            _ => {}
-        }
-        // Undoing this node's own drain before it completed moves nothing back: at once.
-        let own_drain = {
-            let h = &self.handover;
-            p == Planned::Resume
-                && h.settled.weights == h.applied.weights
-                && h.settled.serving ^ h.applied.serving == 1 << self.cfg.me
-        };
-        match self.describe_move() {
-            Some(why) if !own_drain => {
-                self.queued = Some(p);
-                tracing::info!("{} queued: {why}", p.name());
-                planned(
-                    Outcome::Queued,
-                    format!(
-                        "queued: {why}; the {} starts when that completes (one planned change \
-                         at a time)",
-                        p.name()
-                    ),
-                )
-            }
-            _ => {
-                self.apply(p);
-                planned(Outcome::Started, format!("{} started", p.name()))
-            }
-        }
-    }
-
-    /// A stop signal: drain first (up to handover.stop_drain_timeout_s) when others serve;
-    /// returns whether to leave at once.
-    fn begin_stop(&mut self, signal: &str) -> bool {
-        if self.stopping.is_some() {
-            tracing::info!("{signal} again: leaving at once");
-            return true;
-        }
-        let timeout = self.cfg.stop_drain_timeout;
-        let state = self.cluster.membership.my_state;
-        if timeout.is_zero()
-            || !matches!(state, State::Active | State::Draining)
-            || !self.cluster.membership.has_quorum()
-            || !self.others_serve()
-            || self.drained()
-        {
-            tracing::info!("{signal}: stopping");
-            return true;
-        }
-        tracing::info!(
-            "{signal}: draining for at most {} s before leaving (send it again to leave at once)",
-            timeout.as_secs()
-        );
-        if state == State::Active {
-            self.queued = None;
-            // One planned change at a time still holds: it queues behind a move in progress
-            // (within the same bound).
-            let _ = self.plan_change(Planned::Drain, true);
-        }
-        self.stopping = Some(Instant::now() + timeout);
-        false
-    }
-
-    /// Whether a stop that drains first may leave now.
-    fn stop_due(&self) -> bool {
-        match self.stopping {
-            None => false,
-            Some(_) if self.drained() => {
-                tracing::info!("drained: stopping");
-                true
-            }
-            Some(by) if Instant::now() >= by => {
-                tracing::warn!(
-                    "stop drain timeout ({} s) passed: leaving with buckets still held",
-                    self.cfg.stop_drain_timeout.as_secs()
-                );
-                true
-            }
-            Some(_) => {
-                !self.others_serve() && {
-                    tracing::warn!("no other member serves any more: stopping without a drain");
-                    true
-                }
-            }
-        }
-    }
-
     /// Reads the configuration file again and applies what changed (`dry_run`: only says what
     /// would). An invalid file, or a change that needs a restart, changes nothing.
     async fn reload(&mut self, dry_run: bool) -> (Response, Reloaded) {
@@ -1298,18 +898,21 @@ impl Daemon {
             .collect();
         let digest = config_digest(&members);
         if d.weights_changed && d.restart.is_empty() {
-            let mut candidates = self.cluster.membership.candidates();
+            let mut candidates = self.node.membership.candidates();
             for (c, (_, w)) in candidates.iter_mut().zip(&members) {
                 c.weight = *w;
             }
             let after = assign::assign(&self.hash_key, &candidates);
             report.buckets_moving = after
                 .iter()
-                .zip(&self.owners)
+                .zip(self.node.owners())
                 .filter(|(a, b)| a != b)
                 .count();
             let n = members.len();
-            let (now, later) = (assign::shares(&self.owners, n), assign::shares(&after, n));
+            let (now, later) = (
+                assign::shares(self.node.owners(), n),
+                assign::shares(&after, n),
+            );
             report.shares = members
                 .iter()
                 .enumerate()
@@ -1319,7 +922,7 @@ impl Daemon {
                     after: later[i],
                 })
                 .collect();
-            let m = &self.cluster.membership;
+            let m = &self.node.membership;
             report.waiting_for = m
                 .peers
                 .iter()
@@ -1365,7 +968,7 @@ impl Daemon {
                     Reloaded::default(),
                 );
             }
-            self.handover.set_vips(new.vips.clone());
+            self.node.handover.set_vips(new.vips.clone());
         }
         for addr in &d.vips_added {
             match self.netlink.add_vip(index, *addr).await {
@@ -1383,11 +986,13 @@ impl Daemon {
         }
         if d.weights_changed {
             let weights = members.iter().map(|(_, w)| *w).collect();
-            self.handover.set_members(members);
-            self.cluster.set_weights(weights, digest);
+            self.node.handover.set_members(members);
+            self.cluster.set_weights(weights);
+            self.node.config_digest = digest;
         }
         if d.checks_changed {
-            self.health
+            self.node
+                .health
                 .reconfigure(&new.checks, new.max_health_moves_per_minute);
         }
         if d.hooks_changed {
@@ -1398,7 +1003,9 @@ impl Daemon {
             new.heartbeat.loss_window(),
             new.deadman_timeout,
         );
-        self.handover.set_timeouts(new.drain_timeout, new.udp_idle);
+        self.node
+            .handover
+            .set_timeouts(new.drain_timeout, new.udp_idle);
         let effects = Reloaded {
             timers: d.timers_changed,
             checks: d.checks_changed,
@@ -1425,12 +1032,8 @@ impl Daemon {
                 );
             }
         }
-        if let Some(change) = self.health.evaluate(std::time::Instant::now()) {
-            self.on_health(change);
-        }
-        if let Err(e) = self.advance() {
-            tracing::error!("updating the bucket map failed: {e}");
-        }
+        self.node.refresh(Instant::now());
+        self.act();
         (Response::Reload(Box::new(report)), effects)
     }
 
@@ -1450,10 +1053,10 @@ impl Daemon {
     /// What the status page draws, as JSON.
     fn dashboard(&self) -> Result<String, DaemonError> {
         use base64::Engine as _;
-        let owners = if self.owners.is_empty() {
+        let owners = if self.node.owners().is_empty() {
             vec![farm_common::NO_OWNER; BUCKETS as usize]
         } else {
-            self.owners.clone()
+            self.node.owners().to_vec()
         };
         let d = crate::control::Dashboard {
             status: self.status()?,
@@ -1482,13 +1085,13 @@ impl Daemon {
                 run.report.member
             ));
         }
-        if self.crashed.is_some() {
+        if self.node.crashed() {
             return error("this member is playing crashed in a peer's drill".into());
         }
-        if !self.quorum || self.cluster.membership.my_state != State::Active {
+        if !self.node.quorum() || self.node.membership.my_state != State::Active {
             return error("this member does not serve (no quorum, or not active)".into());
         }
-        if let Some(why) = self.describe_move() {
+        if let Some(why) = self.node.describe_move() {
             return error(format!(
                 "{why}: run the drill once the farm is settled (one change at a time)"
             ));
@@ -1509,7 +1112,7 @@ impl Daemon {
             return error("the drill probes an IPv4 VIP and this farm has none".into());
         };
         let me = self.cfg.me;
-        let candidates = self.cluster.membership.candidates();
+        let candidates = self.node.membership.candidates();
         let victim = match &member {
             Some(id) => match self.cfg.members.iter().position(|m| &m.id == id) {
                 Some(i) => i,
@@ -1538,7 +1141,7 @@ impl Daemon {
             ));
         }
         let witness = self.cluster.witness_reachable().unwrap_or(false);
-        if !self.cluster.membership.quorum_without(victim, witness) {
+        if !self.node.membership.quorum_without(victim, witness) {
             return error(format!(
                 "without {name} the farm would lose quorum and stop serving: not drilled"
             ));
@@ -1560,7 +1163,7 @@ impl Daemon {
             .find(|a| {
                 let b = bucket_of(&self.hash_key, BucketKey::V4(a.octets())) as usize;
                 !taken.contains(&IpAddr::V4(*a))
-                    && self.owners.get(b) == Some(&(victim as u8))
+                    && self.node.owners().get(b) == Some(&(victim as u8))
                     && successors[b] as usize != me
             })
         else {
@@ -1653,11 +1256,11 @@ impl Daemon {
             let Some(run) = self.drill.as_ref() else {
                 return;
             };
-            let m = &self.cluster.membership;
+            let m = &self.node.membership;
             let p = &m.peers[run.victim];
             p.alive && p.state == Some(State::Active)
         };
-        let settled = self.current_move().is_none();
+        let settled = self.node.current_move().is_none();
         let Some(run) = self.drill.as_mut() else {
             return;
         };
@@ -1687,9 +1290,9 @@ impl Daemon {
                 if steady {
                     run.phase = DrillPhase::Crashed(now);
                     run.report.phase = "crashed".into();
-                    self.cluster.drill = Some((run.report.id, run.victim as u8));
-                    let announce = self.handover.announce();
-                    self.cluster.send(announce);
+                    self.node.drill_order = Some((run.report.id, run.victim as u8));
+                    self.cluster.publish(self.node.outgoing());
+                    self.cluster.send_now();
                     tracing::info!(
                         "drill {}: {} acts as if crashed from now",
                         run.report.id,
@@ -1716,16 +1319,16 @@ impl Daemon {
                     run.report.passed = Some(ms <= run.report.objective_ms);
                     run.report.phase = "restoring".into();
                     run.phase = DrillPhase::Restoring(now);
-                    self.cluster.drill = None;
-                    let announce = self.handover.announce();
-                    self.cluster.send(announce);
+                    self.node.drill_order = None;
+                    self.cluster.publish(self.node.outgoing());
+                    self.cluster.send_now();
                     tracing::info!(
                         "drill {}: answered again after {ms} ms; {} rejoins",
                         run.report.id,
                         run.report.member
                     );
                 } else if now.duration_since(at) > timeout {
-                    self.cluster.drill = None;
+                    self.node.drill_order = None;
                     run.report.passed = Some(false);
                     failed = Some(format!(
                         "no answer to the probe client for {} s after the crash (drill.timeout_s)",
@@ -1752,7 +1355,7 @@ impl Daemon {
             return;
         }
         let mut run = self.drill.take().expect("checked above");
-        self.cluster.drill = None;
+        self.node.drill_order = None;
         drop(run.probe);
         if let Err(e) = self
             .netlink
@@ -1783,48 +1386,6 @@ impl Daemon {
         self.last_drill = Some(run.report);
     }
 
-    /// Obeys a peer's drill that names this node (acts as if crashed: no heartbeats, dead-man
-    /// switch lapsed, so the data plane takes no VIP traffic and answers no ARP), and comes
-    /// back as a restarted member once the drill no longer names it.
-    fn obey_drill(&mut self) {
-        let m = &self.cluster.membership;
-        let me = m.me as u8;
-        let order = m.peers.iter().enumerate().find_map(|(i, p)| match p.drill {
-            Some((id, target)) if p.alive && target == me => Some((id, i)),
-            _ => None,
-        });
-        match (self.crashed, order) {
-            (None, Some((id, by))) if self.crashed_in != Some(id) => {
-                self.crashed = Some((id, by, Instant::now()));
-                self.crashed_in = Some(id);
-                self.cluster.set_silent(true);
-                if let Err(e) = self.dp.disarm() {
-                    tracing::error!("drill: stopping the data plane: {e}");
-                }
-                tracing::warn!(
-                    "drill {id} run by {}: acting as if crashed (no heartbeats, no VIP \
-                     traffic) until the drill ends",
-                    self.cluster.membership.peers[by].id
-                );
-            }
-            (Some((id, by, since)), order)
-                if order.map(|o| o.0) != Some(id)
-                    || since.elapsed() > self.cfg.drill.timeout * 2 + Duration::from_secs(5) =>
-            {
-                self.crashed = None;
-                self.cluster.restart();
-                if let Err(e) = self.dp.arm(self.cfg.deadman_timeout) {
-                    tracing::error!("drill: re-arming the data plane: {e}");
-                }
-                tracing::info!(
-                    "drill {id} by {} is over: rejoining as a restarted member",
-                    self.cluster.membership.peers[by].id
-                );
-            }
-            _ => {}
-        }
-    }
-
     /// Answers a request that needs the per-bucket counters (`metrics`, `buckets`), read
     /// beforehand off the main loop (65536 per-CPU values take tens of milliseconds).
     fn handle_traffic(&self, req: Request, seen: Result<BucketTraffic, String>) -> Response {
@@ -1849,17 +1410,22 @@ impl Daemon {
     /// Answers one control request.
     pub fn handle(&mut self, req: Request) -> Response {
         match req {
-            Request::Drain { force } => self.plan_change(Planned::Drain, force),
-            Request::Resume => self.plan_change(Planned::Resume, false),
+            Request::Drain { force } => {
+                self.node
+                    .handle_command(Planned::Drain, force, Instant::now())
+            }
+            Request::Resume => self
+                .node
+                .handle_command(Planned::Resume, false, Instant::now()),
             req @ (Request::Buckets { .. } | Request::Metrics) => {
                 let seen = self.dp.counter_reader().all().map_err(|e| e.to_string());
                 self.handle_traffic(req, seen)
             }
             Request::SimulateFailure { member } => self.simulate_failure(&member),
             Request::Checks => Response::Checks {
-                healthy: self.health.healthy(),
-                damped: self.health.damped(),
-                checks: self.health.status(std::time::Instant::now()),
+                healthy: self.node.health.healthy(),
+                damped: self.node.health.damped(),
+                checks: self.node.health.status(std::time::Instant::now()),
             },
             Request::Status => match self.status() {
                 Ok(s) => Response::Status(Box::new(s)),
@@ -1894,7 +1460,12 @@ impl Daemon {
 
     fn bucket_info(&self, b: u32) -> Result<crate::control::BucketInfo, DaemonError> {
         let c = self.dp.bucket_counter(b)?;
-        let e = self.applied.get(b as usize).copied().unwrap_or_default();
+        let e = self
+            .node
+            .applied()
+            .get(b as usize)
+            .copied()
+            .unwrap_or_default();
         Ok(crate::control::BucketInfo {
             bucket: b,
             owner: self.owner_name(b),
@@ -1926,14 +1497,15 @@ impl Daemon {
                 bytes: 0,
             })
             .collect();
-        for &o in &self.owners {
+        for &o in self.node.owners() {
             if let Some(m) = members.get_mut(o as usize) {
                 m.buckets += 1;
             }
         }
         for &(b, packets, bytes) in seen {
             if let Some(m) = self
-                .owners
+                .node
+                .owners()
                 .get(b as usize)
                 .and_then(|&o| members.get_mut(o as usize))
             {
@@ -1966,7 +1538,8 @@ impl Daemon {
                 _ => None,
             },
             owners: self
-                .owners
+                .node
+                .owners()
                 .iter()
                 .map(|&o| ((o as usize) < n).then_some(o))
                 .collect(),
@@ -1977,7 +1550,7 @@ impl Daemon {
     fn metrics_text(&self, per_bucket: BucketTraffic) -> Result<String, DaemonError> {
         let mut t = crate::metrics::Text::default();
         let me = self.cfg.node_id.as_str();
-        let shares = assign::shares(&self.owners, self.cfg.members.len());
+        let shares = assign::shares(self.node.owners(), self.cfg.members.len());
         t.family("farm_up", "gauge", "1 while farmd runs.")
             .sample("farm_up", &[("node", me)], 1.0);
         t.family(
@@ -1985,17 +1558,17 @@ impl Daemon {
             "gauge",
             "1 while this member has quorum (sees a majority, or the witness).",
         )
-        .sample("farm_quorum", &[], self.quorum as u8 as f64);
+        .sample("farm_quorum", &[], self.node.quorum() as u8 as f64);
         t.family(
             "farm_member_state",
             "gauge",
             "Each member's state as this member sees it (1 for the current state).",
         );
         for (i, m) in self.cfg.members.iter().enumerate() {
-            let st = self.member_state(i, &shares);
+            let st = self.node.member_state(i, &shares);
             t.sample(
                 "farm_member_state",
-                &[("member", &m.id), ("state", &st)],
+                &[("member", &m.id), ("state", st.as_str())],
                 1.0,
             );
         }
@@ -2264,7 +1837,7 @@ impl Daemon {
             "gauge",
             "1 while a health check passes (after rise/fall).",
         );
-        let checks = self.health.status(now);
+        let checks = self.node.health.status(now);
         for ch in &checks {
             t.sample(
                 "farm_check_passing",
@@ -2277,7 +1850,7 @@ impl Daemon {
             "gauge",
             "1 while every health check passes.",
         )
-        .sample("farm_healthy", &[], self.health.healthy() as u8 as f64);
+        .sample("farm_healthy", &[], self.node.health.healthy() as u8 as f64);
         t.family(
             "farm_handover_connections_left",
             "gauge",
@@ -2286,7 +1859,10 @@ impl Daemon {
         .sample(
             "farm_handover_connections_left",
             &[],
-            self.handover.progress().map_or(0, |p| p.connections_left) as f64,
+            self.node
+                .handover
+                .progress()
+                .map_or(0, |p| p.connections_left) as f64,
         );
         Ok(t.finish())
     }
@@ -2305,12 +1881,12 @@ impl Daemon {
                 ),
             };
         };
-        let mut candidates = self.cluster.membership.candidates();
+        let mut candidates = self.node.membership.candidates();
         candidates[i].serving = false;
         let after = assign::assign(&self.hash_key, &candidates);
         let mut moves = vec![0usize; self.cfg.members.len()];
         let (mut buckets, mut others_moved) = (0, 0);
-        for (&now, &then) in self.owners.iter().zip(&after) {
+        for (&now, &then) in self.node.owners().iter().zip(&after) {
             if now as usize == i {
                 buckets += 1;
                 if let Some(m) = moves.get_mut(then as usize) {
@@ -2321,7 +1897,7 @@ impl Daemon {
             }
         }
         let quorum_after = self
-            .cluster
+            .node
             .membership
             .quorum_without(i, self.cluster.witness_reachable().unwrap_or(false));
         Response::Simulation(crate::control::Simulation {
@@ -2343,7 +1919,7 @@ impl Daemon {
     fn owner_name(&self, bucket: u32) -> Option<String> {
         self.cfg
             .members
-            .get(self.owners[bucket as usize] as usize)
+            .get(*self.node.owners().get(bucket as usize)? as usize)
             .map(|m| m.id.clone())
     }
 
@@ -2384,40 +1960,8 @@ impl Daemon {
         }
     }
 
-    fn member_state(&self, i: usize, shares: &[usize]) -> String {
-        let m = &self.cluster.membership;
-        let name = |s: State| {
-            serde_json::to_value(s)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default()
-        };
-        if i == m.me {
-            return match m.my_state {
-                State::Active if self.quorum => "serving".into(),
-                State::Active => "no-quorum".into(),
-                State::Draining if self.drained() => "drained".into(),
-                s => name(s),
-            };
-        }
-        let p = &m.peers[i];
-        if !p.alive {
-            return if p.last_heard.iter().any(Option::is_some) {
-                "lost".into()
-            } else {
-                "unknown".into()
-            };
-        }
-        match p.state {
-            Some(State::Active) => "serving".into(),
-            Some(State::Draining) if shares[i] == 0 && p.settled == p.applied => "drained".into(),
-            Some(s) => name(s),
-            None => "unknown".into(),
-        }
-    }
-
     fn heartbeat_status(&self) -> HeartbeatStatus {
-        let m = &self.cluster.membership;
+        let m = &self.node.membership;
         let now = std::time::Instant::now();
         let nets = self.cfg.me().heartbeat_addrs.len();
         HeartbeatStatus {
@@ -2444,7 +1988,7 @@ impl Daemon {
     }
 
     fn status(&self) -> Result<Status, DaemonError> {
-        let shares = assign::shares(&self.owners, self.cfg.members.len());
+        let shares = assign::shares(self.node.owners(), self.cfg.members.len());
         let members = self
             .cfg
             .members
@@ -2454,7 +1998,7 @@ impl Daemon {
                 id: m.id.clone(),
                 address: m.address,
                 weight: m.weight,
-                state: self.member_state(i, &shares),
+                state: self.node.member_state(i, &shares),
                 buckets: shares[i],
                 this_node: i == self.cfg.me,
             })
@@ -2494,16 +2038,16 @@ impl Daemon {
             serving: ctl.deadline_ns != 0 && ctl.deadline_ns >= dataplane::coarse_now_ns(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             buckets_total: BUCKETS,
-            quorum: self.quorum,
-            handover: self.handover.progress(),
+            quorum: self.node.quorum(),
+            handover: self.node.handover.progress(),
             drill: self.drill_report(),
             mirror: self.mirror.as_ref().map(|g| g.status(self.mirror_view())),
-            queued: self.queued.map(|p| match self.describe_move() {
+            queued: self.node.queued().map(|p| match self.node.describe_move() {
                 Some(why) => format!("{} (waits: {why})", p.name()),
                 None => p.name().into(),
             }),
-            stopping: self.stopping.is_some(),
-            checks_failing: self.health.failing(),
+            stopping: self.node.stopping(),
+            checks_failing: self.node.health.failing(),
             failovers: self.failovers,
             last_failover: self.last_failover.as_ref().map(|(m, d, at)| {
                 crate::control::FailoverInfo {
@@ -2512,7 +2056,7 @@ impl Daemon {
                     ago_s: at.elapsed().as_secs_f64(),
                 }
             }),
-            view_digest: format!("{:016x}", self.cluster.membership.view_digest()),
+            view_digest: format!("{:016x}", self.node.membership.view_digest()),
             heartbeat: self.heartbeat_status(),
             members,
             vips,

@@ -36,7 +36,7 @@ pub struct Progress {
 type PlanKey = (View, View, u64, bool);
 
 /// Where this node's bucket moves stand, as its heartbeats say (see `transition`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Announce {
     pub applied: View,
     pub settled: View,

@@ -19,6 +19,7 @@ pub mod membership;
 pub mod metrics;
 pub mod mirror;
 pub mod netlink;
+pub mod node;
 pub mod packet;
 pub mod reload;
 pub mod secret;
