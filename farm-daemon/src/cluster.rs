@@ -518,6 +518,7 @@ impl Io {
         let mut arm = interval_timer((self.deadman_timeout / 5).max(Duration::from_millis(10)));
         let mut pending: Vec<Event> = Vec::new();
         let started = Instant::now();
+        let mut buf = vec![0u8; 2048];
         loop {
             tokio::select! {
                 due = send.tick() => {
@@ -532,12 +533,7 @@ impl Io {
                     }
                 }
                 Some(d) = datagrams.recv() => {
-                    // Datagrams queued while farmd was still setting the host up are judged
-                    // (at their arrival time) but are not the thread's lateness.
-                    if d.arrived >= started {
-                        lock(&self.shared.lateness).receive.record(d.arrived.elapsed());
-                    }
-                    if let Some(urgent) = self.receive(&d) {
+                    if let Some(urgent) = self.take_in(&d, started) {
                         // A peer that announced it leaves is out at once: judge now.
                         pending.extend(self.judge());
                         let events = std::mem::take(&mut pending);
@@ -546,10 +542,37 @@ impl Io {
                     }
                 }
                 _ = live.tick() => {
+                    // Judge only after reading everything that arrived: a datagram waiting in
+                    // the channel or in a socket is a peer heard, whatever delayed this thread.
+                    let mut taken = false;
+                    let mut urgent = false;
+                    while let Ok(d) = datagrams.try_recv() {
+                        if let Some(u) = self.take_in(&d, started) {
+                            taken = true;
+                            urgent |= u;
+                        }
+                    }
+                    for (net, sock) in readers.iter().enumerate() {
+                        while let Ok((n, _, waited)) =
+                            crate::packet::recv_timestamped(&sock.as_raw_fd(), &mut buf)
+                        {
+                            let now = Instant::now();
+                            let d = Received {
+                                net,
+                                bytes: buf[..n].to_vec(),
+                                arrived: now.checked_sub(waited).unwrap_or(now),
+                            };
+                            if let Some(u) = self.take_in(&d, started) {
+                                taken = true;
+                                urgent |= u;
+                            }
+                        }
+                    }
                     pending.extend(self.judge());
-                    if !pending.is_empty() {
+                    if !pending.is_empty() || taken {
                         let events = std::mem::take(&mut pending);
-                        let _ = updates.send(self.update(events, true));
+                        let urgent = urgent || !events.is_empty();
+                        let _ = updates.send(self.update(events, urgent));
                     }
                 }
                 cmd = commands.recv() => match cmd {
@@ -580,6 +603,18 @@ impl Io {
                 },
             }
         }
+    }
+
+    /// Takes in one datagram: its lateness (datagrams queued while farmd was still setting the
+    /// host up are judged at their arrival time but are not the thread's lateness), then the
+    /// heartbeat (see `receive`).
+    fn take_in(&mut self, d: &Received, started: Instant) -> Option<bool> {
+        if d.arrived >= started {
+            lock(&self.shared.lateness)
+                .receive
+                .record(d.arrived.elapsed());
+        }
+        self.receive(d)
     }
 
     /// Whether the main loop has made no progress for the stall limit; logs the transitions.
