@@ -179,6 +179,13 @@ struct Io {
     interval: Duration,
     deadman_timeout: Duration,
     shared: Arc<Shared>,
+    /// The thread's own copies: it never waits for a lock the main loop holds (a main thread
+    /// preempted while holding one would otherwise hold heartbeats up: priority inversion).
+    /// What it announces is refreshed with `try_lock`; counters and lateness are published the
+    /// same way.
+    out: Outgoing,
+    counters: Counters,
+    lateness: Lateness,
 }
 
 fn new_incarnation() -> u64 {
@@ -277,6 +284,9 @@ impl Cluster {
             witness_window,
             interval: cfg.heartbeat.interval,
             deadman_timeout: cfg.deadman_timeout,
+            out: *lock(&shared.outgoing),
+            counters: lock(&shared.counters).clone(),
+            lateness: Lateness::default(),
             shared: shared.clone(),
         };
         Ok(Self {
@@ -523,12 +533,16 @@ impl Io {
             tokio::select! {
                 due = send.tick() => {
                     let late = due.into_std().elapsed();
-                    lock(&self.shared.lateness).send.record(late);
+                    self.lateness.send.record(late);
                     self.send_round(&readers);
                 }
                 _ = arm.tick() => {
-                    let out = *lock(&self.shared.outgoing);
-                    if !out.silent && !self.main_stalled() && let Err(e) = deadman.arm(self.deadman_timeout) {
+                    let out = self.outgoing();
+                    // Busy lock (the main loop writes the tables): the next tick refreshes it.
+                    if !out.silent
+                        && !self.main_stalled()
+                        && let Some(Err(e)) = deadman.try_arm(self.deadman_timeout)
+                    {
                         tracing::error!("refreshing the dead-man switch failed: {e}");
                     }
                 }
@@ -569,6 +583,7 @@ impl Io {
                         }
                     }
                     pending.extend(self.judge());
+                    self.publish_stats();
                     if !pending.is_empty() || taken {
                         let events = std::mem::take(&mut pending);
                         let urgent = urgent || !events.is_empty();
@@ -605,14 +620,30 @@ impl Io {
         }
     }
 
+    /// What the main loop last published (its copy when the lock is busy).
+    fn outgoing(&mut self) -> Outgoing {
+        if let Ok(o) = self.shared.outgoing.try_lock() {
+            self.out = *o;
+        }
+        self.out
+    }
+
+    /// Publishes counters and lateness for status and metrics, unless the lock is busy.
+    fn publish_stats(&self) {
+        if let Ok(mut c) = self.shared.counters.try_lock() {
+            c.clone_from(&self.counters);
+        }
+        if let Ok(mut l) = self.shared.lateness.try_lock() {
+            l.clone_from(&self.lateness);
+        }
+    }
+
     /// Takes in one datagram: its lateness (datagrams queued while farmd was still setting the
     /// host up are judged at their arrival time but are not the thread's lateness), then the
     /// heartbeat (see `receive`).
     fn take_in(&mut self, d: &Received, started: Instant) -> Option<bool> {
         if d.arrived >= started {
-            lock(&self.shared.lateness)
-                .receive
-                .record(d.arrived.elapsed());
+            self.lateness.receive.record(d.arrived.elapsed());
         }
         self.receive(d)
     }
@@ -652,7 +683,7 @@ impl Io {
             .is_some_and(|w| w.reachable(self.witness_window));
         let events = self.membership.tick(Instant::now(), witness);
         if !events.is_empty() {
-            let mut c = lock(&self.shared.counters);
+            let c = &mut self.counters;
             for e in &events {
                 match e {
                     Event::PeerLost { .. } => c.peers_lost += 1,
@@ -666,7 +697,7 @@ impl Io {
 
     /// Sends one heartbeat to every peer on every network.
     fn send_round(&mut self, sockets: &[Arc<UdpSocket>]) {
-        let out = *lock(&self.shared.outgoing);
+        let out = self.outgoing();
         if out.silent || self.main_stalled() {
             return;
         }
@@ -700,7 +731,7 @@ impl Io {
                 }
             }
         }
-        let mut c = lock(&self.shared.counters);
+        let c = &mut self.counters;
         for (i, per_net) in sent.iter().enumerate() {
             if let Some(v) = c.sent.get_mut(&self.membership.peers[i].id) {
                 for (a, n) in v.iter_mut().zip(per_net) {
@@ -724,7 +755,7 @@ impl Io {
                 .receive(&hb, d.net, d.arrived)
                 .map(|r| (r, hb, before))
         });
-        let mut c = lock(&self.shared.counters);
+        let c = &mut self.counters;
         match result {
             Ok((r, hb, before)) => {
                 let i = r.index;

@@ -186,6 +186,19 @@ impl Deadman {
     pub fn disarm(&self) -> Result<(), DataplaneError> {
         self.update(|c| c.deadline_ns = 0)
     }
+
+    /// As `arm`, without waiting: `None` when another thread holds the control word (the
+    /// heartbeat thread never waits for the main loop; it refreshes at its next tick).
+    pub fn try_arm(&self, timeout: Duration) -> Option<Result<(), DataplaneError>> {
+        let mut w = match self.0.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        w.value.deadline_ns = coarse_now_ns() + timeout.as_nanos() as u64;
+        let value = w.value;
+        Some(w.map.set(0, value, 0).map_err(map_err(MAP_CONTROL)))
+    }
 }
 
 /// The per-bucket traffic counters (per CPU in the kernel), readable from any thread.
