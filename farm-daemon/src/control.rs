@@ -110,6 +110,44 @@ pub struct ShareChange {
     pub after: usize,
 }
 
+/// Where a drill stands (in JSON, its lowercase name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DrillStage {
+    /// Probing until the probe client's answers are steady.
+    Baseline,
+    /// The drilled member acts as if crashed; waiting for the probe to be answered again.
+    Crashed,
+    /// Answered again: the drilled member rejoins.
+    Restoring,
+    Done,
+    Failed,
+}
+
+impl DrillStage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrillStage::Baseline => "baseline",
+            DrillStage::Crashed => "crashed",
+            DrillStage::Restoring => "restoring",
+            DrillStage::Done => "done",
+            DrillStage::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for DrillStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for DrillStage {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// A recovery drill: its progress, then its result.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DrillReport {
@@ -119,8 +157,7 @@ pub struct DrillReport {
     /// The probe client's address and the VIP it asked.
     pub probe: String,
     pub vip: String,
-    /// baseline, crashed, recovered, restoring, done or failed.
-    pub phase: String,
+    pub phase: DrillStage,
     pub elapsed_ms: u64,
     pub probes_sent: u64,
     pub probes_answered: u64,
@@ -521,6 +558,17 @@ pub fn request(socket: &Path, req: &Request, timeout: Duration) -> Result<Respon
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drill_stage_names_are_their_json_names() {
+        use DrillStage::*;
+        for s in [Baseline, Crashed, Restoring, Done, Failed] {
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::Value::String(s.as_str().into())
+            );
+        }
+    }
 
     #[test]
     fn member_state_names_are_their_json_names() {

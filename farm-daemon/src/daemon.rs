@@ -23,9 +23,9 @@ use crate::{
     cluster::{Cluster, ClusterError},
     config::{Config, MacMode, format_mac},
     control::{
-        DrillReport, HeartbeatStatus, MemberStatus, NetworkStatus, Placement, ReloadReport,
-        Request, Response, ShareChange, Status, Traffic, VipStatus, WhoisEntry, WitnessStatus,
-        parse_client,
+        DrillReport, DrillStage, HeartbeatStatus, MemberStatus, NetworkStatus, Placement,
+        ReloadReport, Request, Response, ShareChange, Status, Traffic, VipStatus, WhoisEntry,
+        WitnessStatus, parse_client,
     },
     dataplane::{self, Dataplane, DataplaneError},
     drill::{self, Probe, ProbeClient},
@@ -1217,7 +1217,7 @@ impl Daemon {
             member: name.clone(),
             probe: addr.to_string(),
             vip: vip.to_string(),
-            phase: "baseline".into(),
+            phase: DrillStage::Baseline,
             elapsed_ms: 0,
             probes_sent: 0,
             probes_answered: 0,
@@ -1289,7 +1289,7 @@ impl Daemon {
             DrillPhase::Baseline => {
                 if steady {
                     run.phase = DrillPhase::Crashed(now);
-                    run.report.phase = "crashed".into();
+                    run.report.phase = DrillStage::Crashed;
                     self.node.drill_order = Some((run.report.id, run.victim as u8));
                     self.cluster.publish(self.node.outgoing());
                     self.cluster.send_now();
@@ -1317,7 +1317,7 @@ impl Daemon {
                     let ms = outage.as_millis() as u64;
                     run.report.rto_ms = Some(ms);
                     run.report.passed = Some(ms <= run.report.objective_ms);
-                    run.report.phase = "restoring".into();
+                    run.report.phase = DrillStage::Restoring;
                     run.phase = DrillPhase::Restoring(now);
                     self.node.drill_order = None;
                     self.cluster.publish(self.node.outgoing());
@@ -1370,7 +1370,11 @@ impl Daemon {
             .duration_since(std::time::UNIX_EPOCH)
             .ok()
             .map(|d| d.as_secs_f64());
-        r.phase = if failed.is_some() { "failed" } else { "done" }.into();
+        r.phase = if failed.is_some() {
+            DrillStage::Failed
+        } else {
+            DrillStage::Done
+        };
         r.error = failed;
         let text = format!(
             "drill {}: {}",
@@ -1810,7 +1814,11 @@ impl Daemon {
                     "gauge",
                     "1 while the primary's replica is in sync (fsync covers both members).",
                 )
-                .sample("farm_mirror_in_sync", &[], (r == "in sync") as u8 as f64);
+                .sample(
+                    "farm_mirror_in_sync",
+                    &[],
+                    (*r == crate::mirror::Replication::InSync) as u8 as f64,
+                );
                 t.family(
                     "farm_mirror_lag_bytes",
                     "gauge",

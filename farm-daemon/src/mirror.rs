@@ -368,6 +368,51 @@ pub struct Group {
 }
 
 /// Status of the group (farmctl mirror status).
+/// The primary's replication link, as status shows it (in JSON: "in sync", "broken",
+/// "degraded", "resyncing", "stopped").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Replication {
+    #[serde(rename = "in sync")]
+    InSync,
+    #[serde(rename = "broken")]
+    Broken,
+    #[serde(rename = "degraded")]
+    Degraded,
+    #[serde(rename = "resyncing")]
+    Resyncing,
+    #[serde(rename = "stopped")]
+    Stopped,
+}
+
+impl Replication {
+    pub fn of(s: &farm_mirror::link::State) -> Self {
+        use farm_mirror::link::State;
+        match s {
+            State::InSync => Replication::InSync,
+            State::Broken(_) => Replication::Broken,
+            State::Degraded(_) => Replication::Degraded,
+            State::Resyncing => Replication::Resyncing,
+            State::Stopped => Replication::Stopped,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Replication::InSync => "in sync",
+            Replication::Broken => "broken",
+            Replication::Degraded => "degraded",
+            Replication::Resyncing => "resyncing",
+            Replication::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for Replication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GroupStatus {
     pub node: String,
@@ -381,8 +426,8 @@ pub struct GroupStatus {
     pub eligible: bool,
     pub vip: IpAddr,
     pub directory: String,
-    /// Primary: "in sync", "broken", "degraded", "resyncing", "stopped".
-    pub replication: Option<String>,
+    /// Primary: the replication link's state.
+    pub replication: Option<Replication>,
     pub replication_detail: Option<String>,
     pub lag_bytes: u64,
     pub lag_ms: u64,
@@ -514,7 +559,7 @@ impl Group {
         let replica = match Replica::open(&self.cfg.backing) {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!("mirror: cannot open the replica: {e}");
+                tracing::error!("cannot open the replica: {e}");
                 return None;
             }
         };
@@ -526,7 +571,7 @@ impl Group {
         ) {
             Ok(s) => Some(s),
             Err(e) => {
-                tracing::error!("mirror: cannot serve the replica: {e}");
+                tracing::error!("cannot serve the replica: {e}");
                 None
             }
         }
@@ -607,6 +652,7 @@ impl Group {
         quorum: bool,
         healthy: bool,
     ) -> Vec<Effect> {
+        let _span = tracing::info_span!("mirror", vip = %self.cfg.vip).entered();
         let mut effects = Vec::new();
         let PeerView {
             beat: peer,
@@ -617,7 +663,7 @@ impl Group {
             && peer.generation > self.facts.get().seen
             && let Err(e) = self.facts.update(|f| f.seen = peer.generation)
         {
-            tracing::error!("mirror: {e}");
+            tracing::error!("{e}");
         }
         // A role change that ended.
         if let Role::Changing(_, rx) = &self.role {
@@ -625,7 +671,7 @@ impl Group {
                 Ok(outcome) => self.finish(outcome, &mut effects),
                 Err(mpsc::TryRecvError::Empty) => {}
                 Err(mpsc::TryRecvError::Disconnected) => {
-                    tracing::error!("mirror: a role change ended without a result; secondary");
+                    tracing::error!("a role change ended without a result; secondary");
                     self.role = Role::Secondary(self.serve());
                 }
             }
@@ -701,18 +747,18 @@ impl Group {
                 match self.facts.update(|f| f.generation = g) {
                     Ok(_) => {
                         tracing::warn!(
-                            "mirror: replication broken ({why}); generation {g} announced, \
+                            "replication broken ({why}); generation {g} announced, \
                              fsync waits until {} has recorded it",
                             self.peer_id
                         );
                         self.pending = Some(g);
                     }
-                    Err(e) => tracing::error!("mirror: {e}"),
+                    Err(e) => tracing::error!("{e}"),
                 }
             }
             Decision::GoAlone { generation, why } => {
                 if let Err(e) = self.facts.update(|f| f.generation = generation) {
-                    tracing::error!("mirror: {e}");
+                    tracing::error!("{e}");
                 } else {
                     if let Some(l) = self.link() {
                         l.degrade(&why, generation);
@@ -747,7 +793,7 @@ impl Group {
             f.generation = generation;
             f.synced = true;
         }) {
-            tracing::error!("mirror: cannot record the promotion, staying secondary: {e}");
+            tracing::error!("cannot record the promotion, staying secondary: {e}");
             self.role = Role::Secondary(server);
             return;
         }
@@ -764,9 +810,11 @@ impl Group {
         let node = self.node.clone();
         let rt = self.rt.clone();
         let record_base = Some(before.generation);
+        let span = tracing::Span::current();
         std::thread::Builder::new()
             .name("mirror-promote".into())
             .spawn(move || {
+                let _span = span.entered();
                 let started = Instant::now();
                 stop_secondary(&rt, &cfg, &node, server);
                 let link = Link::start(
@@ -784,10 +832,7 @@ impl Group {
                     match mount(&cfg, link.clone()) {
                         Ok(s) => break s,
                         Err(e) => {
-                            tracing::error!(
-                                "mirror: mounting {}: {e}; retrying",
-                                cfg.directory.display()
-                            );
+                            tracing::error!("mounting {}: {e}; retrying", cfg.directory.display());
                             std::thread::sleep(Duration::from_secs(1));
                         }
                     }
@@ -833,9 +878,11 @@ impl Group {
         let facts = self.facts.clone();
         let key = self.key;
         let me = self.me;
+        let span = tracing::Span::current();
         std::thread::Builder::new()
             .name("mirror-demote".into())
             .spawn(move || {
+                let _span = span.entered();
                 let started = Instant::now();
                 stop_primary(&rt, &cfg, &node, link, session, yield_to_peer);
                 let server = Replica::open(&cfg.backing)
@@ -843,7 +890,7 @@ impl Group {
                     .and_then(|r| {
                         Server::start(cfg.address(me), r, facts, &key).map_err(|e| e.to_string())
                     })
-                    .map_err(|e| tracing::error!("mirror: cannot serve the replica: {e}"))
+                    .map_err(|e| tracing::error!("cannot serve the replica: {e}"))
                     .ok();
                 if let Some(c) = &cfg.start_secondary {
                     run(&rt, &cfg, &node, "start_secondary", c);
@@ -894,6 +941,7 @@ impl Group {
 
     /// `farmctl mirror swap`.
     pub fn request_swap(&mut self, view: PeerView) -> Result<String, String> {
+        let _span = tracing::info_span!("mirror", vip = %self.cfg.vip).entered();
         let peer = &view.beat;
         if !view.alive {
             return Err(format!(
@@ -943,6 +991,7 @@ impl Group {
         view: PeerView,
         effects: &mut Vec<Effect>,
     ) -> Result<String, String> {
+        let _span = tracing::info_span!("mirror", vip = %self.cfg.vip).entered();
         if view.alive && matches!(view.beat.role, MirrorRole::Primary | MirrorRole::Stopping) {
             return Err(format!(
                 "{} is primary and reachable: forcing would make two primaries (use farmctl \
@@ -969,7 +1018,7 @@ impl Group {
                 f.generation, self.peer_id, f.seen, self.peer_id
             )
         };
-        tracing::warn!("mirror: forced promotion: {warning}");
+        tracing::warn!("forced promotion: {warning}");
         self.promote(true, "forced by the operator", effects);
         Ok(warning)
     }
@@ -998,7 +1047,7 @@ impl Group {
             eligible: f.eligible(),
             vip: self.cfg.vip,
             directory: self.cfg.directory.display().to_string(),
-            replication: link.as_ref().map(|l| l.state.name().to_string()),
+            replication: link.as_ref().map(|l| Replication::of(&l.state)),
             replication_detail: link.as_ref().and_then(|l| match &l.state {
                 LinkState::Broken(w) | LinkState::Degraded(w) => Some(w.clone()),
                 _ => l.resync_error.clone(),
@@ -1032,6 +1081,7 @@ impl Group {
     /// farmd stops: the application stops and the directory is unmounted (a primary flushes to
     /// its secondary first).
     pub fn shutdown(mut self) {
+        let _span = tracing::info_span!("mirror", vip = %self.cfg.vip).entered();
         // Wait for a role change in progress (bounded by its commands' timeouts).
         if let Role::Changing(_, rx) = &self.role {
             let wait = self.cfg.command_timeout * 2 + Duration::from_secs(15);
@@ -1066,7 +1116,7 @@ fn stop_primary(
     if flush {
         run(rt, cfg, node, "stop_primary", &cfg.stop_primary);
         if !link.stop(Duration::from_secs(10)) {
-            tracing::warn!("mirror: the secondary did not confirm the last changes");
+            tracing::warn!("the secondary did not confirm the last changes");
         }
     } else {
         link.stop(Duration::ZERO);
@@ -1147,7 +1197,7 @@ fn run(
     what: &str,
     command: &str,
 ) -> bool {
-    tracing::info!("mirror: running {what}: {command}");
+    tracing::info!("running {what}: {command}");
     let started = Instant::now();
     let mut cmd = tokio::process::Command::new("/bin/sh");
     cmd.arg("-c")
@@ -1158,18 +1208,15 @@ fn run(
         .env("FARM_NODE", node);
     match rt.block_on(crate::checks::run_bounded(cmd, what, cfg.command_timeout)) {
         Ok(status) if status.success() => {
-            tracing::info!(
-                "mirror: {what} done in {} ms",
-                started.elapsed().as_millis()
-            );
+            tracing::info!("{what} done in {} ms", started.elapsed().as_millis());
             true
         }
         Ok(status) => {
-            tracing::error!("mirror: {what} failed: {status}");
+            tracing::error!("{what} failed: {status}");
             false
         }
         Err(e) => {
-            tracing::error!("mirror: {e}");
+            tracing::error!("{e}");
             false
         }
     }

@@ -37,6 +37,24 @@ pub fn bin(name: &str) -> PathBuf {
         })
 }
 
+/// Waits until `ready` gives a value, trying every `every` for at most `within`; panics with
+/// `what` (and how long it waited) otherwise. Every wait of the system tests is bounded.
+pub fn wait_until<T>(
+    what: &str,
+    within: std::time::Duration,
+    every: std::time::Duration,
+    mut ready: impl FnMut() -> Option<T>,
+) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(v) = ready() {
+            return v;
+        }
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(every);
+    }
+}
+
 /// Whether this process may run the system tests (root). When it may not: in CI (`CI` set) this
 /// panics, since a CI run must never skip them; elsewhere it prints a loud warning and the
 /// caller returns.

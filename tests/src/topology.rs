@@ -280,6 +280,17 @@ deadman_timeout_ms = {}
         s
     }
 
+    /// The opening of most system tests: root checked (see `require_root`: `None` when the
+    /// test is to be skipped), the topology built, every farmd started and the farm converged.
+    pub fn started(test: &str, spec: Spec) -> Option<Self> {
+        if !crate::require_root(test) {
+            return None;
+        }
+        let mut t = Self::build(spec);
+        t.start_all();
+        Some(t)
+    }
+
     /// Starts farmd on node `i` and waits until it serves.
     pub fn start_farmd(&mut self, i: usize) {
         let child = self.spawn_farmd(i, &self.nodes[i].config.clone());

@@ -13,6 +13,7 @@ use farm_tests::{
     require_root,
     topology::{Spec, TCP_PORT, Topology},
     traffic::{KeepAlives, NewConnections},
+    wait_until,
 };
 
 /// Log lines in which a member declared another lost (a failure), or lost quorum.
@@ -47,17 +48,18 @@ fn lateness(t: &Topology, i: usize) -> String {
 
 #[test]
 fn rolling_restart_of_five_at_600_new_connections_per_second_fails_nothing() {
-    if !require_root("rolling_restart_of_five_at_600_new_connections_per_second_fails_nothing") {
+    let Some(mut t) = Topology::started(
+        "rolling_restart_of_five_at_600_new_connections_per_second_fails_nothing",
+        Spec {
+            nodes: 5,
+            client_addrs: 400,
+            weights: vec![1, 1, 2, 1, 1],
+            keepalive_requests: Some(50),
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 5,
-        client_addrs: 400,
-        weights: vec![1, 1, 2, 1, 1],
-        keepalive_requests: Some(50),
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     let all: Vec<usize> = (0..5).collect();
     // Thousands of TIME_WAIT sockets on every member, kept there during the whole run.
     let fillers: Vec<TimeWaits> = t
@@ -163,15 +165,16 @@ fn rolling_restart_of_five_at_600_new_connections_per_second_fails_nothing() {
 
 #[test]
 fn a_saturated_host_is_not_a_dead_host() {
-    if !require_root("a_saturated_host_is_not_a_dead_host") {
+    let Some(t) = Topology::started(
+        "a_saturated_host_is_not_a_dead_host",
+        Spec {
+            nodes: 5,
+            client_addrs: 200,
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 5,
-        client_addrs: 200,
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     let all: Vec<usize> = (0..5).collect();
     let clients = t.clients4();
     let keepalive = KeepAlives::start(&t.client, &clients[..20], t.vip4(TCP_PORT));
@@ -229,15 +232,16 @@ fn a_saturated_host_is_not_a_dead_host() {
 
 #[test]
 fn a_frozen_farmd_is_declared_lost_within_the_loss_window() {
-    if !require_root("a_frozen_farmd_is_declared_lost_within_the_loss_window") {
+    let Some(t) = Topology::started(
+        "a_frozen_farmd_is_declared_lost_within_the_loss_window",
+        Spec {
+            nodes: 3,
+            client_addrs: 60,
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 3,
-        client_addrs: 60,
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     let (n2_clients, _) = t.clients_of("n2", 0);
     assert!(!n2_clients.is_empty());
     let pid = t.nodes[1].farmd.as_ref().expect("n2 runs").id() as i32;
@@ -245,20 +249,18 @@ fn a_frozen_farmd_is_declared_lost_within_the_loss_window() {
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let stopped = Instant::now();
     let loss_window = Duration::from_millis(400);
-    let noticed = loop {
-        let s = t.status(0).expect("n1 status");
-        if s.members
-            .iter()
-            .any(|m| m.id == "n2" && m.state != "serving")
-        {
-            break stopped.elapsed();
-        }
-        assert!(
-            stopped.elapsed() < Duration::from_secs(10),
-            "n1 still sees the frozen n2 serving"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let noticed = wait_until(
+        "n1 takes the buckets of the frozen n2",
+        Duration::from_secs(10),
+        Duration::from_millis(5),
+        || {
+            let s = t.status(0).expect("n1 status");
+            s.members
+                .iter()
+                .any(|m| m.id == "n2" && m.state != "serving")
+                .then(|| stopped.elapsed())
+        },
+    );
     eprintln!(
         "n2 frozen by SIGSTOP: n1 took its buckets after {} ms",
         noticed.as_millis()
@@ -313,14 +315,15 @@ fn a_planned_stop_is_peer_left_not_a_failover() {
     t.wait_converged(&[0, 1], Duration::from_secs(15));
     // Well past the loss window: a silent member would have been declared lost by now.
     std::thread::sleep(Duration::from_secs(1));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let text = loop {
-        let text = std::fs::read_to_string(&events).unwrap_or_default();
-        if text.lines().count() >= 2 || Instant::now() > deadline {
-            break text;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let text = wait_until(
+        "both survivors run a hook",
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || {
+            let text = std::fs::read_to_string(&events).unwrap_or_default();
+            (text.lines().count() >= 2).then_some(text)
+        },
+    );
     let mut lines: Vec<&str> = text.lines().collect();
     lines.sort_unstable();
     assert_eq!(
@@ -342,15 +345,17 @@ fn a_planned_stop_is_peer_left_not_a_failover() {
     // And a member that dies is still a failure: peer-lost.
     let _ = std::fs::write(&events, "");
     t.signal_farmd(1, libc::SIGKILL);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(&events).unwrap_or_default();
-        if text.contains("n1 peer-lost n2") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no peer-lost hook: {text:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "the peer-lost hook for the killed n2",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            std::fs::read_to_string(&events)
+                .unwrap_or_default()
+                .contains("n1 peer-lost n2")
+                .then_some(())
+        },
+    );
     assert_eq!(t.status(0).expect("status").failovers, 1);
     let _ = std::fs::remove_dir_all(&dir);
 }

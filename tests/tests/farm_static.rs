@@ -310,17 +310,18 @@ fn neighbour_entry_is_cluster_mac_and_node_addresses_unaffected() {
 
 #[test]
 fn multicast_cluster_mac_mode() {
-    if !require_root("multicast_cluster_mac_mode") {
+    let Some(t) = Topology::started(
+        "multicast_cluster_mac_mode",
+        Spec {
+            nodes: 3,
+            client_addrs: CLIENT_ADDRS,
+            mac_mode: "multicast",
+            secret: Some(SHARE_TEST_KEY),
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 3,
-        client_addrs: CLIENT_ADDRS,
-        mac_mode: "multicast",
-        secret: Some(SHARE_TEST_KEY),
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     let status = t.status(0).expect("status");
     assert_eq!(status.mac_mode, "multicast");
     let first_octet = u8::from_str_radix(&status.cluster_mac[..2], 16).expect("mac");

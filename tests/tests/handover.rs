@@ -9,7 +9,6 @@ use std::{
 
 use farm_daemon::control::Outcome;
 use farm_tests::{
-    require_root,
     topology::{Spec, TCP_PORT, Topology},
     traffic::{self, KeepAlives, NewConnections},
 };
@@ -36,15 +35,16 @@ fn request(t: &Topology, i: usize, what: &str) -> (Outcome, String) {
 
 #[test]
 fn drain_and_resume_queue_and_keep_every_connection() {
-    if !require_root("drain_and_resume_queue_and_keep_every_connection") {
+    let Some(t) = Topology::started(
+        "drain_and_resume_queue_and_keep_every_connection",
+        Spec {
+            nodes: 3,
+            client_addrs: 300,
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 3,
-        client_addrs: 300,
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     let before = t.owners(0, &t.clients4());
     let (n1_clients, _) = t.clients_of("n1", 0);
 
@@ -123,18 +123,19 @@ fn drain_and_resume_queue_and_keep_every_connection() {
 
 #[test]
 fn rolling_restart_under_load_fails_no_request() {
-    if !require_root("rolling_restart_under_load_fails_no_request") {
+    let Some(mut t) = Topology::started(
+        "rolling_restart_under_load_fails_no_request",
+        Spec {
+            nodes: 3,
+            client_addrs: 300,
+            // Servers end keep-alive connections after 50 requests (1 s at a request every 20 ms),
+            // as NGINX does after keepalive_requests: drains complete as connections turn over.
+            keepalive_requests: Some(50),
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 3,
-        client_addrs: 300,
-        // Servers end keep-alive connections after 50 requests (1 s at a request every 20 ms),
-        // as NGINX does after keepalive_requests: drains complete as connections turn over.
-        keepalive_requests: Some(50),
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     let before = t.owners(0, &t.clients4());
     let clients = t.clients4();
     let keepalive = KeepAlives::start(&t.client, &clients[..30], t.vip4(TCP_PORT));

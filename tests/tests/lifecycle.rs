@@ -60,15 +60,16 @@ fn requests(t: &Topology, sources: &[IpAddr]) -> Vec<traffic::TcpAnswer> {
 
 #[test]
 fn killed_daemon_stops_serving_and_peers_take_over() {
-    if !require_root("killed_daemon_stops_serving_and_peers_take_over") {
+    let Some(mut t) = Topology::started(
+        "killed_daemon_stops_serving_and_peers_take_over",
+        Spec {
+            nodes: 3,
+            client_addrs: 300,
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 3,
-        client_addrs: 300,
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     let (mut victim_clients, other_clients) = t.clients_of("n2", 20);
     victim_clients.truncate(20);
     assert!(victim_clients.len() >= 10 && other_clients.len() >= 10);

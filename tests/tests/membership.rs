@@ -42,15 +42,16 @@ fn every_client_answered_once(t: &Topology, predicted: &BTreeMap<IpAddr, String>
 
 #[test]
 fn forged_replayed_and_random_heartbeats_change_nothing() {
-    if !require_root("forged_replayed_and_random_heartbeats_change_nothing") {
+    let Some(t) = Topology::started(
+        "forged_replayed_and_random_heartbeats_change_nothing",
+        Spec {
+            nodes: 3,
+            client_addrs: 50,
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 3,
-        client_addrs: 50,
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     let before = t.status(0).expect("status");
     // Control clients that connect and never send anything must not hold up n1's heartbeats.
     let silent: Vec<std::os::unix::net::UnixStream> = (0..5)
@@ -143,15 +144,16 @@ fn forged_replayed_and_random_heartbeats_change_nothing() {
 
 #[test]
 fn heartbeat_partition_isolated_node_stops_the_others_serve_everything() {
-    if !require_root("heartbeat_partition_isolated_node_stops_the_others_serve_everything") {
+    let Some(t) = Topology::started(
+        "heartbeat_partition_isolated_node_stops_the_others_serve_everything",
+        Spec {
+            nodes: 3,
+            client_addrs: 300,
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 3,
-        client_addrs: 300,
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     // n3 loses its heartbeats, in and out; its data path stays intact.
     t.nft(
         2,
@@ -237,15 +239,16 @@ fn two_nodes_the_side_without_the_witness_releases() {
 
 #[test]
 fn twenty_percent_heartbeat_loss_for_a_minute_causes_no_failover() {
-    if !require_root("twenty_percent_heartbeat_loss_for_a_minute_causes_no_failover") {
+    let Some(t) = Topology::started(
+        "twenty_percent_heartbeat_loss_for_a_minute_causes_no_failover",
+        Spec {
+            nodes: 3,
+            client_addrs: 10,
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 3,
-        client_addrs: 10,
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     let before: Vec<_> = (0..3).map(|i| t.status(i).expect("status")).collect();
     for i in 0..3 {
         t.nft(
@@ -318,15 +321,16 @@ fn twenty_percent_heartbeat_loss_for_a_minute_causes_no_failover() {
 
 #[test]
 fn link_cut_failover_under_load_survivors_see_no_error() {
-    if !require_root("link_cut_failover_under_load_survivors_see_no_error") {
+    let Some(t) = Topology::started(
+        "link_cut_failover_under_load_survivors_see_no_error",
+        Spec {
+            nodes: 3,
+            client_addrs: 300,
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 3,
-        client_addrs: 300,
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     let (victims, survivors) = t.clients_of("n2", 8);
 
     // Long keep-alive connections held by the survivors: a request every 20 ms on each.
@@ -369,15 +373,16 @@ fn link_cut_failover_under_load_survivors_see_no_error() {
 
 #[test]
 fn cut_node_comes_back_without_breaking_a_connection() {
-    if !require_root("cut_node_comes_back_without_breaking_a_connection") {
+    let Some(t) = Topology::started(
+        "cut_node_comes_back_without_breaking_a_connection",
+        Spec {
+            nodes: 3,
+            client_addrs: 300,
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 3,
-        client_addrs: 300,
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     let before = t.owners(0, &t.clients4());
     let (victims, others) = t.clients_of("n2", 4);
 
@@ -450,16 +455,17 @@ fn cut_node_comes_back_without_breaking_a_connection() {
 /// metrics endpoint has the key series, and they move.
 #[test]
 fn simulate_failure_predicts_the_real_failover() {
-    if !require_root("simulate_failure_predicts_the_real_failover") {
+    let Some(t) = Topology::started(
+        "simulate_failure_predicts_the_real_failover",
+        Spec {
+            nodes: 3,
+            client_addrs: 60,
+            extra_config: "\n[metrics]\nenabled = true\n".into(),
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 3,
-        client_addrs: 60,
-        extra_config: "\n[metrics]\nenabled = true\n".into(),
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     let reqs: Vec<(IpAddr, SocketAddr)> = t
         .clients4()
         .iter()

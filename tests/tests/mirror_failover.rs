@@ -245,7 +245,8 @@ fn tail(text: &str, lines: usize) -> String {
 
 fn primary_in_sync(t: &Topology, i: usize, within: Duration) -> GroupStatus {
     wait_mirror(t, i, within, "primary with its replica in sync", |s| {
-        s.role == MirrorRole::Primary && s.replication.as_deref() == Some("in sync")
+        s.role == MirrorRole::Primary
+            && s.replication == Some(farm_daemon::mirror::Replication::InSync)
     })
 }
 
@@ -474,7 +475,7 @@ fn the_primary_dies_ten_times_and_no_acknowledged_record_is_lost() {
     // Quiet: the two copies are the same tree.
     let acked = client.stop();
     wait_mirror(&t, primary, Duration::from_secs(10), "no lag", |s| {
-        s.lag_bytes == 0 && s.replication.as_deref() == Some("in sync")
+        s.lag_bytes == 0 && s.replication == Some(farm_daemon::mirror::Replication::InSync)
     });
     let (a, b) = (
         tree::digest(&backing_dir(&t, primary)).expect("primary copy"),

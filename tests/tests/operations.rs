@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use farm_daemon::control::{DrillReport, ReloadReport};
 use farm_tests::{
-    require_root,
     topology::{Spec, TCP_PORT, Topology},
     traffic::{KeepAlives, NewConnections, tcp_request},
 };
@@ -24,16 +23,17 @@ fn text(o: &std::process::Output) -> String {
 
 #[test]
 fn reload_moves_buckets_for_a_new_weight_without_a_failed_request() {
-    if !require_root("reload_moves_buckets_for_a_new_weight_without_a_failed_request") {
+    let Some(mut t) = Topology::started(
+        "reload_moves_buckets_for_a_new_weight_without_a_failed_request",
+        Spec {
+            nodes: 3,
+            client_addrs: 200,
+            keepalive_requests: Some(50),
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 3,
-        client_addrs: 200,
-        keepalive_requests: Some(50),
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     let clients = t.clients4();
     let before = t.owners(0, &clients);
     let held = KeepAlives::start(&t.client, &clients[..30], t.vip4(TCP_PORT));
@@ -175,18 +175,19 @@ fn reload_moves_buckets_for_a_new_weight_without_a_failed_request() {
 
 #[test]
 fn drill_measures_the_rto_of_a_crashed_member_and_brings_it_back() {
-    if !require_root("drill_measures_the_rto_of_a_crashed_member_and_brings_it_back") {
+    let Some(t) = Topology::started(
+        "drill_measures_the_rto_of_a_crashed_member_and_brings_it_back",
+        Spec {
+            nodes: 3,
+            client_addrs: 50,
+            extra_config: "\n[metrics]\nenabled = true\n\n[drill]\nprobe_addresses = \
+                           [\"10.201.9.192/26\"]\nrto_objective_ms = 2000\n"
+                .into(),
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 3,
-        client_addrs: 50,
-        extra_config: "\n[metrics]\nenabled = true\n\n[drill]\nprobe_addresses = \
-                       [\"10.201.9.192/26\"]\nrto_objective_ms = 2000\n"
-            .into(),
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     let clients = t.clients4();
     let before = t.owners(0, &clients);
 
@@ -307,17 +308,18 @@ fn chromium(t: &Topology, i: usize, args: &[&str]) -> String {
 
 #[test]
 fn status_page_draws_the_bucket_map_in_a_real_browser() {
-    if !require_root("status_page_draws_the_bucket_map_in_a_real_browser") {
+    let Some(t) = Topology::started(
+        "status_page_draws_the_bucket_map_in_a_real_browser",
+        Spec {
+            nodes: 3,
+            client_addrs: 5,
+            weights: vec![1, 2, 1],
+            extra_config: "\n[metrics]\nenabled = true\n".into(),
+            ..Spec::default()
+        },
+    ) else {
         return;
-    }
-    let mut t = Topology::build(Spec {
-        nodes: 3,
-        client_addrs: 5,
-        weights: vec![1, 2, 1],
-        extra_config: "\n[metrics]\nenabled = true\n".into(),
-        ..Spec::default()
-    });
-    t.start_all();
+    };
     // A drain makes a recent event and a state worth drawing.
     let drained = t.farmctl(2, &["drain", "--timeout", "30"]);
     assert!(drained.status.success(), "{}", text(&drained));
