@@ -282,6 +282,22 @@ impl Handover {
         }
         self.was_serving = serving;
         self.applied = target;
+        // A failover: the move only removes members that are dead. A member that stops serving
+        // loses only its own buckets (see `assign`), so no live member gives any: the move is
+        // complete at once. Said here, the map is planned once (the new one) instead of twice
+        // (the move, then the new one): a failover is live one planning sooner.
+        let removed = self.settled.serving & !target.serving;
+        if self.settled != target
+            && self.settled.weights == target.weights
+            && target.serving & !self.settled.serving == 0
+            && removed & alive == 0
+        {
+            tracing::info!(
+                "bucket move complete: serving {} (the members that left are gone)",
+                self.describe(target)
+            );
+            self.settled = target;
+        }
         if self.settled == target {
             self.handed_over = target;
             self.released = target;

@@ -1258,6 +1258,38 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_member_s_buckets_are_taken_at_once_without_a_move() {
+        let t0 = Instant::now();
+        let (mut node, mut farm, settled) = serving_farm(t0);
+        drain_actions(&mut node);
+        // n2 keeps sending, n3 goes silent: lost after the loss window.
+        let t = t0 + W * 2;
+        farm.hear(1, State::Active, settled, None, t);
+        node.handle_update(farm.update(t), t);
+        let t2 = t + W / 2;
+        farm.hear(1, State::Active, settled, None, t2);
+        node.handle_update(farm.update(t2 + W / 2 + Duration::from_millis(10)), t2);
+        let a = drain_actions(&mut node);
+        assert_eq!(hooks_of(&a), vec!["peer-lost"]);
+        let entries = a
+            .iter()
+            .find_map(|a| match a {
+                Action::WriteBuckets { entries, .. } => Some(entries.clone()),
+                _ => None,
+            })
+            .expect("a new table at once");
+        assert!(
+            entries
+                .iter()
+                .all(|e| e.state == bucket_state::MINE || e.state == bucket_state::NOT_MINE),
+            "no bucket in handover"
+        );
+        assert_eq!(node.handover.settled.serving, 0b011);
+        assert!(node.current_move().is_none());
+        assert!(node.quorum());
+    }
+
+    #[test]
     fn peers_lost_and_left_are_different_hooks_and_only_a_loss_is_a_failover() {
         let t0 = Instant::now();
         let (mut node, mut farm, settled) = serving_farm(t0);
