@@ -145,10 +145,12 @@ enum Command {
 pub type Update = crate::node::PeerUpdate;
 
 /// How long the main loop may make no progress before the heartbeat thread takes this member
-/// out (silent, dead-man switch lapsed): a hung farmd must not look alive. Generous: nothing
-/// the main loop does takes more than milliseconds.
+/// out (silent, dead-man switch lapsed): a hung farmd must not look alive for long. Generous
+/// (30 s, as service watchdogs go): a member whose main loop is merely slow on a saturated host
+/// (planning a map, a slow netlink answer) must not be taken out, since that is exactly the
+/// false failover the heartbeat thread exists to prevent.
 pub fn stall_limit(loss_window: Duration) -> Duration {
-    (loss_window * 4).max(Duration::from_secs(5))
+    (loss_window * 20).max(Duration::from_secs(30))
 }
 
 /// The main loop's side of the heartbeat runtime: an I/O handle (the rules that use what the
