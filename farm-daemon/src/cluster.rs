@@ -475,6 +475,19 @@ struct Received {
     arrived: Instant,
 }
 
+impl Received {
+    /// Reads one datagram from heartbeat network `net`'s socket without blocking.
+    fn read(sock: &UdpSocket, net: usize, buf: &mut [u8]) -> std::io::Result<Self> {
+        let (n, waited) = crate::packet::recv_timestamped(&sock.as_raw_fd(), buf)?;
+        let now = Instant::now();
+        Ok(Self {
+            net,
+            bytes: buf[..n].to_vec(),
+            arrived: now.checked_sub(waited).unwrap_or(now),
+        })
+    }
+}
+
 fn interval_timer(period: Duration) -> tokio::time::Interval {
     let mut i = tokio::time::interval(period);
     i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -505,18 +518,10 @@ impl Io {
                 let mut buf = vec![0u8; 2048];
                 loop {
                     let r = rs
-                        .async_io(Interest::READABLE, || {
-                            crate::packet::recv_timestamped(&rs.as_raw_fd(), &mut buf)
-                        })
+                        .async_io(Interest::READABLE, || Received::read(&rs, net, &mut buf))
                         .await;
-                    let Ok((n, _, waited)) = r else {
+                    let Ok(d) = r else {
                         continue;
-                    };
-                    let now = Instant::now();
-                    let d = Received {
-                        net,
-                        bytes: buf[..n].to_vec(),
-                        arrived: now.checked_sub(waited).unwrap_or(now),
                     };
                     if tx.send(d).await.is_err() {
                         break;
@@ -569,15 +574,7 @@ impl Io {
                         }
                     }
                     for (net, sock) in readers.iter().enumerate() {
-                        while let Ok((n, _, waited)) =
-                            crate::packet::recv_timestamped(&sock.as_raw_fd(), &mut buf)
-                        {
-                            let now = Instant::now();
-                            let d = Received {
-                                net,
-                                bytes: buf[..n].to_vec(),
-                                arrived: now.checked_sub(waited).unwrap_or(now),
-                            };
+                        while let Ok(d) = Received::read(sock, net, &mut buf) {
                             if let Some(u) = self.take_in(&d, started) {
                                 taken = true;
                                 urgent |= u;

@@ -21,66 +21,50 @@ pub fn inet_checksum(parts: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
+/// Sets a SOL_SOCKET option to `value`.
+fn set_socket_option<T>(fd: &impl AsRawFd, option: libc::c_int, value: &T) -> std::io::Result<()> {
+    // SAFETY: valid descriptor, and a pointer to a live value of the given size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as u32,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Makes blocking receives on `fd` give up after `timeout`.
 pub fn set_recv_timeout(fd: &OwnedFd, timeout: Duration) -> std::io::Result<()> {
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: timeout.subsec_micros() as libc::suseconds_t,
     };
-    // SAFETY: valid descriptor, option pointer and length.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    set_socket_option(fd, libc::SO_RCVTIMEO, &tv)
 }
 
 /// Asks the kernel to stamp every datagram received on `fd` with its arrival time
 /// (SO_TIMESTAMPNS), read by [`recv_timestamped`].
 pub fn enable_rx_timestamps(fd: &impl AsRawFd) -> std::io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: valid descriptor, option pointer and length.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TIMESTAMPNS,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    set_socket_option(fd, libc::SO_TIMESTAMPNS, &(1 as libc::c_int))
 }
 
-/// Receives one datagram without blocking: its length, its sender, and how long it waited in
-/// the socket since the kernel received it (zero without a timestamp).
-pub fn recv_timestamped(
-    fd: &impl AsRawFd,
-    buf: &mut [u8],
-) -> std::io::Result<(usize, Option<std::net::SocketAddr>, Duration)> {
-    // SAFETY: zeroed sockaddr_storage and msghdr are valid initial values.
-    let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+/// Receives one datagram without blocking: its length, and how long it waited in the socket
+/// since the kernel received it (zero without a timestamp).
+pub fn recv_timestamped(fd: &impl AsRawFd, buf: &mut [u8]) -> std::io::Result<(usize, Duration)> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
     // Room for one SCM_TIMESTAMPNS control message, 8-byte aligned.
     let mut control = [0u64; 8];
-    // SAFETY: see above.
+    // SAFETY: a zeroed msghdr is a valid initial value (no name asked for).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = (&mut from as *mut libc::sockaddr_storage).cast();
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
@@ -110,29 +94,7 @@ pub fn recv_timestamped(
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    Ok((n as usize, sockaddr_to_std(&from), waited))
-}
-
-fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
-    match s.ss_family as libc::c_int {
-        libc::AF_INET => {
-            // SAFETY: the family says it is a sockaddr_in.
-            let a: &libc::sockaddr_in = unsafe { &*(s as *const _ as *const libc::sockaddr_in) };
-            Some(std::net::SocketAddr::new(
-                std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(),
-                u16::from_be(a.sin_port),
-            ))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says it is a sockaddr_in6.
-            let a: &libc::sockaddr_in6 = unsafe { &*(s as *const _ as *const libc::sockaddr_in6) };
-            Some(std::net::SocketAddr::new(
-                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr).into(),
-                u16::from_be(a.sin6_port),
-            ))
-        }
-        _ => None,
-    }
+    Ok((n as usize, waited))
 }
 
 #[cfg(test)]
