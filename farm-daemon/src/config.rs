@@ -450,6 +450,7 @@ impl Default for RawRuntime {
 struct RawDataplane {
     xdp_mode: String,
     announce_interval_s: u64,
+    vip_device: String,
 }
 
 impl Default for RawDataplane {
@@ -457,6 +458,7 @@ impl Default for RawDataplane {
         Self {
             xdp_mode: "auto".into(),
             announce_interval_s: 60,
+            vip_device: "lo".into(),
         }
     }
 }
@@ -659,6 +661,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub bpffs: PathBuf,
     pub xdp_mode: XdpMode,
+    /// The device the VIPs are added to: never the farm interface, so that the kernel alone
+    /// never answers ARP/NDP for a VIP there (the XDP program does, or nobody).
+    pub vip_device: String,
     pub announce_interval: Duration,
     pub heartbeat: Heartbeat,
     /// A member handing buckets over to another live member waits at most this long for its
@@ -1086,6 +1091,25 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
             "must be an absolute path to a bpf filesystem (default /sys/fs/bpf)",
         );
     }
+    let vip_device = &raw.dataplane.vip_device;
+    if vip_device.is_empty() || vip_device.len() > 15 || vip_device.contains(['/', ' ']) {
+        e.push(
+            "dataplane.vip_device",
+            format!(
+                "{vip_device:?} is not an interface name (1 to 15 characters, no '/' or \
+                 spaces); the default \"lo\" suits every host"
+            ),
+        );
+    } else if *vip_device == raw.node.interface {
+        e.push(
+            "dataplane.vip_device",
+            format!(
+                "must not be the farm interface ({vip_device:?}): there the kernel would answer \
+                 ARP/NDP for the VIPs with the node's own MAC whenever the XDP program is not \
+                 running; use \"lo\" (the default) or a dummy device"
+            ),
+        );
+    }
     let xdp_mode = match raw.dataplane.xdp_mode.as_str() {
         "auto" => XdpMode::Auto,
         "driver" => XdpMode::Driver,
@@ -1296,6 +1320,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         state_dir: raw.runtime.state_dir,
         bpffs: raw.runtime.bpffs,
         xdp_mode,
+        vip_device: raw.dataplane.vip_device,
         announce_interval: Duration::from_secs(raw.dataplane.announce_interval_s),
         heartbeat: Heartbeat {
             interval: Duration::from_millis(hb.interval_ms),

@@ -78,6 +78,19 @@ pub enum DaemonError {
     InterfaceDown(String),
     #[error("mirror group: {0}")]
     Mirror(#[from] crate::mirror::MirrorError),
+    #[error(transparent)]
+    Sysctl(#[from] crate::sysctl::SysctlError),
+    #[error(
+        "dataplane.vip_device {name:?}: {reason}; the VIPs go on it (the default \"lo\" always \
+         exists)"
+    )]
+    VipDevice { name: String, reason: String },
+    #[error(
+        "the XDP program is no longer attached to {interface} ({how}): this member is silent on \
+         the VIPs and leaves the farm so that its peers serve its clients; start farmd again to \
+         rejoin (under systemd, Restart=on-failure does)"
+    )]
+    DataplaneLost { interface: String, how: String },
 }
 
 /// Control requests from client tasks to the main loop, each with where to send the answer.
@@ -95,6 +108,7 @@ enum Undo {
     MacFilter(u32, [u8; 6]),
     Programs(PathBuf),
     Vip(u32, IpAddr),
+    Sysctls(crate::sysctl::Sysctls),
 }
 
 /// The running daemon.
@@ -132,7 +146,14 @@ pub struct Daemon {
     events: std::collections::VecDeque<crate::control::Event>,
     /// The mirror group this node is a member of, if any.
     mirror: Option<crate::mirror::Group>,
+    /// The device the VIPs are on (`dataplane.vip_device`).
+    vip_index: u32,
+    /// Pins reported missing already (said once, not at every check).
+    pins_missing: bool,
 }
+
+/// How often farmd verifies that its XDP program is still attached.
+const DATAPLANE_CHECK: Duration = Duration::from_millis(250);
 
 /// Events the status page keeps.
 const EVENTS_KEPT: usize = 100;
@@ -299,7 +320,29 @@ impl Daemon {
             .bpffs
             .join("farm")
             .join(format!("{ns}-{}", cfg.interface));
-        dataplane::ensure_bpffs(&cfg.bpffs)?;
+        if dataplane::ensure_bpffs(&cfg.bpffs)? == dataplane::Bpffs::Mounted {
+            tracing::info!(
+                "mounted a bpf filesystem at {} (there was none; it is the host's and outlives \
+                 farmd)",
+                cfg.bpffs.display()
+            );
+        }
+        let vip_device = match netlink.link(&cfg.vip_device).await {
+            Ok(l) if l.up => l,
+            Ok(_) => {
+                return Err(DaemonError::VipDevice {
+                    name: cfg.vip_device.clone(),
+                    reason: format!("is down (`ip link set dev {} up`)", cfg.vip_device),
+                });
+            }
+            Err(NetlinkError::NoSuchInterface(_)) => {
+                return Err(DaemonError::VipDevice {
+                    name: cfg.vip_device.clone(),
+                    reason: "does not exist".into(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         let stale = dataplane::remove_stale_pins(&pin_dir)?;
         if stale > 0 {
             tracing::warn!(
@@ -351,6 +394,8 @@ impl Daemon {
             last_drill: None,
             events: std::collections::VecDeque::new(),
             mirror: None,
+            vip_index: vip_device.index,
+            pins_missing: false,
         };
         let result = match d.setup(&pin_dir).await {
             Ok(listener) => d.start_mirror(mirror_key).map(|()| listener),
@@ -386,26 +431,39 @@ impl Daemon {
         }
         self.undo.push(Undo::MacFilter(index, self.cluster_mac));
 
+        // The kernel must never claim a VIP on the farm interface, whatever becomes of the XDP
+        // program: set before any VIP is on the host.
+        let saved = self.cfg.state_dir.join(format!(
+            "sysctl-{}-{}.saved",
+            netns_id()?,
+            self.cfg.interface
+        ));
+        let sysctls =
+            crate::sysctl::Sysctls::apply(Path::new("/proc/sys"), &self.cfg.interface, &saved)?;
+        self.undo.push(Undo::Sysctls(sysctls));
+
         // Pushed before attaching: a partial attach (egress only) is undone too.
         self.undo.push(Undo::Programs(pin_dir.to_path_buf()));
         self.dp
             .attach(&self.cfg.interface, self.cfg.xdp_mode, pin_dir)?;
 
-        // The data plane answers ARP/NDP for the VIPs from here on, so the addresses can go in.
+        // The data plane answers ARP/NDP for the VIPs from here on, so the addresses can go in,
+        // on the VIP device (never the farm interface: see `sysctl`).
+        let vip_index = self.vip_index;
         for vip in self.cfg.vips.clone() {
-            match self.netlink.add_vip(index, vip.address).await {
+            match self.netlink.add_vip(vip_index, vip.address).await {
                 Ok(()) => {}
                 Err(e) if e.errno() == Some(libc::EEXIST) => {
                     tracing::warn!(
                         "VIP {} was already on {} (left by a farmd that did not exit cleanly?); \
                          farmd manages it from now on",
                         vip.address,
-                        self.cfg.interface
+                        self.cfg.vip_device
                     );
                 }
                 Err(e) => return Err(e.into()),
             }
-            self.undo.push(Undo::Vip(index, vip.address));
+            self.undo.push(Undo::Vip(vip_index, vip.address));
         }
 
         self.dp.arm(self.cfg.deadman_timeout)?;
@@ -624,6 +682,7 @@ impl Daemon {
                 Undo::Socket(path) => {
                     std::fs::remove_file(path).map_err(io(format!("removing {}", path.display())))
                 }
+                Undo::Sysctls(s) => s.restore().map_err(Into::into),
             };
             if let Err(e) = r {
                 tracing::error!("while restoring the host ({u:?}): {e}");
@@ -654,6 +713,9 @@ impl Daemon {
         let mut announced = 0u32;
         let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(16);
         let mut check_results = checks::start(&self.cfg.checks);
+        // Is the XDP program still attached, are its pins still there?
+        let mut dataplane_check = tokio::time::interval(DATAPLANE_CHECK);
+        dataplane_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if let Some(l) = self.metrics_listener.take() {
             if let Ok(a) = l.local_addr() {
                 tracing::info!("metrics at http://{a}/metrics");
@@ -725,6 +787,12 @@ impl Daemon {
                 _ = heartbeat.tick() => {
                     self.mirror_tick();
                     self.node.handle_timeout(Instant::now());
+                }
+                _ = dataplane_check.tick() => {
+                    if let Err(e) = self.check_dataplane().await {
+                        tracing::error!("{e}");
+                        break Err(e);
+                    }
                 }
                 Some((i, outcome)) = check_results.recv() => {
                     self.node.handle_health(i, outcome, Instant::now());
@@ -827,6 +895,58 @@ impl Daemon {
         self.teardown().await;
         tracing::info!("farmd stopped; host restored");
         result
+    }
+
+    /// Verifies that this node's XDP program is still the one attached to the farm interface
+    /// (someone may have detached it: the node is then silent, see `sysctl`, and must leave so
+    /// that its peers serve its clients), and says once when its pins are gone (a crash would
+    /// then detach the programs: still silent, but no longer covered by the dead-man switch).
+    async fn check_dataplane(&mut self) -> Result<(), DaemonError> {
+        let ours = self.dp.xdp_program_id();
+        let facts = match self.netlink.link(&self.cfg.interface).await {
+            Ok(f) => f,
+            Err(NetlinkError::NoSuchInterface(_)) => {
+                return Err(DaemonError::DataplaneLost {
+                    interface: self.cfg.interface.clone(),
+                    how: "the interface is gone".into(),
+                });
+            }
+            Err(e) => {
+                tracing::warn!("checking the XDP program: {e}");
+                return Ok(());
+            }
+        };
+        match (facts.xdp, ours) {
+            (Some((_, id)), Some(ours)) if id == ours => {}
+            (None, _) => {
+                return Err(DaemonError::DataplaneLost {
+                    interface: self.cfg.interface.clone(),
+                    how: "detached by someone else".into(),
+                });
+            }
+            (Some((mode, id)), _) => {
+                return Err(DaemonError::DataplaneLost {
+                    interface: self.cfg.interface.clone(),
+                    how: format!("replaced by program id {id} ({mode} mode)"),
+                });
+            }
+        }
+        let missing = self.dp.missing_pins();
+        if !missing.is_empty() && !self.pins_missing {
+            tracing::error!(
+                "the pins of the XDP/tc links are gone ({}: removed, or the bpf filesystem \
+                 unmounted); the programs still run while farmd does, but a crash now detaches \
+                 them (the node stays silent, without the dead-man switch); restart farmd to pin \
+                 them again",
+                missing
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        self.pins_missing = !missing.is_empty();
+        Ok(())
     }
 
     /// Reads one request from a control client and writes the answer, in its own task: a slow
@@ -946,7 +1066,7 @@ impl Daemon {
         // VIPs: a removed one leaves the host first (then no member's kernel answers for it
         // from here), the table changes in one switch, an added one comes in after it (the
         // data plane already filters and answers ARP for it).
-        let index = self.link.index;
+        let index = self.vip_index;
         for addr in &d.vips_removed {
             if let Err(e) = self.netlink.del_vip(index, *addr).await {
                 tracing::error!("reload: removing VIP {addr}: {e}");

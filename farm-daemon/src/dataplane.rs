@@ -68,6 +68,17 @@ pub enum DataplaneError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{path} is not a bpf filesystem, and farmd runs in a mount namespace of its own (as under \
+         `ip netns exec`, which mounts a fresh /sys, or a systemd unit with ProtectSystem=): a \
+         bpffs mounted here would vanish with farmd, and with it the pinned programs that keep a \
+         crashed member's node silent. Run farmd with the host's mounts: `nsenter \
+         --net=/run/netns/NAME farmd ...` instead of `ip netns exec NAME farmd ...`; or mount a \
+         bpffs in the host where farmd's namespace inherits it (e.g. `mkdir -p /run/farm/bpf && \
+         mount -t bpf bpf /run/farm/bpf`) and set runtime.bpffs to it; under systemd, mount \
+         /sys/fs/bpf at boot (systemd does by default)"
+    )]
+    PrivateBpffs { path: PathBuf },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
@@ -252,6 +263,8 @@ pub struct Dataplane {
     counters: BucketCounterReader,
     stats: PerCpuArray<MapData, u64>,
     links: Vec<PinnedLink>,
+    /// Where each link is pinned.
+    pins: Vec<PathBuf>,
     /// Attach mode in use ("driver" or "generic"), once attached.
     pub xdp_mode: Option<&'static str>,
 }
@@ -318,6 +331,7 @@ impl Dataplane {
             counters: BucketCounterReader(std::sync::Arc::new(counters)),
             stats,
             links: Vec::new(),
+            pins: Vec::new(),
             xdp_mode: None,
         })
     }
@@ -539,6 +553,7 @@ impl Dataplane {
                 path: path.clone(),
                 source,
             })?);
+        self.pins.push(path);
         self.xdp_mode = Some(label);
         if label == "driver" {
             self.attach_tc(PROG_INGRESS, ifname, TcAttachType::Ingress, pin_dir)?;
@@ -576,6 +591,7 @@ impl Dataplane {
                         path: path.clone(),
                         source,
                     })?);
+                self.pins.push(path);
             }
             Err(_) => tracing::warn!(
                 "this kernel attaches tc programs without links: {name} will be detached if \
@@ -589,7 +605,11 @@ impl Dataplane {
     pub fn detach(&mut self) -> Result<(), DataplaneError> {
         let mut first_err = None;
         for link in self.links.drain(..).rev() {
-            if let Err(source) = link.unpin() {
+            // A pin already gone (bpffs unmounted under farmd) is no error: dropping the link
+            // detaches the program all the same.
+            if let Err(source) = link.unpin()
+                && source.kind() != std::io::ErrorKind::NotFound
+            {
                 first_err.get_or_insert(DataplaneError::Io {
                     what: "unpinning a link".into(),
                     source,
@@ -597,7 +617,19 @@ impl Dataplane {
             }
         }
         self.xdp_mode = None;
+        self.pins.clear();
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// The kernel's id of the loaded XDP program (what `ip link` shows as `prog/xdp id N`).
+    pub fn xdp_program_id(&mut self) -> Option<u32> {
+        self.xdp_program().info().ok().map(|i| i.id())
+    }
+
+    /// The pins (of attached links) that are no longer on the bpf filesystem: someone removed
+    /// them or unmounted it. The links still hold while farmd runs; a crash would lose them.
+    pub fn missing_pins(&self) -> Vec<PathBuf> {
+        self.pins.iter().filter(|p| !p.exists()).cloned().collect()
     }
 
     /// Counters of one bucket, summed over CPUs.
@@ -647,17 +679,42 @@ pub fn remove_stale_pins(pin_dir: &Path) -> Result<usize, DataplaneError> {
     Ok(n)
 }
 
-/// Makes sure `path` is a bpf filesystem, mounting one there if it is not.
-pub fn ensure_bpffs(path: &Path) -> Result<(), DataplaneError> {
-    let is_bpffs = |p: &Path| {
-        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok()?;
-        // SAFETY: zeroed statfs is a valid out-parameter.
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: valid C string and out-pointer.
-        (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type == BPF_FS_MAGIC)
-    };
+/// Whether `path` is on a bpf filesystem (`None`: it cannot be examined, e.g. missing).
+pub fn is_bpffs(path: &Path) -> Option<bool> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: zeroed statfs is a valid out-parameter.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type == BPF_FS_MAGIC)
+}
+
+/// Whether this process shares its mount namespace with PID 1 (the host's, or the
+/// container's init): a mount made here outlives farmd. `None`: cannot tell.
+pub fn in_init_mount_namespace() -> Option<bool> {
+    let me = std::fs::read_link("/proc/self/ns/mnt").ok()?;
+    let init = std::fs::read_link("/proc/1/ns/mnt").ok()?;
+    Some(me == init)
+}
+
+/// Where farmd pins its links, and how that was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bpffs {
+    /// A bpf filesystem was there already.
+    Found,
+    /// None was there; farmd mounted one, in the mount namespace PID 1 uses (it outlives farmd).
+    Mounted,
+}
+
+/// Makes sure `path` is a bpf filesystem whose pins outlive farmd. One is mounted there only
+/// when farmd shares PID 1's mount namespace; in a mount namespace of its own (`ip netns exec`,
+/// a systemd unit with `ProtectSystem=` and friends) a mount would vanish with farmd, taking the
+/// pinned programs along, so farmd refuses and says how to run it instead.
+pub fn ensure_bpffs(path: &Path) -> Result<Bpffs, DataplaneError> {
     if is_bpffs(path) == Some(true) {
-        return Ok(());
+        return Ok(Bpffs::Found);
+    }
+    if in_init_mount_namespace() != Some(true) {
+        return Err(DataplaneError::PrivateBpffs { path: path.into() });
     }
     std::fs::create_dir_all(path).map_err(|source| DataplaneError::Bpffs {
         path: path.into(),
@@ -680,7 +737,7 @@ pub fn ensure_bpffs(path: &Path) -> Result<(), DataplaneError> {
             source: std::io::Error::last_os_error(),
         });
     }
-    Ok(())
+    Ok(Bpffs::Mounted)
 }
 
 /// A multiplier that gives every VIP a slot of its own (deterministic: the first that works in

@@ -23,5 +23,6 @@ pub mod node;
 pub mod packet;
 pub mod reload;
 pub mod secret;
+pub mod sysctl;
 pub mod transition;
 pub mod witness;

@@ -144,6 +144,13 @@ pub fn diff(old: &Config, new: &Config) -> Diff {
             format!("{:?}", new.xdp_mode),
         );
     }
+    if old.vip_device != new.vip_device {
+        restart(
+            "dataplane.vip_device",
+            old.vip_device.clone(),
+            new.vip_device.clone(),
+        );
+    }
     if old.metrics != new.metrics {
         let m = |c: &Config| c.metrics.map_or("off".into(), |a| a.to_string());
         restart("metrics.enabled/listen", m(old), m(new));
