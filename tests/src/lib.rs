@@ -7,12 +7,14 @@
 //! removed on drop (also while a test panics), and namespaces left by runs that were killed are
 //! removed by the next run. Every wait is bounded.
 
+pub mod bpf;
 pub mod busy;
 pub mod fixture;
 pub mod frames;
 pub mod keepalived;
 pub mod mirror_tool;
 pub mod netns;
+pub mod probe;
 pub mod topology;
 pub mod traffic;
 
@@ -73,4 +75,25 @@ pub fn require_root(test: &str) -> bool {
     eprintln!("################################################################################");
     eprintln!();
     false
+}
+
+/// The kernel settings farmd keeps on a node's farm interface (eth0) so that the kernel alone
+/// never claims a VIP there, as `key=value` (see farm-daemon's `sysctl` module).
+pub fn fail_silent_sysctls(ns: &netns::Netns) -> Vec<String> {
+    ns.run(|| {
+        [
+            "ipv4/conf/eth0/arp_ignore",
+            "ipv4/conf/eth0/arp_announce",
+            "ipv4/conf/eth0/drop_unicast_in_l2_multicast",
+            "ipv6/conf/eth0/drop_unicast_in_l2_multicast",
+        ]
+        .iter()
+        .map(|k| {
+            let v = std::fs::read_to_string(format!("/proc/sys/net/{k}")).unwrap_or_default();
+            let name = k.rsplit('/').next().unwrap_or(k);
+            let family = &k[..4];
+            format!("{family}.{name}={}", v.trim())
+        })
+        .collect()
+    })
 }

@@ -17,6 +17,9 @@ use farm_tests::{
 fn host_state(t: &Topology, i: usize) -> String {
     let ns = &t.nodes[i].ns;
     let addrs = ns.ip_out(&["-br", "addr", "show", "dev", "eth0"]);
+    // The VIPs' device (dataplane.vip_device, lo by default).
+    let lo = ns.ip_out(&["-br", "addr", "show", "dev", "lo"]);
+    let sysctls = farm_tests::fail_silent_sysctls(ns);
     let link = ns.ip_out(&["-d", "link", "show", "dev", "eth0"]);
     // Only what farmd touches: addresses, XDP, promiscuity, and the filter entries.
     let link: Vec<&str> = link
@@ -30,7 +33,7 @@ fn host_state(t: &Topology, i: usize) -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    format!("addrs: {addrs}\nlink: {link:?}\nfilter: {filter}")
+    format!("addrs: {addrs}\nlo: {lo}\nsysctls: {sysctls:?}\nlink: {link:?}\nfilter: {filter}")
 }
 
 /// Runs `farmd ARGS PATH` in node `i`'s namespace: its exit code and stderr.
@@ -164,6 +167,14 @@ fn sigterm_restores_the_host() {
     let during = host_state(&t, 0);
     assert!(
         during.contains(&VIP4.to_string()) && during.contains(&VIP6.to_string()),
+        "{during}"
+    );
+    // The VIPs are on lo, never on the farm interface, which answers ARP only for its own
+    // addresses while farmd runs.
+    let eth0 = t.nodes[0].ns.ip_out(&["-br", "addr", "show", "dev", "eth0"]);
+    assert!(!eth0.contains(&VIP4.to_string()), "{eth0}");
+    assert!(
+        during.contains("ipv4.arp_ignore=1") && during.contains("ipv4.arp_announce=2"),
         "{during}"
     );
     assert!(during.contains("prog/xdp"), "{during}");
