@@ -69,8 +69,8 @@ impl BpffsMount {
     /// Unmounts it now (lazily, as `umount -l`).
     pub fn unmount(&mut self) {
         if std::mem::take(&mut self.mounted) {
-            let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes())
-                .expect("no NUL");
+            let c =
+                std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).expect("no NUL");
             // SAFETY: valid path.
             let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
             assert_eq!(rc, 0, "umount {}", self.path.display());
@@ -82,8 +82,8 @@ impl Drop for BpffsMount {
     fn drop(&mut self) {
         if self.mounted {
             self.mounted = false;
-            let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes())
-                .expect("no NUL");
+            let c =
+                std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).expect("no NUL");
             // SAFETY: valid path.
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }

@@ -32,14 +32,12 @@ fn raw_socket(iface: &str) -> (OwnedFd, i32) {
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
     assert!(index > 0, "no interface {iface}");
     // SAFETY: plain socket call; checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            (ETH_P_ALL.to_be()) as i32,
-        )
-    };
-    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (ETH_P_ALL.to_be()) as i32) };
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: we own the new descriptor.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: zeroed sockaddr_ll is valid; fields set below.

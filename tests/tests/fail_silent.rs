@@ -41,7 +41,9 @@ fn parse_mac(s: &str) -> [u8; 6] {
 
 /// Node `i`'s own MAC on eth0.
 fn node_mac(t: &Topology, i: usize) -> [u8; 6] {
-    let out = t.nodes[i].ns.ip_out(&["-br", "link", "show", "dev", "eth0"]);
+    let out = t.nodes[i]
+        .ns
+        .ip_out(&["-br", "link", "show", "dev", "eth0"]);
     let mac = out
         .split_whitespace()
         .find(|w| w.len() == 17 && w.matches(':').count() == 5)
@@ -194,10 +196,26 @@ fn detached_program_makes_farmd_leave_and_the_node_silent() {
 
     // `ip link set dev eth0 xdp off` cannot take a program attached through a link away: the
     // kernel refuses, and the member serves on.
-    let out = t.nodes[1].ns.ip(&["link", "set", "dev", "eth0", "xdp", "off"]);
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &t.nodes[1].ns.name,
+            "link",
+            "set",
+            "dev",
+            "eth0",
+            "xdp",
+            "off",
+        ])
+        .output()
+        .expect("ip");
     assert!(
         !out.status.success() && xdp_attached(&t, 1),
         "ip link set xdp off: {out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Can't replace active BPF XDP link"),
+        "{out:?}"
     );
     for a in requests(&t, &clients) {
         assert_eq!(a.node.as_deref(), Some("n2"), "{a:?}");

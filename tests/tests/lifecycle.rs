@@ -171,7 +171,9 @@ fn sigterm_restores_the_host() {
     );
     // The VIPs are on lo, never on the farm interface, which answers ARP only for its own
     // addresses while farmd runs.
-    let eth0 = t.nodes[0].ns.ip_out(&["-br", "addr", "show", "dev", "eth0"]);
+    let eth0 = t.nodes[0]
+        .ns
+        .ip_out(&["-br", "addr", "show", "dev", "eth0"]);
     assert!(!eth0.contains(&VIP4.to_string()), "{eth0}");
     assert!(
         during.contains("ipv4.arp_ignore=1") && during.contains("ipv4.arp_announce=2"),
