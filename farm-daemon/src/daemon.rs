@@ -760,6 +760,18 @@ impl Daemon {
             assign::shares(self.node.owners(), self.cfg.members.len())[self.cfg.me],
         );
 
+        // systemd (Type=notify): ready now; keep-alives from this loop, so a hung farmd is
+        // restarted by WatchdogSec=.
+        let mut service = crate::service::Service::new();
+        service.ready(self.service_status());
+        let watchdog_on = service.keepalive_every().is_some();
+        let mut keepalive = tokio::time::interval(
+            service
+                .keepalive_every()
+                .unwrap_or(Duration::from_secs(3600)),
+        );
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
         let result: Result<(), DaemonError> = loop {
             // Carry out what the node core decided in the previous turn; leave when it says so.
             self.act();
@@ -770,9 +782,17 @@ impl Daemon {
             // tick.
             self.cluster.stamp();
             tokio::select! {
-                _ = term.recv() => self.node.handle_stop("SIGTERM", Instant::now()),
-                _ = int.recv() => self.node.handle_stop("SIGINT", Instant::now()),
+                _ = term.recv() => {
+                    service.stopping("SIGTERM: draining, then leaving the farm");
+                    self.node.handle_stop("SIGTERM", Instant::now());
+                }
+                _ = int.recv() => {
+                    service.stopping("SIGINT: draining, then leaving the farm");
+                    self.node.handle_stop("SIGINT", Instant::now());
+                }
+                _ = keepalive.tick(), if watchdog_on => service.keepalive(),
                 _ = hup.recv() => {
+                    service.reloading();
                     // The same reload as `farmctl reload` (answered, and its effects applied,
                     // by the control arm below); nobody waits for the answer.
                     tracing::info!("SIGHUP: reloading {}", self.cfg.source.display());
@@ -802,6 +822,7 @@ impl Daemon {
                         self.drill_tick().await;
                     }
                     self.node.handle_tick(Instant::now());
+                    service.status(self.service_status());
                 }
                 Some((req, reply, seen)) = traffic_rx.recv() => {
                     let _ = reply.send(self.handle_traffic(req, seen));
@@ -846,6 +867,9 @@ impl Daemon {
                             }
                             if effects.announce {
                                 (announce_at, announced) = (tokio::time::Instant::now(), 0);
+                            }
+                            if !dry_run {
+                                service.ready(self.service_status());
                             }
                             response
                         }
@@ -895,6 +919,20 @@ impl Daemon {
         self.teardown().await;
         tracing::info!("farmd stopped; host restored");
         result
+    }
+
+    /// One line for `systemctl status`: this member's state, its share, who serves.
+    fn service_status(&self) -> String {
+        let shares = assign::shares(self.node.owners(), self.cfg.members.len());
+        let serving = (0..self.cfg.members.len())
+            .filter(|&i| self.node.member_state(i, &shares) == crate::control::MemberState::Serving)
+            .count();
+        format!(
+            "{}: owns {} of {BUCKETS} buckets; {serving} of {} members serving",
+            self.node.member_state(self.cfg.me, &shares),
+            shares[self.cfg.me],
+            self.cfg.members.len()
+        )
     }
 
     /// Verifies that this node's XDP program is still the one attached to the farm interface

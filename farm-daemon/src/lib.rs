@@ -23,6 +23,7 @@ pub mod node;
 pub mod packet;
 pub mod reload;
 pub mod secret;
+pub mod service;
 pub mod sysctl;
 pub mod transition;
 pub mod witness;

@@ -161,7 +161,7 @@ fn exchange(
         if n <= 0 {
             continue;
         }
-        if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+        if from.sll_pkttype == libc::PACKET_OUTGOING {
             continue;
         }
         let frame = &buf[..n as usize];
