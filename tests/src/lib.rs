@@ -14,6 +14,7 @@ pub mod frames;
 pub mod keepalived;
 pub mod mirror_tool;
 pub mod netns;
+pub mod nspawn;
 pub mod probe;
 pub mod topology;
 pub mod traffic;

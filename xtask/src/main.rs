@@ -170,9 +170,11 @@ fn setup() -> Result<()> {
     step(
         4,
         total,
-        "system tools for the tests (ip, bridge, nsenter, nft, chromium for the status page)",
+        "system tools for the tests (ip, bridge, nsenter, nft, chromium for the status page, \
+         systemd-nspawn to test the unit under a real systemd)",
     );
     ensure_tools(&[
+        ("systemd-nspawn", "systemd-container"),
         ("ip", "iproute2"),
         ("bridge", "iproute2"),
         ("nsenter", "util-linux"),
