@@ -48,6 +48,8 @@ impl Container {
             .arg(format!("--machine={name}"))
             .arg(format!("--network-namespace-path={}", ns.path()))
             .arg("--capability=all")
+            // nspawn's seccomp filter refuses bpf(2) unless told: a host has no such filter.
+            .arg("--system-call-filter=bpf perf_event_open")
             // The host's bpffs, as systemd mounts one on every host at boot.
             .arg("--bind=/sys/fs/bpf")
             .arg("--bind=/dev/fuse")
