@@ -18,6 +18,7 @@ pub mod lateness;
 pub mod membership;
 pub mod metrics;
 pub mod mirror;
+pub mod mountns;
 pub mod netlink;
 pub mod node;
 pub mod packet;

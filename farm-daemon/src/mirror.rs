@@ -56,6 +56,14 @@ pub enum MirrorError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "mirror mode needs /dev/fuse ({0}); under systemd PrivateDevices=yes hides it: install \
+         config/farmd-mirror.conf as /etc/systemd/system/farmd.service.d/mirror.conf (it binds \
+         /dev/fuse in and allows it)"
+    )]
+    Fuse(std::io::Error),
+    #[error(transparent)]
+    Namespace(#[from] crate::mountns::MountNsError),
 }
 
 /// What this member knows when deciding.
@@ -493,8 +501,16 @@ impl Group {
         } else {
             cfg.members[0]
         };
+        // The replicated directory is mounted where the application sees it (see `mountns`):
+        // refused now, not at the first promotion, when that cannot be done.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .map_err(MirrorError::Fuse)?;
         // A killed primary leaves its FUSE mount behind (its directory then fails with ENOTCONN).
-        detach(&cfg.directory);
+        let dir = cfg.directory.clone();
+        crate::mountns::in_host_namespace(move || detach(&dir))?;
         for d in [&cfg.backing, &cfg.directory] {
             std::fs::create_dir_all(d).map_err(|source| MirrorError::Dir {
                 path: d.display().to_string(),
@@ -1140,16 +1156,34 @@ fn stop_secondary(
     }
 }
 
-/// Mounts the replicated directory over the backing copy.
+/// Mounts the replicated directory over the backing copy, in the host's mount namespace (where
+/// the application sees it), and verifies that farmd's own view (where `start_primary` runs)
+/// shows the same mount. Only then may the application be started.
 fn mount(cfg: &MirrorConfig, link: Link) -> std::io::Result<fuser::BackgroundSession> {
-    detach(&cfg.directory);
-    let fs = MirrorFs::new(&cfg.backing, link);
-    let options = [
-        fuser::MountOption::FSName("farm-mirror".into()),
-        fuser::MountOption::AllowOther,
-        fuser::MountOption::DefaultPermissions,
-    ];
-    fuser::spawn_mount2(fs, &cfg.directory, &options)
+    use crate::mountns::{FUSE_SUPER_MAGIC, fs_identity, in_host_namespace};
+    let (dir, backing) = (cfg.directory.clone(), cfg.backing.clone());
+    let (session, host_view) = in_host_namespace(move || {
+        detach(&dir);
+        let fs = MirrorFs::new(&backing, link);
+        let options = [
+            fuser::MountOption::FSName("farm-mirror".into()),
+            fuser::MountOption::AllowOther,
+            fuser::MountOption::DefaultPermissions,
+        ];
+        fuser::spawn_mount2(fs, &dir, &options).map(|s| (s, fs_identity(&dir)))
+    })
+    .map_err(std::io::Error::other)??;
+    let own_view = fs_identity(&cfg.directory);
+    if host_view.is_none_or(|(t, _)| t != FUSE_SUPER_MAGIC) || own_view != host_view {
+        unmount(&cfg.directory, session);
+        return Err(std::io::Error::other(format!(
+            "the replicated directory is mounted, but not seen the same from the host's mount \
+             namespace ({host_view:?}) and from farmd's ({own_view:?}): the application would \
+             write to the directory underneath, unreplicated; not starting it (is mount \
+             propagation into farmd's namespace off?)"
+        )));
+    }
+    Ok(session)
 }
 
 /// Lazily unmounts whatever is mounted at `dir` (a leftover of a killed primary).
@@ -1161,8 +1195,16 @@ pub fn detach(dir: &Path) {
 }
 
 /// Ends the FUSE session: its connection is aborted first (a process still holding files there
-/// gets errors, never a write into what is now the replica), then the mount goes.
+/// gets errors, never a write into what is now the replica), then the mount goes; in the host's
+/// mount namespace, where it was made.
 fn unmount(dir: &Path, session: fuser::BackgroundSession) {
+    let dir = dir.to_path_buf();
+    if let Err(e) = crate::mountns::in_host_namespace(move || unmount_here(&dir, session)) {
+        tracing::error!("unmounting the replicated directory: {e}");
+    }
+}
+
+fn unmount_here(dir: &Path, session: fuser::BackgroundSession) {
     use std::os::unix::fs::MetadataExt as _;
     if let Ok(m) = std::fs::metadata(dir) {
         let minor = libc::minor(m.dev());
