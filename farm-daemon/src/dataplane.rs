@@ -691,8 +691,17 @@ pub fn is_bpffs(path: &Path) -> Option<bool> {
 /// Whether this process shares its mount namespace with PID 1 (the host's, or the
 /// container's init): a mount made here outlives farmd. `None`: cannot tell.
 pub fn in_init_mount_namespace() -> Option<bool> {
-    let me = std::fs::read_link("/proc/self/ns/mnt").ok()?;
-    let init = std::fs::read_link("/proc/1/ns/mnt").ok()?;
+    if let (Ok(me), Ok(init)) = (
+        std::fs::read_link("/proc/self/ns/mnt"),
+        std::fs::read_link("/proc/1/ns/mnt"),
+    ) {
+        return Some(me == init);
+    }
+    // Some hosts refuse the namespace link of PID 1 even to root (a non-dumpable init under a
+    // hypervisor's agent). Mount ids are unique across namespaces: the same table is the same
+    // namespace.
+    let me = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let init = std::fs::read_to_string("/proc/1/mountinfo").ok()?;
     Some(me == init)
 }
 

@@ -11,8 +11,8 @@ use std::path::Path;
 pub enum MountNsError {
     #[error(
         "cannot join the host's mount namespace to mount the replicated directory where the \
-         application sees it ({what}: {source}); farmd needs CAP_SYS_ADMIN and CAP_SYS_CHROOT \
-         and, under systemd, RestrictNamespaces=mnt (install config/farmd-mirror.conf as \
+         application sees it ({what}: {source}); farmd needs CAP_SYS_ADMIN, CAP_SYS_CHROOT and \
+         CAP_SYS_PTRACE and, under systemd, RestrictNamespaces=mnt (install config/farmd-mirror.conf as \
          /etc/systemd/system/farmd.service.d/mirror.conf)"
     )]
     Join {

@@ -222,10 +222,41 @@ impl Replica {
             )
         };
         if fd < 0 {
-            return Err(Self::os("resolving", rel)(io::Error::last_os_error()));
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOSYS) {
+                return self.open_dir_by_steps(parts, rel);
+            }
+            return Err(Self::os("resolving", rel)(e));
         }
         // SAFETY: fd is fresh and valid.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// `open_dir` where openat2(2) is refused (systemd's RestrictSUIDSGID= answers ENOSYS to
+    /// it, as it cannot inspect its flags; so do old kernels): one component at a time, each
+    /// opened with O_NOFOLLOW | O_DIRECTORY beneath the previous, so a symlink is refused
+    /// (ENOTDIR) and `components` has already refused "..": the walk cannot leave the root.
+    fn open_dir_by_steps(&self, parts: &[&[u8]], rel: &[u8]) -> Result<OwnedFd, ReplicaError> {
+        let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: openat of "." beneath a valid directory fd.
+        let fd = unsafe { libc::openat(self.root.as_raw_fd(), c".".as_ptr(), flags) };
+        if fd < 0 {
+            return Err(Self::os("resolving", rel)(io::Error::last_os_error()));
+        }
+        // SAFETY: fd is fresh and valid.
+        let mut dir = unsafe { OwnedFd::from_raw_fd(fd) };
+        for part in parts {
+            let c = CString::new(*part)
+                .map_err(|_| Self::os("resolving", rel)(io::ErrorKind::InvalidInput.into()))?;
+            // SAFETY: valid directory fd and C string.
+            let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) };
+            if fd < 0 {
+                return Err(Self::os("resolving", rel)(io::Error::last_os_error()));
+            }
+            // SAFETY: fd is fresh and valid.
+            dir = unsafe { OwnedFd::from_raw_fd(fd) };
+        }
+        Ok(dir)
     }
 
     fn resolve(&self, rel: &[u8]) -> Result<Resolved, ReplicaError> {
@@ -894,6 +925,27 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).expect("tmp dir");
         d
+    }
+
+    #[test]
+    fn resolving_without_openat2_stays_beneath_the_root() {
+        let d = tmp("steps");
+        std::fs::create_dir_all(d.join("a/b")).expect("dirs");
+        let outside = tmp("steps-outside");
+        std::os::unix::fs::symlink(&outside, d.join("a/link")).expect("symlink");
+        let r = Replica::open(&d).expect("open");
+        let dir = r
+            .open_dir_by_steps(&[b"a", b"b"], b"a/b/x")
+            .expect("a real directory");
+        let m = std::fs::metadata(format!("/proc/self/fd/{}", dir.as_raw_fd())).expect("fd");
+        assert_eq!(m.ino(), std::fs::metadata(d.join("a/b")).expect("b").ino());
+        // A symlink on the way is refused, wherever it points.
+        let e = r
+            .open_dir_by_steps(&[b"a", b"link"], b"a/link/x")
+            .expect_err("through a symlink");
+        assert!(e.to_string().contains("a/link/x"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
+        let _ = std::fs::remove_dir_all(&outside);
     }
 
     #[test]

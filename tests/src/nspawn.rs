@@ -48,8 +48,9 @@ impl Container {
             .arg(format!("--machine={name}"))
             .arg(format!("--network-namespace-path={}", ns.path()))
             .arg("--capability=all")
-            // nspawn's seccomp filter refuses bpf(2) unless told: a host has no such filter.
-            .arg("--system-call-filter=bpf perf_event_open")
+            // nspawn's seccomp filter refuses bpf(2) and openat2(2) unless told: a host has
+            // no such filter.
+            .arg("--system-call-filter=bpf perf_event_open openat2")
             // The host's bpffs, as systemd mounts one on every host at boot.
             .arg("--bind=/sys/fs/bpf")
             .arg("--bind=/dev/fuse")

@@ -113,4 +113,45 @@ fn systemd_unit_fits_farmd() {
     // Reload is SIGHUP; the drill's probe client is a packet socket.
     assert_eq!(value("ExecReload"), "/bin/kill -HUP $MAINPID");
     assert!(value("RestrictAddressFamilies").contains("AF_PACKET"));
+    // farmd notifies readiness and sends watchdog keep-alives (sd_notify); /proc/sys stays
+    // writable (the fail-silent sysctls).
+    assert_eq!(value("Type"), "notify");
+    assert!(value("WatchdogSec").parse::<u64>().expect("seconds") >= 10);
+    assert!(!unit.contains("ProtectKernelTunables=yes"));
+}
+
+#[test]
+fn mirror_drop_in_fits_the_mirror_example() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/farmd-mirror.conf");
+    let conf = std::fs::read_to_string(&path).expect("config/farmd-mirror.conf");
+    let values = |key: &str| -> Vec<String> {
+        conf.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(values("BindPaths"), ["/dev/fuse"]);
+    assert_eq!(values("DeviceAllow"), ["/dev/fuse rw"]);
+    assert_eq!(values("RestrictNamespaces"), ["mnt"]);
+    assert!(values("CapabilityBoundingSet")[0].contains("CAP_SYS_CHROOT"));
+    let mut rw: Vec<String> = values("ReadWritePaths")
+        .join(" ")
+        .split_whitespace()
+        .map(|w| w.trim_start_matches('-').to_string())
+        .collect();
+    rw.extend(
+        values("StateDirectory")
+            .iter()
+            .map(|d| format!("/var/lib/{d}")),
+    );
+    let m = example("mirror-postgresql.toml")
+        .mirror
+        .expect("mirror group");
+    for p in [&m.backing, m.directory.parent().expect("parent")] {
+        assert!(
+            rw.iter().any(|w| p.starts_with(w)),
+            "{} not writable under the drop-in ({rw:?})",
+            p.display()
+        );
+    }
 }
