@@ -200,6 +200,20 @@ fn exchange(
     answers
 }
 
+/// An Ethernet frame, 802.1Q-tagged with `vlan` if given.
+fn framed(
+    dst: [u8; 6],
+    src: [u8; 6],
+    vlan: Option<u16>,
+    ethertype: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    match vlan {
+        Some(v) => frames::eth_vlan(dst, src, v, ethertype, payload),
+        None => frames::eth(dst, src, ethertype, payload),
+    }
+}
+
 /// Sends an ARP request "who has `target`, tell `src`" out of `iface` in `ns` (tagged with
 /// `vlan` if given) and returns every ARP reply for `target` heard within `wait`.
 pub fn arp(
@@ -214,11 +228,7 @@ pub fn arp(
     ns.run(move || {
         let mac = mac_of(&iface);
         let body = frames::arp(1, mac, src, [0; 6], target);
-        let bcast = [0xff; 6];
-        let frame = match vlan {
-            Some(v) => frames::eth_vlan(bcast, mac, v, 0x0806, &body),
-            None => frames::eth(bcast, mac, 0x0806, &body),
-        };
+        let frame = framed([0xff; 6], mac, vlan, 0x0806, &body);
         exchange(&iface, frame, wait, move |f| {
             let a = f.get(14..42)?;
             (u16::from_be_bytes([f[12], f[13]]) == 0x0806
@@ -250,10 +260,7 @@ pub fn neighbour_solicitation(
         ip[7] = 255; // NDP requires hop limit 255
         let d = dst.octets();
         let eth_dst = [0x33, 0x33, d[12], d[13], d[14], d[15]];
-        let frame = match vlan {
-            Some(v) => frames::eth_vlan(eth_dst, mac, v, 0x86dd, &ip),
-            None => frames::eth(eth_dst, mac, 0x86dd, &ip),
-        };
+        let frame = framed(eth_dst, mac, vlan, 0x86dd, &ip);
         exchange(&iface, frame, wait, move |f| {
             let ip = f.get(14..)?;
             if u16::from_be_bytes([f[12], f[13]]) != 0x86dd || *ip.get(6)? != 58 {
