@@ -284,6 +284,12 @@ impl VipInfo {
     }
 }
 
+/// XDP metadata word that marks an ARP/NDP answer XDP built in place and passed up for the tc
+/// ingress program to send back out of the interface. A VLAN tag the NIC (rx VLAN offload) or
+/// a bridge moved into the packet's metadata is invisible to XDP, so an XDP_TX answer would
+/// leave untagged; the skb keeps the tag, and a tc redirect to egress sends it with it.
+pub const REFLECT_META: u32 = 0xfa4d_7e1f;
+
 /// Indices of the per-CPU `FARM_STATS` counters.
 pub mod stat {
     /// ARP requests for a VIP answered (with the cluster MAC) by this node.
@@ -328,6 +334,10 @@ pub mod stat {
     /// Frames for a mirror group's VIP taken by this node (its primary) / dropped (not primary).
     pub const MIRROR_ACCEPTED: u32 = 26;
     pub const MIRROR_DROPPED: u32 = 27;
+    /// ARP/NDP answers built by XDP for a frame without an in-frame VLAN tag, sent back out by
+    /// the tc ingress program with the tag the frame had in its metadata, if any (see
+    /// `REFLECT_META`).
+    pub const ANSWERS_REFLECTED: u32 = 28;
     pub const COUNT: u32 = 32;
 
     /// Names for display, indexed like the constants (empty = unused slot).
@@ -360,7 +370,7 @@ pub mod stat {
         "err_ndp",
         "mirror_accepted",
         "mirror_dropped",
-        "",
+        "answers_reflected",
         "",
         "",
         "",

@@ -555,9 +555,9 @@ impl Dataplane {
             })?);
         self.pins.push(path);
         self.xdp_mode = Some(label);
-        if label == "driver" {
-            self.attach_tc(PROG_INGRESS, ifname, TcAttachType::Ingress, pin_dir)?;
-        }
+        // In every mode: it sends back the ARP/NDP answers XDP passes up (VLAN tags in
+        // metadata), and fixes the packet type of accepted frames where drivers keep a stale one.
+        self.attach_tc(PROG_INGRESS, ifname, TcAttachType::Ingress, pin_dir)?;
         Ok(())
     }
 

@@ -66,7 +66,7 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
                 return xdp_action::XDP_DROP;
             }
             maps::stat(stat::ARP_ANSWERED);
-            xdp_action::XDP_TX
+            verdict::answer(ctx, l3)
         }
         // The answer to a request a member sent from the VIP (with the cluster MAC, so it is
         // flooded): every member may be resolving this client.

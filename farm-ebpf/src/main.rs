@@ -10,8 +10,10 @@
 //! a client) get the cluster MAC as their link-layer address, so no client ever learns a node's
 //! own MAC for the VIP.
 //!
-//! `farm_ingress` (tc ingress, native XDP mode only): marks frames the XDP program accepted as
-//! addressed to this host, for drivers that keep a stale packet type after XDP (veth).
+//! `farm_ingress` (tc ingress): sends back out the ARP/NDP answers the XDP program passed up
+//! marked (so that they carry the VLAN tag their request had in the packet's metadata), and marks
+//! frames the XDP program accepted as addressed to this host, for drivers that keep a stale packet
+//! type after XDP (veth).
 //!
 //! `farm_empty`: an XDP program that only returns XDP_PASS; the benchmark's floor, and the test
 //! harness's program for the switch side of veth pairs (so XDP_TX frames are received).

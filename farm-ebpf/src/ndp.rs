@@ -143,7 +143,7 @@ pub fn solicitation(ctx: &XdpContext, ctl: &Control, l3: usize, l4: usize, src: 
         return xdp_action::XDP_DROP;
     }
     maps::stat(stat::NDP_ANSWERED);
-    xdp_action::XDP_TX
+    verdict::answer(ctx, l3)
 }
 
 /// An advertisement sent to a VIP: the answer to a solicitation a member sent while resolving a

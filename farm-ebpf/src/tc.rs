@@ -4,14 +4,16 @@
 //! so a client never learns one member's own MAC for the VIP. (The Ethernet source stays the
 //! member's MAC: the cluster MAC is never a source, so switches keep flooding it.)
 //!
-//! Ingress: some drivers (veth) run native XDP on an skb whose packet type was already set from
+//! Ingress: ARP/NDP answers the XDP program passed up marked are sent back out with the VLAN
+//! tag their request had in the packet's metadata (see `verdict::answer`). And: some drivers
+//! (veth) run native XDP on an skb whose packet type was already set from
 //! the original destination MAC, and do not reset it after the program rewrote that MAC; the
 //! stack then drops the frame as "for another host" (unicast cluster MAC), or TCP drops it as
 //! not addressed to this host (multicast cluster MAC). Frames the XDP program accepted carry the
 //! interface's own MAC, so they are marked as ours here.
 
-use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use farm_common::stat;
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect, programs::TcContext};
+use farm_common::{REFLECT_META, stat};
 
 use crate::{ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV6, ipv6, maps};
 
@@ -25,6 +27,9 @@ pub fn egress(ctx: &TcContext) -> i32 {
 
 #[inline(always)]
 pub fn ingress(ctx: &TcContext) -> i32 {
+    if let Some(verdict) = reflect(ctx) {
+        return verdict;
+    }
     // SAFETY: reading a field of the context the kernel passed us.
     let pkt_type = unsafe { (*ctx.skb.skb).pkt_type };
     if pkt_type != PACKET_HOST
@@ -35,6 +40,32 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         let _ = ctx.change_type(PACKET_HOST);
     }
     TC_ACT_OK as i32
+}
+
+/// An ARP/NDP answer the XDP program built and marked (see `verdict::answer`): sent back out of
+/// the interface it came in on. The skb still holds the VLAN tag its request had in metadata,
+/// and egress puts it back on the wire.
+#[inline(always)]
+fn reflect(ctx: &TcContext) -> Option<i32> {
+    let skb = ctx.skb.skb;
+    // SAFETY: reading fields of the context the kernel passed us.
+    let (meta, data, ifindex) = unsafe {
+        (
+            (*skb).data_meta as usize,
+            (*skb).data as usize,
+            (*skb).ifindex,
+        )
+    };
+    if meta + 4 > data {
+        return None;
+    }
+    // SAFETY: the 4 bytes at `meta` lie before `data`, checked above.
+    let word = unsafe { core::ptr::read_unaligned(meta as *const u32) };
+    if word != REFLECT_META {
+        return None;
+    }
+    // SAFETY: helper call with a plain interface index.
+    Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
 #[inline(always)]

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     bindings::{bpf_sock_tuple, xdp_action},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_sk_release, bpf_skc_lookup_tcp, bpf_xdp_adjust_meta},
     programs::XdpContext,
 };
 use farm_common::{BucketKey, Control, bucket_of, bucket_state, stat};
@@ -182,3 +182,31 @@ fn own_socket(ctx: &XdpContext, t: Tcp) -> bool {
         state != TCP_LISTEN
     }
 }
+
+/// Sends an ARP/NDP answer built in place back to the requester. A frame that carried its VLAN
+/// tag inline still carries it: XDP_TX. One without an inline tag may have had its tag in the
+/// packet's metadata (rx VLAN offload, or a bridge on the way), which XDP cannot see; an XDP_TX
+/// answer would leave untagged and never reach a client on a VLAN. Such an answer is passed up
+/// marked with `REFLECT_META`, and the tc ingress program sends it back out of the interface
+/// with the skb's tag (see `tc::ingress`). Where the driver has no room for metadata: XDP_TX.
+#[inline(always)]
+pub fn answer(ctx: &XdpContext, l3: usize) -> u32 {
+    if l3 != ptr::ETH_HLEN {
+        return xdp_action::XDP_TX;
+    }
+    // SAFETY: helper call on the context the kernel passed us.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(META_LEN as i32)) } != 0 {
+        return xdp_action::XDP_TX;
+    }
+    let meta = ctx.metadata();
+    if meta + META_LEN > ctx.data() {
+        return xdp_action::XDP_TX;
+    }
+    // SAFETY: the META_LEN bytes at `meta` lie before `data`, checked above.
+    unsafe { core::ptr::write_unaligned(meta as *mut u32, farm_common::REFLECT_META) };
+    maps::stat(stat::ANSWERS_REFLECTED);
+    xdp_action::XDP_PASS
+}
+
+/// Bytes of XDP metadata farm uses (one word).
+pub const META_LEN: usize = 4;

@@ -5,6 +5,7 @@
 //! its own MAC too", which the client's neighbour table (last answer wins) cannot.
 
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     time::{Duration, Instant},
@@ -106,37 +107,40 @@ fn mac_of(iface: &str) -> [u8; 6] {
     mac
 }
 
-/// Sends `frame` and collects what `parse` recognises as an answer for `wait`.
-fn exchange(
+/// Sends `frames` and collects what `parse` recognises as an answer (keyed by what it names:
+/// the requester) for `wait`.
+fn exchange<K>(
     iface: &str,
-    frame: Vec<u8>,
+    frames: Vec<Vec<u8>>,
     wait: Duration,
-    parse: impl Fn(&[u8]) -> Option<Option<[u8; 6]>>,
-) -> Vec<Answer> {
+    parse: impl Fn(&[u8]) -> Option<(K, Option<[u8; 6]>)>,
+) -> Vec<(K, Answer)> {
     let (fd, index) = raw_socket(iface);
-    // SAFETY: zeroed sockaddr_ll is valid; fields set below.
-    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    to.sll_family = libc::AF_PACKET as u16;
-    to.sll_ifindex = index;
-    to.sll_halen = 6;
-    to.sll_addr[..6].copy_from_slice(&frame[..6]);
-    // SAFETY: valid socket, buffer and address.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
+    for frame in &frames {
+        // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = index;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: valid socket, buffer and address.
+        let n = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const to).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(
+            n as usize,
             frame.len(),
-            0,
-            (&raw const to).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(
-        n as usize,
-        frame.len(),
-        "send: {}",
-        std::io::Error::last_os_error()
-    );
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     let mut answers = Vec::new();
     let deadline = Instant::now() + wait;
     let mut buf = [0u8; 2048];
@@ -189,12 +193,15 @@ fn exchange(
         // Untagged view: MACs, ethertype, payload.
         let mut plain = frame[..12].to_vec();
         plain.extend_from_slice(&frame[payload_at..]);
-        if let Some(lladdr) = parse(&plain) {
-            answers.push(Answer {
-                eth_src: plain[6..12].try_into().expect("6 bytes"),
-                lladdr,
-                vlan,
-            });
+        if let Some((key, lladdr)) = parse(&plain) {
+            answers.push((
+                key,
+                Answer {
+                    eth_src: plain[6..12].try_into().expect("6 bytes"),
+                    lladdr,
+                    vlan,
+                },
+            ));
         }
     }
     answers
@@ -224,18 +231,42 @@ pub fn arp(
     vlan: Option<u16>,
     wait: Duration,
 ) -> Vec<Answer> {
+    arp_many(ns, iface, vec![src], target, vlan, wait)
+        .remove(&src)
+        .unwrap_or_default()
+}
+
+/// ARP requests for `target` from each of `sources` at once; the replies heard within `wait`,
+/// by requester (a reply names the requester as its target).
+pub fn arp_many(
+    ns: &Netns,
+    iface: &str,
+    sources: Vec<Ipv4Addr>,
+    target: Ipv4Addr,
+    vlan: Option<u16>,
+    wait: Duration,
+) -> BTreeMap<Ipv4Addr, Vec<Answer>> {
     let iface = iface.to_string();
     ns.run(move || {
         let mac = mac_of(&iface);
-        let body = frames::arp(1, mac, src, [0; 6], target);
-        let frame = framed([0xff; 6], mac, vlan, 0x0806, &body);
-        exchange(&iface, frame, wait, move |f| {
+        let frames = sources
+            .iter()
+            .map(|&src| {
+                let body = frames::arp(1, mac, src, [0; 6], target);
+                framed([0xff; 6], mac, vlan, 0x0806, &body)
+            })
+            .collect();
+        let heard = exchange(&iface, frames, wait, move |f| {
             let a = f.get(14..42)?;
             (u16::from_be_bytes([f[12], f[13]]) == 0x0806
                 && u16::from_be_bytes([a[6], a[7]]) == 2
                 && a[14..18] == target.octets())
-            .then(|| Some(a[8..14].try_into().expect("6 bytes")))
-        })
+            .then(|| {
+                let requester = Ipv4Addr::new(a[24], a[25], a[26], a[27]);
+                (requester, Some(a[8..14].try_into().expect("6 bytes")))
+            })
+        });
+        group(sources, heard)
     })
 }
 
@@ -249,23 +280,44 @@ pub fn neighbour_solicitation(
     vlan: Option<u16>,
     wait: Duration,
 ) -> Vec<Answer> {
+    neighbour_solicitations(ns, iface, vec![src], target, vlan, wait)
+        .remove(&src)
+        .unwrap_or_default()
+}
+
+/// Neighbour solicitations for `target` from each of `sources` at once; the advertisements
+/// heard within `wait`, by requester (an answer is addressed to it).
+pub fn neighbour_solicitations(
+    ns: &Netns,
+    iface: &str,
+    sources: Vec<Ipv6Addr>,
+    target: Ipv6Addr,
+    vlan: Option<u16>,
+    wait: Duration,
+) -> BTreeMap<Ipv6Addr, Vec<Answer>> {
     let iface = iface.to_string();
     ns.run(move || {
         let mac = mac_of(&iface);
         let dst = frames::solicited_node(target);
-        let mut icmp = frames::neighbour_solicitation(target, mac);
-        let sum = icmpv6_checksum(src, dst, &icmp);
-        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-        let mut ip = frames::ipv6(src, dst, 58, &[], &icmp);
-        ip[7] = 255; // NDP requires hop limit 255
         let d = dst.octets();
         let eth_dst = [0x33, 0x33, d[12], d[13], d[14], d[15]];
-        let frame = framed(eth_dst, mac, vlan, 0x86dd, &ip);
-        exchange(&iface, frame, wait, move |f| {
+        let frames = sources
+            .iter()
+            .map(|&src| {
+                let mut icmp = frames::neighbour_solicitation(target, mac);
+                let sum = icmpv6_checksum(src, dst, &icmp);
+                icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+                let mut ip = frames::ipv6(src, dst, 58, &[], &icmp);
+                ip[7] = 255; // NDP requires hop limit 255
+                framed(eth_dst, mac, vlan, 0x86dd, &ip)
+            })
+            .collect();
+        let heard = exchange(&iface, frames, wait, move |f| {
             let ip = f.get(14..)?;
             if u16::from_be_bytes([f[12], f[13]]) != 0x86dd || *ip.get(6)? != 58 {
                 return None;
             }
+            let to: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
             let m = ip.get(40..)?;
             if *m.first()? != 136 || m.get(8..24)? != target.octets() {
                 return None;
@@ -283,9 +335,19 @@ pub fn neighbour_solicitation(
                 }
                 opts = &opts[len..];
             }
-            Some(lladdr)
-        })
+            Some((Ipv6Addr::from(to), lladdr))
+        });
+        group(sources, heard)
     })
+}
+
+/// The answers by requester, every requester present (an empty list: nobody answered it).
+fn group<K: Ord>(sources: Vec<K>, heard: Vec<(K, Answer)>) -> BTreeMap<K, Vec<Answer>> {
+    let mut by: BTreeMap<K, Vec<Answer>> = sources.into_iter().map(|k| (k, Vec::new())).collect();
+    for (k, a) in heard {
+        by.entry(k).or_default().push(a);
+    }
+    by
 }
 
 /// The ICMPv6 checksum of `msg` (checksum field zero) from `src` to `dst`.

@@ -566,6 +566,23 @@ deadman_timeout_ms = {}
         })
     }
 
+    /// Node `i`'s own MAC on eth0.
+    pub fn node_mac(&self, i: usize) -> [u8; 6] {
+        let out = self.nodes[i]
+            .ns
+            .ip_out(&["-br", "link", "show", "dev", "eth0"]);
+        let mac = out
+            .split_whitespace()
+            .find(|w| w.len() == 17 && w.matches(':').count() == 5)
+            .unwrap_or_else(|| panic!("no MAC in {out}"));
+        parse_mac(mac)
+    }
+
+    /// The farm's cluster MAC, as node 0 reports it.
+    pub fn cluster_mac(&self) -> [u8; 6] {
+        parse_mac(&self.status(0).expect("status").cluster_mac)
+    }
+
     /// The bpffs directory where node `i`'s farmd pins its links.
     pub fn pin_dir(&self, i: usize) -> PathBuf {
         PathBuf::from("/sys/fs/bpf/farm").join(format!("{}-eth0", self.nodes[i].ns.inode()))
@@ -651,6 +668,15 @@ fn plug(switch: &Netns, host: &Netns, port: &str) {
     ]);
     switch.ip(&["link", "set", port, "master", "br0", "up"]);
     host.ip(&["link", "set", "eth0", "up"]);
+}
+
+/// "aa:bb:cc:dd:ee:ff" as bytes.
+pub fn parse_mac(s: &str) -> [u8; 6] {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+        .collect();
+    v.try_into().expect("6 bytes")
 }
 
 fn set_mode(p: &Path, mode: u32) {

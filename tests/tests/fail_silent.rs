@@ -31,26 +31,6 @@ fn spec() -> Spec {
     }
 }
 
-fn parse_mac(s: &str) -> [u8; 6] {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).expect("hex"))
-        .collect();
-    v.try_into().expect("6 bytes")
-}
-
-/// Node `i`'s own MAC on eth0.
-fn node_mac(t: &Topology, i: usize) -> [u8; 6] {
-    let out = t.nodes[i]
-        .ns
-        .ip_out(&["-br", "link", "show", "dev", "eth0"]);
-    let mac = out
-        .split_whitespace()
-        .find(|w| w.len() == 17 && w.matches(':').count() == 5)
-        .unwrap_or_else(|| panic!("no MAC in {out}"));
-    parse_mac(mac)
-}
-
 fn xdp_attached(t: &Topology, i: usize) -> bool {
     t.nodes[i]
         .ns
@@ -98,7 +78,7 @@ fn assert_silent_and_taken_over(
         "{name}'s server accepted connections without its XDP program"
     );
 
-    let victim_mac = node_mac(t, victim);
+    let victim_mac = t.node_mac(victim);
     for (k, src) in victim_clients.iter().take(6).enumerate() {
         let IpAddr::V4(src) = *src else { continue };
         let got = probe::arp(
@@ -150,17 +130,13 @@ fn victims_clients(t: &Topology, victim: usize) -> Vec<IpAddr> {
     mine
 }
 
-fn cluster_mac(t: &Topology) -> [u8; 6] {
-    parse_mac(&t.status(0).expect("status").cluster_mac)
-}
-
 #[test]
 fn killed_farmd_with_its_pins_removed_is_silent() {
     let Some(mut t) = Topology::started("killed_farmd_with_its_pins_removed_is_silent", spec())
     else {
         return;
     };
-    let mac = cluster_mac(&t);
+    let mac = t.cluster_mac();
     let clients = victims_clients(&t, 1);
     t.signal_farmd(1, libc::SIGKILL);
     // Without its pins nothing holds the programs: the kernel detaches them.
@@ -191,7 +167,7 @@ fn detached_program_makes_farmd_leave_and_the_node_silent() {
     ) else {
         return;
     };
-    let mac = cluster_mac(&t);
+    let mac = t.cluster_mac();
     let clients = victims_clients(&t, 1);
 
     // `ip link set dev eth0 xdp off` cannot take a program attached through a link away: the
@@ -272,7 +248,7 @@ fn unmounted_bpffs_then_crash_leaves_the_node_silent() {
     let mut bpffs = BpffsMount::new(t.dir.join("bpffs"));
     std::fs::write(&t.nodes[1].config, pin_on(&t, &bpffs.path)).expect("config");
     t.start_all();
-    let mac = cluster_mac(&t);
+    let mac = t.cluster_mac();
     let clients = victims_clients(&t, 1);
 
     bpffs.unmount();
@@ -349,7 +325,7 @@ fn ip_netns_exec_is_refused_or_keeps_the_crash_guarantee() {
     t.nodes[1].farmd = Some(child);
     t.wait_serving(1, Duration::from_secs(30));
     t.wait_converged(&[0, 1, 2], Duration::from_secs(20));
-    let mac = cluster_mac(&t);
+    let mac = t.cluster_mac();
     let clients = victims_clients(&t, 1);
     let killed = Instant::now();
     t.signal_farmd(1, libc::SIGKILL);
