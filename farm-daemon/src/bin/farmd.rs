@@ -16,6 +16,13 @@ use farm_daemon::{config::Config, daemon::Daemon, secret::Secret};
 /// handover.stop_drain_timeout_s), then farmd removes its VIPs, programs and MAC filter entry
 /// and leaves the host as it found it. SIGHUP re-reads the configuration file and applies what
 /// can change while running (as `farmctl reload`); an invalid file changes nothing.
+///
+/// Where to run it: under systemd with config/farmd.service (Type=notify, watchdog; mirror-group
+/// members add config/farmd-mirror.conf), or in a network namespace with `nsenter
+/// --net=/run/netns/NAME farmd ...`. `ip netns exec` gives farmd a fresh /sys without a bpf
+/// filesystem: farmd refuses unless runtime.bpffs names one mounted in the host. Wherever it
+/// runs, a member whose XDP program is gone never answers for the VIPs (they live on
+/// dataplane.vip_device, lo by default, never on the farm interface).
 #[derive(Parser, Debug)]
 #[command(
     version,
