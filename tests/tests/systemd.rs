@@ -171,6 +171,19 @@ fn unit_lifecycle_under_a_real_systemd() {
     let crashed = c.main_pid(UNIT);
     // SAFETY: as above.
     unsafe { libc::kill(crashed as i32, libc::SIGKILL) };
+    // Until systemd starts it again (RestartSec=2), the dead-man switch keeps the node silent
+    // and the survivors serve its clients.
+    wait_until(
+        "the survivors serve the crashed member's clients",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            requests(&t, &clients)
+                .iter()
+                .all(|a| a.node.as_deref().is_some_and(|n| n != "n2"))
+                .then_some(())
+        },
+    );
     wait_until(
         "systemd restarts the killed farmd",
         Duration::from_secs(30),
