@@ -43,21 +43,40 @@ pub fn run(cmd: &str, args: &[&str]) -> Output {
 /// Removes namespaces left behind by test processes that no longer exist (a run killed before
 /// its destructors ran).
 pub fn remove_stale() {
+    // The replicated directories of mirror tests in a killed run: a FUSE mount whose server
+    // died (ENOTCONN), under the run's `farm-test-ft<pid>x<n>` directory.
+    for line in std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+    {
+        let mut fields = line.split_whitespace();
+        let (Some("farm-mirror"), Some(target)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let stale = target
+            .split('/')
+            .find_map(|part| part.strip_prefix("farm-test-"))
+            .and_then(stale_owner);
+        if stale.is_some() {
+            farm_daemon::mirror::detach(std::path::Path::new(target));
+        }
+    }
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
     };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if stale_owner(name).is_some() {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
     }
+}
+
+/// The pid in a name made by `unique_stem` (`ft<pid>x<n>...`), if that process is gone.
+fn stale_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(PREFIX)?;
+    let pid = rest.split('x').next()?.parse::<u32>().ok()?;
+    (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
 }
 
 /// A network namespace, deleted on drop.
