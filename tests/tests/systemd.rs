@@ -60,6 +60,43 @@ fn install(t: &Topology, c: &Container, i: usize) {
     c.systemctl_ok(&["daemon-reload"], UNIT);
 }
 
+/// Sends `signal` to the unit's farmd (on node n2): the survivors serve its clients, systemd
+/// starts a new farmd, which rejoins and serves them again.
+fn fails_and_comes_back(t: &Topology, c: &Container, clients: &[IpAddr], signal: i32, what: &str) {
+    let old = c.main_pid(UNIT);
+    assert!(old > 0);
+    // SAFETY: signalling a process the test started (through systemd).
+    unsafe { libc::kill(old as i32, signal) };
+    wait_until(
+        &format!("the survivors serve the {what} member's clients"),
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            requests(t, clients)
+                .iter()
+                .all(|a| a.node.as_deref().is_some_and(|n| n != "n2"))
+                .then_some(())
+        },
+    );
+    wait_until(
+        &format!("systemd starts a new farmd after the {what} one"),
+        Duration::from_secs(40),
+        Duration::from_millis(200),
+        || {
+            let pid = c.main_pid(UNIT);
+            (pid != 0 && pid != old && c.property(UNIT, "ActiveState") == "active").then_some(())
+        },
+    );
+    t.wait_converged(&[0, 1, 2], Duration::from_secs(30));
+    for a in requests(t, clients) {
+        assert_eq!(
+            a.node.as_deref(),
+            Some("n2"),
+            "after the {what} one's restart: {a:?}"
+        );
+    }
+}
+
 #[test]
 fn unit_lifecycle_under_a_real_systemd() {
     if !require_root("unit_lifecycle_under_a_real_systemd") {
@@ -131,77 +168,14 @@ fn unit_lifecycle_under_a_real_systemd() {
     // The watchdog: a frozen farmd is aborted and restarted; its peers serve its clients
     // meanwhile.
     let restarts: u32 = c.property(UNIT, "NRestarts").parse().expect("NRestarts");
-    let frozen = c.main_pid(UNIT);
-    assert!(frozen > 0);
-    // SAFETY: signalling a process the test started (through systemd).
-    unsafe { libc::kill(frozen as i32, libc::SIGSTOP) };
-    wait_until(
-        "the survivors serve the frozen member's clients",
-        Duration::from_secs(10),
-        Duration::from_millis(100),
-        || {
-            requests(&t, &clients)
-                .iter()
-                .all(|a| a.node.as_deref().is_some_and(|n| n != "n2"))
-                .then_some(())
-        },
-    );
-    wait_until(
-        "systemd restarts the frozen farmd (watchdog)",
-        Duration::from_secs(40),
-        Duration::from_millis(200),
-        || {
-            let pid = c.main_pid(UNIT);
-            (pid != 0 && pid != frozen && c.property(UNIT, "ActiveState") == "active").then_some(())
-        },
-    );
+    fails_and_comes_back(&t, &c, &clients, libc::SIGSTOP, "frozen (watchdog)");
     let journal = c.journal(UNIT);
     assert!(journal.contains("Watchdog timeout"), "{journal}");
     assert!(c.property(UNIT, "NRestarts").parse::<u32>().expect("n") > restarts);
-    t.wait_converged(&[0, 1, 2], Duration::from_secs(30));
-    for a in requests(&t, &clients) {
-        assert_eq!(
-            a.node.as_deref(),
-            Some("n2"),
-            "after the watchdog restart: {a:?}"
-        );
-    }
 
-    // A crash: Restart=on-failure brings it back; the survivors serve meanwhile.
-    let crashed = c.main_pid(UNIT);
-    // SAFETY: as above.
-    unsafe { libc::kill(crashed as i32, libc::SIGKILL) };
-    // Until systemd starts it again (RestartSec=2), the dead-man switch keeps the node silent
-    // and the survivors serve its clients.
-    wait_until(
-        "the survivors serve the crashed member's clients",
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || {
-            requests(&t, &clients)
-                .iter()
-                .all(|a| a.node.as_deref().is_some_and(|n| n != "n2"))
-                .then_some(())
-        },
-    );
-    wait_until(
-        "systemd restarts the killed farmd",
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-        || {
-            let pid = c.main_pid(UNIT);
-            (pid != 0 && pid != crashed && c.property(UNIT, "ActiveState") == "active")
-                .then_some(())
-        },
-    );
-    t.wait_converged(&[0, 1, 2], Duration::from_secs(30));
-    for a in requests(&t, &clients) {
-        assert_eq!(
-            a.node.as_deref(),
-            Some("n2"),
-            "after the crash restart: {a:?}"
-        );
-    }
+    // A crash: Restart=on-failure brings it back. Until systemd starts it again (RestartSec=2),
+    // the dead-man switch keeps the node silent and the survivors serve its clients.
+    fails_and_comes_back(&t, &c, &clients, libc::SIGKILL, "killed");
 
     // stop: drains (the survivors take its clients without a failed request) and restores the
     // host.
