@@ -397,7 +397,12 @@ impl Daemon {
             vip_index: vip_device.index,
             pins_missing: false,
         };
-        let result = match d.setup(&pin_dir).await {
+        // Where the host's values of the fail-silent settings are kept (see `sysctl`).
+        let sysctl_saved = d
+            .cfg
+            .state_dir
+            .join(format!("sysctl-{ns}-{}.saved", d.cfg.interface));
+        let result = match d.setup(&pin_dir, &sysctl_saved).await {
             Ok(listener) => d.start_mirror(mirror_key).map(|()| listener),
             Err(e) => Err(e),
         };
@@ -411,7 +416,11 @@ impl Daemon {
         }
     }
 
-    async fn setup(&mut self, pin_dir: &Path) -> Result<UnixListener, DaemonError> {
+    async fn setup(
+        &mut self,
+        pin_dir: &Path,
+        sysctl_saved: &Path,
+    ) -> Result<UnixListener, DaemonError> {
         let listener = bind_socket(&self.cfg.socket)?;
         self.undo.push(Undo::Socket(self.cfg.socket.clone()));
 
@@ -433,13 +442,11 @@ impl Daemon {
 
         // The kernel must never claim a VIP on the farm interface, whatever becomes of the XDP
         // program: set before any VIP is on the host.
-        let saved = self.cfg.state_dir.join(format!(
-            "sysctl-{}-{}.saved",
-            netns_id()?,
-            self.cfg.interface
-        ));
-        let sysctls =
-            crate::sysctl::Sysctls::apply(Path::new("/proc/sys"), &self.cfg.interface, &saved)?;
+        let sysctls = crate::sysctl::Sysctls::apply(
+            Path::new("/proc/sys"),
+            &self.cfg.interface,
+            sysctl_saved,
+        )?;
         self.undo.push(Undo::Sysctls(sysctls));
 
         // Pushed before attaching: a partial attach (egress only) is undone too.
@@ -813,6 +820,11 @@ impl Daemon {
                         tracing::error!("{e}");
                         break Err(e);
                     }
+                    // The status line (a pass over the bucket owners) only for a listener, and
+                    // at this tick's pace rather than every liveness tick.
+                    if service.active() {
+                        service.status(self.service_status());
+                    }
                 }
                 Some((i, outcome)) = check_results.recv() => {
                     self.node.handle_health(i, outcome, Instant::now());
@@ -822,7 +834,6 @@ impl Daemon {
                         self.drill_tick().await;
                     }
                     self.node.handle_tick(Instant::now());
-                    service.status(self.service_status());
                 }
                 Some((req, reply, seen)) = traffic_rx.recv() => {
                     let _ = reply.send(self.handle_traffic(req, seen));

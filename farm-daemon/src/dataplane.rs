@@ -679,32 +679,6 @@ pub fn remove_stale_pins(pin_dir: &Path) -> Result<usize, DataplaneError> {
     Ok(n)
 }
 
-/// Whether `path` is on a bpf filesystem (`None`: it cannot be examined, e.g. missing).
-pub fn is_bpffs(path: &Path) -> Option<bool> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: zeroed statfs is a valid out-parameter.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out-pointer.
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type == BPF_FS_MAGIC)
-}
-
-/// Whether this process shares its mount namespace with PID 1 (the host's, or the
-/// container's init): a mount made here outlives farmd. `None`: cannot tell.
-pub fn in_init_mount_namespace() -> Option<bool> {
-    if let (Ok(me), Ok(init)) = (
-        std::fs::read_link("/proc/self/ns/mnt"),
-        std::fs::read_link("/proc/1/ns/mnt"),
-    ) {
-        return Some(me == init);
-    }
-    // Some hosts refuse the namespace link of PID 1 even to root (a non-dumpable init under a
-    // hypervisor's agent). Mount ids are unique across namespaces: the same table is the same
-    // namespace.
-    let me = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let init = std::fs::read_to_string("/proc/1/mountinfo").ok()?;
-    Some(me == init)
-}
-
 /// Where farmd pins its links, and how that was settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bpffs {
@@ -719,10 +693,10 @@ pub enum Bpffs {
 /// a systemd unit with `ProtectSystem=` and friends) a mount would vanish with farmd, taking the
 /// pinned programs along, so farmd refuses and says how to run it instead.
 pub fn ensure_bpffs(path: &Path) -> Result<Bpffs, DataplaneError> {
-    if is_bpffs(path) == Some(true) {
+    if crate::mountns::fs_type(path) == Some(BPF_FS_MAGIC) {
         return Ok(Bpffs::Found);
     }
-    if in_init_mount_namespace() != Some(true) {
+    if crate::mountns::in_init_mount_namespace() != Some(true) {
         return Err(DataplaneError::PrivateBpffs { path: path.into() });
     }
     std::fs::create_dir_all(path).map_err(|source| DataplaneError::Bpffs {

@@ -30,7 +30,7 @@ pub fn in_host_namespace<T: Send + 'static>(
     let handle = std::thread::Builder::new()
         .name("farm-hostmnt".into())
         .spawn(move || -> Result<T, MountNsError> {
-            if crate::dataplane::in_init_mount_namespace() != Some(true) {
+            if in_init_mount_namespace() != Some(true) {
                 join_init_mount_namespace()?;
             }
             Ok(f())
@@ -67,18 +67,37 @@ fn join_init_mount_namespace() -> Result<(), MountNsError> {
     Ok(())
 }
 
-/// statfs(2) of `path`: (file-system type, device of the path), or `None`.
-pub fn fs_identity(path: &Path) -> Option<(i64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
+/// The type of the file system `path` is on (statfs(2) `f_type`), or `None`.
+pub fn fs_type(path: &Path) -> Option<i64> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: zeroed statfs is a valid out-parameter.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid C string and out-pointer.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type)
+}
+
+/// (file-system type, device) of `path`: what tells one mount from another, or `None`.
+pub fn fs_identity(path: &Path) -> Option<(i64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    Some((fs_type(path)?, std::fs::metadata(path).ok()?.dev()))
+}
+
+/// Whether this process shares its mount namespace with PID 1 (the host's, or the
+/// container's init): a mount made here is the one the rest of the system sees, and outlives
+/// farmd. `None`: cannot tell.
+pub fn in_init_mount_namespace() -> Option<bool> {
+    if let (Ok(me), Ok(init)) = (
+        std::fs::read_link("/proc/self/ns/mnt"),
+        std::fs::read_link("/proc/1/ns/mnt"),
+    ) {
+        return Some(me == init);
     }
-    let dev = std::fs::metadata(path).ok()?.dev();
-    Some((st.f_type, dev))
+    // Some hosts refuse the namespace link of PID 1 even to root (a non-dumpable init under a
+    // hypervisor's agent). Mount ids are unique across namespaces: the same table is the same
+    // namespace.
+    let me = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let init = std::fs::read_to_string("/proc/1/mountinfo").ok()?;
+    Some(me == init)
 }
 
 /// FUSE's file-system magic number.

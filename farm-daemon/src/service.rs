@@ -10,6 +10,8 @@ use sd_notify::NotifyState;
 /// The service manager, as farmd sees it.
 #[derive(Debug, Default)]
 pub struct Service {
+    /// A service manager listens (`NOTIFY_SOCKET` is set).
+    active: bool,
     watchdog: Option<Duration>,
     status: String,
 }
@@ -18,9 +20,15 @@ impl Service {
     /// Reads what the service manager asked for (`WATCHDOG_USEC`, for this process only).
     pub fn new() -> Self {
         Self {
+            active: std::env::var_os("NOTIFY_SOCKET").is_some(),
             watchdog: sd_notify::watchdog_enabled(),
             status: String::new(),
         }
+    }
+
+    /// Whether a service manager listens: without one, nothing is worth preparing for it.
+    pub fn active(&self) -> bool {
+        self.active
     }
 
     /// How often to send keep-alives: half the watchdog timeout, or never.

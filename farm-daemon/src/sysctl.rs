@@ -147,17 +147,6 @@ impl Sysctls {
         let _ = std::fs::remove_file(&self.saved);
         first.map_or(Ok(()), Err)
     }
-
-    /// The settings as `key=value` now (for status and tests).
-    pub fn current(&self) -> Vec<(String, String)> {
-        self.original
-            .iter()
-            .map(|(k, _)| {
-                let v = std::fs::read_to_string(self.root.join(k)).unwrap_or_default();
-                (k.clone(), v.trim().to_string())
-            })
-            .collect()
-    }
 }
 
 #[cfg(test)]

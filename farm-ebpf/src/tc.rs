@@ -15,7 +15,7 @@
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect, programs::TcContext};
 use farm_common::{REFLECT_META, stat};
 
-use crate::{ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV6, ipv6, maps};
+use crate::{ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV6, ipv6, maps, verdict};
 
 const PACKET_HOST: u32 = 0;
 
@@ -56,10 +56,10 @@ fn reflect(ctx: &TcContext) -> Option<i32> {
             (*skb).ifindex,
         )
     };
-    if meta + 4 > data {
+    if meta + verdict::META_LEN > data {
         return None;
     }
-    // SAFETY: the 4 bytes at `meta` lie before `data`, checked above.
+    // SAFETY: the META_LEN bytes at `meta` lie before `data`, checked above.
     let word = unsafe { core::ptr::read_unaligned(meta as *const u32) };
     if word != REFLECT_META {
         return None;

@@ -208,5 +208,5 @@ pub fn answer(ctx: &XdpContext, l3: usize) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// Bytes of XDP metadata farm uses (one word).
-pub const META_LEN: usize = 4;
+/// Bytes of XDP metadata farm uses: the `REFLECT_META` word.
+pub const META_LEN: usize = core::mem::size_of::<u32>();

@@ -79,6 +79,10 @@ pub fn components(rel: &[u8]) -> Result<Vec<&[u8]>, ReplicaError> {
     Ok(parts)
 }
 
+/// openat2(2) answered ENOSYS (an old kernel, or systemd's `RestrictSUIDSGID=`): paths are
+/// resolved by `Replica::open_dir_by_steps` from then on.
+static OPENAT2_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The replica directory.
 pub struct Replica {
     root: OwnedFd,
@@ -199,6 +203,11 @@ impl Replica {
 
     /// Opens a directory beneath the root without following any symlink.
     fn open_dir(&self, parts: &[&[u8]], rel: &[u8]) -> Result<OwnedFd, ReplicaError> {
+        // Refused once, refused for good (a seccomp filter does not change under a process):
+        // every later path goes straight to the walk instead of a failing call first.
+        if OPENAT2_REFUSED.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.open_dir_by_steps(parts, rel);
+        }
         let joined = if parts.is_empty() {
             b".".to_vec()
         } else {
@@ -224,6 +233,7 @@ impl Replica {
         if fd < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::ENOSYS) {
+                OPENAT2_REFUSED.store(true, std::sync::atomic::Ordering::Relaxed);
                 return self.open_dir_by_steps(parts, rel);
             }
             return Err(Self::os("resolving", rel)(e));
