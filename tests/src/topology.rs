@@ -16,7 +16,7 @@ use farm_daemon::{
 use crate::{
     bin,
     netns::{self, Netns},
-    traffic::Server,
+    traffic::{self, Server, TcpAnswer},
 };
 
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 100);
@@ -508,6 +508,29 @@ deadman_timeout_ms = {}
             .take(others)
             .collect();
         (mine, rest)
+    }
+
+    /// One request from each of `sources` to the IPv4 VIP's TCP port (4 at a time, 700 ms
+    /// each): who answered.
+    pub fn ask_vip4(&self, sources: &[IpAddr]) -> Vec<TcpAnswer> {
+        let reqs = sources.iter().map(|&s| (s, self.vip4(TCP_PORT))).collect();
+        traffic::tcp_requests(&self.client, reqs, 4, Duration::from_millis(700))
+    }
+
+    /// Waits (bounded) until every one of `clients` is answered by a node other than `node`:
+    /// the others have taken over what `node` served.
+    pub fn wait_served_without(&self, node: &str, clients: &[IpAddr], within: Duration) {
+        crate::wait_until(
+            &format!("the others serve {node}'s clients"),
+            within,
+            Duration::from_millis(50),
+            || {
+                self.ask_vip4(clients)
+                    .iter()
+                    .all(|a| a.node.as_deref().is_some_and(|n| n != node))
+                    .then_some(())
+            },
+        );
     }
 
     /// The client's IPv4 addresses, as `IpAddr`.

@@ -19,8 +19,8 @@ use farm_tests::{
     bin,
     bpf::{BpffsMount, detach_pinned_link},
     probe, require_root,
-    topology::{Spec, TCP_PORT, Topology, VIP4, VIP6},
-    traffic, wait_until,
+    topology::{Spec, Topology, VIP4, VIP6},
+    wait_until,
 };
 
 fn spec() -> Spec {
@@ -38,11 +38,6 @@ fn xdp_attached(t: &Topology, i: usize) -> bool {
         .contains("prog/xdp")
 }
 
-fn requests(t: &Topology, sources: &[IpAddr]) -> Vec<traffic::TcpAnswer> {
-    let reqs = sources.iter().map(|&s| (s, t.vip4(TCP_PORT))).collect();
-    traffic::tcp_requests(&t.client, reqs, 4, Duration::from_millis(700))
-}
-
 /// Waits (bounded) until every client of `victim` is answered by a survivor, then checks that
 /// the victim is silent on the wire and that nothing is answered twice.
 fn assert_silent_and_taken_over(
@@ -52,20 +47,10 @@ fn assert_silent_and_taken_over(
     cluster_mac: [u8; 6],
 ) {
     let name = t.nodes[victim].name.clone();
-    wait_until(
-        &format!("the survivors take over {name}'s clients"),
-        Duration::from_secs(10),
-        Duration::from_millis(100),
-        || {
-            requests(t, victim_clients)
-                .iter()
-                .all(|a| a.node.as_deref().is_some_and(|n| n != name))
-                .then_some(())
-        },
-    );
+    t.wait_served_without(&name, victim_clients, Duration::from_secs(10));
 
     let accepted_before = t.node_accepts(victim);
-    let answers = requests(t, victim_clients);
+    let answers = t.ask_vip4(victim_clients);
     for a in &answers {
         assert!(
             a.node.as_deref().is_some_and(|n| n != name),
@@ -124,7 +109,7 @@ fn assert_silent_and_taken_over(
 fn victims_clients(t: &Topology, victim: usize) -> Vec<IpAddr> {
     let (mine, others) = t.clients_of(&t.nodes[victim].name, 20);
     assert!(mine.len() >= 10 && others.len() >= 10, "{mine:?}");
-    for a in requests(t, &[mine.clone(), others].concat()) {
+    for a in t.ask_vip4(&[mine.clone(), others].concat()) {
         assert!(a.node.is_some(), "before: {a:?}");
     }
     mine
@@ -193,7 +178,7 @@ fn detached_program_makes_farmd_leave_and_the_node_silent() {
         String::from_utf8_lossy(&out.stderr).contains("Can't replace active BPF XDP link"),
         "{out:?}"
     );
-    for a in requests(&t, &clients) {
+    for a in t.ask_vip4(&clients) {
         assert_eq!(a.node.as_deref(), Some("n2"), "{a:?}");
     }
 
@@ -224,7 +209,7 @@ fn detached_program_makes_farmd_leave_and_the_node_silent() {
     // Started again, it rejoins and serves its clients.
     t.start_farmd(1);
     t.wait_converged(&[0, 1, 2], Duration::from_secs(15));
-    for a in requests(&t, &clients) {
+    for a in t.ask_vip4(&clients) {
         assert_eq!(a.node.as_deref(), Some("n2"), "{a:?}");
     }
 }
@@ -264,7 +249,7 @@ fn unmounted_bpffs_then_crash_leaves_the_node_silent() {
                 .then_some(())
         },
     );
-    for a in requests(&t, &clients) {
+    for a in t.ask_vip4(&clients) {
         assert_eq!(a.node.as_deref(), Some("n2"), "{a:?}");
     }
     t.signal_farmd(1, libc::SIGKILL);

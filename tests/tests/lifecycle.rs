@@ -2,10 +2,7 @@
 //! stopped one leaves the host as it found it, a second one on the same interface refuses to
 //! start, and a broken configuration touches nothing.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use farm_tests::{
     bin, require_root,
@@ -56,11 +53,6 @@ fn farmd_in(
     )
 }
 
-fn requests(t: &Topology, sources: &[IpAddr]) -> Vec<traffic::TcpAnswer> {
-    let reqs: Vec<(IpAddr, SocketAddr)> = sources.iter().map(|&s| (s, t.vip4(TCP_PORT))).collect();
-    traffic::tcp_requests(&t.client, reqs, 4, Duration::from_millis(700))
-}
-
 #[test]
 fn killed_daemon_stops_serving_and_peers_take_over() {
     let Some(mut t) = Topology::started(
@@ -76,10 +68,7 @@ fn killed_daemon_stops_serving_and_peers_take_over() {
     let (mut victim_clients, other_clients) = t.clients_of("n2", 20);
     victim_clients.truncate(20);
     assert!(victim_clients.len() >= 10 && other_clients.len() >= 10);
-    for a in requests(
-        &t,
-        &[victim_clients.clone(), other_clients.clone()].concat(),
-    ) {
+    for a in t.ask_vip4(&[victim_clients.clone(), other_clients.clone()].concat()) {
         assert!(a.node.is_some(), "before the kill: {a:?}");
     }
 
@@ -139,7 +128,7 @@ fn killed_daemon_stops_serving_and_peers_take_over() {
         recovered.as_secs_f64() * 1000.0,
         deadman.as_millis()
     );
-    for a in requests(&t, &other_clients) {
+    for a in t.ask_vip4(&other_clients) {
         assert!(a.node.is_some() && a.node.as_deref() != Some("n2"), "{a:?}");
     }
 
@@ -147,7 +136,7 @@ fn killed_daemon_stops_serving_and_peers_take_over() {
     t.start_farmd(1);
     assert!(t.log(1).contains("did not exit cleanly"), "{}", t.log(1));
     t.wait_converged(&[0, 1, 2], Duration::from_secs(10));
-    for a in requests(&t, &victim_clients) {
+    for a in t.ask_vip4(&victim_clients) {
         assert_eq!(a.node.as_deref(), Some("n2"), "{a:?}");
     }
 }

@@ -21,11 +21,6 @@ use farm_tests::{
 
 const UNIT: &str = "farmd.service";
 
-fn requests(t: &Topology, sources: &[IpAddr]) -> Vec<traffic::TcpAnswer> {
-    let reqs = sources.iter().map(|&s| (s, t.vip4(TCP_PORT))).collect();
-    traffic::tcp_requests(&t.client, reqs, 4, Duration::from_millis(700))
-}
-
 /// Installs farmd, node `i`'s configuration, the cluster key and the unit in the container.
 fn install(t: &Topology, c: &Container, i: usize) {
     let farmd = std::fs::read(bin("farmd")).expect("farmd binary");
@@ -67,17 +62,7 @@ fn fails_and_comes_back(t: &Topology, c: &Container, clients: &[IpAddr], signal:
     assert!(old > 0);
     // SAFETY: signalling a process the test started (through systemd).
     unsafe { libc::kill(old as i32, signal) };
-    wait_until(
-        &format!("the survivors serve the {what} member's clients"),
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || {
-            requests(t, clients)
-                .iter()
-                .all(|a| a.node.as_deref().is_some_and(|n| n != "n2"))
-                .then_some(())
-        },
-    );
+    t.wait_served_without("n2", clients, Duration::from_secs(10));
     wait_until(
         &format!("systemd starts a new farmd after the {what} one"),
         Duration::from_secs(40),
@@ -88,7 +73,7 @@ fn fails_and_comes_back(t: &Topology, c: &Container, clients: &[IpAddr], signal:
         },
     );
     t.wait_converged(&[0, 1, 2], Duration::from_secs(30));
-    for a in requests(t, clients) {
+    for a in t.ask_vip4(clients) {
         assert_eq!(
             a.node.as_deref(),
             Some("n2"),
@@ -132,7 +117,7 @@ fn unit_lifecycle_under_a_real_systemd() {
 
     let (clients, others) = t.clients_of("n2", 20);
     assert!(clients.len() >= 10);
-    for a in requests(&t, &clients) {
+    for a in t.ask_vip4(&clients) {
         assert_eq!(a.node.as_deref(), Some("n2"), "{a:?}");
     }
 
@@ -181,7 +166,7 @@ fn unit_lifecycle_under_a_real_systemd() {
     // host.
     c.systemctl_ok(&["stop", UNIT], UNIT);
     assert_eq!(c.property(UNIT, "ActiveState"), "inactive");
-    for a in requests(&t, &clients) {
+    for a in t.ask_vip4(&clients) {
         assert!(a.node.as_deref().is_some_and(|n| n != "n2"), "{a:?}");
     }
     let lo = t.nodes[1].ns.ip_out(&["addr", "show", "dev", "lo"]);
