@@ -24,6 +24,7 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -171,9 +172,15 @@ struct Io {
     key: [u8; 32],
     incarnation: u64,
     seq: u64,
+    /// Where the incarnation is kept.
+    state_dir: PathBuf,
     sockets: Vec<std::net::UdpSocket>,
     /// Per peer, per network: where its heartbeats go.
     peer_addrs: Vec<Vec<SocketAddr>>,
+    /// Per peer, per network: the only source address its heartbeats are taken from.
+    peer_ips: Vec<Vec<IpAddr>>,
+    /// A peer's new incarnation was heard: answer its challenge with a round at once.
+    answer_now: bool,
     /// Per peer, per network: the (incarnation, sequence) last accepted (for the lost count).
     last_seq: Vec<Vec<Option<(u64, u64)>>>,
     witness: Option<Arc<Witness>>,
@@ -190,10 +197,49 @@ struct Io {
     lateness: Lateness,
 }
 
-fn new_incarnation() -> u64 {
-    SystemTime::now()
+/// Where a member's last incarnation is kept.
+fn incarnation_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join(format!("incarnation-{id}"))
+}
+
+/// A new incarnation, larger than every earlier one of this member: one more than the last
+/// (kept in the state directory, written and synced before the first heartbeat) and never
+/// below the wall clock in nanoseconds (the floor when the state directory is new: a reboot
+/// empties `/run`). So a clock that once ran ahead cannot make an old capture look newer, and
+/// peers never need to forget a sender's replay guard.
+fn new_incarnation(state_dir: &Path, id: &str, at_least: u64) -> u64 {
+    let path = incarnation_path(state_dir, id);
+    let last = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let clock = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let next = clock.max(last.saturating_add(1)).max(at_least);
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(state_dir)?;
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, format!("{next}\n").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    if let Err(e) = write() {
+        tracing::warn!(
+            "cannot keep the heartbeat incarnation in {}: {e}; using the wall clock alone (a \
+             clock set back makes peers refuse this member until they restart)",
+            path.display()
+        );
+    }
+    next
+}
+
+/// How far behind an echoed sequence may be (see `membership::DEFAULT_ECHO_ROUNDS`): at least
+/// four loss windows of rounds.
+fn echo_rounds(interval: Duration, loss_window: Duration) -> u64 {
+    let per_window = loss_window.as_micros() / interval.as_micros().max(1);
+    (per_window as u64 * 4).max(crate::membership::DEFAULT_ECHO_ROUNDS)
 }
 
 impl Cluster {
@@ -250,13 +296,22 @@ impl Cluster {
             counters.rejected.insert(r.name().into(), 0);
         }
         let digest = config_digest(&members);
-        let membership = Membership::new(
+        let mut membership = Membership::new(
             &members,
             cfg.me,
             networks,
             loss_window,
             cfg.witness.is_some(),
         );
+        let state_dir = cfg.state_dir.clone();
+        let incarnation = new_incarnation(&state_dir, &me.id, 0);
+        membership.incarnation = incarnation;
+        membership.echo_rounds = echo_rounds(cfg.heartbeat.interval, loss_window);
+        let peer_ips = cfg
+            .members
+            .iter()
+            .map(|m| m.heartbeat_addrs.clone())
+            .collect();
         let shared = Arc::new(Shared {
             outgoing: Mutex::new(Outgoing {
                 state: State::Joining,
@@ -277,10 +332,13 @@ impl Cluster {
         let io = Io {
             membership,
             key,
-            incarnation: new_incarnation(),
+            incarnation,
             seq: 0,
+            state_dir,
             sockets,
             peer_addrs,
+            peer_ips,
+            answer_now: false,
             last_seq: vec![vec![None; networks]; cfg.members.len()],
             witness: witness.clone(),
             witness_window,
@@ -470,6 +528,8 @@ fn apply_scheduling(s: Scheduling) -> SchedulingStatus {
 /// A datagram as the socket reader hands it to the thread's loop.
 struct Received {
     net: usize,
+    /// The datagram's source.
+    from: SocketAddr,
     bytes: Vec<u8>,
     /// When it arrived (the kernel's timestamp, on the monotonic clock).
     arrived: Instant,
@@ -478,10 +538,11 @@ struct Received {
 impl Received {
     /// Reads one datagram from heartbeat network `net`'s socket without blocking.
     fn read(sock: &UdpSocket, net: usize, buf: &mut [u8]) -> std::io::Result<Self> {
-        let (n, waited) = crate::packet::recv_timestamped(&sock.as_raw_fd(), buf)?;
+        let (n, from, waited) = crate::packet::recv_timestamped(&sock.as_raw_fd(), buf)?;
         let now = Instant::now();
         Ok(Self {
             net,
+            from,
             bytes: buf[..n].to_vec(),
             arrived: now.checked_sub(waited).unwrap_or(now),
         })
@@ -592,8 +653,12 @@ impl Io {
                 cmd = commands.recv() => match cmd {
                     Some(Command::SendNow) => self.send_round(&readers),
                     Some(Command::Restart) => {
-                        self.incarnation = new_incarnation().max(self.incarnation + 1);
+                        let id = &self.membership.peers[self.membership.me].id;
+                        self.incarnation =
+                            new_incarnation(&self.state_dir, id, self.incarnation + 1);
                         self.seq = 0;
+                        self.membership.incarnation = self.incarnation;
+                        self.membership.seq = 0;
                     }
                     Some(Command::Timers { interval, loss_window, deadman_timeout }) => {
                         if interval != self.interval {
@@ -606,6 +671,7 @@ impl Io {
                             arm = interval_timer((deadman_timeout / 5).max(Duration::from_millis(10)));
                         }
                         self.membership.loss_window = loss_window;
+                        self.membership.echo_rounds = echo_rounds(interval, loss_window);
                         self.witness_window = loss_window.max(Duration::from_millis(500));
                     }
                     Some(Command::Weights(w)) => {
@@ -615,6 +681,9 @@ impl Io {
                     }
                     Some(Command::Stop) | None => break,
                 },
+            }
+            if std::mem::take(&mut self.answer_now) {
+                self.send_round(&readers);
             }
         }
     }
@@ -701,29 +770,34 @@ impl Io {
             return;
         }
         self.seq += 1;
+        self.membership.seq = self.seq;
         let me = self.membership.me;
         let mut sent = vec![vec![0u64; sockets.len()]; self.peer_addrs.len()];
+        let mut hb = Heartbeat {
+            id: self.membership.peers[me].id.clone(),
+            state: out.state,
+            weight: self.membership.peers[me].weight as u16,
+            incarnation: self.incarnation,
+            seq: self.seq,
+            applied: out.announce.applied,
+            config_digest: out.config_digest,
+            network: 0,
+            settled: out.announce.settled,
+            handed_over: out.announce.handed_over,
+            released: out.announce.released,
+            drill: out.drill,
+            mirror: out.mirror,
+            echo: (0, 0),
+        };
         for (net, sock) in sockets.iter().enumerate() {
-            let hb = Heartbeat {
-                id: self.membership.peers[me].id.clone(),
-                state: out.state,
-                weight: self.membership.peers[me].weight as u16,
-                incarnation: self.incarnation,
-                seq: self.seq,
-                applied: out.announce.applied,
-                config_digest: out.config_digest,
-                network: net as u8,
-                settled: out.announce.settled,
-                handed_over: out.announce.handed_over,
-                released: out.announce.released,
-                drill: out.drill,
-                mirror: out.mirror,
-            };
-            let bytes = heartbeat::encode(&self.key, &hb);
+            hb.network = net as u8;
             for (i, addrs) in self.peer_addrs.iter().enumerate() {
                 if i == me {
                     continue;
                 }
+                // Each peer gets its own challenge answered.
+                hb.echo = self.membership.peers[i].heard;
+                let bytes = heartbeat::encode(&self.key, &hb);
                 // A full socket buffer loses one heartbeat, which the loss threshold absorbs.
                 if sock.try_send_to(&bytes, addrs[net]).is_ok() {
                     sent[i][net] += 1;
@@ -742,18 +816,29 @@ impl Io {
 
     /// Takes in one received datagram. `None` when rejected; else whether the main loop should
     /// act at once (the peer announced another move state, state, member list or drill).
+    ///
+    /// The cheap checks come first, so that a flood costs little: the format, a configured
+    /// sender on the network it arrived on, its configured source address, not older than
+    /// what was accepted (a replay); only then the HMAC, then the challenge's answer.
     fn receive(&mut self, d: &Received) -> Option<bool> {
-        let result = heartbeat::decode(&self.key, &d.bytes).and_then(|hb| {
-            let before = self
-                .membership
-                .peers
-                .iter()
-                .find(|p| p.id == hb.id)
-                .map(|p| p.state);
-            self.membership
-                .receive(&hb, d.net, d.arrived)
-                .map(|r| (r, hb, before))
-        });
+        let result = heartbeat::parse(&d.bytes)
+            .and_then(|hb| {
+                let i = self.membership.admit(&hb, d.net)?;
+                if self.peer_ips[i].get(d.net) != Some(&d.from.ip()) {
+                    return Err(Reject::WrongSource);
+                }
+                heartbeat::authenticate(&self.key, &d.bytes)?;
+                Ok((i, hb))
+            })
+            .and_then(|(i, hb)| {
+                if self.membership.learn(i, hb.incarnation, hb.seq) {
+                    self.answer_now = true;
+                }
+                let before = self.membership.peers[i].state;
+                self.membership
+                    .receive(&hb, d.net, d.arrived)
+                    .map(|r| (r, hb, before))
+            });
         let c = &mut self.counters;
         match result {
             Ok((r, hb, before)) => {
@@ -773,7 +858,7 @@ impl Io {
                     v[d.net] += hb.seq - seq - 1;
                 }
                 *last = Some((hb.incarnation, hb.seq));
-                let state_changed = before != Some(Some(hb.state));
+                let state_changed = before != Some(hb.state);
                 Some(r.moved || r.digest_changed || state_changed)
             }
             Err(r) => {

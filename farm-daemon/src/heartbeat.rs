@@ -1,15 +1,16 @@
 //! The heartbeat message: what members tell each other several times a second, authenticated
 //! with the cluster key.
 //!
-//! Wire format (big-endian), 152 bytes plus the sender's id:
+//! Wire format (big-endian), 168 bytes plus the sender's id:
 //!
 //! ```text
 //!  0  magic "FRMH"            4
-//!  4  version (4)             1
+//!  4  version (5)             1
 //!  5  state                   1   joining, active, draining, leaving, unhealthy
 //!  6  weight                  2
-//!  8  incarnation             8   set once per farmd start; a restart is a new incarnation
-//! 16  sequence                8   +1 per message within an incarnation
+//!  8  incarnation             8   set once per farmd start, never smaller than the previous
+//!                                 one (persisted in the state directory, wall clock as a floor)
+//! 16  sequence                8   +1 per round of heartbeats within an incarnation
 //! 24  applied                 8   target serving set (member mask) the sender's table is written for
 //! 32  config digest           8   hash of the member list and weights it was configured with
 //! 40  id length               1
@@ -32,12 +33,25 @@
 //! 114 reserved                6
 //! 120 mirror generation       8   the data generation of the sender's copy
 //! 128 mirror seen             8   the highest generation the sender has seen its peer announce
-//! 136 id                      n   1..=63 bytes
-//! 136+n  HMAC-SHA256          16  over everything before it, truncated
+//! 136 echo incarnation        8   the receiver's newest (incarnation, sequence) the sender has
+//! 144 echo sequence           8   authenticated: the receiver's challenge, answered (see below)
+//! 152 id                      n   1..=63 bytes
+//! 152+n  HMAC-SHA256          16  over everything before it, truncated
 //! ```
 //!
+//! Each heartbeat is addressed to one peer and echoes that peer's own newest incarnation and
+//! sequence. A receiver accepts a heartbeat only if it echoes the receiver's *current*
+//! incarnation and a recent sequence of it, and only if its (incarnation, sequence) is newer
+//! than anything accepted from that sender on that network in the receiver's life (never
+//! forgotten, also not when the sender is declared lost). So a captured heartbeat is never
+//! accepted again: not while the receiver runs (older than the newest), not after the sender
+//! died (same), and not after the receiver restarted (it echoes the receiver's old
+//! incarnation). See `membership`.
+//!
 //! Decoding never panics: truncated, oversized, foreign, unauthenticated and replayed messages
-//! are rejected with a reason, which the daemon counts.
+//! are rejected with a reason, which the daemon counts. [`parse`] reads a message without
+//! authenticating it, so that cheap checks (sender, source address, replay) can drop a flood
+//! before the HMAC is computed; [`authenticate`] checks the tag.
 
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
@@ -45,9 +59,9 @@ use sha2::Sha256;
 use crate::transition::View;
 
 pub const MAGIC: [u8; 4] = *b"FRMH";
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
 /// Bytes before the id.
-pub const FIXED: usize = 136;
+pub const FIXED: usize = 152;
 const TAG: usize = 16;
 pub const MAX_ID: usize = 63;
 pub const MAX_LEN: usize = FIXED + MAX_ID + TAG;
@@ -116,6 +130,9 @@ pub struct Heartbeat {
     pub drill: Option<(u32, u8)>,
     /// The sender's mirror group state.
     pub mirror: MirrorBeat,
+    /// The receiver's newest (incarnation, sequence) the sender has authenticated: the answer
+    /// to the receiver's challenge ((0, 0) before the sender heard it).
+    pub echo: (u64, u64),
 }
 
 /// What a member of a mirror group tells its peer (see `mirror`).
@@ -203,10 +220,16 @@ pub enum Reject {
     Replayed,
     #[error("sent by this node (a loop, or another node with this id)")]
     FromSelf,
+    #[error("not from the sender's configured address on that network (spoofed or misrouted)")]
+    WrongSource,
+    #[error("arrived on another heartbeat network than it was sent on")]
+    WrongNetwork,
+    #[error("does not answer this node's current challenge (recorded before, or delayed)")]
+    Stale,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 9] = [
+    pub const ALL: [Reject; 12] = [
         Reject::Truncated,
         Reject::Oversized,
         Reject::BadMagic,
@@ -216,6 +239,9 @@ impl Reject {
         Reject::UnknownSender,
         Reject::Replayed,
         Reject::FromSelf,
+        Reject::WrongSource,
+        Reject::WrongNetwork,
+        Reject::Stale,
     ];
 
     /// Counter name.
@@ -230,6 +256,9 @@ impl Reject {
             Reject::UnknownSender => "unknown_sender",
             Reject::Replayed => "replayed",
             Reject::FromSelf => "from_self",
+            Reject::WrongSource => "wrong_source",
+            Reject::WrongNetwork => "wrong_network",
+            Reject::Stale => "stale",
         }
     }
 }
@@ -277,6 +306,8 @@ pub fn encode(key: &[u8; 32], hb: &Heartbeat) -> Vec<u8> {
     b.extend_from_slice(&[0; 6]);
     b.extend_from_slice(&hb.mirror.generation.to_be_bytes());
     b.extend_from_slice(&hb.mirror.seen.to_be_bytes());
+    b.extend_from_slice(&hb.echo.0.to_be_bytes());
+    b.extend_from_slice(&hb.echo.1.to_be_bytes());
     b.extend_from_slice(id);
     let tag = mac(key, &b);
     b.extend_from_slice(&tag);
@@ -287,8 +318,30 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Decodes and authenticates a datagram (no replay check: see [`ReplayGuard`]).
+/// Decodes and authenticates a datagram (no replay check: see `membership`).
 pub fn decode(key: &[u8; 32], b: &[u8]) -> Result<Heartbeat, Reject> {
+    let hb = parse(b)?;
+    authenticate(key, b)?;
+    Ok(hb)
+}
+
+/// Checks the tag of a datagram [`parse`] accepted (constant-time comparison).
+pub fn authenticate(key: &[u8; 32], b: &[u8]) -> Result<(), Reject> {
+    let body = b.len().checked_sub(TAG).ok_or(Reject::Truncated)?;
+    let want = mac(key, &b[..body]);
+    let diff = want
+        .iter()
+        .zip(&b[body..])
+        .fold(0u8, |acc, (a, c)| acc | (a ^ c));
+    if diff != 0 {
+        return Err(Reject::BadMac);
+    }
+    Ok(())
+}
+
+/// Reads a datagram's fields WITHOUT authenticating it: only for the cheap checks made before
+/// [`authenticate`].
+pub fn parse(b: &[u8]) -> Result<Heartbeat, Reject> {
     if b.len() > MAX_LEN {
         return Err(Reject::Oversized);
     }
@@ -311,16 +364,6 @@ pub fn decode(key: &[u8; 32], b: &[u8]) -> Result<Heartbeat, Reject> {
         } else {
             Reject::Malformed
         });
-    }
-    let body = &b[..FIXED + id_len];
-    let want = mac(key, body);
-    // Constant-time comparison of the tag.
-    let diff = want
-        .iter()
-        .zip(&b[FIXED + id_len..])
-        .fold(0u8, |acc, (a, c)| acc | (a ^ c));
-    if diff != 0 {
-        return Err(Reject::BadMac);
     }
     // Reserved bytes must be zero: one encoding per message (found by the fuzzer: they were
     // ignored, so an authenticated message from a later version would have been misread).
@@ -362,30 +405,31 @@ pub fn decode(key: &[u8; 32], b: &[u8]) -> Result<Heartbeat, Reject> {
         released: view(64, 96),
         drill,
         mirror,
+        echo: (be64(b, 136), be64(b, 144)),
     })
 }
 
-/// Per-sender replay protection: a message is fresh only if its (incarnation, sequence) is
-/// newer than the newest seen from that sender. A sender whose incarnation goes backwards (its
-/// clock moved) is accepted again once it has been forgotten (declared lost and `forget`ed).
+/// Replay protection for one sender on one network: a message is fresh only if its
+/// (incarnation, sequence) is newer than the newest accepted. Never forgotten while farmd runs:
+/// incarnations only grow, so a restarted sender is newer anyway.
 #[derive(Debug, Default, Clone)]
 pub struct ReplayGuard {
     newest: Option<(u64, u64)>,
 }
 
 impl ReplayGuard {
-    pub fn check(&mut self, incarnation: u64, seq: u64) -> Result<(), Reject> {
-        match self.newest {
-            Some(n) if (incarnation, seq) <= n => Err(Reject::Replayed),
-            _ => {
-                self.newest = Some((incarnation, seq));
-                Ok(())
-            }
-        }
+    /// Whether a message numbered so would be fresh (nothing recorded).
+    pub fn fresh(&self, incarnation: u64, seq: u64) -> bool {
+        self.newest.is_none_or(|n| (incarnation, seq) > n)
     }
 
-    pub fn forget(&mut self) {
-        self.newest = None;
+    /// Records an accepted message; refuses one that is not fresh.
+    pub fn check(&mut self, incarnation: u64, seq: u64) -> Result<(), Reject> {
+        if !self.fresh(incarnation, seq) {
+            return Err(Reject::Replayed);
+        }
+        self.newest = Some((incarnation, seq));
+        Ok(())
     }
 }
 
@@ -439,6 +483,7 @@ mod tests {
                 generation: 5,
                 seen: 4,
             },
+            echo: (1_700_000_000_001, 9),
         }
     }
 
@@ -510,11 +555,7 @@ mod tests {
             g.check(6, 0).is_ok(),
             "a restart (new incarnation) starts again at 0"
         );
-        g.forget();
-        assert!(
-            g.check(1, 0).is_ok(),
-            "a forgotten peer may come back with any incarnation"
-        );
+        assert_eq!(g.check(5, 3), Err(Reject::Replayed), "the old incarnation");
     }
 
     #[test]

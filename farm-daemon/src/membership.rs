@@ -8,6 +8,12 @@
 //! - two members: its peer is alive, or the witness answers;
 //! - one member: always.
 //!
+//! A heartbeat counts only if it is fresh (see `heartbeat`): it echoes this node's current
+//! incarnation and a sequence at most `echo_rounds` behind this node's, and its own
+//! (incarnation, sequence) is newer than anything accepted from that sender on that network
+//! while this farmd runs. Nothing is forgotten when a peer is lost: a replayed heartbeat of a
+//! dead member never makes it look alive, whatever happened in between.
+//!
 //! Pure logic, no I/O: the daemon feeds it heartbeats and the time.
 
 use std::time::{Duration, Instant};
@@ -40,7 +46,11 @@ pub struct Peer {
     pub drill: Option<(u32, u8)>,
     /// Its mirror group state, as last announced.
     pub mirror: crate::heartbeat::MirrorBeat,
-    guard: ReplayGuard,
+    /// Per network: the newest (incarnation, sequence) accepted from it.
+    guard: Vec<ReplayGuard>,
+    /// Its newest (incarnation, sequence) authenticated, fresh or not: what this node echoes
+    /// back to it (its challenge).
+    pub heard: (u64, u64),
     /// Whether it counted as alive at the last `tick`.
     pub alive: bool,
 }
@@ -56,6 +66,10 @@ pub struct Received {
     /// Whether its member list or weights (config digest) changed.
     pub digest_changed: bool,
 }
+
+/// How far behind this node's own sequence an echo may be: rounds (a round is one heartbeat
+/// interval, or an immediate send) between this node's heartbeat and the peer's answer.
+pub const DEFAULT_ECHO_ROUNDS: u64 = 64;
 
 /// A change `tick` noticed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +97,11 @@ pub struct Membership {
     networks: usize,
     has_witness: bool,
     quorum: bool,
+    /// This node's own incarnation and newest sequence sent: the challenge peers must echo.
+    pub incarnation: u64,
+    pub seq: u64,
+    /// See [`DEFAULT_ECHO_ROUNDS`].
+    pub echo_rounds: u64,
 }
 
 impl Membership {
@@ -109,7 +128,8 @@ impl Membership {
                 released: View::default(),
                 drill: None,
                 mirror: Default::default(),
-                guard: ReplayGuard::default(),
+                guard: vec![ReplayGuard::default(); networks],
+                heard: (0, 0),
                 alive: false,
             })
             .collect();
@@ -121,7 +141,50 @@ impl Membership {
             networks,
             has_witness,
             quorum: false,
+            incarnation: 0,
+            seq: 0,
+            echo_rounds: DEFAULT_ECHO_ROUNDS,
         }
+    }
+
+    /// The cheap checks, made before a heartbeat is authenticated (so that a flood of
+    /// replays costs no HMAC): a configured peer, sent on the network it arrived on, and newer
+    /// than what was accepted from it there. Returns the sender's index.
+    pub fn admit(&self, hb: &Heartbeat, net: usize) -> Result<usize, Reject> {
+        let i = self
+            .peers
+            .iter()
+            .position(|p| p.id == hb.id)
+            .ok_or(Reject::UnknownSender)?;
+        if i == self.me {
+            return Err(Reject::FromSelf);
+        }
+        if net >= self.networks || hb.network as usize != net {
+            return Err(Reject::WrongNetwork);
+        }
+        if !self.peers[i].guard[net].fresh(hb.incarnation, hb.seq) {
+            return Err(Reject::Replayed);
+        }
+        Ok(i)
+    }
+
+    /// Notes an authenticated heartbeat's numbering (fresh or not) as the challenge to echo
+    /// back to its sender. Returns whether it is a new incarnation of the sender (answer it at
+    /// once, so that a restarted peer is accepted without waiting for the next round).
+    pub fn learn(&mut self, i: usize, incarnation: u64, seq: u64) -> bool {
+        let p = &mut self.peers[i];
+        let new = incarnation > p.heard.0;
+        if (incarnation, seq) > p.heard {
+            p.heard = (incarnation, seq);
+        }
+        new
+    }
+
+    /// Whether `echo` answers this node's current challenge.
+    pub fn echo_fresh(&self, echo: (u64, u64)) -> bool {
+        echo.0 == self.incarnation
+            && echo.1 <= self.seq
+            && echo.1.saturating_add(self.echo_rounds) >= self.seq
     }
 
     /// Takes in an authenticated heartbeat received on network `net`.
@@ -131,19 +194,12 @@ impl Membership {
         net: usize,
         now: Instant,
     ) -> Result<Received, Reject> {
-        let i = self
-            .peers
-            .iter()
-            .position(|p| p.id == hb.id)
-            .ok_or(Reject::UnknownSender)?;
-        if i == self.me {
-            return Err(Reject::FromSelf);
-        }
-        if net >= self.networks {
-            return Err(Reject::Malformed);
+        let i = self.admit(hb, net)?;
+        if !self.echo_fresh(hb.echo) {
+            return Err(Reject::Stale);
         }
         let p = &mut self.peers[i];
-        p.guard.check(hb.incarnation, hb.seq)?;
+        p.guard[net].check(hb.incarnation, hb.seq)?;
         let digest_changed = p.config_digest != hb.config_digest;
         let moved = (p.applied, p.settled, p.handed_over, p.released, p.drill)
             != (
@@ -210,8 +266,7 @@ impl Membership {
                     }
                 });
                 if !leaving {
-                    // A peer that comes back may have restarted with any incarnation.
-                    p.guard.forget();
+                    // Its replay guard is kept: a restarted peer has a larger incarnation.
                     p.state = None;
                 }
             } else if !leaving && !p.alive && alive {
@@ -337,10 +392,111 @@ mod tests {
             released: View::default(),
             drill: None,
             mirror: Default::default(),
+            echo: (0, 0),
         }
     }
 
     const W: Duration = Duration::from_millis(400);
+
+    /// A heartbeat that answers `m`'s current challenge.
+    fn answering(m: &Membership, id: &str, incarnation: u64, seq: u64, net: u8) -> Heartbeat {
+        let mut h = hb(id, seq, State::Active);
+        h.incarnation = incarnation;
+        h.network = net;
+        h.echo = (m.incarnation, m.seq);
+        h
+    }
+
+    #[test]
+    fn a_lost_peers_captured_heartbeats_never_make_it_alive_again() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut m = Membership::new(&members(3), 0, 1, W, false);
+        m.incarnation = 77;
+        m.my_state = State::Active;
+        let mut captured = Vec::new();
+        for seq in 1..=5 {
+            m.seq = seq;
+            let h = answering(&m, "n2", 10, seq, 0);
+            m.receive(&h, 0, t0 + ms(seq * 50)).unwrap();
+            captured.push(h);
+        }
+        m.tick(t0 + ms(250), false);
+        assert!(m.peers[1].alive);
+        // n2 dies; it is lost after the loss window, and its captures replayed change nothing.
+        let ev = m.tick(t0 + ms(250) + W + ms(1), false);
+        assert!(matches!(ev[0], Event::PeerLost { .. }), "{ev:?}");
+        for h in &captured {
+            assert_eq!(m.admit(h, 0), Err(Reject::Replayed));
+            assert_eq!(m.receive(h, 0, t0 + ms(900)), Err(Reject::Replayed));
+        }
+        assert!(m.tick(t0 + ms(900), false).is_empty(), "still lost");
+        // This node restarts (a new incarnation, no memory): the captures answer the old
+        // challenge and are refused.
+        let mut fresh = Membership::new(&members(3), 0, 1, W, false);
+        fresh.incarnation = 78;
+        fresh.seq = 3;
+        for h in &captured {
+            assert_eq!(fresh.receive(h, 0, t0 + ms(1000)), Err(Reject::Stale));
+        }
+        fresh.tick(t0 + ms(1000), false);
+        assert!(!fresh.peers[1].alive);
+        // n2 restarts too: a larger incarnation answering the current challenge is back.
+        let back = answering(&fresh, "n2", 11, 1, 0);
+        assert!(fresh.learn(1, 11, 1), "a new incarnation is answered at once");
+        fresh.receive(&back, 0, t0 + ms(1000)).unwrap();
+        assert!(
+            fresh
+                .tick(t0 + ms(1000), false)
+                .contains(&Event::PeerBack { id: "n2".into() })
+        );
+    }
+
+    #[test]
+    fn an_echo_must_be_this_incarnations_and_recent() {
+        let mut m = Membership::new(&members(2), 0, 1, W, false);
+        m.incarnation = 5;
+        m.seq = 1000;
+        m.echo_rounds = 64;
+        assert!(m.echo_fresh((5, 1000)));
+        assert!(m.echo_fresh((5, 936)));
+        assert!(!m.echo_fresh((5, 935)), "delayed past the window");
+        assert!(!m.echo_fresh((5, 1001)), "a sequence not sent yet");
+        assert!(!m.echo_fresh((4, 1000)), "another incarnation of this node");
+        assert!(!m.echo_fresh((0, 0)), "not heard yet");
+    }
+
+    #[test]
+    fn learning_a_challenge_only_moves_forward() {
+        let mut m = Membership::new(&members(2), 0, 1, W, false);
+        assert!(m.learn(1, 10, 4));
+        assert!(!m.learn(1, 10, 5));
+        assert!(!m.learn(1, 9, 100), "an old capture does not lower it");
+        assert_eq!(m.peers[1].heard, (10, 5));
+        assert!(m.learn(1, 11, 0));
+        assert_eq!(m.peers[1].heard, (11, 0));
+    }
+
+    #[test]
+    fn each_network_carries_its_own_copy_of_a_round() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(&members(2), 0, 2, W, false);
+        m.incarnation = 3;
+        m.seq = 1;
+        m.receive(&answering(&m, "n2", 9, 1, 0), 0, t0).unwrap();
+        m.receive(&answering(&m, "n2", 9, 1, 1), 1, t0)
+            .expect("the backup network's copy of the same round");
+        assert!(m.network_alive(1, 1, t0));
+        assert_eq!(
+            m.receive(&answering(&m, "n2", 9, 1, 1), 1, t0),
+            Err(Reject::Replayed)
+        );
+        assert_eq!(
+            m.receive(&answering(&m, "n2", 9, 2, 0), 1, t0),
+            Err(Reject::WrongNetwork),
+            "sent on network 0, arrived on 1"
+        );
+    }
 
     #[test]
     fn a_peer_that_announces_it_leaves_is_gone_at_once_and_not_lost() {
@@ -394,7 +550,9 @@ mod tests {
         let serving: Vec<bool> = m.candidates().iter().map(|c| c.serving).collect();
         assert_eq!(serving, vec![true, true, false]);
         // Heard on the second network only: still alive.
-        m.receive(&hb("n2", 2, State::Active), 1, t0 + W).unwrap();
+        let mut second = hb("n2", 2, State::Active);
+        second.network = 1;
+        m.receive(&second, 1, t0 + W).unwrap();
         assert!(
             m.tick(t0 + W + Duration::from_millis(100), false)
                 .is_empty()

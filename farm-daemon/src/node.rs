@@ -975,6 +975,7 @@ mod tests {
                 released: a.released,
                 drill,
                 mirror: Default::default(),
+                echo: (0, 0),
             };
             self.judge.receive(&hb, 0, at).expect("accepted");
         }

@@ -54,17 +54,23 @@ pub fn enable_rx_timestamps(fd: &impl AsRawFd) -> std::io::Result<()> {
     set_socket_option(fd, libc::SO_TIMESTAMPNS, &(1 as libc::c_int))
 }
 
-/// Receives one datagram without blocking: its length, and how long it waited in the socket
-/// since the kernel received it (zero without a timestamp).
-pub fn recv_timestamped(fd: &impl AsRawFd, buf: &mut [u8]) -> std::io::Result<(usize, Duration)> {
+/// Receives one datagram without blocking: its length, its source, and how long it waited in
+/// the socket since the kernel received it (zero without a timestamp).
+pub fn recv_timestamped(
+    fd: &impl AsRawFd,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, std::net::SocketAddr, Duration)> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
     // Room for one SCM_TIMESTAMPNS control message, 8-byte aligned.
     let mut control = [0u64; 8];
-    // SAFETY: a zeroed msghdr is a valid initial value (no name asked for).
+    // SAFETY: zeroed msghdr and sockaddr_storage are valid initial values.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    let mut name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&raw mut name).cast();
+    msg.msg_namelen = std::mem::size_of_val(&name) as u32;
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
@@ -94,7 +100,36 @@ pub fn recv_timestamped(fd: &impl AsRawFd, buf: &mut [u8]) -> std::io::Result<(u
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    Ok((n as usize, waited))
+    let from = sockaddr_to_std(&name).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "datagram without an IP source")
+    })?;
+    Ok((n as usize, from, waited))
+}
+
+/// An IPv4 or IPv6 socket address as the kernel filled it in.
+fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+    match s.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a: libc::sockaddr_in = unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a: libc::sockaddr_in6 = unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
