@@ -7,6 +7,7 @@
 //! removed on drop (also while a test panics), and namespaces left by runs that were killed are
 //! removed by the next run. Every wait is bounded.
 
+pub mod attacker;
 pub mod bpf;
 pub mod busy;
 pub mod fixture;

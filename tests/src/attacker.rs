@@ -1,0 +1,249 @@
+//! The on-LAN attacker of the threat model: a host on the farm's switch that does not hold the
+//! cluster key. It sees every frame (the switch is made to flood like a hub, as a switch does
+//! when its MAC table overflows or a port is mirrored), captures, replays frames exactly as they
+//! were sent (the members' own MAC and IP source addresses), forges datagrams from any address
+//! and floods.
+//!
+//! Everything it sends is a raw Ethernet frame on its own port of the test's switch.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use crate::{netns::Netns, topology::Topology};
+
+/// The attacker's own address (on the farm's subnet).
+pub const ATTACKER_ADDR4: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 250);
+
+pub struct Attacker {
+    pub ns: Netns,
+}
+
+/// A captured frame's UDP datagram, as far as the attacker reads it.
+#[derive(Debug, Clone)]
+pub struct Udp {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub payload: Vec<u8>,
+}
+
+/// The UDP datagram in an Ethernet frame (IPv4 without options' surprises, or IPv6 without
+/// extension headers), if it is one.
+pub fn udp(frame: &[u8]) -> Option<Udp> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    match ethertype {
+        0x0800 => {
+            let ip = frame.get(14..)?;
+            let ihl = ((ip.first()? & 0x0f) as usize) * 4;
+            if *ip.get(9)? != 17 {
+                return None;
+            }
+            let u = ip.get(ihl..)?;
+            let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+            let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+            Some(Udp {
+                src: src.into(),
+                dst: dst.into(),
+                src_port: u16::from_be_bytes([*u.first()?, *u.get(1)?]),
+                dst_port: u16::from_be_bytes([*u.get(2)?, *u.get(3)?]),
+                payload: u.get(8..)?.to_vec(),
+            })
+        }
+        0x86dd => {
+            let ip = frame.get(14..)?;
+            if *ip.get(6)? != 17 {
+                return None;
+            }
+            let u = ip.get(40..)?;
+            let addr = |at: usize| -> Option<IpAddr> {
+                let b: [u8; 16] = ip.get(at..at + 16)?.try_into().ok()?;
+                Some(std::net::Ipv6Addr::from(b).into())
+            };
+            Some(Udp {
+                src: addr(8)?,
+                dst: addr(24)?,
+                src_port: u16::from_be_bytes([*u.first()?, *u.get(1)?]),
+                dst_port: u16::from_be_bytes([*u.get(2)?, *u.get(3)?]),
+                payload: u.get(8..)?.to_vec(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// An IPv4 UDP frame from `src` (any address: the attacker spoofs) to `dst`.
+pub fn udp4_frame(
+    eth_src: [u8; 6],
+    eth_dst: [u8; 6],
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(42 + payload.len());
+    f.extend_from_slice(&eth_dst);
+    f.extend_from_slice(&eth_src);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&src.0.octets());
+    ip[16..20].copy_from_slice(&dst.0.octets());
+    let sum = crate::frames::checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&src.1.to_be_bytes());
+    f.extend_from_slice(&dst.1.to_be_bytes());
+    f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    // A zero UDP checksum: "none" over IPv4.
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+impl Attacker {
+    /// Plugs an attacker host into the topology's switch and makes the switch flood every
+    /// frame to every port.
+    pub fn plug(t: &Topology) -> Self {
+        let ns = Netns::new(format!("{}-ev", t.stem));
+        t.switch.ip(&[
+            "link", "add", "ev", "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ]);
+        t.switch.ip(&["link", "set", "ev", "master", "br0", "up"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["addr", "add", &format!("{ATTACKER_ADDR4}/16"), "dev", "eth0"]);
+        let out = t
+            .switch
+            .ip(&["link", "set", "br0", "type", "bridge", "ageing_time", "0"]);
+        assert!(out.status.success(), "bridge ageing_time 0: {out:?}");
+        Self { ns }
+    }
+
+    /// Captures, for `within`, the frames `keep` selects (everything the switch floods to the
+    /// attacker's port).
+    pub fn capture(
+        &self,
+        within: Duration,
+        keep: impl Fn(&[u8]) -> bool + Send + 'static,
+    ) -> Vec<Vec<u8>> {
+        self.ns.run(move || {
+            let fd = raw_socket();
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            let end = Instant::now() + within;
+            while Instant::now() < end {
+                // SAFETY: valid socket and buffer.
+                let n = unsafe {
+                    libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                };
+                if n > 0 && keep(&buf[..n as usize]) {
+                    frames.push(buf[..n as usize].to_vec());
+                }
+            }
+            frames
+        })
+    }
+
+    /// Sends `frames` in turn, over and over, `per_second` frames a second (in bursts every
+    /// 10 ms), until `stop` is set or `limit` has passed. Returns how many were sent.
+    pub fn send_loop(
+        &self,
+        frames: Vec<Vec<u8>>,
+        per_second: u64,
+        limit: Duration,
+        stop: Arc<AtomicBool>,
+    ) -> std::thread::JoinHandle<u64> {
+        assert!(!frames.is_empty(), "nothing to send");
+        self.ns.spawn(move || {
+            let fd = raw_socket();
+            let started = Instant::now();
+            let mut sent = 0u64;
+            let mut next = 0usize;
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < limit {
+                let due = (started.elapsed().as_micros() as u64 * per_second / 1_000_000)
+                    .saturating_sub(sent)
+                    .min(per_second / 10 + 1);
+                for _ in 0..due {
+                    let f = &frames[next % frames.len()];
+                    next += 1;
+                    // SAFETY: valid socket and frame.
+                    let n = unsafe { libc::send(fd.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+                    if n > 0 {
+                        sent += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            sent
+        })
+    }
+}
+
+/// An AF_PACKET socket on the attacker's eth0 (in the calling thread's namespace), receiving
+/// every frame with a 20 ms timeout and sending raw frames.
+fn raw_socket() -> OwnedFd {
+    const ETH_P_ALL: u16 = 0x0003;
+    let name = c"eth0";
+    // SAFETY: valid C string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+    assert!(index > 0, "no eth0");
+    // SAFETY: plain socket call; checked.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, ETH_P_ALL.to_be() as i32) };
+    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+    // SAFETY: we own the new descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = ETH_P_ALL.to_be();
+    sll.sll_ifindex = index;
+    // SAFETY: valid socket and address of the right length.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 20_000,
+    };
+    let big: libc::c_int = 4 << 20;
+    // SAFETY: valid socket and option values.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const big).cast(),
+            4,
+        );
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&raw const big).cast(),
+            4,
+        );
+    }
+    fd
+}
