@@ -111,6 +111,19 @@ pub fn udp4_frame(
     f
 }
 
+/// A frame as a host on a real wire would have seen it. Captured between veths, a UDP
+/// checksum the sender's stack left to the (virtual) NIC is still partial; over IPv4 a zero
+/// checksum means "none", which is what a replay then carries.
+fn as_on_the_wire(f: &mut [u8]) {
+    if f.len() < 14 + 20 + 8 || f[12..14] != [0x08, 0x00] || f[14 + 9] != 17 {
+        return;
+    }
+    let ihl = ((f[14] & 0x0f) as usize) * 4;
+    if let Some(sum) = f.get_mut(14 + ihl + 6..14 + ihl + 8) {
+        sum.copy_from_slice(&[0, 0]);
+    }
+}
+
 impl Attacker {
     /// Plugs an attacker host into the topology's switch and makes the switch flood every
     /// frame to every port.
@@ -147,7 +160,9 @@ impl Attacker {
                     libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
                 };
                 if n > 0 && keep(&buf[..n as usize]) {
-                    frames.push(buf[..n as usize].to_vec());
+                    let mut f = buf[..n as usize].to_vec();
+                    as_on_the_wire(&mut f);
+                    frames.push(f);
                 }
             }
             frames

@@ -86,7 +86,11 @@ fn a_killed_member_whose_heartbeats_are_replayed_is_taken_over() {
     t.start_farmd(0);
     t.wait_serving(0, Duration::from_secs(20));
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(member_state(&t, 0, "n3"), MemberState::Lost);
+    let seen = member_state(&t, 0, "n3");
+    assert!(
+        matches!(seen, MemberState::Lost | MemberState::Unknown),
+        "the restarted n1 takes the dead n3 for {seen:?}"
+    );
     assert!(
         rejected(&t, 0, &["stale", "replayed"]) >= 20,
         "{:?}",
