@@ -112,6 +112,10 @@ struct RawMirror {
     start_secondary: Option<String>,
     #[serde(default)]
     stop_secondary: Option<String>,
+    #[serde(default)]
+    secret_file: Option<PathBuf>,
+    #[serde(default)]
+    allow_privileged_files: bool,
 }
 
 fn default_mirror_port() -> u16 {
@@ -165,6 +169,11 @@ pub struct Mirror {
     pub stop_primary: String,
     pub start_secondary: Option<String>,
     pub stop_secondary: Option<String>,
+    /// The group's own key file (only its two members hold it); `None`: the cluster key, when
+    /// the cluster is just these two members.
+    pub secret_file: Option<PathBuf>,
+    /// Whether the secondary makes device nodes and set-id files the primary asks for.
+    pub allow_privileged_files: bool,
 }
 
 impl Mirror {
@@ -1520,10 +1529,30 @@ fn validate_mirror(
             );
         }
     }
+    match &m.secret_file {
+        Some(p) if !p.is_absolute() => e.push(
+            "mirror.secret_file",
+            format!("{:?} must be an absolute path", p.display()),
+        ),
+        None if members.len() > 2 => e.push(
+            "mirror.secret_file",
+            format!(
+                "is required when the cluster has members outside the mirror group ({} members): \
+                 whoever holds the replication key can write the database's files, and every \
+                 member holds the cluster key. Create a key for the group's two members only \
+                 (`head -c 32 /dev/urandom > /etc/farm/mirror.key; chmod 600 \
+                 /etc/farm/mirror.key`, copied to both) and set secret_file to it",
+                members.len()
+            ),
+        ),
+        _ => {}
+    }
     if e.0.len() != errors_before {
         return None;
     }
     Some(Mirror {
+        secret_file: m.secret_file.clone(),
+        allow_privileged_files: m.allow_privileged_files,
         members: [idx[0], idx[1]],
         vip: vip?,
         directory: m.directory.clone(),

@@ -261,7 +261,15 @@ impl Daemon {
             .cluster_mac
             .unwrap_or_else(|| secret.cluster_mac(cfg.mac_mode));
         let message_key = secret.message_key();
-        let mirror_key = secret.mirror_key();
+        // A mirror group with a key of its own: only its two members hold it (see
+        // `mirror.secret_file`); the others never read it.
+        let mirror_key = match cfg.mirror.as_ref() {
+            Some(m) if m.members.contains(&cfg.me) && m.secret_file.is_some() => {
+                let path = m.secret_file.as_ref().expect("checked");
+                Secret::load(path)?.mirror_key()
+            }
+            _ => secret.mirror_key(),
+        };
         drop(secret);
 
         std::fs::create_dir_all(&cfg.state_dir)

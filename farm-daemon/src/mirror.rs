@@ -450,6 +450,13 @@ pub struct GroupStatus {
     pub resyncing: bool,
     pub ops_applied: u64,
     pub bytes_applied: u64,
+    /// Secondary: the primary's operations refused (device nodes, set-id files).
+    #[serde(default)]
+    pub ops_refused: u64,
+    /// Secondary: connections that did not become a session (failed or replayed handshakes,
+    /// too many at once).
+    #[serde(default)]
+    pub handshakes_refused: u64,
     pub waiting: Option<String>,
     pub last_takeover: Option<String>,
 }
@@ -573,7 +580,7 @@ impl Group {
 
     fn serve(&self) -> Option<Server> {
         let replica = match Replica::open(&self.cfg.backing) {
-            Ok(r) => r,
+            Ok(r) => r.allow_privileged(self.cfg.allow_privileged_files),
             Err(e) => {
                 tracing::error!("cannot open the replica: {e}");
                 return None;
@@ -904,6 +911,7 @@ impl Group {
                 let server = Replica::open(&cfg.backing)
                     .map_err(|e| e.to_string())
                     .and_then(|r| {
+                        let r = r.allow_privileged(cfg.allow_privileged_files);
                         Server::start(cfg.address(me), r, facts, &key).map_err(|e| e.to_string())
                     })
                     .map_err(|e| tracing::error!("cannot serve the replica: {e}"))
@@ -1086,6 +1094,8 @@ impl Group {
             resyncing: server.as_ref().is_some_and(|s| s.resyncing),
             ops_applied: server.as_ref().map_or(0, |s| s.ops_applied),
             bytes_applied: server.as_ref().map_or(0, |s| s.bytes_applied),
+            ops_refused: server.as_ref().map_or(0, |s| s.ops_refused),
+            handshakes_refused: server.as_ref().map_or(0, |s| s.handshakes_refused),
             waiting: self.waiting.clone(),
             last_takeover: self
                 .last_takeover
@@ -1167,6 +1177,9 @@ fn mount(cfg: &MirrorConfig, link: Link) -> std::io::Result<fuser::BackgroundSes
         let fs = MirrorFs::new(&backing, link);
         let options = [
             fuser::MountOption::FSName("farm-mirror".into()),
+            // The application's data: no set-id programs, no device nodes honoured there.
+            fuser::MountOption::NoSuid,
+            fuser::MountOption::NoDev,
             fuser::MountOption::AllowOther,
             fuser::MountOption::DefaultPermissions,
         ];

@@ -50,6 +50,13 @@ pub enum ReplicaError {
     Root(PathBuf, io::Error),
     #[error(transparent)]
     Wire(#[from] WireError),
+    #[error("handshake: {0}")]
+    Handshake(WireError),
+    #[error(
+        "refused: {0} (the primary asked for a privileged file; set `allow_privileged_files = \
+         true` in the mirror group only if the application needs one)"
+    )]
+    Refused(String),
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -91,6 +98,8 @@ pub struct Replica {
     dir: PathBuf,
     /// What changed since the last sync (see `sync`).
     dirty: std::sync::Mutex<Dirty>,
+    /// Whether device nodes and set-user/group-id files may be made.
+    allow_privileged: bool,
 }
 
 /// Entries changed since the last sync: a sync makes just these durable (fdatasync of the
@@ -189,7 +198,64 @@ impl Replica {
             synced,
             dir: dir.into(),
             dirty: Default::default(),
+            allow_privileged: false,
         })
+    }
+
+    /// Lets the primary make device nodes and set-user/group-id files (refused by default: whoever holds the group key would otherwise be root on the
+    /// secondary).
+    pub fn allow_privileged(mut self, allow: bool) -> Self {
+        self.allow_privileged = allow;
+        self
+    }
+
+    /// Refuses an operation that would plant a privileged file: a device node, or a file with
+    /// the set-user-id bit (or set-group-id, except the directories' group inheritance).
+    /// Regular files, directories, FIFOs, sockets and symlinks are what applications keep in
+    /// a data directory. Ownership, also by root, is replicated: without set-id bits a file
+    /// owned by root grants nothing, and Linux clears those bits on every chown.
+    pub fn refuse_privileged(&self, op: &Op) -> Result<(), ReplicaError> {
+        if self.allow_privileged {
+            return Ok(());
+        }
+        let name = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
+        let special = |mode: u32, is_dir: bool| {
+            mode & libc::S_ISUID != 0 || (!is_dir && mode & libc::S_ISGID != 0)
+        };
+        let refused = match op {
+            Op::Mknod { path, mode, .. } => {
+                let kind = mode & libc::S_IFMT;
+                if kind == libc::S_IFCHR || kind == libc::S_IFBLK {
+                    Some(format!("device node {}", name(path)))
+                } else if special(*mode, false) {
+                    Some(format!("set-id mode {mode:o} on {}", name(path)))
+                } else {
+                    None
+                }
+            }
+            Op::Create { path, mode } if special(*mode, false) => {
+                Some(format!("set-id mode {mode:o} on {}", name(path)))
+            }
+            Op::Mkdir { path, mode } if special(*mode, true) => {
+                Some(format!("set-user-id mode {mode:o} on {}", name(path)))
+            }
+            Op::Chmod { path, mode } if mode & (libc::S_ISUID | libc::S_ISGID) != 0 => {
+                let is_dir = self.is_dir(path);
+                special(*mode, is_dir).then(|| format!("set-id mode {mode:o} on {}", name(path)))
+            }
+            _ => None,
+        };
+        match refused {
+            Some(why) => Err(ReplicaError::Refused(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the entry is a directory (not following a symlink).
+    fn is_dir(&self, rel: &[u8]) -> bool {
+        rel.is_empty()
+            || self.resolve(rel).ok().and_then(|r| self.stat_at(&r).ok())
+                .is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
     }
 
     pub fn dir(&self) -> &Path {
@@ -280,7 +346,9 @@ impl Replica {
         })
     }
 
-    /// Opens a regular file for writing (never through a symlink).
+    /// Opens a regular file for writing: never through a symlink, never blocking on a FIFO,
+    /// and refused unless what was opened is a regular file (a device node or FIFO planted
+    /// under a file's name is not written to).
     fn open_file(&self, rel: &[u8], flags: i32) -> Result<std::fs::File, ReplicaError> {
         let r = self.resolve(rel)?;
         // SAFETY: valid fds and C string; the fd is owned right after.
@@ -288,7 +356,7 @@ impl Replica {
             libc::openat(
                 r.parent.as_raw_fd(),
                 r.name.as_ptr(),
-                flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                flags | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY,
                 0o600,
             )
         };
@@ -296,7 +364,15 @@ impl Replica {
             return Err(Self::os("opening", rel)(io::Error::last_os_error()));
         }
         // SAFETY: fd is fresh and valid.
-        Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+        let f = unsafe { std::fs::File::from_raw_fd(fd) };
+        let meta = f.metadata().map_err(Self::os("opening", rel))?;
+        if !meta.file_type().is_file() {
+            return Err(ReplicaError::Refused(format!(
+                "writing to {}, which is not a regular file",
+                String::from_utf8_lossy(rel)
+            )));
+        }
+        Ok(f)
     }
 
     /// Where a metadata change of `rel` applies, as *at-call arguments: the parent and the
@@ -316,6 +392,7 @@ impl Replica {
 
     /// Applies one operation.
     pub fn apply(&self, op: &Op) -> Result<(), ReplicaError> {
+        self.refuse_privileged(op)?;
         self.dirty.lock().expect("dirty").record(op);
         match op {
             Op::Reset => self.clear(),
@@ -640,7 +717,20 @@ pub struct ServerStatus {
     pub bytes_applied: u64,
     pub syncs_acknowledged: u64,
     pub sessions: u64,
+    /// Connections that did not become a session: failed handshakes (a replayed hello, another
+    /// key, a port scan) and connections turned away while too many handshakes ran.
+    pub handshakes_refused: u64,
+    /// Operations refused because they would plant privileged files (see
+    /// [`Replica::refuse_privileged`]).
+    pub ops_refused: u64,
 }
+
+/// At most this many handshakes at a time; more connections are closed at once (counted), so
+/// that a flood of connections cannot pile up threads. An established session is never
+/// affected.
+const MAX_HANDSHAKES: usize = 8;
+/// How long a handshake may take.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 struct Shared {
     replica: Replica,
@@ -653,6 +743,8 @@ struct Shared {
     apply: std::sync::Mutex<()>,
     status: std::sync::Mutex<ServerStatus>,
     stop: std::sync::atomic::AtomicBool,
+    /// Handshakes running now.
+    handshakes: std::sync::atomic::AtomicUsize,
 }
 
 /// The secondary's replication server: accepts the primary's sessions on a listening socket
@@ -691,6 +783,7 @@ impl Server {
             apply: std::sync::Mutex::new(()),
             status: Default::default(),
             stop: Default::default(),
+            handshakes: Default::default(),
         });
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
@@ -767,6 +860,11 @@ fn accept_loop(l: &TcpListener, sh: &std::sync::Arc<Shared>) {
             }
             Err(_) => continue,
         };
+        if sh.handshakes.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+            sh.handshakes.fetch_sub(1, Ordering::SeqCst);
+            sh.status.lock().expect("status").handshakes_refused += 1;
+            continue;
+        }
         let sh = sh.clone();
         let _ = std::thread::Builder::new()
             .name("mirror-session".into())
@@ -774,6 +872,10 @@ fn accept_loop(l: &TcpListener, sh: &std::sync::Arc<Shared>) {
                 let peer = conn.peer_addr().map_or("?".into(), |a| a.to_string());
                 match session(conn, &sh, &peer) {
                     Ok(()) => tracing::info!("primary {peer} closed the session"),
+                    Err(ReplicaError::Handshake(e)) => {
+                        sh.status.lock().expect("status").handshakes_refused += 1;
+                        tracing::debug!("connection from {peer} refused: {e}");
+                    }
                     Err(e) => tracing::warn!("session with {peer} ended: {e}"),
                 }
             });
@@ -785,13 +887,18 @@ fn session(conn: TcpStream, sh: &Shared, peer: &str) -> Result<(), ReplicaError>
     conn.set_nodelay(true).ok();
     conn.set_nonblocking(false).ok();
     // The handshake is bounded; an established session waits as long as the primary is quiet.
-    conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .ok();
-    let reader =
-        std::io::BufReader::with_capacity(1 << 20, conn.try_clone().map_err(WireError::Io)?);
-    let writer =
-        std::io::BufWriter::with_capacity(1 << 20, conn.try_clone().map_err(WireError::Io)?);
-    let (mut from, mut to) = wire::accept(reader, writer, &sh.key)?;
+    conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).ok();
+    let handshake = (|| {
+        let reader =
+            std::io::BufReader::with_capacity(1 << 20, conn.try_clone().map_err(WireError::Io)?);
+        let writer =
+            std::io::BufWriter::with_capacity(1 << 20, conn.try_clone().map_err(WireError::Io)?);
+        wire::accept(reader, writer, &sh.key)
+    })();
+    sh.handshakes.fetch_sub(1, Ordering::SeqCst);
+    // Only a primary that proved itself (answered this secondary's fresh welcome) replaces the
+    // current session: a replayed hello ends here.
+    let (mut from, mut to) = handshake.map_err(ReplicaError::Handshake)?;
     conn.set_read_timeout(None).ok();
     let me = {
         let mut cur = sh.current.lock().expect("current");
@@ -843,6 +950,10 @@ fn serve_session(
         match m {
             Msg::Op(op) => {
                 if let Err(e) = replica.apply(&op) {
+                    if let ReplicaError::Refused(why) = &e {
+                        sh.status.lock().expect("status").ops_refused += 1;
+                        tracing::error!("the primary's operation is refused: {why}");
+                    }
                     let _ = to.send(&Msg::Failed {
                         message: e.to_string(),
                     });
@@ -926,7 +1037,7 @@ fn msg_name(m: &Msg) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 
     use super::*;
 
@@ -1040,6 +1151,82 @@ mod tests {
         );
         assert!(!d.join("tmp").exists());
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn privileged_files_are_refused_unless_allowed() {
+        let d = tmp("privileged");
+        let r = Replica::open(&d).expect("open");
+        let refused = |op: Op| {
+            assert!(
+                matches!(r.apply(&op), Err(ReplicaError::Refused(_))),
+                "{op:?} applied"
+            );
+        };
+        refused(Op::Mknod {
+            path: b"sda".to_vec(),
+            mode: libc::S_IFBLK | 0o660,
+            rdev: libc::makedev(8, 0),
+        });
+        refused(Op::Mknod {
+            path: b"mem".to_vec(),
+            mode: libc::S_IFCHR | 0o666,
+            rdev: libc::makedev(1, 1),
+        });
+        refused(Op::Create {
+            path: b"sh".to_vec(),
+            mode: 0o4755,
+        });
+        refused(Op::Mkdir {
+            path: b"d".to_vec(),
+            mode: 0o4755,
+        });
+        assert!(!d.join("sda").exists() && !d.join("sh").exists());
+        // What applications do keep: plain files, setgid directories, FIFOs.
+        r.apply(&Op::Create {
+            path: b"f".to_vec(),
+            mode: 0o644,
+        })
+        .expect("file");
+        refused(Op::Chmod {
+            path: b"f".to_vec(),
+            mode: 0o2755,
+        });
+        r.apply(&Op::Mkdir {
+            path: b"shared".to_vec(),
+            mode: 0o2770,
+        })
+        .expect("setgid directory");
+        r.apply(&Op::Chmod {
+            path: b"shared".to_vec(),
+            mode: 0o2775,
+        })
+        .expect("setgid directory");
+        r.apply(&Op::Mknod {
+            path: b"fifo".to_vec(),
+            mode: libc::S_IFIFO | 0o600,
+            rdev: 0,
+        })
+        .expect("fifo");
+        // A write to something that is not a regular file is refused, and never blocks (a
+        // FIFO without a reader: ENXIO at the non-blocking open; with one: not a file).
+        let _reader = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(d.join("fifo"))
+            .expect("reader");
+        refused(Op::Write {
+            path: b"fifo".to_vec(),
+            offset: 0,
+            data: b"x".to_vec(),
+        });
+        let allowed = Replica::open(&d).expect("open").allow_privileged(true);
+        allowed
+            .apply(&Op::Create {
+                path: b"tool".to_vec(),
+                mode: 0o4755,
+            })
+            .expect("allowed");
     }
 
     #[test]

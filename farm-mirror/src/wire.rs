@@ -1,25 +1,41 @@
 //! The replication protocol between primary and secondary, over one TCP connection.
 //!
-//! A session starts with a handshake that proves both ends hold the cluster key (HMAC-SHA256
-//! with the mirror key derived from it) and agrees on a session key from two fresh nonces.
-//! After it, every frame is
+//! A session starts with a three-message handshake authenticated with the mirror group's key
+//! (HMAC-SHA256) and an ephemeral X25519 exchange:
 //!
 //! ```text
-//! length (u32, big-endian, of what follows)  |  message (postcard)  |  tag (16 bytes)
+//! primary   -> hello    magic, version, nonce P, ephemeral key P, tag(hello)
+//! secondary -> welcome  magic, version, nonce S, ephemeral key S, tag(hello, welcome)
+//! primary   -> confirm  tag(hello, welcome)
 //! ```
 //!
-//! where the tag is HMAC-SHA256(session key, direction || frame number || message), truncated.
-//! Frame numbers are implicit (each side counts), so a frame that is altered, replayed,
-//! dropped or reordered fails authentication and ends the session.
+//! The secondary's fresh nonce and ephemeral key are in everything the primary signs after
+//! them, so a recorded hello replayed by someone without the key gets a welcome and nothing
+//! more: it cannot answer with a confirm, and the secondary's current session is left alone
+//! (it is replaced only by a session whose primary has proven itself). The session keys (one
+//! per direction) come from the key, the whole handshake and the X25519 shared secret: a
+//! recording of a session stays unreadable even to whoever gets the group key later (forward
+//! secrecy).
+//!
+//! After the handshake every frame is
+//!
+//! ```text
+//! length (u32, big-endian, of what follows)  |  ChaCha20-Poly1305(message (postcard))  |  tag (16)
+//! ```
+//!
+//! encrypted and authenticated with the direction's key, the frame number as nonce and the
+//! length as associated data. Frame numbers are implicit (each side counts), so a frame that is
+//! altered, replayed, dropped, reordered or reflected fails authentication and ends the session.
 
 use std::io::{Read, Write};
 
+use chacha20poly1305::{AeadInPlace as _, ChaCha20Poly1305, KeyInit as _};
 use hmac::{Hmac, Mac as _};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 const MAGIC: [u8; 4] = *b"FRMM";
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 const TAG: usize = 16;
 /// The largest frame accepted (a write of up to 1 MiB plus its path).
 pub const MAX_FRAME: usize = 2 << 20;
@@ -30,8 +46,12 @@ pub enum WireError {
     Io(#[from] std::io::Error),
     #[error("the peer is not a farm mirror of this version")]
     Foreign,
-    #[error("authentication failed (another cluster key, or the stream was altered)")]
+    #[error("authentication failed (another group key, or the stream was altered)")]
     BadTag,
+    #[error(
+        "the primary did not prove itself after the welcome (a replayed hello, or another key)"
+    )]
+    Unconfirmed,
     #[error("frame of {0} bytes is too large")]
     TooLarge(usize),
     #[error("malformed message: {0}")]
@@ -240,7 +260,7 @@ pub enum Msg {
 type HmacSha256 = Hmac<Sha256>;
 
 fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    let mut m = <HmacSha256 as hmac::Mac>::new_from_slice(key).expect("HMAC takes any key length");
     for p in parts {
         m.update(p);
     }
@@ -251,50 +271,60 @@ fn equal(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn nonce() -> [u8; 16] {
-    let mut n = [0u8; 16];
+fn random<const N: usize>() -> [u8; N] {
+    let mut n = [0u8; N];
     // SAFETY: getrandom fills the buffer it is given.
     let got = unsafe { libc::getrandom(n.as_mut_ptr().cast(), n.len(), 0) };
-    assert_eq!(got, 16, "getrandom");
+    assert_eq!(got, N as isize, "getrandom");
     n
 }
 
-/// Which way a frame goes (part of its tag, so a frame cannot be reflected back).
+/// Which way a frame goes (each direction has its own key, so a frame cannot be reflected).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
     ToSecondary = 1,
     ToPrimary = 2,
 }
 
-/// One direction of an authenticated session.
+/// One direction of an authenticated, encrypted session.
 pub struct Framed<S> {
     stream: S,
-    key: [u8; 32],
-    direction: Direction,
+    cipher: ChaCha20Poly1305,
     frame: u64,
 }
 
 impl<S> Framed<S> {
-    fn tag(&self, body: &[u8]) -> [u8; 32] {
-        hmac(
-            &self.key,
-            &[&[self.direction as u8], &self.frame.to_be_bytes(), body],
-        )
+    fn new(stream: S, key: &[u8; 32]) -> Self {
+        Self {
+            stream,
+            cipher: ChaCha20Poly1305::new(key.into()),
+            frame: 0,
+        }
+    }
+
+    fn nonce(&self) -> chacha20poly1305::Nonce {
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&self.frame.to_be_bytes());
+        n.into()
     }
 }
 
 impl<S: Write> Framed<S> {
     pub fn send(&mut self, m: &Msg) -> Result<(), WireError> {
-        let body = postcard::to_stdvec(m).map_err(|e| WireError::Malformed(e.to_string()))?;
-        let tag = self.tag(&body);
-        let len = body.len() + TAG;
+        let mut frame = vec![0u8; 4];
+        postcard::to_io(m, &mut frame).map_err(|e| WireError::Malformed(e.to_string()))?;
+        let len = frame.len() - 4 + TAG;
         if len > MAX_FRAME {
             return Err(WireError::TooLarge(len));
         }
-        let mut frame = Vec::with_capacity(4 + len);
-        frame.extend_from_slice(&(len as u32).to_be_bytes());
-        frame.extend_from_slice(&body);
-        frame.extend_from_slice(&tag[..TAG]);
+        let prefix = (len as u32).to_be_bytes();
+        frame[..4].copy_from_slice(&prefix);
+        let nonce = self.nonce();
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(&nonce, &prefix, &mut frame[4..])
+            .map_err(|_| WireError::TooLarge(len))?;
+        frame.extend_from_slice(&tag);
         self.stream.write_all(&frame)?;
         self.frame += 1;
         Ok(())
@@ -307,9 +337,9 @@ impl<S: Write> Framed<S> {
 
 impl<S: Read> Framed<S> {
     pub fn recv(&mut self) -> Result<Msg, WireError> {
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len)?;
-        let len = u32::from_be_bytes(len) as usize;
+        let mut prefix = [0u8; 4];
+        self.stream.read_exact(&mut prefix)?;
+        let len = u32::from_be_bytes(prefix) as usize;
         if len > MAX_FRAME {
             return Err(WireError::TooLarge(len));
         }
@@ -318,17 +348,57 @@ impl<S: Read> Framed<S> {
         }
         let mut buf = vec![0u8; len];
         self.stream.read_exact(&mut buf)?;
-        let (body, tag) = buf.split_at(len - TAG);
-        if !equal(&self.tag(body)[..TAG], tag) {
-            return Err(WireError::BadTag);
-        }
+        let (body, tag) = buf.split_at_mut(len - TAG);
+        let nonce = self.nonce();
+        self.cipher
+            .decrypt_in_place_detached(&nonce, &prefix, body, (&*tag).into())
+            .map_err(|_| WireError::BadTag)?;
         self.frame += 1;
         postcard::from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))
     }
 }
 
-fn session_key(key: &[u8; 32], np: &[u8; 16], ns: &[u8; 16]) -> [u8; 32] {
-    hmac(key, &[b"session", np, ns])
+/// hello and welcome: magic, version, nonce, ephemeral public key, tag.
+const GREETING: usize = 4 + 1 + 16 + 32 + 32;
+const SIGNED: usize = GREETING - 32;
+
+/// A greeting's body: magic, version, a fresh nonce and an ephemeral X25519 key (whose secret
+/// is returned).
+fn greeting() -> (Vec<u8>, [u8; 32]) {
+    let secret: [u8; 32] = random();
+    let public = x25519_dalek::x25519(secret, x25519_dalek::X25519_BASEPOINT_BYTES);
+    let mut g = Vec::with_capacity(GREETING);
+    g.extend_from_slice(&MAGIC);
+    g.push(VERSION);
+    g.extend_from_slice(&random::<16>());
+    g.extend_from_slice(&public);
+    (g, secret)
+}
+
+fn check_greeting(g: &[u8]) -> Result<[u8; 32], WireError> {
+    if g[..4] != MAGIC || g[4] != VERSION {
+        return Err(WireError::Foreign);
+    }
+    Ok(g[21..53].try_into().expect("32 bytes"))
+}
+
+/// The session keys (to the secondary, to the primary) from the key, the transcript and the
+/// shared secret; a peer's ephemeral key of small order (an all-zero shared secret) is refused.
+fn session_keys(
+    key: &[u8; 32],
+    transcript: &[u8],
+    secret: [u8; 32],
+    their_public: [u8; 32],
+) -> Result<([u8; 32], [u8; 32]), WireError> {
+    let shared = x25519_dalek::x25519(secret, their_public);
+    if shared == [0; 32] {
+        return Err(WireError::BadTag);
+    }
+    let master = hmac(key, &[b"farm mirror session", transcript, &shared]);
+    Ok((
+        hmac(&master, &[b"to secondary"]),
+        hmac(&master, &[b"to primary"]),
+    ))
 }
 
 /// The primary's side of the handshake: returns (to the secondary, from it).
@@ -337,80 +407,54 @@ pub fn connect<R: Read, W: Write>(
     mut w: W,
     key: &[u8; 32],
 ) -> Result<(Framed<W>, Framed<R>), WireError> {
-    let np = nonce();
-    let mut hello = Vec::with_capacity(4 + 1 + 16 + 32);
-    hello.extend_from_slice(&MAGIC);
-    hello.push(VERSION);
-    hello.extend_from_slice(&np);
+    let (mut hello, secret) = greeting();
     let tag = hmac(key, &[b"hello", &hello]);
     hello.extend_from_slice(&tag);
     w.write_all(&hello)?;
     w.flush()?;
-    let mut answer = [0u8; 4 + 1 + 16 + 32];
-    r.read_exact(&mut answer)?;
-    if answer[..4] != MAGIC || answer[4] != VERSION {
-        return Err(WireError::Foreign);
-    }
-    let ns: [u8; 16] = answer[5..21].try_into().expect("16 bytes");
-    if !equal(&hmac(key, &[b"welcome", &np, &answer[..21]]), &answer[21..]) {
+    let mut welcome = [0u8; GREETING];
+    r.read_exact(&mut welcome)?;
+    let theirs = check_greeting(&welcome)?;
+    if !equal(
+        &hmac(key, &[b"welcome", &hello, &welcome[..SIGNED]]),
+        &welcome[SIGNED..],
+    ) {
         return Err(WireError::BadTag);
     }
-    let k = session_key(key, &np, &ns);
-    Ok((
-        Framed {
-            stream: w,
-            key: k,
-            direction: Direction::ToSecondary,
-            frame: 0,
-        },
-        Framed {
-            stream: r,
-            key: k,
-            direction: Direction::ToPrimary,
-            frame: 0,
-        },
-    ))
+    let transcript = [&hello[..], &welcome[..]].concat();
+    w.write_all(&hmac(key, &[b"confirm", &transcript]))?;
+    w.flush()?;
+    let (to_secondary, to_primary) = session_keys(key, &transcript, secret, theirs)?;
+    Ok((Framed::new(w, &to_secondary), Framed::new(r, &to_primary)))
 }
 
-/// The secondary's side of the handshake: returns (from the primary, to it).
+/// The secondary's side of the handshake: returns (from the primary, to it) once the primary
+/// has proven itself (a replayed hello ends here with [`WireError::Unconfirmed`]).
 pub fn accept<R: Read, W: Write>(
     mut r: R,
     mut w: W,
     key: &[u8; 32],
 ) -> Result<(Framed<R>, Framed<W>), WireError> {
-    let mut hello = [0u8; 4 + 1 + 16 + 32];
+    let mut hello = [0u8; GREETING];
     r.read_exact(&mut hello)?;
-    if hello[..4] != MAGIC || hello[4] != VERSION {
-        return Err(WireError::Foreign);
-    }
-    if !equal(&hmac(key, &[b"hello", &hello[..21]]), &hello[21..]) {
+    let theirs = check_greeting(&hello)?;
+    if !equal(&hmac(key, &[b"hello", &hello[..SIGNED]]), &hello[SIGNED..]) {
         return Err(WireError::BadTag);
     }
-    let np: [u8; 16] = hello[5..21].try_into().expect("16 bytes");
-    let ns = nonce();
-    let mut answer = Vec::with_capacity(53);
-    answer.extend_from_slice(&MAGIC);
-    answer.push(VERSION);
-    answer.extend_from_slice(&ns);
-    let tag = hmac(key, &[b"welcome", &np, &answer]);
-    answer.extend_from_slice(&tag);
-    w.write_all(&answer)?;
+    let (mut welcome, secret) = greeting();
+    let tag = hmac(key, &[b"welcome", &hello, &welcome]);
+    welcome.extend_from_slice(&tag);
+    w.write_all(&welcome)?;
     w.flush()?;
-    let k = session_key(key, &np, &ns);
-    Ok((
-        Framed {
-            stream: r,
-            key: k,
-            direction: Direction::ToSecondary,
-            frame: 0,
-        },
-        Framed {
-            stream: w,
-            key: k,
-            direction: Direction::ToPrimary,
-            frame: 0,
-        },
-    ))
+    let transcript = [&hello[..], &welcome[..]].concat();
+    let mut confirm = [0u8; 32];
+    r.read_exact(&mut confirm)
+        .map_err(|_| WireError::Unconfirmed)?;
+    if !equal(&hmac(key, &[b"confirm", &transcript]), &confirm) {
+        return Err(WireError::Unconfirmed);
+    }
+    let (to_secondary, to_primary) = session_keys(key, &transcript, secret, theirs)?;
+    Ok((Framed::new(r, &to_secondary), Framed::new(w, &to_primary)))
 }
 
 #[cfg(test)]
@@ -467,20 +511,10 @@ mod tests {
     #[test]
     fn an_altered_or_replayed_frame_is_refused() {
         let key = [3; 32];
-        let mut to = Framed {
-            stream: Vec::new(),
-            key,
-            direction: Direction::ToSecondary,
-            frame: 0,
-        };
+        let mut to = Framed::new(Vec::new(), &key);
         to.send(&Msg::Sync { barrier: 1 }).expect("send");
         let one = to.stream.clone();
-        let reader = |bytes: Vec<u8>| Framed {
-            stream: std::io::Cursor::new(bytes),
-            key,
-            direction: Direction::ToSecondary,
-            frame: 0,
-        };
+        let reader = |bytes: Vec<u8>| Framed::new(std::io::Cursor::new(bytes), &key);
         assert_eq!(
             reader(one.clone()).recv().expect("ok"),
             Msg::Sync { barrier: 1 }
@@ -494,13 +528,68 @@ mod tests {
         let mut r = reader(twice);
         r.recv().expect("first");
         assert!(matches!(r.recv(), Err(WireError::BadTag)));
-        // Reflected: a frame sent to the secondary is not one from it.
-        let mut back = reader(one);
-        back.direction = Direction::ToPrimary;
+        // Reflected: the other direction has another key.
+        let back = Framed::new(std::io::Cursor::new(one), &[4; 32]);
+        let mut back = back;
         assert!(matches!(back.recv(), Err(WireError::BadTag)));
         // Oversized length prefix.
         let mut huge = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         huge.extend_from_slice(&[0; 32]);
         assert!(matches!(reader(huge).recv(), Err(WireError::TooLarge(_))));
+    }
+
+    #[test]
+    fn frames_are_unreadable_on_the_wire() {
+        let mut to = Framed::new(Vec::new(), &[5; 32]);
+        let secret = b"INSERT INTO accounts VALUES ('alice', 1000000)".to_vec();
+        to.send(&Msg::Op(Op::Write {
+            path: b"base/16384/2619".to_vec(),
+            offset: 0,
+            data: secret.clone(),
+        }))
+        .expect("send");
+        let wire = &to.stream;
+        assert!(!wire.windows(6).any(|w| w == b"alice'" || w == b"base/1"));
+    }
+
+    #[test]
+    fn a_replayed_hello_gets_no_session() {
+        let key = [6; 32];
+        // A real primary's hello, recorded.
+        let (a, b) = UnixStream::pair().expect("pair");
+        let secondary = std::thread::spawn(move || {
+            accept(b.try_clone().expect("clone"), b, &key).map(|_| ())
+        });
+        let mut recorder = Recorder {
+            inner: a.try_clone().expect("clone"),
+            seen: Vec::new(),
+        };
+        connect(a, &mut recorder, &key).expect("primary");
+        secondary.join().expect("thread").expect("secondary");
+        let hello = recorder.seen[..GREETING].to_vec();
+        // Replayed (with the confirm that answered another welcome): refused.
+        let (mut eve, b) = UnixStream::pair().expect("pair");
+        let secondary = std::thread::spawn(move || {
+            accept(b.try_clone().expect("clone"), b, &key).map(|_| ())
+        });
+        eve.write_all(&recorder.seen).expect("replay");
+        let err = secondary.join().expect("thread").expect_err("replay accepted");
+        assert!(matches!(err, WireError::Unconfirmed), "{err}");
+        assert_eq!(hello.len(), GREETING);
+    }
+
+    struct Recorder {
+        inner: UnixStream,
+        seen: Vec<u8>,
+    }
+
+    impl Write for &mut Recorder {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.seen.extend_from_slice(b);
+            self.inner.write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
     }
 }

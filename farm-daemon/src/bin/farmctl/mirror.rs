@@ -89,6 +89,20 @@ pub fn print_mirror(m: &farm_daemon::mirror::GroupStatus) {
             bytes(m.bytes_applied)
         );
     }
+    if m.ops_refused > 0 {
+        println!(
+            "replica: REFUSED {} operations of the primary (device nodes or set-id files; see \
+             the log and mirror.allow_privileged_files)",
+            m.ops_refused
+        );
+    }
+    if m.handshakes_refused > 0 {
+        println!(
+            "replica: {} connections refused at the handshake (another key, a replayed hello, \
+             too many at once)",
+            m.handshakes_refused
+        );
+    }
     if let Some(w) = &m.waiting {
         println!("waiting: {w}");
     }
