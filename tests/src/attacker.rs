@@ -79,6 +79,60 @@ pub fn udp(frame: &[u8]) -> Option<Udp> {
     }
 }
 
+/// A captured IPv4 TCP segment, as far as the attacker reads it.
+#[derive(Debug, Clone)]
+pub struct Tcp {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: u32,
+    pub payload: Vec<u8>,
+}
+
+/// The TCP segment in an IPv4 Ethernet frame, if it is one.
+pub fn tcp4(frame: &[u8]) -> Option<Tcp> {
+    if frame.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let ip = frame.get(14..)?;
+    if *ip.get(9)? != 6 {
+        return None;
+    }
+    let ihl = ((ip.first()? & 0x0f) as usize) * 4;
+    let total = u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]) as usize;
+    let t = ip.get(ihl..total.min(ip.len()))?;
+    let off = ((t.get(12)? >> 4) as usize) * 4;
+    Some(Tcp {
+        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        src_port: u16::from_be_bytes([t[0], t[1]]),
+        dst_port: u16::from_be_bytes([t[2], t[3]]),
+        seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+        payload: t.get(off..)?.to_vec(),
+    })
+}
+
+/// The bytes one side sent on a TCP connection, in sequence order, from captured segments
+/// (retransmissions counted once).
+pub fn tcp_stream(segments: &[Tcp]) -> Vec<u8> {
+    let mut by_seq: std::collections::BTreeMap<u32, &[u8]> = Default::default();
+    for s in segments.iter().filter(|s| !s.payload.is_empty()) {
+        by_seq.entry(s.seq).or_insert(&s.payload);
+    }
+    let mut out = Vec::new();
+    let mut next: Option<u32> = None;
+    for (seq, p) in by_seq {
+        match next {
+            Some(n) if seq != n => break,
+            _ => {}
+        }
+        out.extend_from_slice(p);
+        next = Some(seq.wrapping_add(p.len() as u32));
+    }
+    out
+}
+
 /// An IPv4 UDP frame from `src` (any address: the attacker spoofs) to `dst`.
 pub fn udp4_frame(
     eth_src: [u8; 6],

@@ -23,6 +23,7 @@ use farm_daemon::{
 };
 use farm_mirror::tree;
 use farm_tests::{
+    attacker::{self, Attacker},
     bin, require_root,
     topology::{Spec, Topology, VIP4},
 };
@@ -757,4 +758,167 @@ fn postgresql_keeps_every_committed_transaction_across_a_failover() {
     );
     assert!(!saw.is_empty());
     assert!(missing.is_empty(), "committed but missing: {missing:?}");
+}
+
+/// The attacker of the threat model (no key) records the primary's handshake and the whole
+/// initial copy, then replays the handshake every 100 ms for a minute while the service writes.
+#[test]
+fn replayed_handshakes_break_nothing_and_the_session_is_unreadable() {
+    if !require_root("replayed_handshakes_break_nothing_and_the_session_is_unreadable") {
+        return;
+    }
+    let mut t = pair(&App::Records);
+    let canary = b"FARM-CANARY-this-record-must-never-cross-the-wire-in-clear".repeat(100);
+    std::fs::create_dir_all(backing_dir(&t, 0)).expect("backing");
+    std::fs::write(backing_dir(&t, 0).join("secret-table"), &canary).expect("canary");
+    let eve = Attacker::plug(&t);
+    let (n1, n2) = (t.nodes[0].addr4, t.nodes[1].addr4);
+    let frames = std::thread::scope(|s| {
+        let rec = s.spawn(|| {
+            eve.capture(Duration::from_secs(20), move |f| {
+                attacker::tcp4(f).is_some_and(|x| {
+                    (x.src, x.dst, x.dst_port) == (n1, n2, REPLICATION_PORT)
+                        || (x.src, x.dst, x.src_port) == (n2, n1, REPLICATION_PORT)
+                })
+            })
+        });
+        t.start_farmd(0);
+        t.start_farmd(1);
+        primary_in_sync(&t, 0, Duration::from_secs(60));
+        rec.join().expect("capture")
+    });
+    let segments: Vec<attacker::Tcp> = frames.iter().filter_map(|f| attacker::tcp4(f)).collect();
+    let wire: Vec<u8> = segments.iter().flat_map(|s| s.payload.clone()).collect();
+    assert!(wire.len() > canary.len(), "captured {} bytes", wire.len());
+    assert!(
+        !wire.windows(24).any(|w| w == &canary[..24]),
+        "the replicated data crossed the wire in clear"
+    );
+    // The primary's side of its first connection: hello, then confirm.
+    let first_port = segments
+        .iter()
+        .find(|s| s.src == n1 && !s.payload.is_empty())
+        .expect("the primary sent something")
+        .src_port;
+    let sent: Vec<attacker::Tcp> = segments
+        .into_iter()
+        .filter(|s| s.src == n1 && s.src_port == first_port)
+        .collect();
+    let handshake = attacker::tcp_stream(&sent);
+    assert!(handshake.len() >= 85 + 32, "{} bytes", handshake.len());
+    let replay = handshake[..85 + 32].to_vec();
+
+    let client = Client::start(&t, 1);
+    client.wait_more(20, Duration::from_secs(30));
+    let stop = Arc::new(AtomicBool::new(false));
+    let target = SocketAddr::from((n2, REPLICATION_PORT));
+    let replayer = {
+        let stop = stop.clone();
+        eve.ns.spawn(move || {
+            let mut sent = 0u64;
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(90) {
+                if let Ok(mut c) = TcpStream::connect_timeout(&target, Duration::from_millis(200))
+                {
+                    if c.write_all(&replay).is_ok() {
+                        sent += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            sent
+        })
+    };
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut not_in_sync = Vec::new();
+    while Instant::now() < until {
+        let s = mirror_status(&t, 0).expect("status");
+        if s.replication != Some(farm_daemon::mirror::Replication::InSync) {
+            not_in_sync.push(format!("{:?} {:?}", s.replication, s.replication_detail));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let replays = replayer.join().expect("replayer");
+    let acked = client.stop();
+    let secondary = mirror_status(&t, 1).expect("status");
+    eprintln!(
+        "mirror under replay: {replays} replayed handshakes, {} refused by the secondary, {} \
+         records acknowledged",
+        secondary.handshakes_refused,
+        acked.len()
+    );
+    assert!(replays >= 300, "replayed {replays}");
+    assert!(
+        not_in_sync.is_empty(),
+        "the primary left sync under replay: {not_in_sync:?}"
+    );
+    assert!(secondary.handshakes_refused >= replays / 2);
+    assert!(acked.len() > 100);
+    let missing = lost(&acked, &backing_dir(&t, 1));
+    assert!(missing.is_empty(), "acknowledged records missing on the secondary: {missing:?}");
+    assert!(!t.log(1).contains("replaces the previous one"), "{}", t.log(1));
+}
+
+/// Whoever holds the group key can speak to the secondary as a primary would: it still cannot
+/// plant a device node or a set-user-id file there.
+#[test]
+fn the_secondary_refuses_device_nodes_and_setuid_files() {
+    if !require_root("the_secondary_refuses_device_nodes_and_setuid_files") {
+        return;
+    }
+    let mut t = pair(&App::Records);
+    t.start_farmd(0);
+    t.start_farmd(1);
+    primary_in_sync(&t, 0, Duration::from_secs(60));
+    let key = farm_daemon::secret::Secret::load(&t.key_file())
+        .expect("key")
+        .mirror_key();
+    let target = SocketAddr::from((t.nodes[1].addr4, REPLICATION_PORT));
+    let rogue = |op: farm_mirror::wire::Op| {
+        t.nodes[0].ns.run(move || {
+            let c = TcpStream::connect(target).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(10))).ok();
+            let (mut to, mut from) = farm_mirror::wire::connect(
+                c.try_clone().expect("clone"),
+                c.try_clone().expect("clone"),
+                &key,
+            )
+            .expect("handshake with the group key");
+            to.send(&farm_mirror::wire::Msg::Op(op)).expect("send");
+            to.send(&farm_mirror::wire::Msg::Sync { barrier: 1 })
+                .expect("send");
+            to.flush().expect("flush");
+            from.recv()
+        })
+    };
+    let answers = [
+        rogue(farm_mirror::wire::Op::Mknod {
+            path: b"sda".to_vec(),
+            mode: libc::S_IFBLK | 0o666,
+            rdev: libc::makedev(8, 0),
+        }),
+        rogue(farm_mirror::wire::Op::Create {
+            path: b"rootshell".to_vec(),
+            mode: 0o4755,
+        }),
+    ];
+    for a in &answers {
+        assert!(
+            matches!(a, Ok(farm_mirror::wire::Msg::Failed { message }) if message.contains("refused")),
+            "{a:?}"
+        );
+    }
+    let replica = backing_dir(&t, 1);
+    assert!(!replica.join("sda").exists() && !replica.join("rootshell").exists());
+    let s = mirror_status(&t, 1).expect("status");
+    assert_eq!(s.ops_refused, 2, "{s:?}");
+    let listing = t.farmctl(1, &["mirror", "status"]);
+    assert!(
+        String::from_utf8_lossy(&listing.stdout).contains("REFUSED 2 operations"),
+        "{}",
+        String::from_utf8_lossy(&listing.stdout)
+    );
+    // The real primary (its session was replaced by the rogue one) is back in sync.
+    primary_in_sync(&t, 0, Duration::from_secs(60));
 }
