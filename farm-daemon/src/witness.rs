@@ -1,5 +1,12 @@
 //! The witness: a host a two-member farm pings to decide which side of a partition may serve.
 //! A thread sends an ICMP echo request every `interval` and records when the last reply came.
+//!
+//! A reply counts only if it answers a probe this thread sent recently: from the witness's
+//! address, with the random identifier of this farmd's probes, the probe's sequence number and
+//! the probe's own random token (16 bytes, fresh per probe) echoed back, once. So a host that
+//! cannot see the probes cannot make an unreachable witness look reachable, however many
+//! replies it sprays; one that sees them (on the path, or on a segment flooded to it) can, as
+//! with any ICMP witness: see the README's threat model.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -85,11 +92,17 @@ impl Drop for Witness {
     }
 }
 
-fn echo_request(v6: bool, id: u16, seq: u16) -> Vec<u8> {
+const TAG: &[u8] = b"farm-witness";
+const TOKEN: usize = 16;
+/// Probes remembered (replies to older ones are ignored).
+const OUTSTANDING: usize = 16;
+
+fn echo_request(v6: bool, id: u16, seq: u16, token: &[u8; TOKEN]) -> Vec<u8> {
     let mut m = vec![if v6 { 128 } else { 8 }, 0, 0, 0];
     m.extend_from_slice(&id.to_be_bytes());
     m.extend_from_slice(&seq.to_be_bytes());
-    m.extend_from_slice(b"farm-witness");
+    m.extend_from_slice(TAG);
+    m.extend_from_slice(token);
     if !v6 {
         // ICMPv4 checksum (the kernel computes the ICMPv6 one for raw ICMPv6 sockets).
         let sum = crate::packet::inet_checksum(&[&m]);
@@ -107,15 +120,17 @@ fn probe_loop(
     stop: &AtomicBool,
 ) {
     let v6 = addr.is_ipv6();
-    let id = (std::process::id() & 0xffff) as u16;
+    let id = u16::from_be_bytes(random());
     let dst: socket_addr::Raw = socket_addr::Raw::new(SocketAddr::new(addr, 0));
-    let mut seq: u16 = 0;
+    let mut seq: u16 = u16::from_be_bytes(random());
+    let mut probes = Probes::default();
     let mut next = Instant::now();
     let mut buf = [0u8; 1500];
     while !stop.load(Ordering::Relaxed) {
         if Instant::now() >= next {
             seq = seq.wrapping_add(1);
-            let m = echo_request(v6, id, seq);
+            let token = probes.sent(seq);
+            let m = echo_request(v6, id, seq, &token);
             // SAFETY: valid buffer and address for the lengths given.
             unsafe {
                 libc::sendto(
@@ -129,9 +144,21 @@ fn probe_loop(
             };
             next += interval;
         }
-        // SAFETY: valid buffer; the socket has a receive timeout.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n <= 0 {
+        // SAFETY: zeroed sockaddr_storage is valid; the kernel fills it within its length.
+        let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut from_len = std::mem::size_of_val(&from) as libc::socklen_t;
+        // SAFETY: valid buffers; the socket has a receive timeout.
+        let n = unsafe {
+            libc::recvfrom(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&raw mut from).cast(),
+                &mut from_len,
+            )
+        };
+        if n <= 0 || source(&from) != Some(addr) {
             continue;
         }
         let pkt = &buf[..n as usize];
@@ -140,13 +167,12 @@ fn probe_loop(
             pkt
         } else {
             let ihl = ((pkt[0] & 0x0f) as usize) * 4;
-            if pkt.len() < ihl + 8 || pkt[12..16] != octets(addr)[..] {
-                continue;
+            match pkt.get(ihl..) {
+                Some(icmp) => icmp,
+                None => continue,
             }
-            &pkt[ihl..]
         };
-        let reply_type = if v6 { 129 } else { 0 };
-        if icmp.len() >= 8 && icmp[0] == reply_type && icmp[4..6] == id.to_be_bytes() {
+        if probes.answers(v6, id, icmp) {
             last.store(
                 started.elapsed().as_millis().max(1) as u64,
                 Ordering::Relaxed,
@@ -155,10 +181,110 @@ fn probe_loop(
     }
 }
 
-fn octets(a: IpAddr) -> Vec<u8> {
-    match a {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // SAFETY: getrandom fills the buffer it is given.
+    let got = unsafe { libc::getrandom(b.as_mut_ptr().cast(), N, 0) };
+    assert_eq!(got, N as isize, "getrandom");
+    b
+}
+
+/// The source address of a datagram.
+fn source(s: &libc::sockaddr_storage) -> Option<IpAddr> {
+    match s.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a: libc::sockaddr_in =
+                unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
+            Some(IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes()))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
+            Some(IpAddr::from(a.sin6_addr.s6_addr))
+        }
+        _ => None,
+    }
+}
+
+/// The probes sent recently, each answerable once.
+#[derive(Default)]
+struct Probes {
+    /// (sequence, token), oldest first.
+    recent: std::collections::VecDeque<(u16, [u8; TOKEN])>,
+}
+
+impl Probes {
+    /// A new probe numbered `seq`: its fresh token.
+    fn sent(&mut self, seq: u16) -> [u8; TOKEN] {
+        let token = random();
+        if self.recent.len() == OUTSTANDING {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((seq, token));
+        token
+    }
+
+    /// Whether `icmp` is the echo reply to one of the recent probes (which then cannot be
+    /// answered again).
+    fn answers(&mut self, v6: bool, id: u16, icmp: &[u8]) -> bool {
+        let reply_type = if v6 { 129 } else { 0 };
+        if icmp.len() != 8 + TAG.len() + TOKEN
+            || icmp[0] != reply_type
+            || icmp[4..6] != id.to_be_bytes()
+            || &icmp[8..8 + TAG.len()] != TAG
+        {
+            return false;
+        }
+        let seq = u16::from_be_bytes([icmp[6], icmp[7]]);
+        let token = &icmp[8 + TAG.len()..];
+        match self
+            .recent
+            .iter()
+            .position(|(s, t)| *s == seq && t[..] == *token)
+        {
+            Some(i) => {
+                self.recent.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(id: u16, seq: u16, token: &[u8]) -> Vec<u8> {
+        let mut m = vec![0, 0, 0, 0];
+        m.extend_from_slice(&id.to_be_bytes());
+        m.extend_from_slice(&seq.to_be_bytes());
+        m.extend_from_slice(TAG);
+        m.extend_from_slice(token);
+        m
+    }
+
+    #[test]
+    fn only_a_reply_echoing_a_recent_probes_token_counts_and_only_once() {
+        let mut p = Probes::default();
+        let t1 = p.sent(1);
+        let t2 = p.sent(2);
+        assert!(!p.answers(false, 7, &reply(8, 1, &t1)), "another identifier");
+        assert!(!p.answers(false, 7, &reply(7, 1, &t2)), "another probe's token");
+        assert!(!p.answers(false, 7, &reply(7, 3, &t1)), "a probe never sent");
+        assert!(!p.answers(false, 7, &reply(7, 1, &[0; TOKEN])), "a guessed token");
+        assert!(!p.answers(true, 7, &reply(7, 1, &t1)), "an ICMPv4 reply type on v6");
+        assert!(p.answers(false, 7, &reply(7, 1, &t1)));
+        assert!(!p.answers(false, 7, &reply(7, 1, &t1)), "answered twice");
+        assert!(p.answers(false, 7, &reply(7, 2, &t2)));
+        // Old probes are forgotten.
+        let old = p.sent(100);
+        for s in 101..=(100 + OUTSTANDING as u16) {
+            p.sent(s);
+        }
+        assert!(!p.answers(false, 7, &reply(7, 100, &old)));
     }
 }
 

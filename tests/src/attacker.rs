@@ -133,38 +133,6 @@ pub fn tcp_stream(segments: &[Tcp]) -> Vec<u8> {
     out
 }
 
-/// An IPv4 UDP frame from `src` (any address: the attacker spoofs) to `dst`.
-pub fn udp4_frame(
-    eth_src: [u8; 6],
-    eth_dst: [u8; 6],
-    src: (Ipv4Addr, u16),
-    dst: (Ipv4Addr, u16),
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut f = Vec::with_capacity(42 + payload.len());
-    f.extend_from_slice(&eth_dst);
-    f.extend_from_slice(&eth_src);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    let total = (20 + 8 + payload.len()) as u16;
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 17;
-    ip[12..16].copy_from_slice(&src.0.octets());
-    ip[16..20].copy_from_slice(&dst.0.octets());
-    let sum = crate::frames::checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&src.1.to_be_bytes());
-    f.extend_from_slice(&dst.1.to_be_bytes());
-    f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    // A zero UDP checksum: "none" over IPv4.
-    f.extend_from_slice(&[0, 0]);
-    f.extend_from_slice(payload);
-    f
-}
-
 /// A frame as a host on a real wire would have seen it. Captured between veths, a UDP
 /// checksum the sender's stack left to the (virtual) NIC is still partial; over IPv4 a zero
 /// checksum means "none", which is what a replay then carries.
@@ -178,10 +146,52 @@ fn as_on_the_wire(f: &mut [u8]) {
     }
 }
 
+/// An IPv4 UDP frame from `src` (any address: the attacker spoofs) to `dst`.
+pub fn udp4_frame(
+    eth: ([u8; 6], [u8; 6]),
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    let ip = crate::frames::V4::new(src.0, dst.0, 17).build(&crate::frames::udp(src.1, dst.1, payload));
+    crate::frames::eth(eth.1, eth.0, 0x0800, &ip)
+}
+
+/// An ICMPv4 echo reply frame from `src` (spoofed) to `dst`.
+pub fn echo_reply4(
+    eth: ([u8; 6], [u8; 6]),
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ident: u16,
+    seq: u16,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut rest = [0u8; 4];
+    rest[..2].copy_from_slice(&ident.to_be_bytes());
+    rest[2..].copy_from_slice(&seq.to_be_bytes());
+    let mut icmp = crate::frames::icmp(0, 0, rest, body);
+    let sum = crate::frames::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let ip = crate::frames::V4::new(src, dst, 1).build(&icmp);
+    crate::frames::eth(eth.1, eth.0, 0x0800, &ip)
+}
+
 impl Attacker {
     /// Plugs an attacker host into the topology's switch and makes the switch flood every
-    /// frame to every port.
+    /// frame to every port (a switch whose MAC table overflowed, or a mirrored port): it sees
+    /// the members' traffic.
     pub fn plug(t: &Topology) -> Self {
+        let a = Self::plug_blind(t);
+        let out = t
+            .switch
+            .ip(&["link", "set", "br0", "type", "bridge", "ageing_time", "0"]);
+        assert!(out.status.success(), "bridge ageing_time 0: {out:?}");
+        a
+    }
+
+    /// Plugs an attacker host into the topology's switch, which goes on switching: the
+    /// attacker sees only what is flooded or sent to it.
+    pub fn plug_blind(t: &Topology) -> Self {
         let ns = Netns::new(format!("{}-ev", t.stem));
         t.switch.ip(&[
             "link", "add", "ev", "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
@@ -189,10 +199,6 @@ impl Attacker {
         t.switch.ip(&["link", "set", "ev", "master", "br0", "up"]);
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["addr", "add", &format!("{ATTACKER_ADDR4}/16"), "dev", "eth0"]);
-        let out = t
-            .switch
-            .ip(&["link", "set", "br0", "type", "bridge", "ageing_time", "0"]);
-        assert!(out.status.success(), "bridge ageing_time 0: {out:?}");
         Self { ns }
     }
 
@@ -221,6 +227,11 @@ impl Attacker {
             }
             frames
         })
+    }
+
+    /// The attacker's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.ns.run(|| crate::probe::mac_of("eth0"))
     }
 
     /// Sends `frames` in turn, over and over, `per_second` frames a second (in bursts every

@@ -84,7 +84,7 @@ fn raw_socket(iface: &str) -> (OwnedFd, i32) {
 }
 
 /// The MAC address of `iface` (in the calling thread's namespace).
-fn mac_of(iface: &str) -> [u8; 6] {
+pub fn mac_of(iface: &str) -> [u8; 6] {
     // SAFETY: plain socket call; checked.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
     assert!(fd >= 0);

@@ -171,3 +171,80 @@ fn replayed_drill_orders_do_nothing() {
         );
     }
 }
+
+#[test]
+fn spoofed_witness_replies_do_not_give_a_cut_off_member_quorum() {
+    if !farm_tests::require_root("spoofed_witness_replies_do_not_give_a_cut_off_member_quorum") {
+        return;
+    }
+    let mut t = Topology::build(Spec {
+        nodes: 2,
+        client_addrs: 20,
+        ..Spec::default()
+    });
+    let witness = t.client_v4[0];
+    for i in 0..2 {
+        let cfg = std::fs::read_to_string(&t.nodes[i].config)
+            .expect("config")
+            .replace(
+                "[cluster]\n",
+                &format!("[cluster]\nwitness = \"{witness}\"\n"),
+            );
+        std::fs::write(&t.nodes[i].config, cfg).expect("config");
+    }
+    t.start_all();
+    t.wait_converged(&[0, 1], Duration::from_secs(20));
+    // n1 is cut off: from n2's heartbeats and from the witness (its pings never leave).
+    t.nft(
+        0,
+        &format!(
+            "table inet cut {{\n  chain in {{\n    type filter hook input priority 0;\n    udp dport {HB_PORT} drop\n\
+             \x20 }}\n  chain out {{\n    type filter hook output priority 0;\n    udp dport {HB_PORT} drop\n\
+             \x20   ip daddr {witness} icmp type echo-request drop\n  }}\n}}\n"
+        ),
+    );
+    farm_tests::wait_until(
+        "n1 gives up its quorum",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || (!t.status(0).expect("status").quorum).then_some(()),
+    );
+    // The attacker, on the switch but not on n1's path, sprays echo replies "from the
+    // witness": every identifier (farmd's pid among them), many sequence numbers.
+    let eve = Attacker::plug_blind(&t);
+    let eth = (eve.mac(), t.node_mac(0));
+    let n1 = t.nodes[0].addr4;
+    let mut spray = Vec::with_capacity(1 << 16);
+    for ident in 0..=u16::MAX {
+        let seq = ident.wrapping_mul(7919);
+        spray.push(attacker::echo_reply4(
+            eth,
+            witness,
+            n1,
+            ident,
+            seq,
+            b"farm-witness0123456789abcdef",
+        ));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = eve.send_loop(spray, 40_000, Duration::from_secs(8), stop);
+    let started = std::time::Instant::now();
+    let mut quorum_seen = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        let s = t.status(0).expect("status");
+        if s.quorum || s.heartbeat.witness.as_ref().is_some_and(|w| w.reachable) {
+            quorum_seen += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sent = sender.join().expect("sender");
+    eprintln!("sprayed {sent} spoofed witness replies at n1");
+    assert!(sent > 100_000, "sprayed {sent}");
+    assert_eq!(quorum_seen, 0, "a spoofed reply gave the cut-off n1 the witness");
+    // n2 serves everything; n1 nothing.
+    let predicted = t.owners(1, &t.clients4());
+    assert!(predicted.values().all(|o| o == "n2"), "{predicted:?}");
+    for a in t.ask_vip4(&t.clients4()) {
+        assert_eq!(a.node.as_deref(), Some("n2"), "{a:?}");
+    }
+}
