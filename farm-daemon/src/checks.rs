@@ -23,6 +23,18 @@ pub struct Outcome {
     /// gives them away at once.
     pub answered: bool,
     pub detail: String,
+    /// The probe could not run for a reason of this host's (no file descriptor, no memory):
+    /// it says nothing of the application, and the check keeps its state.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inconclusive: bool,
+}
+
+/// Whether an error is this host running out of something, not the application failing.
+pub fn local_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)
+    )
 }
 
 impl Outcome {
@@ -31,6 +43,7 @@ impl Outcome {
             ok: true,
             answered: true,
             detail: detail.into(),
+            inconclusive: false,
         }
     }
     fn fail(answered: bool, detail: impl Into<String>) -> Self {
@@ -38,6 +51,15 @@ impl Outcome {
             ok: false,
             answered,
             detail: detail.into(),
+            inconclusive: false,
+        }
+    }
+    fn inconclusive(detail: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            answered: false,
+            detail: detail.into(),
+            inconclusive: true,
         }
     }
 }
@@ -48,6 +70,9 @@ pub async fn probe(p: &Probe, timeout: Duration) -> Outcome {
         Probe::Tcp(addr) => {
             match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
                 Ok(Ok(_)) => Outcome::pass("connected"),
+                Ok(Err(e)) if local_exhaustion(&e) => {
+                    Outcome::inconclusive(format!("this host cannot connect: {e}"))
+                }
                 Ok(Err(e)) => Outcome::fail(false, format!("connect: {e}")),
                 Err(_) => Outcome::fail(false, format!("no connection within {timeout:?}")),
             }
@@ -120,6 +145,9 @@ fn http(
         .into();
     let mut resp = match agent.get(url).call() {
         Ok(r) => r,
+        Err(ureq::Error::Io(e)) if local_exhaustion(&e) => {
+            return Outcome::inconclusive(format!("this host cannot connect: {e}"));
+        }
         Err(e) => return Outcome::fail(false, e.to_string()),
     };
     let status = resp.status().as_u16();
@@ -328,9 +356,16 @@ impl Health {
         self.max_per_minute = max_per_minute;
     }
 
-    /// Takes in a result; returns the change of the member's health it causes, if any.
+    /// Takes in a result; returns the change of the member's health it causes, if any. An
+    /// inconclusive result (this host out of descriptors or memory) is shown but changes
+    /// nothing: a member short of file descriptors is not a member whose application failed.
     pub fn record(&mut self, i: usize, o: Outcome, now: Instant) -> Option<Change> {
         let t = self.checks.get_mut(i)?;
+        if o.inconclusive {
+            tracing::warn!("check {} could not run: {}", t.check.name, o.detail);
+            t.last = Some((o, now));
+            return None;
+        }
         t.streak = match (o.ok, t.streak) {
             (true, s) if s > 0 => s + 1,
             (true, _) => 1,

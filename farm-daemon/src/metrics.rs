@@ -129,6 +129,11 @@ async fn respond(s: &mut TcpStream, status: &str, content_type: &str, body: &str
     let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
 }
 
+/// Connections served at a time; more are closed at once. A scraper needs one; the cap keeps
+/// a flood of idle connections from taking farmd's file descriptors (which its health checks
+/// and heartbeats need).
+pub const MAX_CONNECTIONS: usize = 32;
+
 /// Serves the endpoint until the process ends. `render` produces the metrics text (it asks
 /// the main loop).
 pub async fn serve<F, Fut>(listener: TcpListener, render: F)
@@ -136,13 +141,27 @@ where
     F: Fn(Render) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Option<String>> + Send,
 {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut refused: u64 = 0;
     loop {
-        let Ok((mut s, _)) = listener.accept().await else {
+        let Ok((mut s, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    "metrics endpoint: {MAX_CONNECTIONS} connections open, closing one from \
+                     {peer} ({refused} so far)"
+                );
+            }
+            drop(s);
             continue;
         };
         let render = render.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let Some(head) = read_head(&mut s).await else {
                 return;
             };

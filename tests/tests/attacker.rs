@@ -248,3 +248,85 @@ fn spoofed_witness_replies_do_not_give_a_cut_off_member_quorum() {
         assert_eq!(a.node.as_deref(), Some("n2"), "{a:?}");
     }
 }
+
+#[test]
+fn two_thousand_idle_connections_to_the_metrics_port_move_no_bucket() {
+    let Some(t) = Topology::started(
+        "two_thousand_idle_connections_to_the_metrics_port_move_no_bucket",
+        Spec {
+            nodes: 3,
+            client_addrs: 60,
+            extra_config: "\n[metrics]\nenabled = true\nlisten = \"0.0.0.0:9464\"\n\n\
+                           [[check]]\nname = \"web\"\nkind = \"tcp\"\naddress = \"127.0.0.1:80\"\n\
+                           interval_ms = 200\nrise = 2\nfall = 2\n"
+                .into(),
+            ..Spec::default()
+        },
+    ) else {
+        return;
+    };
+    // As systemd starts services: 1024 open files at most.
+    let pid = t.nodes[0].farmd.as_ref().expect("farmd").id();
+    let out = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), "--nofile=1024:1024"])
+        .output()
+        .expect("prlimit");
+    assert!(out.status.success(), "{out:?}");
+    let clients = t.clients4();
+    let before = t.owners(0, &clients);
+    let lost_before = t.status(0).expect("status").heartbeat.counters.peers_lost;
+    let eve = Attacker::plug_blind(&t);
+    let target = std::net::SocketAddr::from((t.nodes[0].addr4, 9464));
+    let stop = Arc::new(AtomicBool::new(false));
+    let holder = {
+        let stop = stop.clone();
+        eve.ns.spawn(move || {
+            let mut conns: Vec<Option<std::net::TcpStream>> = (0..2000).map(|_| None).collect();
+            let (mut opened, mut most_open) = (0u64, 0usize);
+            let mut buf = [0u8; 1];
+            while !stop.load(Ordering::Relaxed) {
+                for c in conns.iter_mut() {
+                    let alive = c.as_ref().is_some_and(|s| {
+                        matches!(s.peek(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                    });
+                    if !alive {
+                        *c = std::net::TcpStream::connect_timeout(
+                            &target,
+                            Duration::from_millis(20),
+                        )
+                        .ok();
+                        if let Some(s) = c {
+                            s.set_nonblocking(true).ok();
+                            opened += 1;
+                        }
+                    }
+                }
+                most_open = most_open.max(conns.iter().flatten().count());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (opened, most_open)
+        })
+    };
+    let started = std::time::Instant::now();
+    let mut problems = Vec::new();
+    while started.elapsed() < Duration::from_secs(20) {
+        let s = t.status(0).expect("status");
+        if s.members.iter().any(|m| m.state != MemberState::Serving) {
+            problems.push(format!("{:?}", s.members));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (opened, most_open) = holder.join().expect("holder");
+    eprintln!(
+        "metrics flood: {opened} connections opened, up to {most_open} open at once, against a \
+         farmd limited to 1024 open files"
+    );
+    assert!(opened >= 2000, "{opened}");
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(t.owners(0, &clients), before, "buckets moved");
+    let s = t.status(0).expect("status");
+    assert_eq!(s.heartbeat.counters.peers_lost, lost_before);
+    assert!(s.checks_failing.is_empty(), "{:?}", s.checks_failing);
+    assert!(t.metrics(0).contains_key("farm_buckets_owned{member=\"n1\"}"));
+}

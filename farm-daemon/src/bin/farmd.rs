@@ -80,11 +80,34 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    raise_descriptor_limit();
     match run(cfg) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", report(&e));
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises the soft limit of open files towards the hard one, to at most 65536 (systemd and
+/// most shells start services at 1024; commands farmd runs inherit it, and some of them walk
+/// every possible descriptor): farmd's sockets, maps and health checks must not run out
+/// because a client holds connections open.
+fn raise_descriptor_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        let want = |l: &libc::rlimit| l.rlim_max.min(65536);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < want(&l) {
+            let before = l.rlim_cur;
+            l.rlim_cur = want(&l);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) == 0 {
+                tracing::debug!("open files: limit raised from {before} to {}", l.rlim_cur);
+            }
         }
     }
 }
