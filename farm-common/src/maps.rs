@@ -33,6 +33,11 @@ pub const MAP_BUCKETS_0: &str = "FARM_BUCKETS_0";
 pub const MAP_BUCKETS_1: &str = "FARM_BUCKETS_1";
 pub const MAP_BUCKET_COUNTERS: &str = "FARM_BUCKET_COUNTERS";
 pub const MAP_STATS: &str = "FARM_STATS";
+/// Heartbeat source addresses (IPv4 as IPv4-mapped IPv6) of the configured members: datagrams
+/// to the heartbeat port from any other address are dropped (see `Control::hb_port`).
+pub const MAP_HB_PEERS: &str = "FARM_HB_PEERS";
+/// Entries of `FARM_HB_PEERS`: 64 members, a few heartbeat networks each.
+pub const HB_PEERS_MAX: u32 = 512;
 pub const PROG_XDP: &str = "farm_xdp";
 pub const PROG_EGRESS: &str = "farm_egress";
 pub const PROG_INGRESS: &str = "farm_ingress";
@@ -60,7 +65,11 @@ pub struct Control {
     pub cluster_mac: [u8; 6],
     /// Which VIP table is live: 0 = `FARM_VIPS_0`, 1 = `FARM_VIPS_1` (swapped like buckets).
     pub vip_table: u8,
-    pub _reserved: [u8; 3],
+    /// The heartbeat UDP port, big-endian (0: no filter). UDP datagrams to it that are not for
+    /// a VIP and come from an address not in `FARM_HB_PEERS` are dropped before the kernel
+    /// queues them for farmd: a flood from anywhere else costs the heartbeat thread nothing.
+    pub hb_port: [u8; 2],
+    pub _reserved: [u8; 1],
     /// Handover switch points (bit i = member i), written together with `active_table` so a new
     /// table never meets the masks of an old move:
     /// - `givers_ready`: previous owners that have released their OUTGOING buckets (take no new
@@ -338,6 +347,8 @@ pub mod stat {
     /// the tc ingress program with the tag the frame had in its metadata, if any (see
     /// `REFLECT_META`).
     pub const ANSWERS_REFLECTED: u32 = 28;
+    /// Datagrams to the heartbeat port from an address that is no member's, dropped.
+    pub const HEARTBEAT_FOREIGN: u32 = 29;
     pub const COUNT: u32 = 32;
 
     /// Names for display, indexed like the constants (empty = unused slot).
@@ -371,7 +382,7 @@ pub mod stat {
         "mirror_accepted",
         "mirror_dropped",
         "answers_reflected",
-        "",
+        "heartbeat_foreign_dropped",
         "",
         "",
     ];
@@ -390,7 +401,7 @@ mod pod {
 }
 
 // No implicit padding anywhere: the sizes are the sums of the fields.
-const _: () = assert!(core::mem::size_of::<Control>() == 8 + 16 + 4 + 4 + 6 + 6 + 1 + 3 + 8 + 8);
+const _: () = assert!(core::mem::size_of::<Control>() == 8 + 16 + 4 + 4 + 6 + 6 + 1 + 2 + 1 + 8 + 8);
 const _: () = assert!(core::mem::size_of::<VipSlot>() == 16 + 72 + 1 + 7);
 const _: () = assert!(core::mem::size_of::<BucketEntry>() == 4);
 const _: () = assert!(core::mem::size_of::<BucketCounters>() == 32);

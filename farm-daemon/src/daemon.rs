@@ -370,6 +370,12 @@ impl Daemon {
 
         let mut dp = Dataplane::load()?;
         dp.set_identity(hash_key, link.mac, cluster_mac)?;
+        let heartbeat_sources: Vec<IpAddr> = cfg
+            .members
+            .iter()
+            .flat_map(|m| m.heartbeat_addrs.iter().copied())
+            .collect();
+        dp.set_heartbeat_filter(cfg.heartbeat.port, &heartbeat_sources)?;
         dp.set_vips(&cfg.vips)?;
         if let Some(m) = &cfg.mirror {
             // Nobody's until this node is the group's primary.

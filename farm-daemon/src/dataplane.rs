@@ -12,7 +12,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, IterableMap as _, MapData, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuArray},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -21,7 +21,7 @@ use aya::{
 };
 use farm_common::{
     BUCKETS, BucketCounters, BucketEntry, Control, MAP_BUCKET_COUNTERS, MAP_BUCKETS_0,
-    MAP_BUCKETS_1, MAP_CONTROL, MAP_STATS, MAP_VIPS_0, MAP_VIPS_1, PROG_EGRESS, PROG_EMPTY,
+    MAP_BUCKETS_1, MAP_CONTROL, MAP_HB_PEERS, MAP_STATS, MAP_VIPS_0, MAP_VIPS_1, PROG_EGRESS, PROG_EMPTY,
     PROG_INGRESS, PROG_TX, PROG_XDP, PortRule, VIP_SLOTS, VipInfo, VipKey, VipSlot, stat, vip_slot,
 };
 
@@ -262,6 +262,8 @@ pub struct Dataplane {
     shadow: [Vec<BucketEntry>; 2],
     counters: BucketCounterReader,
     stats: PerCpuArray<MapData, u64>,
+    /// Members' heartbeat addresses (see `set_heartbeat_filter`).
+    hb_peers: BpfHashMap<MapData, [u8; 16], u8>,
     links: Vec<PinnedLink>,
     /// Where each link is pinned.
     pins: Vec<PathBuf>,
@@ -311,6 +313,8 @@ impl Dataplane {
         let counters = PerCpuArray::try_from(take(MAP_BUCKET_COUNTERS)?)
             .map_err(map_err(MAP_BUCKET_COUNTERS))?;
         let stats = PerCpuArray::try_from(take(MAP_STATS)?).map_err(map_err(MAP_STATS))?;
+        let hb_peers =
+            BpfHashMap::try_from(take(MAP_HB_PEERS)?).map_err(map_err(MAP_HB_PEERS))?;
         let zero = vec![BucketEntry::default(); BUCKETS as usize];
         Ok(Self {
             ebpf,
@@ -330,6 +334,7 @@ impl Dataplane {
             shadow: [zero.clone(), zero],
             counters: BucketCounterReader(std::sync::Arc::new(counters)),
             stats,
+            hb_peers,
             links: Vec::new(),
             pins: Vec::new(),
             xdp_mode: None,
@@ -370,6 +375,35 @@ impl Dataplane {
             c.if_mac = if_mac;
             c.cluster_mac = cluster_mac;
         })
+    }
+
+    /// Drops datagrams to the heartbeat `port` (not for a VIP) from any address but `peers`,
+    /// every member's heartbeat addresses, in the data plane: a flood from elsewhere never
+    /// reaches farmd's heartbeat socket. The addresses go in before the port, so no genuine
+    /// heartbeat is dropped on the way; port 0 turns the filter off.
+    pub fn set_heartbeat_filter(
+        &mut self,
+        port: u16,
+        peers: &[IpAddr],
+    ) -> Result<(), DataplaneError> {
+        let want: std::collections::BTreeSet<[u8; 16]> =
+            peers.iter().map(|a| vip_key(*a).addr).collect();
+        let stale: Vec<[u8; 16]> = self
+            .hb_peers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.contains(k))
+            .collect();
+        for k in &want {
+            self.hb_peers
+                .insert(k, 1, 0)
+                .map_err(map_err(MAP_HB_PEERS))?;
+        }
+        self.control.update(|c| c.hb_port = port.to_be_bytes())?;
+        for k in &stale {
+            self.hb_peers.remove(k).map_err(map_err(MAP_HB_PEERS))?;
+        }
+        Ok(())
     }
 
     /// Replaces the VIP table: the idle table is filled (each VIP in a slot of its own) and then

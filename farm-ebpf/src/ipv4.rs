@@ -1,7 +1,7 @@
 //! IPv4: header (any IHL), fragments, TCP/UDP ports, ICMP echo and ICMP errors.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use farm_common::{BucketKey, Control, VipInfo, affinity, proto_mask, stat};
+use farm_common::{BucketKey, Control, VipInfo, VipKey, affinity, proto_mask, stat};
 
 use crate::{maps, ptr::load, verdict};
 
@@ -93,8 +93,7 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
         }
     };
     let Some(vip) = maps::vip_v4(ctl, h.dst) else {
-        maps::stat(stat::NOT_VIP);
-        return xdp_action::XDP_PASS;
+        return not_vip(ctx, ctl, &h, l3);
     };
     if vip.mirror != farm_common::mirror::FARM {
         return verdict::mirror(ctx, ctl, vip.mirror);
@@ -133,6 +132,22 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
         }
         _ => verdict::deliver(ctx, ctl, BucketKey::V4(h.src), None),
     }
+}
+
+/// Not for a VIP: passed, unless it is a datagram to the heartbeat port from an address that
+/// is no member's (dropped: a flood must not reach farmd's heartbeat socket).
+#[inline(always)]
+fn not_vip(ctx: &XdpContext, ctl: &Control, h: &Hdr, l3: usize) -> u32 {
+    maps::stat(stat::NOT_VIP);
+    if h.proto == IPPROTO_UDP
+        && !h.is_fragment
+        && let Some(ports) = load::<[u8; 4]>(ctx, l3 + (h.ihl_bytes & 0x3c))
+        && maps::foreign_heartbeat(ctl, [ports[2], ports[3]], &VipKey::v4(h.src).addr)
+    {
+        maps::stat(stat::HEARTBEAT_FOREIGN);
+        return xdp_action::XDP_DROP;
+    }
+    xdp_action::XDP_PASS
 }
 
 /// An ICMP error quotes the packet that caused it: a packet the VIP sent to a client. Its

@@ -124,6 +124,15 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
             return ndp::multicast(ctx, ctl, l3);
         }
         maps::stat(stat::NOT_VIP);
+        // A datagram to the heartbeat port (UDP right after the fixed header, as farmd
+        // sends them) from an address that is no member's: dropped.
+        if hdr[6] == IPPROTO_UDP
+            && let Some(ports) = load::<[u8; 4]>(ctx, l3 + 40)
+            && maps::foreign_heartbeat(ctl, [ports[2], ports[3]], &src)
+        {
+            maps::stat(stat::HEARTBEAT_FOREIGN);
+            return xdp_action::XDP_DROP;
+        }
         return xdp_action::XDP_PASS;
     };
     if hdr[0] >> 4 != 6 {

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use farm_common::{
     BUCKETS, BucketCounters, BucketEntry, Control, VIP_SLOTS, VipInfo, VipKey, VipSlot, vip_slot,
@@ -33,6 +33,20 @@ static FARM_BUCKET_COUNTERS: PerCpuArray<BucketCounters> =
 
 #[map]
 static FARM_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(farm_common::stat::COUNT, 0);
+
+#[map]
+static FARM_HB_PEERS: HashMap<[u8; 16], u8> =
+    HashMap::with_max_entries(farm_common::HB_PEERS_MAX, 0);
+
+/// Whether a datagram `to` the heartbeat port from `from` (IPv6, or IPv4-mapped) is dropped:
+/// the filter is on and `from` is no member's heartbeat address.
+#[inline(always)]
+pub fn foreign_heartbeat(ctl: &Control, to_port: [u8; 2], from: &[u8; 16]) -> bool {
+    ctl.hb_port != [0, 0]
+        && to_port == ctl.hb_port
+        // SAFETY: the value is not kept beyond the lookup.
+        && unsafe { FARM_HB_PEERS.get(from) }.is_none()
+}
 
 #[inline(always)]
 pub fn control() -> Option<&'static Control> {

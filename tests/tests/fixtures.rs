@@ -995,3 +995,57 @@ fn handover_keeps_connections_with_their_owner() {
     });
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn heartbeats_from_strangers_are_dropped_before_the_stack() {
+    if !require_root("heartbeats_from_strangers_are_dropped_before_the_stack") {
+        return;
+    }
+    let mut dp = dataplane();
+    const HB: u16 = 7946;
+    let member4 = Ipv4Addr::new(10, 201, 0, 12);
+    let member6: Ipv6Addr = "fd00:201::12".parse().expect("v6");
+    let stranger6: Ipv6Addr = "fd00:201::99".parse().expect("v6");
+    let to_me = |src: Ipv4Addr, dport: u16| {
+        eth(
+            IF_MAC,
+            CLIENT_MAC,
+            0x0800,
+            &V4::new(src, OTHER4, 17).build(&udp(HB, dport, b"FRMH")),
+        )
+    };
+    let to_me6 = |src: Ipv6Addr, dport: u16| {
+        v6_frame(
+            IF_MAC,
+            src,
+            "fd00:201::11".parse().expect("v6"),
+            17,
+            &[],
+            &udp(HB, dport, b"FRMH"),
+        )
+    };
+    // Off (port 0): everything passes, as before farmd configures it.
+    assert_eq!(run(&mut dp, &to_me(ROUTER4, HB)).0, XDP_PASS);
+    dp.set_heartbeat_filter(HB, &[member4.into(), member6.into()])
+        .expect("filter");
+    assert_eq!(run(&mut dp, &to_me(member4, HB)).0, XDP_PASS, "a member");
+    assert_eq!(run(&mut dp, &to_me(ROUTER4, HB)).0, XDP_DROP, "a stranger");
+    assert_eq!(
+        run(&mut dp, &to_me(ROUTER4, HB + 1)).0,
+        XDP_PASS,
+        "another port"
+    );
+    assert_eq!(run(&mut dp, &to_me6(member6, HB)).0, XDP_PASS, "a member (v6)");
+    assert_eq!(run(&mut dp, &to_me6(stranger6, HB)).0, XDP_DROP, "a stranger (v6)");
+    // VIP traffic on that port is the service's, not heartbeats.
+    let vip = v4_frame(&V4::new(ROUTER4, VIP4, 17), &udp(40000, HB, b"x"));
+    assert_eq!(
+        run(&mut dp, &vip).0,
+        verdict(BucketKey::V4(ROUTER4.octets())),
+        "VIP traffic"
+    );
+    // A member removed from the list is a stranger.
+    dp.set_heartbeat_filter(HB, &[member6.into()]).expect("filter");
+    assert_eq!(run(&mut dp, &to_me(member4, HB)).0, XDP_DROP);
+    assert!(dp.stats().expect("stats")["heartbeat_foreign_dropped"] >= 3);
+}
