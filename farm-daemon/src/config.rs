@@ -38,6 +38,12 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Syntax { path: PathBuf, message: String },
+    #[error(
+        "{path} is {problem}: it holds commands farmd runs as root (hooks, checks, mirror \
+         commands), so only root (or farmd's user) may change it: run `chown root {path}; \
+         chmod go-w {path}`"
+    )]
+    Untrusted { path: PathBuf, problem: String },
     #[error("{path}: {} mistake(s):\n{}", .errors.len(), format_errors(.errors))]
     Invalid {
         path: PathBuf,
@@ -704,11 +710,38 @@ pub struct Config {
 
 impl Config {
     /// Reads and validates a configuration file.
+    /// Reads and validates the file; refuses one that someone other than root or farmd's user
+    /// could have written (checked on the file read, not on the path beforehand).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::{io::Read as _, os::unix::fs::MetadataExt as _};
+        let read_err = |source| ConfigError::Read {
             path: path.into(),
             source,
-        })?;
+        };
+        let mut f = std::fs::File::open(path).map_err(read_err)?;
+        let meta = f.metadata().map_err(read_err)?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let problem = if !meta.file_type().is_file() {
+            Some("not a regular file".to_string())
+        } else if meta.uid() != 0 && meta.uid() != me {
+            Some(format!("owned by uid {}", meta.uid()))
+        } else if meta.mode() & 0o022 != 0 {
+            Some(format!(
+                "writable by group or others (mode {:o})",
+                meta.mode() & 0o777
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(ConfigError::Untrusted {
+                path: path.into(),
+                problem,
+            });
+        }
+        let mut text = String::new();
+        f.read_to_string(&mut text).map_err(read_err)?;
         Self::parse(&text, path)
     }
 

@@ -60,8 +60,12 @@ pub enum Request {
     MirrorStatus,
     /// A planned role swap of the mirror group (no data loss).
     MirrorSwap,
-    /// Make this member the mirror group's primary whatever its copy (last resort).
-    MirrorPromote,
+    /// Make this member the mirror group's primary whatever its copy (last resort); refused
+    /// unless `force` (farmd checks it, whatever client sends the request).
+    MirrorPromote {
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 /// Something that happened, for the status page.

@@ -12,7 +12,7 @@ use std::{
 
 use farm_common::{BUCKETS, BucketKey, HashKey, bucket_of};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
 };
@@ -65,6 +65,13 @@ pub enum DaemonError {
          control.socket"
     )]
     SocketInUse(PathBuf),
+    #[error(
+        "the control socket's directory {} is owned by uid {uid} or writable by others (mode \
+         {mode:o}): someone else could replace the socket; use a directory only root writes \
+         (control.socket, default /run/farm/farmd.sock)",
+        dir.display()
+    )]
+    UnsafeSocketDir { dir: PathBuf, uid: u32, mode: u32 },
     #[error(
         "interface {interface} already has an XDP program (id {id}, {mode} mode) that farmd did \
          not attach; remove it (`ip link set dev {interface} xdp off`) or use another interface"
@@ -218,10 +225,14 @@ fn netns_id() -> Result<u64, DaemonError> {
 }
 
 fn take_lock(path: &Path, interface: &str) -> Result<File, DaemonError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // Never through a symlink (someone could point it at a file farmd would then truncate).
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(io(format!("opening lock file {}", path.display())))?;
     // SAFETY: flock on an fd we own.
@@ -239,6 +250,7 @@ fn take_lock(path: &Path, interface: &str) -> Result<File, DaemonError> {
 fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        safe_parent(dir)?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -246,10 +258,53 @@ fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
         }
         std::fs::remove_file(path).map_err(io(format!("removing stale {}", path.display())))?;
     }
-    let l = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
+    // Created 0600 (no moment where others could connect), and made sure of afterwards.
+    // SAFETY: umask has no memory-safety preconditions; nothing else creates files while
+    // farmd sets up.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let l = bound.map_err(io(format!("binding {}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(io(format!("restricting {}", path.display())))?;
     Ok(l)
+}
+
+/// The longest control request accepted (a request is one JSON line of a few hundred bytes).
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// Refuses a directory for the control socket that someone else could replace it in: owned by
+/// another user than farmd's, or writable by group or others without the sticky bit.
+fn safe_parent(dir: &Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(dir).map_err(io(format!("reading {}", dir.display())))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let shared = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
+    if (m.uid() != me && m.uid() != 0) || shared {
+        return Err(DaemonError::UnsafeSocketDir {
+            dir: dir.into(),
+            uid: m.uid(),
+            mode: m.mode() & 0o7777,
+        });
+    }
+    Ok(())
+}
+
+/// Whether a control client may give orders: root or farmd's own user (the socket is 0600;
+/// this holds also where the file's mode was changed).
+fn client_allowed(stream: &UnixStream) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    match stream.peer_cred() {
+        Ok(c) if c.uid() == 0 || c.uid() == me => Ok(()),
+        Ok(c) => Err(format!(
+            "control requests are for root or farmd's user; this client runs as uid {}",
+            c.uid()
+        )),
+        Err(e) => Err(format!("cannot tell who the client is: {e}")),
+    }
 }
 
 impl Daemon {
@@ -576,7 +631,12 @@ impl Daemon {
                 }
                 Err(message) => Response::Error { message },
             },
-            Request::MirrorPromote => {
+            Request::MirrorPromote { force: false } => Response::Error {
+                message: "a forced promotion may lose data the old primary acknowledged: the \
+                          request must say force (farmctl mirror promote --force)"
+                    .into(),
+            },
+            Request::MirrorPromote { force: true } => {
                 let mut effects = Vec::new();
                 let r = g.force_promote(view, &mut effects);
                 self.mirror_effects(effects);
@@ -1016,15 +1076,21 @@ impl Daemon {
     /// or silent client never holds up heartbeats. Only `handle` runs on the main loop.
     fn serve_client(stream: UnixStream, requests: ControlQueue) {
         tokio::spawn(async move {
+            let allowed = client_allowed(&stream);
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
+            // One request line, of bounded size.
             let read = tokio::time::timeout(
                 Duration::from_secs(2),
-                BufReader::new(r).read_line(&mut line),
+                BufReader::new(r.take(MAX_REQUEST)).read_line(&mut line),
             )
             .await;
-            let response = match read {
-                Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            let response = match (read, allowed) {
+                (_, Err(message)) => Response::Error { message },
+                (Ok(Ok(_)), Ok(())) if !line.ends_with('\n') => Response::Error {
+                    message: format!("bad request: longer than {MAX_REQUEST} bytes or unfinished"),
+                },
+                (Ok(Ok(_)), Ok(())) => match serde_json::from_str::<Request>(&line) {
                     Ok(req) => {
                         let (tx, rx) = tokio::sync::oneshot::channel();
                         if requests.send((req, tx)).await.is_err() {
@@ -1623,7 +1689,7 @@ impl Daemon {
             Request::Whois { clients } => Response::Whois {
                 entries: clients.iter().map(|c| self.whois(c)).collect(),
             },
-            Request::MirrorStatus | Request::MirrorSwap | Request::MirrorPromote => {
+            Request::MirrorStatus | Request::MirrorSwap | Request::MirrorPromote { .. } => {
                 self.mirror_request(&req)
             }
             Request::Dashboard => match self.dashboard() {

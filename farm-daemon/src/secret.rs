@@ -31,6 +31,13 @@ pub enum SecretError {
          (create one with `head -c 32 /dev/urandom > {path}`)"
     )]
     TooShort { path: String, len: usize },
+    #[error("the cluster key file {path} is not a regular file")]
+    NotAFile { path: String },
+    #[error(
+        "the cluster key file {path} belongs to uid {uid}, not to root or farmd's user: run \
+         `chown root {path}`"
+    )]
+    Owner { path: String, uid: u32 },
 }
 
 /// The cluster secret, loaded from its file.
@@ -43,20 +50,34 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Secret {
+    /// Reads the key file, checking the file it read (not a path looked at before): a regular
+    /// file, owned by root or farmd's user, readable by nobody else.
     pub fn load(path: &Path) -> Result<Self, SecretError> {
+        use std::io::Read as _;
         let p = path.display().to_string();
-        let meta = std::fs::metadata(path).map_err(|source| SecretError::Read {
+        let read_err = |source| SecretError::Read {
             path: p.clone(),
             source,
-        })?;
+        };
+        let f = std::fs::File::open(path).map_err(read_err)?;
+        let meta = f.metadata().map_err(read_err)?;
+        if !meta.file_type().is_file() {
+            return Err(SecretError::NotAFile { path: p });
+        }
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != 0 && meta.uid() != me {
+            return Err(SecretError::Owner {
+                path: p,
+                uid: meta.uid(),
+            });
+        }
         let mode = meta.mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(SecretError::Permissions { path: p, mode });
         }
-        let bytes = std::fs::read(path).map_err(|source| SecretError::Read {
-            path: p.clone(),
-            source,
-        })?;
+        let mut bytes = Vec::new();
+        f.take(1 << 20).read_to_end(&mut bytes).map_err(read_err)?;
         if bytes.len() < MIN_SECRET_LEN {
             return Err(SecretError::TooShort {
                 path: p,

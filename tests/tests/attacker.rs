@@ -330,3 +330,100 @@ fn two_thousand_idle_connections_to_the_metrics_port_move_no_bucket() {
     assert!(s.checks_failing.is_empty(), "{:?}", s.checks_failing);
     assert!(t.metrics(0).contains_key("farm_buckets_owned{member=\"n1\"}"));
 }
+
+#[test]
+fn a_minute_of_heartbeat_port_flood_declares_no_member_lost() {
+    let Some(t) = Topology::started(
+        "a_minute_of_heartbeat_port_flood_declares_no_member_lost",
+        Spec {
+            nodes: 3,
+            client_addrs: 60,
+            ..Spec::default()
+        },
+    ) else {
+        return;
+    };
+    let eve = Attacker::plug(&t);
+    let n1 = t.nodes[0].addr4;
+    // Real heartbeats to n1, captured: replayed as sent (the members' MACs and addresses).
+    let replays = eve.capture(Duration::from_secs(2), move |f| {
+        attacker::udp(f).is_some_and(|u| u.dst == IpAddr::V4(n1) && u.dst_port == HB_PORT)
+    });
+    assert!(replays.len() >= 20, "captured {}", replays.len());
+    let (eve_mac, n1_mac) = (eve.mac(), t.node_mac(0));
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut junk = |len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let mut flood = Vec::new();
+    for (k, r) in replays.iter().enumerate() {
+        flood.push(r.clone());
+        // Junk from the attacker's own address, and junk "from" a member.
+        let src = if k % 2 == 0 {
+            attacker::ATTACKER_ADDR4
+        } else {
+            t.nodes[1 + k % 2].addr4
+        };
+        let payload = junk(60 + k % 200);
+        flood.push(attacker::udp4_frame(
+            (eve_mac, n1_mac),
+            (src, HB_PORT),
+            (n1, HB_PORT),
+            &payload,
+        ));
+        // A well-formed header with a new sequence number but no key: costs an HMAC.
+        let mut forged = r[42..].to_vec();
+        if forged.len() > 24 {
+            forged[16..24].copy_from_slice(&u64::MAX.to_be_bytes());
+        }
+        flood.push(attacker::udp4_frame(
+            (eve_mac, n1_mac),
+            (t.nodes[1].addr4, HB_PORT),
+            (n1, HB_PORT),
+            &forged,
+        ));
+    }
+    let before: Vec<_> = (0..3).map(|i| t.status(i).expect("status")).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = eve.send_loop(flood, 100_000, Duration::from_secs(60), stop);
+    let mut quorum_lost = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        for i in 0..3 {
+            if !t.status(i).expect("status").quorum {
+                quorum_lost += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let sent = sender.join().expect("sender");
+    let after: Vec<_> = (0..3).map(|i| t.status(i).expect("status")).collect();
+    let rejected: u64 = after[0].heartbeat.counters.rejected.values().sum::<u64>()
+        - before[0].heartbeat.counters.rejected.values().sum::<u64>();
+    let xdp = after[0].counters["heartbeat_foreign_dropped"]
+        - before[0].counters["heartbeat_foreign_dropped"];
+    eprintln!(
+        "flood: {sent} datagrams in 60 s ({}/s) at n1: {xdp} dropped by XDP, {rejected} \
+         rejected by farmd ({:?})",
+        sent / 60,
+        after[0].heartbeat.counters.rejected
+    );
+    assert!(sent >= 60 * 80_000, "sent only {sent}");
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(
+            a.heartbeat.counters.peers_lost, b.heartbeat.counters.peers_lost,
+            "{} declared a member lost",
+            a.node
+        );
+    }
+    assert_eq!(quorum_lost, 0);
+    assert!(xdp >= sent / 10, "XDP dropped {xdp} of {sent}");
+    assert!(rejected >= sent / 2, "farmd rejected {rejected} of {sent}");
+}

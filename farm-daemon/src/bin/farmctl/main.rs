@@ -201,7 +201,7 @@ fn main() -> ExitCode {
             {
                 return ExitCode::from(1);
             }
-            (Request::MirrorPromote, None)
+            (Request::MirrorPromote { force: true }, None)
         }
         Command::Drill { status: true, .. } => (Request::DrillStatus, None),
         Command::Drill { member, yes, .. } => {
