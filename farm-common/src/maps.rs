@@ -401,7 +401,8 @@ mod pod {
 }
 
 // No implicit padding anywhere: the sizes are the sums of the fields.
-const _: () = assert!(core::mem::size_of::<Control>() == 8 + 16 + 4 + 4 + 6 + 6 + 1 + 2 + 1 + 8 + 8);
+const _: () =
+    assert!(core::mem::size_of::<Control>() == 8 + 16 + 4 + 4 + 6 + 6 + 1 + 2 + 1 + 8 + 8);
 const _: () = assert!(core::mem::size_of::<VipSlot>() == 16 + 72 + 1 + 7);
 const _: () = assert!(core::mem::size_of::<BucketEntry>() == 4);
 const _: () = assert!(core::mem::size_of::<BucketCounters>() == 32);

@@ -169,8 +169,11 @@ fn http(
     }
 }
 
-/// The pid of a running (not zombie) process whose name is `name`.
+/// The pid of a running (not zombie) process: one running the program file `name` when it is
+/// an absolute path (what /proc/PID/exe links to; a process name can be set by anyone, the
+/// executable cannot), else one whose name (/proc/PID/comm) is `name`.
 fn process_running(name: &str) -> Option<u32> {
+    let by_path = name.starts_with('/');
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -188,7 +191,19 @@ fn process_running(name: &str) -> Option<u32> {
         };
         let comm = &stat[open + 1..close];
         let state = stat[close + 1..].split_whitespace().next().unwrap_or("");
-        if comm == name && state != "Z" && state != "X" {
+        if state == "Z" || state == "X" {
+            continue;
+        }
+        let matches = if by_path {
+            // A binary replaced by an upgrade while it runs shows as "PATH (deleted)".
+            std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| {
+                let exe = exe.as_os_str().as_encoded_bytes();
+                exe == name.as_bytes() || exe.strip_suffix(b" (deleted)") == Some(name.as_bytes())
+            })
+        } else {
+            comm == name
+        };
+        if matches {
             return Some(pid);
         }
     }
@@ -537,6 +552,18 @@ mod tests {
         // Removing the failing check makes the member healthy again.
         h.reconfigure(&[check(1, 2)], 4);
         assert_eq!(h.evaluate(t0), Some(Change::Healthy));
+    }
+
+    #[test]
+    fn a_process_check_by_path_matches_the_program_file_only() {
+        let me = std::env::current_exe().expect("exe");
+        let me = me.to_str().expect("utf-8 path");
+        assert!(process_running(me).is_some(), "this test's own program");
+        assert_eq!(process_running("/nonexistent/nginx"), None);
+        // The same name elsewhere is not the program.
+        let name = std::path::Path::new(me).file_name().expect("name");
+        let elsewhere = format!("/tmp/{}", name.to_string_lossy());
+        assert_eq!(process_running(&elsewhere), None);
     }
 
     #[test]

@@ -20,11 +20,11 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
 };
 

@@ -1711,13 +1711,20 @@ fn validate_checks(raw: &[RawCheck], e: &mut Errors) -> Vec<Check> {
                 }
             },
             "process" => match c.process.as_deref() {
-                Some(p) if !p.is_empty() && p.len() <= 15 => Some(Probe::Process(p.into())),
+                Some(p) if p.starts_with('/') && Path::new(p).is_absolute() => {
+                    Some(Probe::Process(p.into()))
+                }
+                Some(p) if !p.is_empty() && p.len() <= 15 && !p.contains('/') => {
+                    Some(Probe::Process(p.into()))
+                }
                 Some(p) => {
                     e.push(
                         at("process"),
                         format!(
-                            "{p:?}: a process name as /proc/PID/comm shows it (1 to 15 \
-                             characters, e.g. \"nginx\")"
+                            "{p:?}: the program's absolute path (e.g. \"/usr/sbin/nginx\": \
+                             only a process running that file counts), or a process name as \
+                             /proc/PID/comm shows it (1 to 15 characters, e.g. \"nginx\": any \
+                             user's process of that name counts)"
                         ),
                     );
                     None

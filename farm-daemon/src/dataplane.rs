@@ -6,6 +6,7 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
+    os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -21,8 +22,9 @@ use aya::{
 };
 use farm_common::{
     BUCKETS, BucketCounters, BucketEntry, Control, MAP_BUCKET_COUNTERS, MAP_BUCKETS_0,
-    MAP_BUCKETS_1, MAP_CONTROL, MAP_HB_PEERS, MAP_STATS, MAP_VIPS_0, MAP_VIPS_1, PROG_EGRESS, PROG_EMPTY,
-    PROG_INGRESS, PROG_TX, PROG_XDP, PortRule, VIP_SLOTS, VipInfo, VipKey, VipSlot, stat, vip_slot,
+    MAP_BUCKETS_1, MAP_CONTROL, MAP_HB_PEERS, MAP_STATS, MAP_VIPS_0, MAP_VIPS_1, PROG_EGRESS,
+    PROG_EMPTY, PROG_INGRESS, PROG_TX, PROG_XDP, PortRule, VIP_SLOTS, VipInfo, VipKey, VipSlot,
+    stat, vip_slot,
 };
 
 use crate::config::{self, Vip};
@@ -313,8 +315,7 @@ impl Dataplane {
         let counters = PerCpuArray::try_from(take(MAP_BUCKET_COUNTERS)?)
             .map_err(map_err(MAP_BUCKET_COUNTERS))?;
         let stats = PerCpuArray::try_from(take(MAP_STATS)?).map_err(map_err(MAP_STATS))?;
-        let hb_peers =
-            BpfHashMap::try_from(take(MAP_HB_PEERS)?).map_err(map_err(MAP_HB_PEERS))?;
+        let hb_peers = BpfHashMap::try_from(take(MAP_HB_PEERS)?).map_err(map_err(MAP_HB_PEERS))?;
         let zero = vec![BucketEntry::default(); BUCKETS as usize];
         Ok(Self {
             ebpf,
@@ -543,10 +544,18 @@ impl Dataplane {
         mode: config::XdpMode,
         pin_dir: &Path,
     ) -> Result<(), DataplaneError> {
-        std::fs::create_dir_all(pin_dir).map_err(|source| DataplaneError::Io {
-            what: format!("creating {}", pin_dir.display()),
-            source,
-        })?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(pin_dir)
+            .map_err(|source| DataplaneError::Io {
+                what: format!("creating {}", pin_dir.display()),
+                source,
+            })?;
+        private_dir(pin_dir)?;
+        if let Some(parent) = pin_dir.parent() {
+            private_dir(parent)?;
+        }
         // Egress first: from the moment the XDP program answers ARP for the VIPs, the kernel's
         // own ARP from a VIP must already carry the cluster MAC.
         self.attach_tc(PROG_EGRESS, ifname, TcAttachType::Egress, pin_dir)?;
@@ -740,12 +749,13 @@ pub fn ensure_bpffs(path: &Path) -> Result<Bpffs, DataplaneError> {
     let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
     // SAFETY: constant C strings and a valid target path.
     let rc = unsafe {
+        // As systemd mounts it: only root may look inside.
         libc::mount(
             c"bpf".as_ptr(),
             target.as_ptr(),
             c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"mode=0700".as_ptr().cast(),
         )
     };
     if rc != 0 {
@@ -755,6 +765,31 @@ pub fn ensure_bpffs(path: &Path) -> Result<Bpffs, DataplaneError> {
         });
     }
     Ok(Bpffs::Mounted)
+}
+
+/// Refuses a pin directory someone else could replace farmd's links in: owned by another user
+/// than root, or writable by group or others.
+fn private_dir(dir: &Path) -> Result<(), DataplaneError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::symlink_metadata(dir).map_err(|source| DataplaneError::Io {
+        what: format!("reading {}", dir.display()),
+        source,
+    })?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !m.is_dir() || (m.uid() != 0 && m.uid() != me) || m.mode() & 0o022 != 0 {
+        return Err(DataplaneError::Io {
+            what: format!(
+                "using {} for pins (owned by uid {}, mode {:o}; it must be a directory only root \
+                 writes)",
+                dir.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            ),
+            source: std::io::Error::from_raw_os_error(libc::EPERM),
+        });
+    }
+    Ok(())
 }
 
 /// A multiplier that gives every VIP a slot of its own (deterministic: the first that works in

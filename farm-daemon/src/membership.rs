@@ -443,7 +443,10 @@ mod tests {
         assert!(!fresh.peers[1].alive);
         // n2 restarts too: a larger incarnation answering the current challenge is back.
         let back = answering(&fresh, "n2", 11, 1, 0);
-        assert!(fresh.learn(1, 11, 1), "a new incarnation is answered at once");
+        assert!(
+            fresh.learn(1, 11, 1),
+            "a new incarnation is answered at once"
+        );
         fresh.receive(&back, 0, t0 + ms(1000)).unwrap();
         assert!(
             fresh

@@ -101,7 +101,10 @@ pub fn recv_timestamped(
         }
     }
     let from = sockaddr_to_std(&name).ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, "datagram without an IP source")
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "datagram without an IP source",
+        )
     })?;
     Ok((n as usize, from, waited))
 }
@@ -112,7 +115,8 @@ fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
     match s.ss_family as libc::c_int {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in.
-            let a: libc::sockaddr_in = unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
+            let a: libc::sockaddr_in =
+                unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
             Some(SocketAddr::V4(SocketAddrV4::new(
                 Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
                 u16::from_be(a.sin_port),
@@ -120,7 +124,8 @@ fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
         }
         libc::AF_INET6 => {
             // SAFETY: the family says the storage holds a sockaddr_in6.
-            let a: libc::sockaddr_in6 = unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
+            let a: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
             Some(SocketAddr::V6(SocketAddrV6::new(
                 Ipv6Addr::from(a.sin6_addr.s6_addr),
                 u16::from_be(a.sin6_port),

@@ -271,11 +271,26 @@ mod tests {
         let mut p = Probes::default();
         let t1 = p.sent(1);
         let t2 = p.sent(2);
-        assert!(!p.answers(false, 7, &reply(8, 1, &t1)), "another identifier");
-        assert!(!p.answers(false, 7, &reply(7, 1, &t2)), "another probe's token");
-        assert!(!p.answers(false, 7, &reply(7, 3, &t1)), "a probe never sent");
-        assert!(!p.answers(false, 7, &reply(7, 1, &[0; TOKEN])), "a guessed token");
-        assert!(!p.answers(true, 7, &reply(7, 1, &t1)), "an ICMPv4 reply type on v6");
+        assert!(
+            !p.answers(false, 7, &reply(8, 1, &t1)),
+            "another identifier"
+        );
+        assert!(
+            !p.answers(false, 7, &reply(7, 1, &t2)),
+            "another probe's token"
+        );
+        assert!(
+            !p.answers(false, 7, &reply(7, 3, &t1)),
+            "a probe never sent"
+        );
+        assert!(
+            !p.answers(false, 7, &reply(7, 1, &[0; TOKEN])),
+            "a guessed token"
+        );
+        assert!(
+            !p.answers(true, 7, &reply(7, 1, &t1)),
+            "an ICMPv4 reply type on v6"
+        );
         assert!(p.answers(false, 7, &reply(7, 1, &t1)));
         assert!(!p.answers(false, 7, &reply(7, 1, &t1)), "answered twice");
         assert!(p.answers(false, 7, &reply(7, 2, &t2)));

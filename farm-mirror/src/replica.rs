@@ -254,7 +254,10 @@ impl Replica {
     /// Whether the entry is a directory (not following a symlink).
     fn is_dir(&self, rel: &[u8]) -> bool {
         rel.is_empty()
-            || self.resolve(rel).ok().and_then(|r| self.stat_at(&r).ok())
+            || self
+                .resolve(rel)
+                .ok()
+                .and_then(|r| self.stat_at(&r).ok())
                 .is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
     }
 

@@ -557,9 +557,8 @@ mod tests {
         let key = [6; 32];
         // A real primary's hello, recorded.
         let (a, b) = UnixStream::pair().expect("pair");
-        let secondary = std::thread::spawn(move || {
-            accept(b.try_clone().expect("clone"), b, &key).map(|_| ())
-        });
+        let secondary =
+            std::thread::spawn(move || accept(b.try_clone().expect("clone"), b, &key).map(|_| ()));
         let mut recorder = Recorder {
             inner: a.try_clone().expect("clone"),
             seen: Vec::new(),
@@ -569,11 +568,13 @@ mod tests {
         let hello = recorder.seen[..GREETING].to_vec();
         // Replayed (with the confirm that answered another welcome): refused.
         let (mut eve, b) = UnixStream::pair().expect("pair");
-        let secondary = std::thread::spawn(move || {
-            accept(b.try_clone().expect("clone"), b, &key).map(|_| ())
-        });
+        let secondary =
+            std::thread::spawn(move || accept(b.try_clone().expect("clone"), b, &key).map(|_| ()));
         eve.write_all(&recorder.seen).expect("replay");
-        let err = secondary.join().expect("thread").expect_err("replay accepted");
+        let err = secondary
+            .join()
+            .expect("thread")
+            .expect_err("replay accepted");
         assert!(matches!(err, WireError::Unconfirmed), "{err}");
         assert_eq!(hello.len(), GREETING);
     }

@@ -153,7 +153,8 @@ pub fn udp4_frame(
     dst: (Ipv4Addr, u16),
     payload: &[u8],
 ) -> Vec<u8> {
-    let ip = crate::frames::V4::new(src.0, dst.0, 17).build(&crate::frames::udp(src.1, dst.1, payload));
+    let ip =
+        crate::frames::V4::new(src.0, dst.0, 17).build(&crate::frames::udp(src.1, dst.1, payload));
     crate::frames::eth(eth.1, eth.0, 0x0800, &ip)
 }
 
@@ -198,7 +199,13 @@ impl Attacker {
         ]);
         t.switch.ip(&["link", "set", "ev", "master", "br0", "up"]);
         ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&["addr", "add", &format!("{ATTACKER_ADDR4}/16"), "dev", "eth0"]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{ATTACKER_ADDR4}/16"),
+            "dev",
+            "eth0",
+        ]);
         Self { ns }
     }
 
@@ -216,9 +223,8 @@ impl Attacker {
             let end = Instant::now() + within;
             while Instant::now() < end {
                 // SAFETY: valid socket and buffer.
-                let n = unsafe {
-                    libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-                };
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
                 if n > 0 && keep(&buf[..n as usize]) {
                     let mut f = buf[..n as usize].to_vec();
                     as_on_the_wire(&mut f);

@@ -240,7 +240,10 @@ fn spoofed_witness_replies_do_not_give_a_cut_off_member_quorum() {
     let sent = sender.join().expect("sender");
     eprintln!("sprayed {sent} spoofed witness replies at n1");
     assert!(sent > 100_000, "sprayed {sent}");
-    assert_eq!(quorum_seen, 0, "a spoofed reply gave the cut-off n1 the witness");
+    assert_eq!(
+        quorum_seen, 0,
+        "a spoofed reply gave the cut-off n1 the witness"
+    );
     // n2 serves everything; n1 nothing.
     let predicted = t.owners(1, &t.clients4());
     assert!(predicted.values().all(|o| o == "n2"), "{predicted:?}");
@@ -328,7 +331,10 @@ fn two_thousand_idle_connections_to_the_metrics_port_move_no_bucket() {
     let s = t.status(0).expect("status");
     assert_eq!(s.heartbeat.counters.peers_lost, lost_before);
     assert!(s.checks_failing.is_empty(), "{:?}", s.checks_failing);
-    assert!(t.metrics(0).contains_key("farm_buckets_owned{member=\"n1\"}"));
+    assert!(
+        t.metrics(0)
+            .contains_key("farm_buckets_owned{member=\"n1\"}")
+    );
 }
 
 #[test]

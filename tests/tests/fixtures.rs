@@ -1035,8 +1035,16 @@ fn heartbeats_from_strangers_are_dropped_before_the_stack() {
         XDP_PASS,
         "another port"
     );
-    assert_eq!(run(&mut dp, &to_me6(member6, HB)).0, XDP_PASS, "a member (v6)");
-    assert_eq!(run(&mut dp, &to_me6(stranger6, HB)).0, XDP_DROP, "a stranger (v6)");
+    assert_eq!(
+        run(&mut dp, &to_me6(member6, HB)).0,
+        XDP_PASS,
+        "a member (v6)"
+    );
+    assert_eq!(
+        run(&mut dp, &to_me6(stranger6, HB)).0,
+        XDP_DROP,
+        "a stranger (v6)"
+    );
     // VIP traffic on that port is the service's, not heartbeats.
     let vip = v4_frame(&V4::new(ROUTER4, VIP4, 17), &udp(40000, HB, b"x"));
     assert_eq!(
@@ -1045,7 +1053,8 @@ fn heartbeats_from_strangers_are_dropped_before_the_stack() {
         "VIP traffic"
     );
     // A member removed from the list is a stranger.
-    dp.set_heartbeat_filter(HB, &[member6.into()]).expect("filter");
+    dp.set_heartbeat_filter(HB, &[member6.into()])
+        .expect("filter");
     assert_eq!(run(&mut dp, &to_me(member4, HB)).0, XDP_DROP);
     assert!(dp.stats().expect("stats")["heartbeat_foreign_dropped"] >= 3);
 }

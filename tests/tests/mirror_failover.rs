@@ -818,8 +818,7 @@ fn replayed_handshakes_break_nothing_and_the_session_is_unreadable() {
             let mut sent = 0u64;
             let started = Instant::now();
             while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(90) {
-                if let Ok(mut c) = TcpStream::connect_timeout(&target, Duration::from_millis(200))
-                {
+                if let Ok(mut c) = TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
                     if c.write_all(&replay).is_ok() {
                         sent += 1;
                     }
@@ -856,8 +855,15 @@ fn replayed_handshakes_break_nothing_and_the_session_is_unreadable() {
     assert!(secondary.handshakes_refused >= replays / 2);
     assert!(acked.len() > 100);
     let missing = lost(&acked, &backing_dir(&t, 1));
-    assert!(missing.is_empty(), "acknowledged records missing on the secondary: {missing:?}");
-    assert!(!t.log(1).contains("replaces the previous one"), "{}", t.log(1));
+    assert!(
+        missing.is_empty(),
+        "acknowledged records missing on the secondary: {missing:?}"
+    );
+    assert!(
+        !t.log(1).contains("replaces the previous one"),
+        "{}",
+        t.log(1)
+    );
 }
 
 /// Whoever holds the group key can speak to the secondary as a primary would: it still cannot
