@@ -190,6 +190,14 @@ impl Attacker {
         a
     }
 
+    /// The switch goes back to switching (learning MACs for 300 s, the default).
+    pub fn stop_flooding(&self, t: &Topology) {
+        let out = t
+            .switch
+            .ip(&["link", "set", "br0", "type", "bridge", "ageing_time", "30000"]);
+        assert!(out.status.success(), "bridge ageing_time: {out:?}");
+    }
+
     /// Plugs an attacker host into the topology's switch, which goes on switching: the
     /// attacker sees only what is flooded or sent to it.
     pub fn plug_blind(t: &Topology) -> Self {
@@ -307,8 +315,17 @@ fn raw_socket() -> OwnedFd {
         tv_usec: 20_000,
     };
     let big: libc::c_int = 4 << 20;
+    let one: libc::c_int = 1;
     // SAFETY: valid socket and option values.
     unsafe {
+        // Straight to the device, as flooding tools do.
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            (&raw const one).cast(),
+            4,
+        );
         libc::setsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
