@@ -192,9 +192,15 @@ impl Attacker {
 
     /// The switch goes back to switching (learning MACs for 300 s, the default).
     pub fn stop_flooding(&self, t: &Topology) {
-        let out = t
-            .switch
-            .ip(&["link", "set", "br0", "type", "bridge", "ageing_time", "30000"]);
+        let out = t.switch.ip(&[
+            "link",
+            "set",
+            "br0",
+            "type",
+            "bridge",
+            "ageing_time",
+            "30000",
+        ]);
         assert!(out.status.success(), "bridge ageing_time: {out:?}");
     }
 

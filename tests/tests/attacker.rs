@@ -426,10 +426,7 @@ fn a_minute_of_heartbeat_port_flood_declares_no_member_lost() {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    let sent: u64 = senders
-        .into_iter()
-        .map(|s| s.join().expect("sender"))
-        .sum();
+    let sent: u64 = senders.into_iter().map(|s| s.join().expect("sender")).sum();
     let after: Vec<_> = (0..3).map(|i| t.status(i).expect("status")).collect();
     let cpu = farm_tests::busy::cpu_seconds(farmd) - cpu_before;
     let rejected: u64 = after[0].heartbeat.counters.rejected.values().sum::<u64>()

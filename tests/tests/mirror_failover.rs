@@ -818,10 +818,10 @@ fn replayed_handshakes_break_nothing_and_the_session_is_unreadable() {
             let mut sent = 0u64;
             let started = Instant::now();
             while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(90) {
-                if let Ok(mut c) = TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
-                    if c.write_all(&replay).is_ok() {
-                        sent += 1;
-                    }
+                if let Ok(mut c) = TcpStream::connect_timeout(&target, Duration::from_millis(200))
+                    && c.write_all(&replay).is_ok()
+                {
+                    sent += 1;
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
