@@ -8,7 +8,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -290,36 +290,9 @@ impl Attacker {
 }
 
 /// An AF_PACKET socket on the attacker's eth0 (in the calling thread's namespace), receiving
-/// every frame with a 20 ms timeout and sending raw frames.
+/// every frame with a 20 ms timeout and sending raw frames, with room for bursts.
 fn raw_socket() -> OwnedFd {
-    const ETH_P_ALL: u16 = 0x0003;
-    let name = c"eth0";
-    // SAFETY: valid C string.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
-    assert!(index > 0, "no eth0");
-    // SAFETY: plain socket call; checked.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, ETH_P_ALL.to_be() as i32) };
-    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-    // SAFETY: we own the new descriptor.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: zeroed sockaddr_ll is valid; fields set below.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = ETH_P_ALL.to_be();
-    sll.sll_ifindex = index;
-    // SAFETY: valid socket and address of the right length.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw const sll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 20_000,
-    };
+    let (fd, _) = crate::probe::raw_socket("eth0");
     let big: libc::c_int = 4 << 20;
     let one: libc::c_int = 1;
     // SAFETY: valid socket and option values.
@@ -331,13 +304,6 @@ fn raw_socket() -> OwnedFd {
             libc::PACKET_QDISC_BYPASS,
             (&raw const one).cast(),
             4,
-        );
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
         );
         libc::setsockopt(
             fd.as_raw_fd(),

@@ -27,7 +27,9 @@ pub struct Answer {
 
 const ETH_P_ALL: u16 = 0x0003;
 
-fn raw_socket(iface: &str) -> (OwnedFd, i32) {
+/// An AF_PACKET socket on `iface` (in the calling thread's namespace) receiving every frame,
+/// with VLAN metadata and a 20 ms receive timeout; and the interface's index.
+pub(crate) fn raw_socket(iface: &str) -> (OwnedFd, i32) {
     let name = std::ffi::CString::new(iface).expect("name");
     // SAFETY: valid C string.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;

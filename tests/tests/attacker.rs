@@ -183,15 +183,7 @@ fn spoofed_witness_replies_do_not_give_a_cut_off_member_quorum() {
         ..Spec::default()
     });
     let witness = t.client_v4[0];
-    for i in 0..2 {
-        let cfg = std::fs::read_to_string(&t.nodes[i].config)
-            .expect("config")
-            .replace(
-                "[cluster]\n",
-                &format!("[cluster]\nwitness = \"{witness}\"\n"),
-            );
-        std::fs::write(&t.nodes[i].config, cfg).expect("config");
-    }
+    t.set_witness(witness);
     t.start_all();
     t.wait_converged(&[0, 1], Duration::from_secs(20));
     // n1 is cut off: from n2's heartbeats and from the witness (its pings never leave).

@@ -203,15 +203,7 @@ fn two_nodes_the_side_without_the_witness_releases() {
     });
     // The witness: the client host (it answers pings).
     let witness = t.client_v4[0];
-    for i in 0..2 {
-        let cfg = std::fs::read_to_string(&t.nodes[i].config)
-            .expect("config")
-            .replace(
-                "[cluster]\n",
-                &format!("[cluster]\nwitness = \"{witness}\"\n"),
-            );
-        std::fs::write(&t.nodes[i].config, cfg).expect("config");
-    }
+    t.set_witness(witness);
     t.start_all();
     // n1 loses both its peer's heartbeats and the witness; n2 only loses n1.
     t.nft(
