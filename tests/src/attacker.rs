@@ -273,14 +273,38 @@ impl Attacker {
                 let due = (started.elapsed().as_micros() as u64 * per_second / 1_000_000)
                     .saturating_sub(sent)
                     .min(per_second / 10 + 1);
-                for _ in 0..due {
-                    let f = &frames[next % frames.len()];
-                    next += 1;
-                    // SAFETY: valid socket and frame.
-                    let n = unsafe { libc::send(fd.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
-                    if n > 0 {
-                        sent += 1;
+                // In batches of up to 64 frames per system call (sendmmsg).
+                let mut left = due as usize;
+                while left > 0 {
+                    let n = left.min(64);
+                    let mut iovs: Vec<libc::iovec> = (0..n)
+                        .map(|k| {
+                            let f = &frames[(next + k) % frames.len()];
+                            libc::iovec {
+                                iov_base: f.as_ptr() as *mut libc::c_void,
+                                iov_len: f.len(),
+                            }
+                        })
+                        .collect();
+                    let mut msgs: Vec<libc::mmsghdr> = iovs
+                        .iter_mut()
+                        .map(|iov| {
+                            // SAFETY: a zeroed mmsghdr is valid; the iovec outlives the call.
+                            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                            m.msg_hdr.msg_iov = iov;
+                            m.msg_hdr.msg_iovlen = 1;
+                            m
+                        })
+                        .collect();
+                    // SAFETY: valid socket and n messages pointing at live frames.
+                    let r =
+                        unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), n as u32, 0) };
+                    if r <= 0 {
+                        break;
                     }
+                    next += r as usize;
+                    sent += r as u64;
+                    left -= r as usize;
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }

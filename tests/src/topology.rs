@@ -219,12 +219,10 @@ impl Topology {
     /// Makes `witness` the witness in every member's config (before farmd starts).
     pub fn set_witness(&self, witness: Ipv4Addr) {
         for n in &self.nodes {
-            let cfg = std::fs::read_to_string(&n.config)
-                .expect("config")
-                .replace(
-                    "[cluster]\n",
-                    &format!("[cluster]\nwitness = \"{witness}\"\n"),
-                );
+            let cfg = std::fs::read_to_string(&n.config).expect("config").replace(
+                "[cluster]\n",
+                &format!("[cluster]\nwitness = \"{witness}\"\n"),
+            );
             std::fs::write(&n.config, cfg).expect("config");
         }
     }

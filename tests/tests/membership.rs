@@ -122,21 +122,17 @@ fn forged_replayed_and_random_heartbeats_change_nothing() {
         let s = t.status(i).expect("status");
         assert_eq!(s.heartbeat.counters.peers_lost, 0, "{} lost a peer", s.node);
     }
-    let rejected = &after.heartbeat.counters.rejected;
-    let total: u64 = rejected.values().sum();
+    // Sent from the client's address, which is no member's: dropped by XDP before the kernel
+    // queued any for farmd (tests/attacker.rs sends them from members' addresses, to reach the
+    // checks farmd makes).
+    let dropped =
+        after.counters["heartbeat_foreign_dropped"] - before.counters["heartbeat_foreign_dropped"];
+    let rejected: u64 = after.heartbeat.counters.rejected.values().sum::<u64>()
+        - before.heartbeat.counters.rejected.values().sum::<u64>();
     assert!(
-        total >= sent - 10,
-        "rejected {total} of {sent}: {rejected:?}"
-    );
-    // Sent from the client's address, not n2's, or older than n2's newest: refused before the
-    // HMAC is even computed (tests/attacker.rs sends them from n2's own address).
-    assert!(
-        rejected["wrong_source"] + rejected["replayed"] >= 100,
-        "{rejected:?}"
-    );
-    assert!(
-        rejected["truncated"] + rejected["bad_magic"] >= 10,
-        "{rejected:?}"
+        dropped >= sent - 10,
+        "XDP dropped {dropped} of {sent}, farmd rejected {rejected}: {:?}",
+        after.heartbeat.counters.rejected
     );
     // Nothing moved: everyone still serving, same shares, nobody lost.
     assert_eq!(after.heartbeat.counters.peers_lost, 0);
