@@ -229,6 +229,13 @@ pub(crate) async fn run_bounded(
     program: &str,
     timeout: Duration,
 ) -> Result<std::process::ExitStatus, String> {
+    // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            drop_capabilities();
+            Ok(())
+        })
+    };
     let mut child = cmd
         .stdin(std::process::Stdio::null())
         .process_group(0)
@@ -246,6 +253,32 @@ pub(crate) async fn run_bounded(
             let _ = child.kill().await;
             Err(format!("{program} did not finish within {timeout:?}"))
         }
+    }
+}
+
+/// Capabilities farmd needs and the commands it runs (hooks, checks, the mirror's application
+/// commands) do not: loading BPF programs and rewriting farm's maps, kernel modules, raw
+/// devices and I/O ports, MAC policy, the clock, rebooting. Dropped from a child's bounding set
+/// before it runs, so that not even a root command gets them back. Where farmd itself lacks
+/// CAP_SETPCAP (a unit that bounds it) the drop is skipped: that unit's bounding set applies.
+const DROPPED_CAPABILITIES: [libc::c_ulong; 9] = [
+    39, // CAP_BPF
+    38, // CAP_PERFMON
+    16, // CAP_SYS_MODULE
+    17, // CAP_SYS_RAWIO
+    22, // CAP_SYS_BOOT
+    25, // CAP_SYS_TIME
+    32, // CAP_MAC_OVERRIDE
+    33, // CAP_MAC_ADMIN
+    30, // CAP_AUDIT_CONTROL
+];
+
+/// Drops [`DROPPED_CAPABILITIES`] from the calling (child) process's bounding set.
+fn drop_capabilities() {
+    for cap in DROPPED_CAPABILITIES {
+        // SAFETY: prctl with integer arguments; failure (EINVAL for a capability this kernel
+        // does not know, EPERM without CAP_SETPCAP) leaves the set as it was.
+        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
     }
 }
 
@@ -552,6 +585,25 @@ mod tests {
         // Removing the failing check makes the member healthy again.
         h.reconfigure(&[check(1, 2)], 4);
         assert_eq!(h.evaluate(t0), Some(Change::Healthy));
+    }
+
+    #[tokio::test]
+    async fn commands_run_without_the_bpf_capability() {
+        // CapBnd of the command itself, bit 39 (CAP_BPF) must be clear when farmd could drop it.
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args([
+            "-c",
+            "grep -q '^CapBnd:' /proc/self/status && b=$(awk '/^CapBnd/ {print $2}' /proc/self/status) && [ $(( 0x$b >> 39 & 1 )) -eq 0 ]",
+        ]);
+        // SAFETY: capget-free check: can this process drop capabilities at all?
+        let can_drop = unsafe { libc::prctl(libc::PR_CAPBSET_READ, 8, 0, 0, 0) } == 1
+            && unsafe { libc::geteuid() } == 0;
+        let st = run_bounded(cmd, "sh", Duration::from_secs(5))
+            .await
+            .expect("ran");
+        if can_drop {
+            assert!(st.success(), "CAP_BPF still in the command's bounding set");
+        }
     }
 
     #[test]
