@@ -170,8 +170,6 @@ pub struct Cluster {
 struct Io {
     membership: Membership,
     key: [u8; 32],
-    incarnation: u64,
-    seq: u64,
     /// Where the incarnation is kept.
     state_dir: PathBuf,
     sockets: Vec<std::net::UdpSocket>,
@@ -181,8 +179,6 @@ struct Io {
     peer_ips: Vec<Vec<IpAddr>>,
     /// A peer's new incarnation was heard: answer its challenge with a round at once.
     answer_now: bool,
-    /// Per peer, per network: the (incarnation, sequence) last accepted (for the lost count).
-    last_seq: Vec<Vec<Option<(u64, u64)>>>,
     witness: Option<Arc<Witness>>,
     witness_window: Duration,
     interval: Duration,
@@ -304,8 +300,7 @@ impl Cluster {
             cfg.witness.is_some(),
         );
         let state_dir = cfg.state_dir.clone();
-        let incarnation = new_incarnation(&state_dir, &me.id, 0);
-        membership.incarnation = incarnation;
+        membership.incarnation = new_incarnation(&state_dir, &me.id, 0);
         membership.echo_rounds = echo_rounds(cfg.heartbeat.interval, loss_window);
         let peer_ips = cfg
             .members
@@ -332,14 +327,11 @@ impl Cluster {
         let io = Io {
             membership,
             key,
-            incarnation,
-            seq: 0,
             state_dir,
             sockets,
             peer_addrs,
             peer_ips,
             answer_now: false,
-            last_seq: vec![vec![None; networks]; cfg.members.len()],
             witness: witness.clone(),
             witness_window,
             interval: cfg.heartbeat.interval,
@@ -653,12 +645,10 @@ impl Io {
                 cmd = commands.recv() => match cmd {
                     Some(Command::SendNow) => self.send_round(&readers),
                     Some(Command::Restart) => {
-                        let id = &self.membership.peers[self.membership.me].id;
-                        self.incarnation =
-                            new_incarnation(&self.state_dir, id, self.incarnation + 1);
-                        self.seq = 0;
-                        self.membership.incarnation = self.incarnation;
-                        self.membership.seq = 0;
+                        let m = &mut self.membership;
+                        let id = &m.peers[m.me].id;
+                        m.incarnation = new_incarnation(&self.state_dir, id, m.incarnation + 1);
+                        m.seq = 0;
                     }
                     Some(Command::Timers { interval, loss_window, deadman_timeout }) => {
                         if interval != self.interval {
@@ -769,16 +759,15 @@ impl Io {
         if out.silent || self.main_stalled() {
             return;
         }
-        self.seq += 1;
-        self.membership.seq = self.seq;
+        self.membership.seq += 1;
         let me = self.membership.me;
         let mut sent = vec![vec![0u64; sockets.len()]; self.peer_addrs.len()];
         let mut hb = Heartbeat {
             id: self.membership.peers[me].id.clone(),
             state: out.state,
             weight: self.membership.peers[me].weight as u16,
-            incarnation: self.incarnation,
-            seq: self.seq,
+            incarnation: self.membership.incarnation,
+            seq: self.membership.seq,
             applied: out.announce.applied,
             config_digest: out.config_digest,
             network: 0,
@@ -836,7 +825,7 @@ impl Io {
                 }
                 let before = self.membership.peers[i].state;
                 self.membership
-                    .receive(&hb, d.net, d.arrived)
+                    .receive_admitted(i, &hb, d.net, d.arrived)
                     .map(|r| (r, hb, before))
             });
         let c = &mut self.counters;
@@ -849,15 +838,13 @@ impl Io {
                 }
                 // The sender numbers each round of heartbeats (one per network) in turn: a gap
                 // on this network is heartbeats lost on it.
-                let last = &mut self.last_seq[i][d.net];
-                if let Some((inc, seq)) = *last
+                if let Some((inc, seq)) = r.previous
                     && inc == hb.incarnation
                     && hb.seq > seq + 1
                     && let Some(v) = c.lost.get_mut(id)
                 {
                     v[d.net] += hb.seq - seq - 1;
                 }
-                *last = Some((hb.incarnation, hb.seq));
                 let state_changed = before != Some(hb.state);
                 Some(r.moved || r.digest_changed || state_changed)
             }

@@ -423,13 +423,13 @@ impl ReplayGuard {
         self.newest.is_none_or(|n| (incarnation, seq) > n)
     }
 
-    /// Records an accepted message; refuses one that is not fresh.
-    pub fn check(&mut self, incarnation: u64, seq: u64) -> Result<(), Reject> {
+    /// Records an accepted message (returning the newest before it); refuses one that is not
+    /// fresh.
+    pub fn check(&mut self, incarnation: u64, seq: u64) -> Result<Option<(u64, u64)>, Reject> {
         if !self.fresh(incarnation, seq) {
             return Err(Reject::Replayed);
         }
-        self.newest = Some((incarnation, seq));
-        Ok(())
+        Ok(self.newest.replace((incarnation, seq)))
     }
 }
 

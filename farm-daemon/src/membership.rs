@@ -65,6 +65,8 @@ pub struct Received {
     pub moved: bool,
     /// Whether its member list or weights (config digest) changed.
     pub digest_changed: bool,
+    /// The (incarnation, sequence) accepted from it on that network before this one.
+    pub previous: Option<(u64, u64)>,
 }
 
 /// How far behind this node's own sequence an echo may be: rounds (a round is one heartbeat
@@ -195,11 +197,22 @@ impl Membership {
         now: Instant,
     ) -> Result<Received, Reject> {
         let i = self.admit(hb, net)?;
+        self.receive_admitted(i, hb, net, now)
+    }
+
+    /// As `receive`, for a heartbeat `admit` already let in as sender `i`'s.
+    pub fn receive_admitted(
+        &mut self,
+        i: usize,
+        hb: &Heartbeat,
+        net: usize,
+        now: Instant,
+    ) -> Result<Received, Reject> {
         if !self.echo_fresh(hb.echo) {
             return Err(Reject::Stale);
         }
         let p = &mut self.peers[i];
-        p.guard[net].check(hb.incarnation, hb.seq)?;
+        let previous = p.guard[net].check(hb.incarnation, hb.seq)?;
         let digest_changed = p.config_digest != hb.config_digest;
         let moved = (p.applied, p.settled, p.handed_over, p.released, p.drill)
             != (
@@ -224,6 +237,7 @@ impl Membership {
             index: i,
             moved,
             digest_changed,
+            previous,
         })
     }
 
