@@ -110,7 +110,7 @@ pub fn recv_timestamped(
 }
 
 /// An IPv4 or IPv6 socket address as the kernel filled it in.
-fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
+pub fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
     match s.ss_family as libc::c_int {
         libc::AF_INET => {

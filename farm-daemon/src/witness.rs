@@ -18,6 +18,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use farm_mirror::wire::random;
+
 #[derive(Debug, thiserror::Error)]
 #[error("cannot open an ICMP socket to probe the witness {witness}: {source}")]
 pub struct WitnessError {
@@ -158,7 +160,7 @@ fn probe_loop(
                 &mut from_len,
             )
         };
-        if n <= 0 || source(&from) != Some(addr) {
+        if n <= 0 || crate::packet::sockaddr_to_std(&from).map(|a| a.ip()) != Some(addr) {
             continue;
         }
         let pkt = &buf[..n as usize];
@@ -178,33 +180,6 @@ fn probe_loop(
                 Ordering::Relaxed,
             );
         }
-    }
-}
-
-fn random<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    // SAFETY: getrandom fills the buffer it is given.
-    let got = unsafe { libc::getrandom(b.as_mut_ptr().cast(), N, 0) };
-    assert_eq!(got, N as isize, "getrandom");
-    b
-}
-
-/// The source address of a datagram.
-fn source(s: &libc::sockaddr_storage) -> Option<IpAddr> {
-    match s.ss_family as libc::c_int {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let a: libc::sockaddr_in =
-                unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
-            Some(IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes()))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let a: libc::sockaddr_in6 =
-                unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
-            Some(IpAddr::from(a.sin6_addr.s6_addr))
-        }
-        _ => None,
     }
 }
 

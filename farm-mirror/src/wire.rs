@@ -271,7 +271,8 @@ fn equal(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn random<const N: usize>() -> [u8; N] {
+/// `N` bytes from the kernel's random generator (nonces, ephemeral keys, tokens).
+pub fn random<const N: usize>() -> [u8; N] {
     let mut n = [0u8; N];
     // SAFETY: getrandom fills the buffer it is given.
     let got = unsafe { libc::getrandom(n.as_mut_ptr().cast(), n.len(), 0) };
