@@ -720,13 +720,11 @@ impl Config {
         };
         let mut f = std::fs::File::open(path).map_err(read_err)?;
         let meta = f.metadata().map_err(read_err)?;
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
         let problem = if !meta.file_type().is_file() {
             Some("not a regular file".to_string())
-        } else if meta.uid() != 0 && meta.uid() != me {
+        } else if !crate::trust::trusted_uid(meta.uid()) {
             Some(format!("owned by uid {}", meta.uid()))
-        } else if meta.mode() & 0o022 != 0 {
+        } else if crate::trust::others_may_write(meta.mode()) {
             Some(format!(
                 "writable by group or others (mode {:o})",
                 meta.mode() & 0o777

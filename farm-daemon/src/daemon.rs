@@ -279,10 +279,8 @@ const MAX_REQUEST: u64 = 64 * 1024;
 fn safe_parent(dir: &Path) -> Result<(), DaemonError> {
     use std::os::unix::fs::MetadataExt as _;
     let m = std::fs::metadata(dir).map_err(io(format!("reading {}", dir.display())))?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    let shared = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
-    if (m.uid() != me && m.uid() != 0) || shared {
+    let shared = crate::trust::others_may_write(m.mode()) && m.mode() & 0o1000 == 0;
+    if !crate::trust::trusted_uid(m.uid()) || shared {
         return Err(DaemonError::UnsafeSocketDir {
             dir: dir.into(),
             uid: m.uid(),
@@ -295,10 +293,8 @@ fn safe_parent(dir: &Path) -> Result<(), DaemonError> {
 /// Whether a control client may give orders: root or farmd's own user (the socket is 0600;
 /// this holds also where the file's mode was changed).
 fn client_allowed(stream: &UnixStream) -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
     match stream.peer_cred() {
-        Ok(c) if c.uid() == 0 || c.uid() == me => Ok(()),
+        Ok(c) if crate::trust::trusted_uid(c.uid()) => Ok(()),
         Ok(c) => Err(format!(
             "control requests are for root or farmd's user; this client runs as uid {}",
             c.uid()

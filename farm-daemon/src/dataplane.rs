@@ -775,9 +775,10 @@ fn private_dir(dir: &Path) -> Result<(), DataplaneError> {
         what: format!("reading {}", dir.display()),
         source,
     })?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    if !m.is_dir() || (m.uid() != 0 && m.uid() != me) || m.mode() & 0o022 != 0 {
+    if !m.is_dir()
+        || !crate::trust::trusted_uid(m.uid())
+        || crate::trust::others_may_write(m.mode())
+    {
         return Err(DataplaneError::Io {
             what: format!(
                 "using {} for pins (owned by uid {}, mode {:o}; it must be a directory only root \

@@ -27,4 +27,5 @@ pub mod secret;
 pub mod service;
 pub mod sysctl;
 pub mod transition;
+pub mod trust;
 pub mod witness;

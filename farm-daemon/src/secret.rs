@@ -64,9 +64,7 @@ impl Secret {
         if !meta.file_type().is_file() {
             return Err(SecretError::NotAFile { path: p });
         }
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
-        if meta.uid() != 0 && meta.uid() != me {
+        if !crate::trust::trusted_uid(meta.uid()) {
             return Err(SecretError::Owner {
                 path: p,
                 uid: meta.uid(),
