@@ -175,8 +175,6 @@ struct Io {
     sockets: Vec<std::net::UdpSocket>,
     /// Per peer, per network: where its heartbeats go.
     peer_addrs: Vec<Vec<SocketAddr>>,
-    /// Per peer, per network: the only source address its heartbeats are taken from.
-    peer_ips: Vec<Vec<IpAddr>>,
     /// A peer's new incarnation was heard: answer its challenge with a round at once.
     answer_now: bool,
     witness: Option<Arc<Witness>>,
@@ -302,11 +300,6 @@ impl Cluster {
         let state_dir = cfg.state_dir.clone();
         membership.incarnation = new_incarnation(&state_dir, &me.id, 0);
         membership.echo_rounds = echo_rounds(cfg.heartbeat.interval, loss_window);
-        let peer_ips = cfg
-            .members
-            .iter()
-            .map(|m| m.heartbeat_addrs.clone())
-            .collect();
         let shared = Arc::new(Shared {
             outgoing: Mutex::new(Outgoing {
                 state: State::Joining,
@@ -330,7 +323,6 @@ impl Cluster {
             state_dir,
             sockets,
             peer_addrs,
-            peer_ips,
             answer_now: false,
             witness: witness.clone(),
             witness_window,
@@ -813,7 +805,8 @@ impl Io {
         let result = heartbeat::parse(&d.bytes)
             .and_then(|hb| {
                 let i = self.membership.admit(&hb, d.net)?;
-                if self.peer_ips[i].get(d.net) != Some(&d.from.ip()) {
+                // Only from the address its heartbeats are sent to on that network.
+                if self.peer_addrs[i].get(d.net).map(SocketAddr::ip) != Some(d.from.ip()) {
                     return Err(Reject::WrongSource);
                 }
                 heartbeat::authenticate(&self.key, &d.bytes)?;

@@ -1709,9 +1709,7 @@ fn validate_checks(raw: &[RawCheck], e: &mut Errors) -> Vec<Check> {
                 }
             },
             "process" => match c.process.as_deref() {
-                Some(p) if p.starts_with('/') && Path::new(p).is_absolute() => {
-                    Some(Probe::Process(p.into()))
-                }
+                Some(p) if p.starts_with('/') => Some(Probe::Process(p.into())),
                 Some(p) if !p.is_empty() && p.len() <= 15 && !p.contains('/') => {
                     Some(Probe::Process(p.into()))
                 }

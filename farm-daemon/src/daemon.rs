@@ -314,12 +314,14 @@ impl Daemon {
         let message_key = secret.message_key();
         // A mirror group with a key of its own: only its two members hold it (see
         // `mirror.secret_file`); the others never read it.
-        let mirror_key = match cfg.mirror.as_ref() {
-            Some(m) if m.members.contains(&cfg.me) && m.secret_file.is_some() => {
-                let path = m.secret_file.as_ref().expect("checked");
-                Secret::load(path)?.mirror_key()
-            }
-            _ => secret.mirror_key(),
+        let group_key = cfg
+            .mirror
+            .as_ref()
+            .filter(|m| m.members.contains(&cfg.me))
+            .and_then(|m| m.secret_file.as_ref());
+        let mirror_key = match group_key {
+            Some(path) => Secret::load(path)?.mirror_key(),
+            None => secret.mirror_key(),
         };
         drop(secret);
 

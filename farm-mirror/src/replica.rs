@@ -202,8 +202,8 @@ impl Replica {
         })
     }
 
-    /// Lets the primary make device nodes and set-user/group-id files (refused by default: whoever holds the group key would otherwise be root on the
-    /// secondary).
+    /// Lets the primary make device nodes and set-user/group-id files (refused by default:
+    /// whoever holds the group key would otherwise be root on the secondary).
     pub fn allow_privileged(mut self, allow: bool) -> Self {
         self.allow_privileged = allow;
         self
