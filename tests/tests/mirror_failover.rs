@@ -141,6 +141,15 @@ stop_primary = '''{stop}'''
     Mirrored(t)
 }
 
+/// A pair running the record service, started, n1 primary with its replica in sync.
+fn records_pair_in_sync() -> Mirrored {
+    let mut t = pair(&App::Records);
+    t.start_farmd(0);
+    t.start_farmd(1);
+    primary_in_sync(&t, 0, Duration::from_secs(60));
+    t
+}
+
 /// The start and stop commands of `app` on node `i`.
 fn commands(t: &Topology, i: usize, app: &App) -> (String, String) {
     let n = i + 1;
@@ -533,10 +542,7 @@ fn a_cut_with_the_witness_on_the_secondary_side_never_makes_two_primaries() {
     if !require_root("a_cut_with_the_witness_on_the_secondary_side_never_makes_two_primaries") {
         return;
     }
-    let mut t = pair(&App::Records);
-    t.start_farmd(0);
-    t.start_farmd(1);
-    primary_in_sync(&t, 0, Duration::from_secs(60));
+    let t = records_pair_in_sync();
     let client = Client::start(&t, 1);
     client.wait_more(20, Duration::from_secs(30));
     // n1 (primary) loses n2 on every path and the witness; n2 keeps the witness.
@@ -873,10 +879,7 @@ fn the_secondary_refuses_device_nodes_and_setuid_files() {
     if !require_root("the_secondary_refuses_device_nodes_and_setuid_files") {
         return;
     }
-    let mut t = pair(&App::Records);
-    t.start_farmd(0);
-    t.start_farmd(1);
-    primary_in_sync(&t, 0, Duration::from_secs(60));
+    let t = records_pair_in_sync();
     let key = farm_daemon::secret::Secret::load(&t.key_file())
         .expect("key")
         .mirror_key();
