@@ -755,6 +755,8 @@ impl Io {
         let me = self.membership.me;
         let mut sent = vec![vec![0u64; sockets.len()]; self.peer_addrs.len()];
         let mut hb = Heartbeat {
+            version: heartbeat::VERSION,
+            departed: self.membership.departed(),
             id: self.membership.peers[me].id.clone(),
             state: out.state,
             weight: self.membership.peers[me].weight as u16,
@@ -776,8 +778,14 @@ impl Io {
                 if i == me {
                     continue;
                 }
-                // Each peer gets its own challenge answered.
-                hb.echo = self.membership.peers[i].heard;
+                // Each peer gets its own challenge answered, in the version it speaks (the
+                // newest to a peer not heard yet).
+                let peer = &self.membership.peers[i];
+                hb.echo = peer.heard;
+                hb.version = match peer.version {
+                    0 => heartbeat::VERSION,
+                    v => v.clamp(heartbeat::OLDEST, heartbeat::VERSION),
+                };
                 let bytes = heartbeat::encode(&self.key, &hb);
                 // A full socket buffer loses one heartbeat, which the loss threshold absorbs.
                 if sock.try_send_to(&bytes, addrs[net]).is_ok() {
@@ -814,6 +822,22 @@ impl Io {
             })
             .and_then(|(i, hb)| {
                 if self.membership.learn(i, hb.incarnation, hb.seq) {
+                    self.answer_now = true;
+                }
+                // Answered in its version from now on, also when this one does not answer
+                // this node's challenge yet: an older peer does not read the newer version,
+                // so it could never answer it.
+                let peer = &mut self.membership.peers[i];
+                if peer.version != hb.version {
+                    if peer.version != 0 {
+                        tracing::info!(
+                            member = %peer.id,
+                            from = peer.version,
+                            to = hb.version,
+                            "member speaks another heartbeat version now: answering in it"
+                        );
+                    }
+                    peer.version = hb.version;
                     self.answer_now = true;
                 }
                 let before = self.membership.peers[i].state;

@@ -1,11 +1,12 @@
 //! The heartbeat message: what members tell each other several times a second, authenticated
 //! with the cluster key.
 //!
-//! Wire format (big-endian), 168 bytes plus the sender's id:
+//! Wire format (big-endian), 168 bytes plus the sender's id and, from version 6 on, extensions:
 //!
 //! ```text
 //!  0  magic "FRMH"            4
-//!  4  version (5)             1
+//!  4  version (5 or 6)        1   the format the sender wrote
+//!
 //!  5  state                   1   joining, active, draining, leaving, unhealthy
 //!  6  weight                  2
 //!  8  incarnation             8   set once per farmd start, never smaller than the previous
@@ -15,7 +16,8 @@
 //! 32  config digest           8   hash of the member list and weights it was configured with
 //! 40  id length               1
 //! 41  network index           1   which heartbeat network the message was sent on
-//! 42  reserved                6
+//! 42  oldest reader           1   v6+: the oldest version that reads this message (6); v5: 0
+//! 43  reserved                5
 //! 48  settled                 8   members (bit = index by id) serving in the sender's settled map
 //! 56  handed over             8   the target set for which the sender has handed its buckets over
 //! 64  released                8   the target set for which the sender's outgoing buckets no longer
@@ -36,7 +38,26 @@
 //! 136 echo incarnation        8   the receiver's newest (incarnation, sequence) the sender has
 //! 144 echo sequence           8   authenticated: the receiver's challenge, answered (see below)
 //! 152 id                      n   1..=63 bytes
-//! 152+n  HMAC-SHA256          16  over everything before it, truncated
+//! 152+n  extensions           e   v6+: (type 1, length 1, value) each; none in v5
+//! 152+n+e  HMAC-SHA256        16  over everything before it, truncated
+//! ```
+//!
+//! # Versions
+//!
+//! Version N reads N-1 and N, and reads a later version whose "oldest reader" byte it is
+//! old enough for: a later version adds extensions (which N skips when it does not know their
+//! type) and sets that byte higher only for a change N could not read correctly. A member
+//! writes to each peer the version it last heard from that peer (its newest, 6, to a peer not
+//! yet heard), so a farm upgrades member by member: a v6 member speaks v5 to a v5 peer. The v5
+//! reader (farm 0.1) reads only v5; it drops the first v6 heartbeats of a newer member it has
+//! not yet answered, and the newer member switches to v5 as soon as it hears it.
+//!
+//! Extensions of version 6:
+//!
+//! ```text
+//! type 1  departed            8   members (bit = index by id) the sender saw leave by a
+//!                                 planned stop and not come back: they do not count for
+//!                                 quorum (see `membership`)
 //! ```
 //!
 //! Each heartbeat is addressed to one peer and echoes that peer's own newest incarnation and
@@ -59,12 +80,19 @@ use sha2::Sha256;
 use crate::transition::View;
 
 pub const MAGIC: [u8; 4] = *b"FRMH";
-pub const VERSION: u8 = 5;
+/// The newest version this build writes and reads.
+pub const VERSION: u8 = 6;
+/// The oldest version this build reads (and writes, to a peer that speaks only that one).
+pub const OLDEST: u8 = 5;
 /// Bytes before the id.
 pub const FIXED: usize = 152;
 const TAG: usize = 16;
 pub const MAX_ID: usize = 63;
-pub const MAX_LEN: usize = FIXED + MAX_ID + TAG;
+/// Room for extensions, this version's and later ones'.
+const MAX_EXT: usize = 512;
+pub const MAX_LEN: usize = FIXED + MAX_ID + MAX_EXT + TAG;
+/// Extension types.
+const EXT_DEPARTED: u8 = 1;
 
 /// A member's state as it announces it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -107,6 +135,8 @@ impl State {
 /// A heartbeat's content.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Heartbeat {
+    /// The wire version it was read in, or is to be written in ([`OLDEST`]..=[`VERSION`]).
+    pub version: u8,
     pub id: String,
     pub state: State,
     pub weight: u16,
@@ -133,6 +163,8 @@ pub struct Heartbeat {
     /// The receiver's newest (incarnation, sequence) the sender has authenticated: the answer
     /// to the receiver's challenge ((0, 0) before the sender heard it).
     pub echo: (u64, u64),
+    /// v6: the members the sender saw leave by a planned stop (0 in v5).
+    pub departed: u64,
 }
 
 /// What a member of a mirror group tells its peer (see `mirror`).
@@ -279,9 +311,14 @@ pub fn encode(key: &[u8; 32], hb: &Heartbeat) -> Vec<u8> {
         !id.is_empty() && id.len() <= MAX_ID,
         "ids are validated by config"
     );
-    let mut b = Vec::with_capacity(FIXED + id.len() + TAG);
+    assert!(
+        (OLDEST..=VERSION).contains(&hb.version),
+        "a version this build writes"
+    );
+    let v6 = hb.version >= 6;
+    let mut b = Vec::with_capacity(FIXED + id.len() + 10 + TAG);
     b.extend_from_slice(&MAGIC);
-    b.push(VERSION);
+    b.push(hb.version);
     b.push(hb.state.to_u8());
     b.extend_from_slice(&hb.weight.to_be_bytes());
     b.extend_from_slice(&hb.incarnation.to_be_bytes());
@@ -290,7 +327,8 @@ pub fn encode(key: &[u8; 32], hb: &Heartbeat) -> Vec<u8> {
     b.extend_from_slice(&hb.config_digest.to_be_bytes());
     b.push(id.len() as u8);
     b.push(hb.network);
-    b.extend_from_slice(&[0; 6]);
+    b.push(if v6 { 6 } else { 0 });
+    b.extend_from_slice(&[0; 5]);
     for v in [hb.settled, hb.handed_over, hb.released] {
         b.extend_from_slice(&v.serving.to_be_bytes());
     }
@@ -309,6 +347,11 @@ pub fn encode(key: &[u8; 32], hb: &Heartbeat) -> Vec<u8> {
     b.extend_from_slice(&hb.echo.0.to_be_bytes());
     b.extend_from_slice(&hb.echo.1.to_be_bytes());
     b.extend_from_slice(id);
+    if v6 && hb.departed != 0 {
+        b.push(EXT_DEPARTED);
+        b.push(8);
+        b.extend_from_slice(&hb.departed.to_be_bytes());
+    }
     let tag = mac(key, &b);
     b.extend_from_slice(&tag);
     b
@@ -351,31 +394,39 @@ pub fn parse(b: &[u8]) -> Result<Heartbeat, Reject> {
     if b[..4] != MAGIC {
         return Err(Reject::BadMagic);
     }
-    if b[4] != VERSION {
+    let version = b[4];
+    // v5 exactly; v6, and a later version that says v6 reads it.
+    let later = version > VERSION;
+    if version < OLDEST || (version >= 6 && b[42] > VERSION) {
         return Err(Reject::BadVersion);
+    }
+    if (version == 5 && b[42] != 0) || (version >= 6 && b[42] < 6) {
+        return Err(Reject::Malformed);
     }
     let id_len = b[40] as usize;
     if id_len == 0 || id_len > MAX_ID {
         return Err(Reject::Malformed);
     }
-    if b.len() != FIXED + id_len + TAG {
-        return Err(if b.len() < FIXED + id_len + TAG {
-            Reject::Truncated
-        } else {
-            Reject::Malformed
-        });
+    let end = b.len() - TAG;
+    if end < FIXED + id_len {
+        return Err(Reject::Truncated);
     }
-    // Reserved bytes must be zero: one encoding per message (found by the fuzzer: they were
-    // ignored, so an authenticated message from a later version would have been misread).
-    if b[42..48] != [0; 6] || b[109..112] != [0; 3] || b[114..120] != [0; 6] {
+    if version == 5 && end != FIXED + id_len {
         return Err(Reject::Malformed);
     }
-    if b[113] & !MirrorBeat::ALL != 0 {
+    // Reserved bytes must be zero: one encoding per message (found by the fuzzer: they were
+    // ignored, so an authenticated message from a later version would have been misread). A
+    // later version may use them: it sets the oldest-reader byte when that matters.
+    if !later && (b[43..48] != [0; 5] || b[109..112] != [0; 3] || b[114..120] != [0; 6]) {
+        return Err(Reject::Malformed);
+    }
+    let known_flags = if later { 0xff } else { MirrorBeat::ALL };
+    if b[113] & !known_flags != 0 {
         return Err(Reject::Malformed);
     }
     let mirror = MirrorBeat {
         role: MirrorRole::from_u8(b[112]).ok_or(Reject::Malformed)?,
-        flags: b[113],
+        flags: b[113] & MirrorBeat::ALL,
         generation: be64(b, 120),
         seen: be64(b, 128),
     };
@@ -391,7 +442,40 @@ pub fn parse(b: &[u8]) -> Result<Heartbeat, Reject> {
     };
     let state = State::from_u8(b[5]).ok_or(Reject::Malformed)?;
     let id = std::str::from_utf8(&b[FIXED..FIXED + id_len]).map_err(|_| Reject::Malformed)?;
+    let mut departed = 0;
+    let mut seen = 0u32;
+    let mut ext = &b[FIXED + id_len..end];
+    while !ext.is_empty() {
+        let [kind, len, rest @ ..] = ext else {
+            return Err(Reject::Malformed);
+        };
+        let len = *len as usize;
+        if rest.len() < len {
+            return Err(Reject::Malformed);
+        }
+        let value = &rest[..len];
+        ext = &rest[len..];
+        if *kind < 32 {
+            // One of each type at most: one encoding per message.
+            if seen & (1 << kind) != 0 {
+                return Err(Reject::Malformed);
+            }
+            seen |= 1 << kind;
+        }
+        match *kind {
+            EXT_DEPARTED => {
+                departed = u64::from_be_bytes(value.try_into().map_err(|_| Reject::Malformed)?);
+                if departed == 0 {
+                    return Err(Reject::Malformed);
+                }
+            }
+            // A later version's extension: skipped. In v6 itself there is none other.
+            _ if later => {}
+            _ => return Err(Reject::Malformed),
+        }
+    }
     Ok(Heartbeat {
+        version: version.min(VERSION),
         id: id.to_string(),
         state,
         weight: u16::from_be_bytes([b[6], b[7]]),
@@ -406,6 +490,7 @@ pub fn parse(b: &[u8]) -> Result<Heartbeat, Reject> {
         drill,
         mirror,
         echo: (be64(b, 136), be64(b, 144)),
+        departed,
     })
 }
 
@@ -453,6 +538,8 @@ mod tests {
 
     fn hb() -> Heartbeat {
         Heartbeat {
+            version: VERSION,
+            departed: 0b1000,
             id: "web1".into(),
             state: State::Active,
             weight: 3,
@@ -490,8 +577,13 @@ mod tests {
     #[test]
     fn round_trip() {
         let b = encode(&KEY, &hb());
-        assert_eq!(b.len(), FIXED + 4 + TAG);
+        assert_eq!(b.len(), FIXED + 4 + 10 + TAG);
         assert_eq!(decode(&KEY, &b), Ok(hb()));
+        let mut none = hb();
+        none.departed = 0;
+        let b = encode(&KEY, &none);
+        assert_eq!(b.len(), FIXED + 4 + TAG, "no extension when nothing to say");
+        assert_eq!(decode(&KEY, &b), Ok(none));
     }
 
     #[test]
@@ -524,8 +616,67 @@ mod tests {
             Err(Reject::BadMagic)
         );
         let mut v = good.clone();
-        v[4] = 9;
-        assert_eq!(decode(&KEY, &v), Err(Reject::BadVersion));
+        v[4] = 4;
+        assert_eq!(decode(&KEY, &v), Err(Reject::BadVersion), "older than v5");
+        let mut v = good.clone();
+        v[42] = 7;
+        assert_eq!(
+            decode(&KEY, &v),
+            Err(Reject::BadVersion),
+            "a later version that v6 cannot read"
+        );
+    }
+
+    /// Re-signs `b` (without its tag) as `KEY` would.
+    fn signed(mut b: Vec<u8>) -> Vec<u8> {
+        let tag = mac(&KEY, &b);
+        b.extend_from_slice(&tag);
+        b
+    }
+
+    #[test]
+    fn version_5_is_written_and_read_as_farm_0_1_does() {
+        let mut h = hb();
+        h.version = 5;
+        let b = encode(&KEY, &h);
+        assert_eq!(b.len(), FIXED + 4 + TAG, "no extensions in v5");
+        assert_eq!(b[4], 5);
+        assert_eq!(b[42..48], [0; 6], "v5's reserved bytes");
+        h.departed = 0;
+        assert_eq!(decode(&KEY, &b), Ok(h), "departures are not said in v5");
+        // An extension in a v5 message is malformed (v5 has none).
+        let mut x = b[..b.len() - TAG].to_vec();
+        x.extend_from_slice(&[EXT_DEPARTED, 8, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(decode(&KEY, &signed(x)), Err(Reject::Malformed));
+    }
+
+    #[test]
+    fn a_later_version_is_read_and_what_it_adds_is_skipped() {
+        let b = encode(&KEY, &hb());
+        let mut later = b[..b.len() - TAG].to_vec();
+        later[4] = 9;
+        // A new extension type, a reserved byte and a mirror flag this version does not know.
+        later.extend_from_slice(&[77, 3, 1, 2, 3]);
+        later[44] = 1;
+        later[113] |= 0x40;
+        let got = decode(&KEY, &signed(later.clone())).expect("v9 that v6 may read");
+        assert_eq!(
+            got.version, VERSION,
+            "answered in the newest this build writes"
+        );
+        assert_eq!(got.departed, hb().departed);
+        assert_eq!(got.mirror.flags, hb().mirror.flags);
+        // The same unknown extension in a v6 message is malformed: one encoding per message.
+        let mut v6 = b[..b.len() - TAG].to_vec();
+        v6.extend_from_slice(&[77, 3, 1, 2, 3]);
+        assert_eq!(decode(&KEY, &signed(v6)), Err(Reject::Malformed));
+        // Extensions that run past the end, or twice the same, are malformed in any version.
+        let mut cut = later.clone();
+        cut.extend_from_slice(&[78, 9, 1]);
+        assert_eq!(decode(&KEY, &signed(cut)), Err(Reject::Malformed));
+        let mut twice = later;
+        twice.extend_from_slice(&[EXT_DEPARTED, 8, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(decode(&KEY, &signed(twice)), Err(Reject::Malformed));
     }
 
     #[test]

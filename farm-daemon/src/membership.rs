@@ -53,6 +53,10 @@ pub struct Peer {
     pub heard: (u64, u64),
     /// Whether it counted as alive at the last `tick`.
     pub alive: bool,
+    /// The heartbeat version it last wrote (0: not heard yet): what this node writes to it.
+    pub version: u8,
+    /// The members it saw leave by a planned stop (see [`Membership::departed`]).
+    pub departed: u64,
 }
 
 /// A heartbeat taken in.
@@ -133,6 +137,8 @@ impl Membership {
                 guard: vec![ReplayGuard::default(); networks],
                 heard: (0, 0),
                 alive: false,
+                version: 0,
+                departed: 0,
             })
             .collect();
         Self {
@@ -233,6 +239,7 @@ impl Membership {
         p.released = hb.released;
         p.drill = hb.drill;
         p.mirror = hb.mirror;
+        p.departed = hb.departed;
         Ok(Received {
             index: i,
             moved,
@@ -301,30 +308,82 @@ impl Membership {
     }
 
     fn compute_quorum(&self, witness_reachable: bool) -> bool {
-        let alive = self.peers.iter().filter(|p| p.alive).count();
+        let alive = self.alive_mask(usize::MAX);
         self.quorum_of(alive, witness_reachable)
+    }
+
+    /// The members alive now (bit i = member i), but for member `except`.
+    fn alive_mask(&self, except: usize) -> u64 {
+        self.peers
+            .iter()
+            .enumerate()
+            .filter(|(j, p)| *j != except && p.alive)
+            .fold(0, |m, (j, _)| m | (1 << j))
+    }
+
+    /// The members that left by a planned stop and have not come back (bit i = member i):
+    /// not alive, and the last thing this node heard from them was that they leave, or a
+    /// member alive now saw them leave (so that a member started after they left knows too).
+    /// They do not count for quorum until they rejoin, like corosync's `last_man_standing`:
+    /// stopping members one by one down to the last keeps the service.
+    ///
+    /// Safe against a partition: a departed member is not alive on either side, so two sides
+    /// that agree on who departed split the same smaller set (a strict majority of it exists
+    /// on one side at most), and a side that missed a departure counts the larger set, which
+    /// only makes its majority harder to reach.
+    pub fn departed(&self) -> u64 {
+        let reported = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(j, p)| *j != self.me && p.alive)
+            .fold(0, |m, (_, p)| m | p.departed);
+        self.peers
+            .iter()
+            .enumerate()
+            .filter(|(j, p)| {
+                *j != self.me
+                    && !p.alive
+                    && (p.state == Some(State::Leaving) || reported & (1 << j) != 0)
+            })
+            .fold(0, |m, (j, _)| m | (1 << j))
     }
 
     /// Whether the members alive now, without member `i`, would have quorum (what-if for
     /// `farmctl simulate-failure`). False when nobody would be left.
     pub fn quorum_without(&self, i: usize, witness_reachable: bool) -> bool {
-        let alive = self
-            .peers
-            .iter()
-            .enumerate()
-            .filter(|(j, p)| *j != i && p.alive)
-            .count();
-        alive > 0 && self.quorum_of(alive, witness_reachable)
+        let alive = self.alive_mask(i);
+        alive != 0 && self.quorum_of(alive, witness_reachable)
     }
 
-    /// The quorum rule, for `alive` of the configured members.
-    fn quorum_of(&self, alive: usize, witness_reachable: bool) -> bool {
-        let n = self.peers.len();
-        match n {
-            0 | 1 => true,
-            // Without a witness a lone member keeps serving (documented split-brain case).
-            2 => alive == 2 || !self.has_witness || witness_reachable,
-            _ => alive * 2 > n,
+    /// The quorum rule, for the members in `alive` (bit i = member i).
+    ///
+    /// A strict majority of the members that count: the configured ones but those that
+    /// departed (see [`Membership::departed`]). Exactly half of them is enough when members
+    /// departed (never in a farm at its configured size, whose rule stays as it was) and the
+    /// half is the one with the witness or, without one, the one with the lowest-indexed member
+    /// that counts (corosync's `auto_tie_breaker`): two members left of five, one of them cut
+    /// off, keep serving on one side only.
+    fn quorum_of(&self, alive: u64, witness_reachable: bool) -> bool {
+        let configured = self.peers.len();
+        let departed = self.departed() & !alive;
+        let counted = configured - departed.count_ones() as usize;
+        let up = alive.count_ones() as usize;
+        match counted {
+            0 | 1 => up > 0,
+            // Without a witness a lone member of a two-member farm keeps serving (documented
+            // split-brain case).
+            2 if configured == 2 => up == 2 || !self.has_witness || witness_reachable,
+            _ if up * 2 > counted => true,
+            _ if up * 2 == counted && counted < configured => {
+                if self.has_witness {
+                    witness_reachable
+                } else {
+                    let counting = !departed & ((1u128 << configured) - 1) as u64;
+                    alive & counting & counting.wrapping_neg() != 0
+                }
+            }
+            _ => false,
         }
     }
 
@@ -393,6 +452,8 @@ mod tests {
 
     fn hb(id: &str, seq: u64, state: State) -> Heartbeat {
         Heartbeat {
+            version: crate::heartbeat::VERSION,
+            departed: 0,
             id: id.into(),
             state,
             weight: 1,
@@ -674,5 +735,105 @@ mod tests {
         assert!(m.quorum_without(1, true), "alone, witness answers");
         let m = Membership::new(&members(1), 0, 1, W, false);
         assert!(!m.quorum_without(0, false), "nobody left");
+    }
+
+    /// Five members, `me` hears the others Active at `t`, then each in `order` announces it
+    /// leaves in turn.
+    fn five(me: usize) -> (Membership, Instant) {
+        let t0 = Instant::now();
+        let mut m = Membership::new(&members(5), me, 1, W, false);
+        m.my_state = State::Active;
+        for j in 0..5 {
+            if j != me {
+                m.receive(&hb(&format!("n{}", j + 1), 1, State::Active), 0, t0)
+                    .unwrap();
+            }
+        }
+        m.tick(t0, false);
+        assert!(m.has_quorum());
+        (m, t0)
+    }
+
+    #[test]
+    fn members_that_leave_one_by_one_do_not_take_quorum_with_them() {
+        let (mut m, t0) = five(0);
+        let ms = Duration::from_millis;
+        for (k, leaver) in ["n5", "n4", "n3", "n2"].into_iter().enumerate() {
+            let t = t0 + ms(10 * (k as u64 + 1));
+            m.receive(&hb(leaver, 2, State::Leaving), 0, t).unwrap();
+            let ev = m.tick(t, false);
+            assert_eq!(ev, vec![Event::PeerLeft { id: leaver.into() }]);
+            assert!(m.has_quorum(), "after {leaver} left");
+        }
+        assert_eq!(m.departed(), 0b11110);
+        // n2 comes back (a restart): it counts again, and two of two serve.
+        m.receive(&hb("n2", 3, State::Joining), 0, t0 + ms(100))
+            .unwrap();
+        m.tick(t0 + ms(100), false);
+        assert_eq!(m.departed(), 0b11100);
+        assert!(m.has_quorum());
+    }
+
+    #[test]
+    fn a_lost_member_still_counts_and_a_partition_serves_on_one_side() {
+        // 2 + 3: the side of two loses quorum, the side of three keeps it.
+        let (mut two, t0) = five(0);
+        let (mut three, _) = five(2);
+        let t = t0 + W + Duration::from_millis(10);
+        for (m, heard) in [(&mut two, ["n2"].as_slice()), (&mut three, &["n4", "n5"])] {
+            for id in heard {
+                m.receive(&hb(id, 2, State::Active), 0, t).unwrap();
+            }
+            m.tick(t, false);
+        }
+        assert!(!two.has_quorum());
+        assert!(three.has_quorum());
+    }
+
+    #[test]
+    fn with_exactly_half_left_after_departures_the_lowest_member_decides() {
+        let ms = Duration::from_millis;
+        // n3, n4 and n5 left; n1 and n2 remain, then cannot hear each other.
+        let mut sides = Vec::new();
+        for me in [0, 1] {
+            let (mut m, t0) = five(me);
+            for id in ["n3", "n4", "n5"] {
+                m.receive(&hb(id, 2, State::Leaving), 0, t0 + ms(10))
+                    .unwrap();
+            }
+            m.tick(t0 + ms(10), false);
+            assert!(m.has_quorum());
+            m.tick(t0 + ms(10) + W * 2, false);
+            sides.push(m.has_quorum());
+        }
+        assert_eq!(sides, vec![true, false], "only n1's side serves");
+        // Without departures, half of a farm at its configured size is no quorum.
+        let t0 = Instant::now();
+        let mut m = Membership::new(&members(4), 0, 1, W, false);
+        m.receive(&hb("n2", 1, State::Active), 0, t0).unwrap();
+        m.tick(t0, false);
+        assert!(!m.has_quorum());
+    }
+
+    #[test]
+    fn a_member_started_after_others_left_learns_it_from_the_live_ones() {
+        let t0 = Instant::now();
+        // n1 restarts after n3, n4 and n5 left; n2 tells it so.
+        let mut m = Membership::new(&members(5), 0, 1, W, false);
+        let mut h = hb("n2", 1, State::Active);
+        h.departed = 0b11100;
+        m.receive(&h, 0, t0).unwrap();
+        m.tick(t0, false);
+        assert_eq!(m.departed(), 0b11100);
+        assert!(m.has_quorum(), "two of the two that count");
+        // A member it hears itself is not departed, whatever a peer says.
+        m.receive(&hb("n3", 1, State::Joining), 0, t0).unwrap();
+        m.tick(t0, false);
+        assert_eq!(m.departed(), 0b11000);
+        // Without that report, a restarted member sees two of five.
+        let mut m = Membership::new(&members(5), 0, 1, W, false);
+        m.receive(&hb("n2", 1, State::Active), 0, t0).unwrap();
+        m.tick(t0, false);
+        assert!(!m.has_quorum());
     }
 }

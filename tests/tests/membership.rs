@@ -63,6 +63,8 @@ fn forged_replayed_and_random_heartbeats_change_nothing() {
         heartbeat::encode(
             key,
             &Heartbeat {
+                version: heartbeat::VERSION,
+                departed: 0,
                 id: "n2".into(),
                 state: State::Leaving,
                 weight: 1,
