@@ -314,6 +314,9 @@ pub enum Response {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub node: String,
+    /// farmd's version (empty from farm 0.1, which did not say).
+    #[serde(default)]
+    pub version: String,
     pub interface: String,
     /// "driver" or "generic".
     pub xdp_mode: String,
@@ -326,6 +329,9 @@ pub struct Status {
     pub buckets_total: u32,
     /// Whether this node has quorum (sees enough members, or the witness) and may serve.
     pub quorum: bool,
+    /// Members that left by a planned stop and do not count for quorum until they rejoin.
+    #[serde(default)]
+    pub departed: Vec<String>,
     /// A bucket move between live members in progress, if any.
     pub handover: Option<crate::handover::Progress>,
     /// A drain or resume of this node waiting for another move to complete.
@@ -399,6 +405,9 @@ pub struct MemberStatus {
     pub state: MemberState,
     pub buckets: usize,
     pub this_node: bool,
+    /// The heartbeat version this node hears from it and writes to it (0: not heard).
+    #[serde(default)]
+    pub heartbeat_version: u8,
 }
 
 /// A member's state as a node sees it (in JSON, its kebab-case name).

@@ -2256,6 +2256,11 @@ impl Daemon {
                 state: self.node.member_state(i, &shares),
                 buckets: shares[i],
                 this_node: i == self.cfg.me,
+                heartbeat_version: if i == self.cfg.me {
+                    crate::heartbeat::VERSION
+                } else {
+                    self.node.membership.peers[i].version
+                },
             })
             .collect();
         let vips = self
@@ -2280,8 +2285,18 @@ impl Daemon {
             .map(|(k, v)| (k.to_string(), v))
             .collect();
         let ctl = self.dp.control();
+        let departed = self.node.membership.departed();
         Ok(Status {
             node: self.cfg.node_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            departed: self
+                .cfg
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| departed & (1 << i) != 0)
+                .map(|(_, m)| m.id.clone())
+                .collect(),
             interface: self.cfg.interface.clone(),
             xdp_mode: self.dp.xdp_mode.unwrap_or("detached").into(),
             cluster_mac: format_mac(&self.cluster_mac),

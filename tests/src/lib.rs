@@ -16,6 +16,7 @@ pub mod keepalived;
 pub mod mirror_tool;
 pub mod netns;
 pub mod nspawn;
+pub mod previous;
 pub mod probe;
 pub mod topology;
 pub mod traffic;

@@ -77,6 +77,9 @@ pub struct Node {
     pub log: PathBuf,
     pub farmd: Option<Child>,
     pub server: Option<Server>,
+    /// The farmd binary this node runs (another build's, for upgrades); this build's when
+    /// `None`.
+    pub binary: Option<PathBuf>,
 }
 
 pub struct Topology {
@@ -158,6 +161,7 @@ impl Topology {
                 addr4,
                 addr6,
                 farmd: None,
+                binary: None,
                 server: None,
             });
         }
@@ -374,7 +378,8 @@ deadman_timeout_ms = {}
             .append(true)
             .open(&n.log)
             .expect("log file");
-        n.ns.command(&bin("farmd"))
+        let farmd = n.binary.clone().unwrap_or_else(|| bin("farmd"));
+        n.ns.command(&farmd)
             .arg("--config")
             .arg(config)
             .arg("--log")

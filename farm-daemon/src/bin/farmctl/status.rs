@@ -35,6 +35,25 @@ pub fn print_status(s: &Status) {
         hb.interval_ms,
         hb.loss_threshold
     );
+    if !s.departed.is_empty() {
+        println!(
+            "left by a planned stop, not counted for quorum until they rejoin: {}",
+            s.departed.join(", ")
+        );
+    }
+    let older: Vec<String> = s
+        .members
+        .iter()
+        .filter(|m| m.heartbeat_version != 0 && m.heartbeat_version < farm_daemon::heartbeat::VERSION)
+        .map(|m| format!("{} (v{})", m.id, m.heartbeat_version))
+        .collect();
+    if !older.is_empty() {
+        println!(
+            "farm {}; members speaking an older heartbeat version (upgrade in progress): {}",
+            s.version,
+            older.join(", ")
+        );
+    }
     if let Some(h) = &s.handover {
         println!(
             "moving buckets: [{}] -> [{}], {} ms; handing over {} bucket(s), {} connection(s) \

@@ -1,0 +1,243 @@
+//! The farm changes shape and version while it serves: members stopped one by one down to the
+//! last keep the service (planned departures do not count against quorum) while a partition
+//! still serves on one side only, and a rolling upgrade from the previous release (built from
+//! its git tag) fails no request.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use farm_tests::{
+    previous,
+    topology::{Spec, TCP_PORT, Topology, node_addr4},
+    traffic::{self, KeepAlives, NewConnections},
+};
+
+const HB_PORT: u16 = 7946;
+
+/// Keep-alive and new-connection load on the VIP from the client's addresses.
+fn load(t: &Topology) -> (KeepAlives, NewConnections) {
+    let clients = t.clients4();
+    let keepalive = KeepAlives::start(&t.client, &clients[..30], t.vip4(TCP_PORT));
+    let fresh = NewConnections::start(
+        &t.client,
+        &clients[30..],
+        t.vip4(TCP_PORT),
+        3,
+        Duration::from_millis(5),
+    );
+    (keepalive, fresh)
+}
+
+/// Stops the load and asserts that no request failed; returns a line for the log.
+fn no_request_failed(keepalive: KeepAlives, fresh: NewConnections, what: &str) {
+    let (requests, errors, reconnects) = keepalive.finish_all();
+    let report = fresh.finish();
+    eprintln!(
+        "{what}: keep-alive {requests} requests, {errors} errors, {reconnects} clean \
+         reconnects; new connections {} answered {:?}, {} failed {:?}, {} slow",
+        report.answered, report.by_node, report.failed, report.errors, report.slow
+    );
+    assert_eq!(errors, 0, "{what}: keep-alive requests failed");
+    assert_eq!(
+        report.failed, 0,
+        "{what}: new connections failed: {:?}",
+        report.errors
+    );
+    assert!(requests > 200, "{what}: the keep-alive load ran");
+    assert!(report.answered > 200, "{what}: the new-connection load ran");
+}
+
+/// Every client address gets one answer from the VIP, each from the node `t`'s node `from`
+/// predicts; returns how many answered per node.
+fn every_client_answered_by_its_owner(t: &Topology, from: usize) -> Vec<(String, usize)> {
+    let clients = t.clients4();
+    let predicted = t.owners(from, &clients);
+    let reqs: Vec<(IpAddr, std::net::SocketAddr)> =
+        clients.iter().map(|&a| (a, t.vip4(TCP_PORT))).collect();
+    let before = t.tcp_accepts();
+    let answers = traffic::tcp_requests(&t.client, reqs, 4, Duration::from_secs(3));
+    let mut by_node: Vec<(String, usize)> = Vec::new();
+    for a in &answers {
+        assert_eq!(a.node.as_ref(), predicted.get(&a.src), "{a:?}");
+        let node = a.node.clone().expect("answered");
+        match by_node.iter_mut().find(|(n, _)| *n == node) {
+            Some(e) => e.1 += 1,
+            None => by_node.push((node, 1)),
+        }
+    }
+    assert_eq!(
+        (t.tcp_accepts() - before) as usize,
+        clients.len(),
+        "each client accepted exactly once"
+    );
+    by_node
+}
+
+#[test]
+fn members_stopped_one_by_one_down_to_the_last_keep_the_service() {
+    let Some(mut t) = Topology::started(
+        "members_stopped_one_by_one_down_to_the_last_keep_the_service",
+        Spec {
+            nodes: 5,
+            client_addrs: 200,
+            keepalive_requests: Some(50),
+            ..Spec::default()
+        },
+    ) else {
+        return;
+    };
+    let (keepalive, fresh) = load(&t);
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    for stop in (1..5).rev() {
+        let name = t.nodes[stop].name.clone();
+        let exit = t.signal_farmd(stop, libc::SIGTERM).expect("farmd running");
+        assert!(exit.success(), "farmd on {name} exited with {exit}");
+        let left: Vec<usize> = (0..stop).collect();
+        t.wait_converged(&left, Duration::from_secs(20));
+        for &i in &left {
+            let s = t.status(i).expect("status");
+            assert!(s.quorum, "{} lost quorum after {name} left", s.node);
+            assert!(
+                s.departed.contains(&name),
+                "{} does not count {name} as departed: {:?}",
+                s.node,
+                s.departed
+            );
+        }
+        eprintln!(
+            "{name} stopped at {:.1} s; {} member(s) serve",
+            started.elapsed().as_secs_f64(),
+            left.len()
+        );
+    }
+    no_request_failed(keepalive, fresh, "five members stopped one by one down to one");
+    let log = t.log(0);
+    assert!(!log.contains("lost quorum"), "n1 lost quorum:\n{log}");
+    // The last one serves every client.
+    let by_node = every_client_answered_by_its_owner(&t, 0);
+    assert_eq!(by_node, vec![("n1".to_string(), t.clients4().len())]);
+    // A member that comes back counts again.
+    t.start_farmd(1);
+    t.wait_converged(&[0, 1], Duration::from_secs(20));
+    let s = t.status(0).expect("status");
+    assert!(!s.departed.contains(&"n2".to_string()), "{:?}", s.departed);
+    assert_eq!(s.departed, vec!["n3", "n4", "n5"]);
+}
+
+#[test]
+fn a_two_three_heartbeat_partition_serves_on_the_three_side_only() {
+    let Some(t) = Topology::started(
+        "a_two_three_heartbeat_partition_serves_on_the_three_side_only",
+        Spec {
+            nodes: 5,
+            client_addrs: 200,
+            ..Spec::default()
+        },
+    ) else {
+        return;
+    };
+    // n1 and n2 stop hearing n3, n4 and n5 and the other way round; the data path stays.
+    let far: Vec<String> = (2..5).map(|j| node_addr4(j).to_string()).collect();
+    let far = far.join(", ");
+    for i in 0..2 {
+        t.nft(
+            i,
+            &format!(
+                "table inet cut {{\n  chain in {{\n    type filter hook input priority 0;\n    \
+                 ip saddr {{ {far} }} udp dport {HB_PORT} drop\n  }}\n  chain out {{\n    \
+                 type filter hook output priority 0;\n    ip daddr {{ {far} }} udp dport \
+                 {HB_PORT} drop\n  }}\n}}\n"
+            ),
+        );
+    }
+    t.wait_converged(&[2, 3, 4], Duration::from_secs(10));
+    for i in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while t.status(i).expect("status").quorum {
+            assert!(
+                Instant::now() < deadline,
+                "n{} kept quorum on the side of two",
+                i + 1
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let s = t.status(i).expect("status");
+        assert!(s.departed.is_empty(), "lost is not departed: {:?}", s.departed);
+    }
+    // Only the three serve, and each client is answered once, by its owner among them.
+    std::thread::sleep(Duration::from_secs(1));
+    let by_node = every_client_answered_by_its_owner(&t, 2);
+    eprintln!("2+3 partition: answers by node {by_node:?}");
+    assert!(
+        by_node.iter().all(|(n, _)| ["n3", "n4", "n5"].contains(&n.as_str())),
+        "{by_node:?}"
+    );
+    assert_eq!(by_node.len(), 3, "{by_node:?}");
+}
+
+#[test]
+fn rolling_upgrade_from_the_previous_release_fails_no_request() {
+    if !farm_tests::require_root("rolling_upgrade_from_the_previous_release_fails_no_request") {
+        return;
+    }
+    let (old_bins, tag) = match previous::build_previous() {
+        Ok(b) => b,
+        Err(e) => panic!("the previous release could not be built: {e}"),
+    };
+    let mut t = Topology::build(Spec {
+        nodes: 3,
+        client_addrs: 200,
+        keepalive_requests: Some(50),
+        ..Spec::default()
+    });
+    for n in &mut t.nodes {
+        n.binary = Some(old_bins.join("farmd"));
+    }
+    t.start_all();
+    let s = t.status(0).expect("status");
+    assert_eq!(s.version, "", "farm 0.1 does not report a version: {tag} runs");
+    let before = t.owners(0, &t.clients4());
+    let (keepalive, fresh) = load(&t);
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    for i in 0..3 {
+        let name = t.nodes[i].name.clone();
+        let exit = t.signal_farmd(i, libc::SIGTERM).expect("farmd running");
+        assert!(exit.success(), "{tag} farmd on {name} exited with {exit}");
+        t.nodes[i].binary = None;
+        t.start_farmd(i);
+        t.wait_converged(&[0, 1, 2], Duration::from_secs(30));
+        // The upgraded member speaks v5 to the members still on the old release and v6 to
+        // the upgraded ones.
+        let s = t.status(i).expect("status");
+        assert_eq!(s.version, env!("CARGO_PKG_VERSION"));
+        for m in s.members.iter().filter(|m| !m.this_node) {
+            let j: usize = m.id[1..].parse::<usize>().expect("nN") - 1;
+            let want = if j <= i { 6 } else { 5 };
+            assert_eq!(m.heartbeat_version, want, "{name} speaks to {}", m.id);
+        }
+        eprintln!(
+            "{name} upgraded from {tag} at {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    no_request_failed(
+        keepalive,
+        fresh,
+        &format!("rolling upgrade of 3 members from {tag}"),
+    );
+    assert_eq!(
+        t.owners(0, &t.clients4()),
+        before,
+        "every member has its share back"
+    );
+    for i in 0..3 {
+        let s = t.status(i).expect("status");
+        let bad = s.heartbeat.counters.rejected.get("bad_version");
+        eprintln!("{}: heartbeats rejected for their version: {bad:?}", s.node);
+    }
+}
