@@ -778,19 +778,24 @@ impl Io {
                 if i == me {
                     continue;
                 }
-                // Each peer gets its own challenge answered, in the version it speaks (the
-                // newest to a peer not heard yet).
+                // Each peer gets its own challenge answered, in the newest version; a peer
+                // whose current incarnation wrote only an older version (an earlier release
+                // in a rolling upgrade) gets a copy in that version too, after it. Always
+                // writing the newest means two upgraded members find each other whatever they
+                // heard first; the newer reader drops the older copy (`Superseded`).
                 let peer = &self.membership.peers[i];
                 hb.echo = peer.heard;
-                hb.version = match peer.version {
-                    0 => heartbeat::VERSION,
-                    v => v.clamp(heartbeat::OLDEST, heartbeat::VERSION),
-                };
-                let bytes = heartbeat::encode(&self.key, &hb);
-                // A full socket buffer loses one heartbeat, which the loss threshold absorbs.
-                if sock.try_send_to(&bytes, addrs[net]).is_ok() {
-                    sent[i][net] += 1;
+                let older = (peer.version != 0 && peer.version < heartbeat::VERSION)
+                    .then_some(peer.version.max(heartbeat::OLDEST));
+                let mut any = false;
+                for version in std::iter::once(heartbeat::VERSION).chain(older) {
+                    hb.version = version;
+                    let bytes = heartbeat::encode(&self.key, &hb);
+                    // A full socket buffer loses one heartbeat, which the loss threshold
+                    // absorbs.
+                    any |= sock.try_send_to(&bytes, addrs[net]).is_ok();
                 }
+                sent[i][net] += u64::from(any);
             }
         }
         let c = &mut self.counters;
@@ -827,17 +832,16 @@ impl Io {
                 // Answered in its version from now on, also when this one does not answer
                 // this node's challenge yet: an older peer does not read the newer version,
                 // so it could never answer it.
-                let peer = &mut self.membership.peers[i];
-                if peer.version != hb.version {
-                    if peer.version != 0 {
+                let was = self.membership.peers[i].version;
+                if let Some(now) = self.membership.learn_version(i, hb.incarnation, hb.version) {
+                    if was != 0 {
                         tracing::info!(
-                            member = %peer.id,
-                            from = peer.version,
-                            to = hb.version,
+                            member = %hb.id,
+                            from = was,
+                            to = now,
                             "member speaks another heartbeat version now: answering in it"
                         );
                     }
-                    peer.version = hb.version;
                     self.answer_now = true;
                 }
                 let before = self.membership.peers[i].state;

@@ -47,10 +47,13 @@
 //! Version N reads N-1 and N, and reads a later version whose "oldest reader" byte it is
 //! old enough for: a later version adds extensions (which N skips when it does not know their
 //! type) and sets that byte higher only for a change N could not read correctly. A member
-//! writes to each peer the version it last heard from that peer (its newest, 6, to a peer not
-//! yet heard), so a farm upgrades member by member: a v6 member speaks v5 to a v5 peer. The v5
-//! reader (farm 0.1) reads only v5; it drops the first v6 heartbeats of a newer member it has
-//! not yet answered, and the newer member switches to v5 as soon as it hears it.
+//! always writes its newest version, and to a peer whose current incarnation wrote only an
+//! older one (an earlier release, during a rolling upgrade) also a copy in that version, right
+//! after it. The older reader (farm 0.1 reads only v5) drops the newer copy and counts it as
+//! `bad_version`; a newer reader drops the older copy of a peer it heard the newer version
+//! from (`superseded`). Always writing the newest means two upgraded members find each other
+//! whatever they heard first (answering in the version last heard would leave them at the
+//! older one).
 //!
 //! Extensions of version 6:
 //!
@@ -258,10 +261,12 @@ pub enum Reject {
     WrongNetwork,
     #[error("does not answer this node's current challenge (recorded before, or delayed)")]
     Stale,
+    #[error("an older version's copy from a member that writes a newer one (rolling upgrade)")]
+    Superseded,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 12] = [
+    pub const ALL: [Reject; 13] = [
         Reject::Truncated,
         Reject::Oversized,
         Reject::BadMagic,
@@ -274,6 +279,7 @@ impl Reject {
         Reject::WrongSource,
         Reject::WrongNetwork,
         Reject::Stale,
+        Reject::Superseded,
     ];
 
     /// Counter name.
@@ -291,6 +297,7 @@ impl Reject {
             Reject::WrongSource => "wrong_source",
             Reject::WrongNetwork => "wrong_network",
             Reject::Stale => "stale",
+            Reject::Superseded => "superseded",
         }
     }
 }

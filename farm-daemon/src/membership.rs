@@ -53,8 +53,11 @@ pub struct Peer {
     pub heard: (u64, u64),
     /// Whether it counted as alive at the last `tick`.
     pub alive: bool,
-    /// The heartbeat version it last wrote (0: not heard yet): what this node writes to it.
+    /// The newest heartbeat version heard from its current incarnation (0: not heard yet):
+    /// what this node writes to it (see [`Membership::learn_version`]).
     pub version: u8,
+    /// The incarnation `version` was heard from.
+    version_of: u64,
     /// The members it saw leave by a planned stop (see [`Membership::departed`]).
     pub departed: u64,
 }
@@ -138,6 +141,7 @@ impl Membership {
                 heard: (0, 0),
                 alive: false,
                 version: 0,
+                version_of: 0,
                 departed: 0,
             })
             .collect();
@@ -164,6 +168,10 @@ impl Membership {
             .iter()
             .position(|p| p.id == hb.id)
             .ok_or(Reject::UnknownSender)?;
+        let p = &self.peers[i];
+        if hb.incarnation == p.version_of && hb.version < p.version {
+            return Err(Reject::Superseded);
+        }
         if i == self.me {
             return Err(Reject::FromSelf);
         }
@@ -186,6 +194,26 @@ impl Membership {
             p.heard = (incarnation, seq);
         }
         new
+    }
+
+    /// Takes the version of an authenticated heartbeat from peer `i` (fresh, but maybe not
+    /// answering this node's challenge yet: an older peer cannot answer a version it does not
+    /// read): the newest version its current incarnation wrote. A new incarnation (a restart,
+    /// maybe of another build) starts over. Returns the version when it changed.
+    pub fn learn_version(&mut self, i: usize, incarnation: u64, version: u8) -> Option<u8> {
+        let p = &mut self.peers[i];
+        let v = if incarnation > p.version_of {
+            version
+        } else if incarnation == p.version_of {
+            p.version.max(version)
+        } else {
+            return None;
+        };
+        p.version_of = incarnation;
+        (v != p.version).then(|| {
+            p.version = v;
+            v
+        })
     }
 
     /// Whether `echo` answers this node's current challenge.
@@ -835,5 +863,22 @@ mod tests {
         m.receive(&hb("n2", 1, State::Active), 0, t0).unwrap();
         m.tick(t0, false);
         assert!(!m.has_quorum());
+    }
+
+    #[test]
+    fn a_peer_is_answered_in_the_newest_version_its_incarnation_spoke() {
+        let mut m = Membership::new(&members(2), 0, 1, W, false);
+        assert_eq!(m.learn_version(1, 10, 5), Some(5), "an old build");
+        assert_eq!(m.learn_version(1, 10, 5), None);
+        // It restarts as a newer build: v6 from the new incarnation.
+        assert_eq!(m.learn_version(1, 11, 6), Some(6));
+        // It still answers this node's v5 heartbeats in v5 for a round: that does not lower
+        // it (else both would stay at v5).
+        assert_eq!(m.learn_version(1, 11, 5), None);
+        assert_eq!(m.peers[1].version, 6);
+        // A capture of its old incarnation changes nothing; a rollback (new incarnation,
+        // older build) does.
+        assert_eq!(m.learn_version(1, 10, 5), None);
+        assert_eq!(m.learn_version(1, 12, 5), Some(5));
     }
 }

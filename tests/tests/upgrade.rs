@@ -113,7 +113,11 @@ fn members_stopped_one_by_one_down_to_the_last_keep_the_service() {
             left.len()
         );
     }
-    no_request_failed(keepalive, fresh, "five members stopped one by one down to one");
+    no_request_failed(
+        keepalive,
+        fresh,
+        "five members stopped one by one down to one",
+    );
     let log = t.log(0);
     assert!(!log.contains("lost quorum"), "n1 lost quorum:\n{log}");
     // The last one serves every client.
@@ -165,14 +169,20 @@ fn a_two_three_heartbeat_partition_serves_on_the_three_side_only() {
             std::thread::sleep(Duration::from_millis(50));
         }
         let s = t.status(i).expect("status");
-        assert!(s.departed.is_empty(), "lost is not departed: {:?}", s.departed);
+        assert!(
+            s.departed.is_empty(),
+            "lost is not departed: {:?}",
+            s.departed
+        );
     }
     // Only the three serve, and each client is answered once, by its owner among them.
     std::thread::sleep(Duration::from_secs(1));
     let by_node = every_client_answered_by_its_owner(&t, 2);
     eprintln!("2+3 partition: answers by node {by_node:?}");
     assert!(
-        by_node.iter().all(|(n, _)| ["n3", "n4", "n5"].contains(&n.as_str())),
+        by_node
+            .iter()
+            .all(|(n, _)| ["n3", "n4", "n5"].contains(&n.as_str())),
         "{by_node:?}"
     );
     assert_eq!(by_node.len(), 3, "{by_node:?}");
@@ -198,7 +208,10 @@ fn rolling_upgrade_from_the_previous_release_fails_no_request() {
     }
     t.start_all();
     let s = t.status(0).expect("status");
-    assert_eq!(s.version, "", "farm 0.1 does not report a version: {tag} runs");
+    assert_eq!(
+        s.version, "",
+        "farm 0.1 does not report a version: {tag} runs"
+    );
     let before = t.owners(0, &t.clients4());
     let (keepalive, fresh) = load(&t);
     std::thread::sleep(Duration::from_secs(1));
@@ -213,6 +226,13 @@ fn rolling_upgrade_from_the_previous_release_fails_no_request() {
         // The upgraded member speaks v5 to the members still on the old release and v6 to
         // the upgraded ones.
         let s = t.status(i).expect("status");
+        eprintln!(
+            "{name}: {:?}",
+            s.members
+                .iter()
+                .map(|m| (&m.id, m.heartbeat_version))
+                .collect::<Vec<_>>()
+        );
         assert_eq!(s.version, env!("CARGO_PKG_VERSION"));
         for m in s.members.iter().filter(|m| !m.this_node) {
             let j: usize = m.id[1..].parse::<usize>().expect("nN") - 1;
@@ -237,7 +257,17 @@ fn rolling_upgrade_from_the_previous_release_fails_no_request() {
     );
     for i in 0..3 {
         let s = t.status(i).expect("status");
-        let bad = s.heartbeat.counters.rejected.get("bad_version");
-        eprintln!("{}: heartbeats rejected for their version: {bad:?}", s.node);
+        assert!(
+            s.members.iter().all(|m| m.heartbeat_version == 6),
+            "after the upgrade everyone speaks v6: {:?}",
+            s.members
+        );
+        let c = &s.heartbeat.counters.rejected;
+        eprintln!(
+            "{}: older copies dropped {:?}, unreadable versions {:?}",
+            s.node,
+            c.get("superseded"),
+            c.get("bad_version")
+        );
     }
 }

@@ -44,7 +44,9 @@ pub fn print_status(s: &Status) {
     let older: Vec<String> = s
         .members
         .iter()
-        .filter(|m| m.heartbeat_version != 0 && m.heartbeat_version < farm_daemon::heartbeat::VERSION)
+        .filter(|m| {
+            m.heartbeat_version != 0 && m.heartbeat_version < farm_daemon::heartbeat::VERSION
+        })
         .map(|m| format!("{} (v{})", m.id, m.heartbeat_version))
         .collect();
     if !older.is_empty() {
