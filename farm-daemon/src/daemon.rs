@@ -1233,6 +1233,7 @@ impl Daemon {
         }
         if d.weights_changed {
             let weights = members.iter().map(|(_, w)| *w).collect();
+            self.node.legacy_digest = crate::membership::legacy_digest(&members);
             self.node.handover.set_members(members);
             self.cluster.set_weights(weights);
             self.node.config_digest = digest;
@@ -1404,7 +1405,11 @@ impl Daemon {
         // the victim is gone: this member never receives its own probes through the switch.
         let mut without = candidates.clone();
         without[victim].serving = false;
-        let successors = assign::assign(&self.hash_key, &without);
+        let alg = self
+            .node
+            .handover
+            .algorithm(self.node.handover.applied.weights);
+        let successors = assign::assign_with(alg, &self.hash_key, &without);
         let Some(addr) = drill::candidates(&drill_cfg.probe_addresses)
             .take(1 << 16)
             .find(|a| {
@@ -2138,7 +2143,11 @@ impl Daemon {
         };
         let mut candidates = self.node.membership.candidates();
         candidates[i].serving = false;
-        let after = assign::assign(&self.hash_key, &candidates);
+        let alg = self
+            .node
+            .handover
+            .algorithm(self.node.handover.applied.weights);
+        let after = assign::assign_with(alg, &self.hash_key, &candidates);
         let mut moves = vec![0usize; self.cfg.members.len()];
         let (mut buckets, mut others_moved) = (0, 0);
         for (&now, &then) in self.node.owners().iter().zip(&after) {

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use farm_common::HashKey;
 
 use crate::{
+    assign::Alg,
     config::Vip,
     connections::{CountRequest, Counted},
     heartbeat::State,
-    membership::{Membership, config_digest},
+    membership::{Membership, config_digest, legacy_digest},
     transition::{self, Members, Plan, View},
 };
 
@@ -55,7 +56,7 @@ pub struct Step<'a> {
 pub struct Handover {
     /// The member lists (ids and weights) this node knows, by digest: its configuration's
     /// (`current`) and those of the views still in use; newest last.
-    weight_sets: Vec<(u64, Vec<(String, u32)>)>,
+    weight_sets: Vec<(u64, Vec<(String, u32)>, Alg)>,
     current: u64,
     me: usize,
     seed: HashKey,
@@ -98,7 +99,10 @@ impl Handover {
     ) -> Self {
         let current = config_digest(&members);
         Self {
-            weight_sets: vec![(current, members)],
+            weight_sets: vec![
+                (legacy_digest(&members), members.clone(), Alg::Ranges),
+                (current, members, Alg::Rendezvous),
+            ],
             current,
             me,
             seed,
@@ -121,29 +125,41 @@ impl Handover {
         }
     }
 
-    /// The member list (with weights) of digest `weights`; this node's own for one it does not
-    /// know (a peer's view from before this node started).
-    fn members(&self, weights: u64) -> &Members {
-        let found = self.weight_sets.iter().rev().find(|(d, _)| *d == weights);
+    /// The member list (with weights) of digest `weights` and the assignment it is computed
+    /// with; this node's own for one it does not know (a peer's view from before this node
+    /// started).
+    fn members(&self, weights: u64) -> (&Members, Alg) {
+        let found = self.weight_sets.iter().rev().find(|(d, ..)| *d == weights);
         let current = self
             .weight_sets
             .iter()
             .rev()
-            .find(|(d, _)| *d == self.current);
-        &found.or(current).expect("the current set is always kept").1
+            .find(|(d, ..)| *d == self.current);
+        let (_, m, alg) = found.or(current).expect("the current set is always kept");
+        (m, *alg)
     }
 
     fn known(&self, weights: u64) -> bool {
-        self.weight_sets.iter().any(|(d, _)| *d == weights)
+        self.weight_sets.iter().any(|(d, ..)| *d == weights)
+    }
+
+    /// The assignment the map of a view with these weights is computed with.
+    pub fn algorithm(&self, weights: u64) -> Alg {
+        self.members(weights).1
     }
 
     /// This node's configured member list and weights (at start and on reload). The weights
     /// take effect once every live member has the same (see `step`).
     pub fn set_members(&mut self, members: Vec<(String, u32)>) {
         let digest = config_digest(&members);
+        let legacy = legacy_digest(&members);
         self.current = digest;
-        self.weight_sets.retain(|(d, _)| *d != digest);
-        self.weight_sets.push((digest, members));
+        self.weight_sets
+            .retain(|(d, ..)| *d != digest && *d != legacy);
+        // The same list as farm 0.1 computed it: understood during a rolling upgrade.
+        self.weight_sets
+            .push((legacy, members.clone(), Alg::Ranges));
+        self.weight_sets.push((digest, members, Alg::Rendezvous));
         self.prune();
     }
 
@@ -156,8 +172,12 @@ impl Handover {
             self.released.weights,
             self.handed_over.weights,
         ];
-        while self.weight_sets.len() > 4 {
-            match self.weight_sets.iter().position(|(d, _)| !used.contains(d)) {
+        while self.weight_sets.len() > 6 {
+            match self
+                .weight_sets
+                .iter()
+                .position(|(d, ..)| !used.contains(d))
+            {
                 Some(i) => {
                     self.weight_sets.remove(i);
                 }
@@ -194,6 +214,7 @@ impl Handover {
     /// The ids of the members in `mask`.
     pub fn names(&self, mask: u64) -> Vec<String> {
         self.members(self.current)
+            .0
             .iter()
             .enumerate()
             .filter(|(i, _)| mask & (1 << i) != 0)

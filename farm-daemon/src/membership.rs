@@ -457,9 +457,18 @@ impl Membership {
     }
 }
 
-/// A digest of the configuration every member must share (member ids and weights), so that a
-/// member configured differently is noticed.
+/// A digest of the configuration every member must share (member ids and weights) and of the
+/// assignment it is computed with (`assign::Alg::Rendezvous`), so that a member configured
+/// differently, or running an earlier release, is noticed: the farm moves to a member list only
+/// once every live member announces its digest (see `handover`).
 pub fn config_digest(members: &[(String, u32)]) -> u64 {
+    legacy_digest(members) ^ 0x5265_6e64_657a_766f
+}
+
+/// The digest farm 0.1 announced for a member list (ids and weights): its maps were computed
+/// with `assign::Alg::Ranges`. farm 0.2 still knows it, to serve with 0.1 members during a
+/// rolling upgrade.
+pub fn legacy_digest(members: &[(String, u32)]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for (id, w) in members {
         for b in id.bytes().chain(w.to_be_bytes()).chain([0xff]) {

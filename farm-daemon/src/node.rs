@@ -147,6 +147,8 @@ pub struct Node {
     pub health: Health,
     /// The digest of this node's member list and weights (changes on reload).
     pub config_digest: u64,
+    /// The digest farm 0.1 announces for the same list (see `membership::legacy_digest`).
+    pub legacy_digest: u64,
     /// The drill this node runs, announced in its heartbeats: (id, member index).
     pub drill_order: Option<(u32, u8)>,
     /// This node's mirror group state, announced in every heartbeat.
@@ -190,6 +192,7 @@ impl Node {
             ),
             health: Health::new(&cfg.checks, cfg.max_health_moves_per_minute),
             config_digest: digest,
+            legacy_digest: crate::membership::legacy_digest(&cfg.members),
             drill_order: None,
             mirror: MirrorBeat::default(),
             me: cfg.me,
@@ -381,7 +384,17 @@ impl Node {
             p.weight = w;
         }
         for (p, old) in self.membership.peers.iter().zip(digests) {
-            if p.config_digest != old && p.config_digest != self.config_digest && p.alive {
+            if p.config_digest != old
+                && p.config_digest != self.config_digest
+                && p.config_digest == self.legacy_digest
+                && p.alive
+            {
+                tracing::info!(
+                    member = %p.id,
+                    "member runs farm 0.1 (same member list): the farm serves farm 0.1's bucket \
+                     map until every member runs this release, then moves to the new one"
+                );
+            } else if p.config_digest != old && p.config_digest != self.config_digest && p.alive {
                 tracing::warn!(
                     member = %p.id,
                     "member runs with another member list or weights than this node: a weight \

@@ -22,7 +22,7 @@
 
 use farm_common::{BUCKETS, BucketEntry, HashKey, NO_OWNER, bucket_state};
 
-use crate::assign::{self, Candidate};
+use crate::assign::{self, Alg, Candidate};
 
 /// What a bucket map is computed from: who serves (bit i = member i, members sorted by id) and
 /// with which weights (the digest of the member list and weights, `membership::config_digest`).
@@ -85,16 +85,17 @@ pub struct Plan {
 pub fn plan(
     seed: &HashKey,
     me: usize,
-    settled: (&Members, u64),
-    target: (&Members, u64),
+    settled: ((&Members, Alg), u64),
+    target: ((&Members, Alg), u64),
     alive: u64,
     quorum: bool,
 ) -> Plan {
-    let t = assign::assign(seed, &candidates_of(target.0, target.1));
-    let s = if settled == target {
+    let (((tm, talg), tmask), ((sm, salg), smask)) = (target, settled);
+    let t = assign::assign_with(talg, seed, &candidates_of(tm, tmask));
+    let s = if (sm, salg, smask) == (tm, talg, tmask) {
         t.clone()
     } else {
-        assign::assign(seed, &candidates_of(settled.0, settled.1))
+        assign::assign_with(salg, seed, &candidates_of(sm, smask))
     };
     let me8 = me as u8;
     let mut entries = Vec::with_capacity(BUCKETS as usize);
@@ -145,6 +146,8 @@ pub fn complete(givers: u64, alive: u64, done: u64) -> bool {
 
 #[cfg(test)]
 mod tests {
+    // The move mechanics, on farm 0.1's exact shares (the assignments' own properties are
+    // tested in `assign`).
     use super::*;
 
     const SEED: HashKey = HashKey { k0: 11, k1: 22 };
@@ -164,8 +167,8 @@ mod tests {
         let joiner = plan(
             &SEED,
             2,
-            (&members(), settled),
-            (&members(), target),
+            ((&members()[..], Alg::Ranges), settled),
+            ((&members()[..], Alg::Ranges), target),
             all,
             true,
         );
@@ -176,16 +179,16 @@ mod tests {
         let a = plan(
             &SEED,
             0,
-            (&members(), settled),
-            (&members(), target),
+            ((&members()[..], Alg::Ranges), settled),
+            ((&members()[..], Alg::Ranges), target),
             all,
             true,
         );
         let b = plan(
             &SEED,
             1,
-            (&members(), settled),
-            (&members(), target),
+            ((&members()[..], Alg::Ranges), settled),
+            ((&members()[..], Alg::Ranges), target),
             all,
             true,
         );
@@ -207,8 +210,8 @@ mod tests {
         let p = plan(
             &SEED,
             0,
-            (&members(), settled),
-            (&members(), target),
+            ((&members()[..], Alg::Ranges), settled),
+            ((&members()[..], Alg::Ranges), target),
             alive,
             true,
         );
@@ -225,8 +228,8 @@ mod tests {
         let c = plan(
             &SEED,
             2,
-            (&members(), settled),
-            (&members(), target),
+            ((&members()[..], Alg::Ranges), settled),
+            ((&members()[..], Alg::Ranges), target),
             alive,
             true,
         );
@@ -244,7 +247,16 @@ mod tests {
         let from = (members(), all);
         let to = (heavier, all);
         let plans: Vec<Plan> = (0..3)
-            .map(|me| plan(&SEED, me, (&from.0, from.1), (&to.0, to.1), all, true))
+            .map(|me| {
+                plan(
+                    &SEED,
+                    me,
+                    ((&from.0[..], Alg::Ranges), from.1),
+                    ((&to.0[..], Alg::Ranges), to.1),
+                    all,
+                    true,
+                )
+            })
             .collect();
         // c (weight 2 of 4) grows from a third to half: it takes a sixth of the buckets from a
         // and b. The preference lists change shape, so a and b also swap some between them
@@ -279,8 +291,8 @@ mod tests {
         let p = plan(
             &SEED,
             0,
-            (&members(), 0b111),
-            (&members(), 0b111),
+            ((&members()[..], Alg::Ranges), 0b111),
+            ((&members()[..], Alg::Ranges), 0b111),
             0b111,
             false,
         );
@@ -292,8 +304,8 @@ mod tests {
         let p = plan(
             &SEED,
             1,
-            (&members(), 0b111),
-            (&members(), 0b111),
+            ((&members()[..], Alg::Ranges), 0b111),
+            ((&members()[..], Alg::Ranges), 0b111),
             0b111,
             true,
         );

@@ -239,22 +239,56 @@ fn rolling_upgrade_from_the_previous_release_fails_no_request() {
             let want = if j <= i { 6 } else { 5 };
             assert_eq!(m.heartbeat_version, want, "{name} speaks to {}", m.id);
         }
+        // Until the last member runs this release, every member serves farm 0.1's map.
+        if i < 2 {
+            for j in 0..3 {
+                assert_eq!(
+                    t.owners(j, &t.clients4()),
+                    before,
+                    "n{} serves another map than {tag}'s while n3 runs {tag}",
+                    j + 1
+                );
+            }
+        }
         eprintln!(
             "{name} upgraded from {tag} at {:.1} s",
             started.elapsed().as_secs_f64()
         );
     }
+    // Every member runs this release: the farm moves to its map by handover, under the load.
+    let clients = t.clients4();
+    farm_tests::wait_until(
+        "the move to this release's bucket map",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || (t.owners(0, &clients) != before).then_some(()),
+    );
+    t.wait_converged(&[0, 1, 2], Duration::from_secs(30));
+    eprintln!(
+        "moved to the new map and converged at {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     std::thread::sleep(Duration::from_secs(1));
     no_request_failed(
         keepalive,
         fresh,
         &format!("rolling upgrade of 3 members from {tag}"),
     );
-    assert_eq!(
-        t.owners(0, &t.clients4()),
-        before,
-        "every member has its share back"
+    // Then the farm has moved, by handover, to this release's map (rendezvous first choices),
+    // and every member agrees on it.
+    let after = t.owners(0, &t.clients4());
+    let moved = after
+        .iter()
+        .filter(|(c, o)| before.get(*c) != Some(*o))
+        .count();
+    eprintln!(
+        "clients whose owner changed with the new assignment: {moved} of {}",
+        after.len()
     );
+    assert!(moved > 0, "the farm still serves {tag}'s map");
+    for j in 1..3 {
+        assert_eq!(t.owners(j, &t.clients4()), after);
+    }
     for i in 0..3 {
         let s = t.status(i).expect("status");
         assert!(
