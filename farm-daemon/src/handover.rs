@@ -53,10 +53,13 @@ pub struct Step<'a> {
     pub givers_done: u64,
 }
 
+/// A member list this node knows: (digest, members and weights, the assignment it uses).
+type KnownList = (u64, Vec<(String, u32)>, Alg);
+
 pub struct Handover {
     /// The member lists (ids and weights) this node knows, by digest: its configuration's
     /// (`current`) and those of the views still in use; newest last.
-    weight_sets: Vec<(u64, Vec<(String, u32)>, Alg)>,
+    weight_sets: Vec<KnownList>,
     current: u64,
     me: usize,
     seed: HashKey,

@@ -133,7 +133,8 @@ fn tcp_ipv4_client_affinity_three_nodes() {
         );
         let own = s.members.iter().find(|m| m.this_node).expect("this node");
         assert!(
-            (own.buckets as i64 - 65536 / 3).abs() <= 1,
+            // Rendezvous first choices: within 3 % of an exact third.
+            (own.buckets as i64 - 65536 / 3).abs() <= 655,
             "buckets {}",
             own.buckets
         );

@@ -98,8 +98,13 @@ fn reload_moves_buckets_for_a_new_weight_without_a_failed_request() {
     assert_eq!(d.vips_added, vec![NEW_VIP.to_string()]);
     assert_eq!(d.waiting_for, vec!["n2".to_string(), "n3".to_string()]);
     let n3 = d.shares.iter().find(|s| s.member == "n3").expect("n3");
-    assert!((n3.after as i64 - 32768).abs() <= 2, "{n3:?}");
-    assert!(d.buckets_moving >= 10_900, "{}", d.buckets_moving);
+    // Rendezvous first choices: within 3 % of an exact half; what moves is what n3 gains.
+    assert!((n3.after as i64 - 32768).abs() <= 983, "{n3:?}");
+    assert_eq!(
+        d.buckets_moving,
+        n3.after - n3.now,
+        "only buckets that go to n3 move"
+    );
     let human = text(&t.farmctl(0, &["reload", "--diff"]));
     assert!(
         human.contains("would change") && human.contains("AFTER"),
@@ -125,7 +130,7 @@ fn reload_moves_buckets_for_a_new_weight_without_a_failed_request() {
     loop {
         let s = t.status(0).expect("status");
         let n3 = s.members.iter().find(|m| m.id == "n3").expect("n3");
-        if (n3.buckets as i64 - 32768).abs() <= 2 && s.handover.is_none() {
+        if (n3.buckets as i64 - 32768).abs() <= 983 && s.handover.is_none() {
             break;
         }
         assert!(
@@ -339,10 +344,10 @@ fn status_page_draws_the_bucket_map_in_a_real_browser() {
     for m in &status.members {
         assert_eq!(counts[&m.id], m.buckets, "{}'s squares", m.id);
     }
-    assert_eq!(
-        counts["n2"],
-        65536 / 3 * 2 + 1,
-        "n2 (weight 2 of 3) owns two thirds"
+    // Rendezvous first choices (within 3 %), n3's split exactly by weight.
+    assert!(
+        (counts["n2"] as i64 - 65536 * 2 / 3).abs() <= 1311,
+        "n2 (weight 2 of 3) owns two thirds: {counts:?}"
     );
     assert_eq!(counts["n3"], 0, "drained n3 owns nothing");
     assert_eq!(counts.values().sum::<usize>(), 65536);
