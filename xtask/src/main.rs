@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | test | demo | bench dataplane|failover|rolling`.
+//! Developer tasks: `cargo xtask setup | test | demo | bench dataplane|failover|rolling|mirror|membership`.
 //!
 //! xtask itself needs nothing but the stable toolchain, so that `cargo xtask setup` works on a
 //! machine that cannot build the eBPF program yet.
@@ -45,8 +45,10 @@ enum Task {
         /// dataplane: ns/packet and drop rate against nftables; failover: link-cut recovery
         /// against keepalived (--trials N); rolling: failed requests of a rolling restart
         /// against keepalived; mirror: mirror mode's fsync latency, write throughput and
-        /// resync speed against the same directory without replication (--mib N, --fsyncs N).
-        #[arg(value_parser = ["dataplane", "failover", "rolling", "mirror"])]
+        /// resync speed against the same directory without replication (--mib N, --fsyncs N);
+        /// membership: buckets moved when a member is added or removed, against farm 0.1's
+        /// assignment and Maglev's table.
+        #[arg(value_parser = ["dataplane", "failover", "rolling", "mirror", "membership"])]
         what: String,
         /// Extra arguments for the benchmark.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -2,6 +2,9 @@
 //!
 //! `failover` and `rolling`: recovery against keepalived (see `recovery`).
 //!
+//! `membership`: buckets moved by a member list change, farm 0.2 / farm 0.1 / Maglev (see
+//! `membership`).
+//!
 //! `mirror`: mirror mode's fsync latency, write throughput and resync speed against the same
 //! directory without replication (see `mirror`).
 //!
@@ -30,6 +33,7 @@ use farm_tests::{
     netns::Netns,
 };
 
+mod membership;
 mod mirror;
 mod recovery;
 
@@ -40,9 +44,10 @@ fn main() -> Result<()> {
         Some("failover") => recovery::failover(flag(&args[1..], "--trials", 20)? as usize),
         Some("rolling") => recovery::rolling(),
         Some("mirror") => mirror::mirror(&args[1..]),
+        Some("membership") => membership::membership(),
         _ => bail!(
             "usage: farm-bench dataplane [--repeat N] [--rounds N] | failover [--trials N] | \
-             rolling | mirror [--mib N] [--fsyncs N]"
+             rolling | mirror [--mib N] [--fsyncs N] | membership"
         ),
     }
 }
