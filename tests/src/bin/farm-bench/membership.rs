@@ -29,6 +29,9 @@ fn members(n: usize) -> Vec<Candidate> {
 /// Owner (member index) per bucket.
 type Table = Vec<usize>;
 
+/// A table for N members.
+type TableOf = Box<dyn Fn(usize) -> Table>;
+
 fn farm(alg: Alg, n: usize) -> Table {
     assign::assign_with(alg, &SEED, &members(n))
         .into_iter()
@@ -109,7 +112,7 @@ pub fn membership() -> Result<()> {
         "worst share"
     );
     for n in [3usize, 4, 5, 8, 16, 32] {
-        let rows: [(&str, Box<dyn Fn(usize) -> Table>); 3] = [
+        let rows: [(&str, TableOf); 3] = [
             ("farm 0.2", Box::new(|k| farm(Alg::Rendezvous, k))),
             ("farm 0.1", Box::new(|k| farm(Alg::Ranges, k))),
             ("Maglev", Box::new(maglev)),
