@@ -133,7 +133,7 @@ fn tcp_ipv4_client_affinity_three_nodes() {
         );
         let own = s.members.iter().find(|m| m.this_node).expect("this node");
         assert!(
-            // Rendezvous first choices: within 3 % of an exact third.
+            // Rendezvous lists: within 3 % of an exact third.
             (own.buckets as i64 - 65536 / 3).abs() <= 655,
             "buckets {}",
             own.buckets

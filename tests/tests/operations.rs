@@ -98,7 +98,7 @@ fn reload_moves_buckets_for_a_new_weight_without_a_failed_request() {
     assert_eq!(d.vips_added, vec![NEW_VIP.to_string()]);
     assert_eq!(d.waiting_for, vec!["n2".to_string(), "n3".to_string()]);
     let n3 = d.shares.iter().find(|s| s.member == "n3").expect("n3");
-    // Rendezvous first choices: within 3 % of an exact half; what moves is what n3 gains.
+    // Rendezvous lists: within 3 % of an exact half; what moves is what n3 gains.
     assert!((n3.after as i64 - 32768).abs() <= 983, "{n3:?}");
     assert_eq!(
         d.buckets_moving,
@@ -344,7 +344,7 @@ fn status_page_draws_the_bucket_map_in_a_real_browser() {
     for m in &status.members {
         assert_eq!(counts[&m.id], m.buckets, "{}'s squares", m.id);
     }
-    // Rendezvous first choices (within 3 %), n3's split exactly by weight.
+    // Rendezvous lists: n2 (weight 2 of 3) within 3 % of two thirds.
     assert!(
         (counts["n2"] as i64 - 65536 * 2 / 3).abs() <= 1311,
         "n2 (weight 2 of 3) owns two thirds: {counts:?}"
