@@ -139,6 +139,8 @@ enum Command {
     },
     /// Weights changed by a reload.
     Weights(Vec<u32>),
+    /// The member list changed by a reload: (id, weight) and heartbeat addresses per member.
+    Members(Vec<(String, u32)>, Vec<Vec<SocketAddr>>),
     Stop,
 }
 
@@ -261,16 +263,7 @@ impl Cluster {
             .iter()
             .map(|m| (m.id.clone(), m.weight))
             .collect();
-        let peer_addrs = cfg
-            .members
-            .iter()
-            .map(|m| {
-                m.heartbeat_addrs
-                    .iter()
-                    .map(|ip| SocketAddr::new(*ip, cfg.heartbeat.port))
-                    .collect()
-            })
-            .collect();
+        let peer_addrs = peer_addrs(cfg);
         let loss_window = cfg.heartbeat.loss_window();
         let witness = match cfg.witness {
             Some(w) => Some(Arc::new(Witness::start(
@@ -419,6 +412,18 @@ impl Cluster {
 
     /// Starts over as a restarted farmd would (after playing a crashed member in a drill): a
     /// new incarnation and sequence.
+    /// The member list changed live (see `Membership::set_members`).
+    pub fn set_members(&self, cfg: &Config) {
+        let members = cfg
+            .members
+            .iter()
+            .map(|m| (m.id.clone(), m.weight))
+            .collect();
+        let _ = self
+            .commands
+            .send(Command::Members(members, peer_addrs(cfg)));
+    }
+
     pub fn restart(&self) {
         let _ = self.commands.send(Command::Restart);
     }
@@ -661,6 +666,20 @@ impl Io {
                             p.weight = w;
                         }
                     }
+                    Some(Command::Members(members, addrs)) => {
+                        self.membership.set_members(&members);
+                        self.peer_addrs = addrs;
+                        let nets = readers.len();
+                        let c = &mut self.counters;
+                        for map in [&mut c.sent, &mut c.received, &mut c.lost] {
+                            map.retain(|id, _| members.iter().any(|(m, _)| m == id));
+                            for (id, _) in &members {
+                                map.entry(id.clone()).or_insert_with(|| vec![0; nets]);
+                            }
+                        }
+                        // The new members hear from this one at once.
+                        self.answer_now = true;
+                    }
                     Some(Command::Stop) | None => break,
                 },
             }
@@ -875,6 +894,19 @@ impl Io {
             }
         }
     }
+}
+
+/// Where each member's heartbeats go, per network.
+fn peer_addrs(cfg: &Config) -> Vec<Vec<SocketAddr>> {
+    cfg.members
+        .iter()
+        .map(|m| {
+            m.heartbeat_addrs
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, cfg.heartbeat.port))
+                .collect()
+        })
+        .collect()
 }
 
 /// p99 of a lateness histogram in milliseconds, for people.

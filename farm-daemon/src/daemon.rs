@@ -1178,6 +1178,41 @@ impl Daemon {
                 .map(|(_, p)| p.id.clone())
                 .collect();
         }
+        let roster_changed = !d.members_added.is_empty() || !d.members_removed.is_empty();
+        if roster_changed && d.restart.is_empty() {
+            // A member is removed only once it left: while it runs it serves its buckets,
+            // which the others would take over as well.
+            let m = &self.node.membership;
+            let running: Vec<String> = d
+                .members_removed
+                .iter()
+                .filter(|id| m.peers.iter().any(|p| &p.id == *id && p.alive))
+                .cloned()
+                .collect();
+            if !running.is_empty() {
+                let message = format!(
+                    "reload refused: {} still runs; stop farmd there first (systemctl stop                      farmd, or farmctl drain then stop), then reload; nothing was changed",
+                    running.join(", ")
+                );
+                if !dry_run {
+                    tracing::error!("{message}");
+                }
+                return (Response::Error { message }, Reloaded::default());
+            }
+            // The new list takes effect once every member of it runs and has it.
+            report.waiting_for = members
+                .iter()
+                .enumerate()
+                .filter(|(i, (id, _))| {
+                    *i != self.cfg.me
+                        && !m
+                            .peers
+                            .get(*i)
+                            .is_some_and(|p| p.alive && p.config_digest == digest && &p.id == id)
+                })
+                .map(|(_, (id, _))| id.clone())
+                .collect();
+        }
         if !dry_run && !d.restart.is_empty() {
             tracing::error!(
                 "reload refused, these changes need a restart of farmd: {}; nothing was changed",
@@ -1231,12 +1266,29 @@ impl Daemon {
             }
             self.undo.push(Undo::Vip(index, *addr));
         }
-        if d.weights_changed {
+        if roster_changed {
+            // Heartbeats to and from the new list at once; the bucket map follows once every
+            // member of the new list has it (see `handover`).
+            self.cluster.set_members(&new);
+            let sources: Vec<IpAddr> = new
+                .members
+                .iter()
+                .flat_map(|m| m.heartbeat_addrs.iter().copied())
+                .collect();
+            if let Err(e) = self.dp.set_heartbeat_filter(new.heartbeat.port, &sources) {
+                tracing::error!("reload: updating the data plane's heartbeat filter: {e}");
+            }
+            tracing::info!(
+                added = ?d.members_added,
+                removed = ?d.members_removed,
+                "member list changed: the bucket map follows once every member of the new list \
+                 runs and has it"
+            );
+        }
+        if d.weights_changed || roster_changed {
             let weights = members.iter().map(|(_, w)| *w).collect();
-            self.node.legacy_digest = crate::membership::legacy_digest(&members);
-            self.node.handover.set_members(members);
+            self.node.set_members(members);
             self.cluster.set_weights(weights);
-            self.node.config_digest = digest;
         }
         if d.checks_changed {
             self.node

@@ -258,17 +258,42 @@ impl Handover {
     /// announces the same member list and weights, the settled map's until then (a reload
     /// that changes weights moves buckets only once every member has loaded it, so that no
     /// two members ever compute their maps with different weights).
+    ///
+    /// A change of the member list itself (members added or removed) takes effect only once
+    /// *every* member of the new list is alive and announces it: a member added cannot hear
+    /// the members that do not have the new list yet (they refuse its heartbeats), so "every
+    /// live one" would not be enough.
     pub fn agreed_weights(&self, m: &Membership) -> u64 {
-        let agreed = m
-            .peers
-            .iter()
-            .enumerate()
-            .all(|(i, p)| i == self.me || !p.alive || p.config_digest == self.current);
+        let ids = |l: &Members| l.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>();
+        let same_roster = self.known(self.settled.weights)
+            && ids(self.members(self.settled.weights).0) == ids(self.members(self.current).0);
+        let agreed = m.peers.iter().enumerate().all(|(i, p)| {
+            i == self.me || (p.config_digest == self.current && p.alive) || (same_roster && !p.alive)
+        });
         if agreed || !self.known(self.settled.weights) {
             self.current
         } else {
             self.settled.weights
         }
+    }
+
+    /// The live members whose bucket map (settled or applied view) is computed from a member
+    /// list this node does not know: members that have not loaded this node's list yet, while
+    /// this node was added to it. This node does not serve while there are any: it cannot
+    /// compute the map they serve.
+    pub fn foreign_views(&self, m: &Membership) -> Vec<String> {
+        m.peers
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| {
+                *i != self.me
+                    && p.alive
+                    && [p.settled.weights, p.applied.weights]
+                        .iter()
+                        .any(|&w| w != 0 && !self.known(w))
+            })
+            .map(|(_, p)| p.id.clone())
+            .collect()
     }
 
     /// One step: returns what to apply now.

@@ -62,6 +62,32 @@ pub struct Peer {
     pub departed: u64,
 }
 
+impl Peer {
+    /// A configured member not heard yet.
+    fn new(id: &str, weight: u32, networks: usize) -> Self {
+        Peer {
+            id: id.to_string(),
+            weight,
+            last_heard: vec![None; networks],
+            state: None,
+            incarnation: 0,
+            applied: View::default(),
+            config_digest: 0,
+            settled: View::default(),
+            handed_over: View::default(),
+            released: View::default(),
+            drill: None,
+            mirror: Default::default(),
+            guard: vec![ReplayGuard::default(); networks],
+            heard: (0, 0),
+            alive: false,
+            version: 0,
+            version_of: 0,
+            departed: 0,
+        }
+    }
+}
+
 /// A heartbeat taken in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Received {
@@ -124,26 +150,7 @@ impl Membership {
     ) -> Self {
         let peers = members
             .iter()
-            .map(|(id, w)| Peer {
-                id: id.clone(),
-                weight: *w,
-                last_heard: vec![None; networks],
-                state: None,
-                incarnation: 0,
-                applied: View::default(),
-                config_digest: 0,
-                settled: View::default(),
-                handed_over: View::default(),
-                released: View::default(),
-                drill: None,
-                mirror: Default::default(),
-                guard: vec![ReplayGuard::default(); networks],
-                heard: (0, 0),
-                alive: false,
-                version: 0,
-                version_of: 0,
-                departed: 0,
-            })
+            .map(|(id, w)| Peer::new(id, *w, networks))
             .collect();
         Self {
             me,
@@ -156,6 +163,22 @@ impl Membership {
             incarnation: 0,
             seq: 0,
             echo_rounds: DEFAULT_ECHO_ROUNDS,
+        }
+    }
+
+    /// The member list changed live (`farmctl reload`): members that stay keep their index and
+    /// everything known of them; members added after them start unheard; members removed from
+    /// the end are forgotten (their heartbeats are refused from now on, as any non-member's).
+    pub fn set_members(&mut self, members: &[(String, u32)]) {
+        self.peers.truncate(members.len());
+        for (i, (id, w)) in members.iter().enumerate() {
+            match self.peers.get_mut(i) {
+                Some(p) => {
+                    debug_assert_eq!(&p.id, id, "members keep their index");
+                    p.weight = *w;
+                }
+                None => self.peers.push(Peer::new(id, *w, self.networks)),
+            }
         }
     }
 

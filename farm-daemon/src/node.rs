@@ -317,7 +317,9 @@ impl Node {
     /// Whether a joining member may become active now: no bucket move in progress (one planned
     /// change at a time) and the application healthy.
     pub fn may_join(&self) -> bool {
-        self.health.healthy() && self.current_move().is_none()
+        self.health.healthy()
+            && self.current_move().is_none()
+            && self.handover.foreign_views(&self.membership).is_empty()
     }
 
     /// Whether a member other than this one serves.
@@ -531,6 +533,15 @@ impl Node {
         self.step(now);
     }
 
+    /// The member list or weights changed by a reload (members that stay keep their index).
+    pub fn set_members(&mut self, members: Vec<(String, u32)>) {
+        self.membership.set_members(&members);
+        self.names = members.iter().map(|(id, _)| id.clone()).collect();
+        self.config_digest = crate::membership::config_digest(&members);
+        self.legacy_digest = crate::membership::legacy_digest(&members);
+        self.handover.set_members(members);
+    }
+
     /// Leaving now: announce it.
     pub fn leave(&mut self) {
         self.drill_order = None;
@@ -569,7 +580,17 @@ impl Node {
                 return true;
             } else if !self.join_deferred {
                 self.join_deferred = true;
-                tracing::info!("joining waits for the bucket move in progress to complete");
+                let foreign = self.handover.foreign_views(&self.membership);
+                if foreign.is_empty() {
+                    tracing::info!("joining waits for the bucket move in progress to complete");
+                } else {
+                    tracing::info!(
+                        members = ?foreign,
+                        "joining waits: these members serve a map of another member list (a \
+                         member added live joins once every member has the new list: farmctl \
+                         reload there)"
+                    );
+                }
             }
         }
         false

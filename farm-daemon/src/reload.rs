@@ -20,6 +20,10 @@ pub struct Diff {
     /// Whether the VIP table (addresses or rules) changes.
     pub vips_changed: bool,
     pub weights_changed: bool,
+    /// Members added to or removed from the list (ids); applied live when every member that
+    /// stays keeps its place in the id order (its index), see `diff`.
+    pub members_added: Vec<String>,
+    pub members_removed: Vec<String>,
     pub checks_changed: bool,
     pub hooks_changed: bool,
     /// Heartbeat interval, loss threshold or dead-man timeout: the daemon's timers change.
@@ -74,10 +78,32 @@ pub fn diff(old: &Config, new: &Config) -> Diff {
         };
         restart("cluster.mac_mode/cluster_mac", mac(old), mac(new));
     }
+    // Members: a member's index (its place in the id order) names it in every bucket map and
+    // heartbeat, so a live change keeps the index of every member that stays: members are
+    // added after the others in id order, and removed from the end. Other changes of the list
+    // need a restart of every farmd (one at a time).
     let ids = |c: &Config| -> Vec<String> { c.members.iter().map(|m| m.id.clone()).collect() };
-    if ids(old) != ids(new) {
-        restart("cluster.members", ids(old).join(", "), ids(new).join(", "));
+    let (old_ids, new_ids) = (ids(old), ids(new));
+    let kept = old_ids.len().min(new_ids.len());
+    if old_ids[..kept] != new_ids[..kept] {
+        restart(
+            "cluster.members",
+            old_ids.join(", "),
+            format!(
+                "{} (live, members can be added only after the others in id order and removed                  only from the end of it, so that every member that stays keeps its index;                  this change needs every farmd restarted with the new list, one at a time)",
+                new_ids.join(", ")
+            ),
+        );
     } else {
+        d.members_added = new_ids[kept..].to_vec();
+        d.members_removed = old_ids[kept..].to_vec();
+        for id in &d.members_added {
+            d.live.push(format!("member added: {id}"));
+        }
+        for id in &d.members_removed {
+            d.live.push(format!("member removed: {id}"));
+        }
+        // (A list without this node does not load: config says so.)
         for (a, b) in old.members.iter().zip(&new.members) {
             if a.heartbeat_addrs != b.heartbeat_addrs {
                 let list = |m: &crate::config::Member| {
@@ -365,12 +391,26 @@ rules = [{ protocol = "tcp", ports = 80 }]
 
     #[test]
     fn identity_changes_need_a_restart() {
+        // Removing n2 would give n3 another index: not live.
         let new = BASE
             .replace("eth0", "eth1")
-            .replace(r#"{ id = "n3", address = "192.0.2.3" },"#, "");
+            .replace(r#"{ id = "n2", address = "192.0.2.2" },"#, "");
         let d = diff(&cfg(BASE), &cfg(&new));
         assert_eq!(d.restart.len(), 2, "{:?}", d.restart);
         assert!(d.restart[0].starts_with("node.interface: eth0 -> eth1"));
-        assert!(d.restart[1].starts_with("cluster.members: n1, n2, n3 -> n1, n2"));
+        assert!(d.restart[1].starts_with("cluster.members: n1, n2, n3 -> n1, n3"));
+        assert!(d.restart[1].contains("keeps its index"), "{}", d.restart[1]);
+    }
+
+    #[test]
+    fn members_added_after_the_others_or_removed_from_the_end_are_live() {
+        let removed = BASE.replace(r#"{ id = "n3", address = "192.0.2.3" },"#, "");
+        let d = diff(&cfg(BASE), &cfg(&removed));
+        assert!(d.restart.is_empty(), "{:?}", d.restart);
+        assert_eq!(d.members_removed, vec!["n3"]);
+        assert_eq!(d.live, vec!["member removed: n3"]);
+        let d = diff(&cfg(&removed), &cfg(BASE));
+        assert!(d.restart.is_empty(), "{:?}", d.restart);
+        assert_eq!(d.members_added, vec!["n3"]);
     }
 }
