@@ -93,6 +93,8 @@ pub struct Topology {
     pub client_v6: Vec<Ipv6Addr>,
     switch_xdp: Option<Dataplane>,
     pub switch: Netns,
+    /// The nodes listed as members in the configs (all when `None`).
+    pub members: Option<Vec<usize>>,
     /// Held for the topology's life, dropped last: the system tests of one test binary take
     /// turns, so that their timings are not those of six farms sharing two cores.
     _serial: std::sync::MutexGuard<'static, ()>,
@@ -200,6 +202,7 @@ impl Topology {
             client_v6,
             switch_xdp: Some(switch_xdp),
             switch,
+            members: None,
             _serial: serial,
         };
         for i in 0..t.nodes.len() {
@@ -277,6 +280,9 @@ deadman_timeout_ms = {}
             self.spec.deadman_ms
         );
         for (j, m) in self.nodes.iter().enumerate() {
+            if self.members.as_ref().is_some_and(|l| !l.contains(&j)) {
+                continue;
+            }
             let w = self.spec.weights.get(j).copied().unwrap_or(1);
             let _ = write!(
                 s,
@@ -293,6 +299,32 @@ deadman_timeout_ms = {}
             self.dir.join(format!("{}-state", n.name)).display()
         );
         s
+    }
+
+    /// Lists only `members` in every node's config (rewritten now; a running farmd reads it on
+    /// `farmctl reload`).
+    pub fn set_members(&mut self, members: &[usize]) {
+        self.members = Some(members.to_vec());
+        for i in 0..self.nodes.len() {
+            std::fs::write(&self.nodes[i].config, self.config_for(i, &self.vip_section()))
+                .expect("write config");
+        }
+    }
+
+    /// The owner (member id) of every bucket, as node `i` serves them.
+    pub fn bucket_owners(&self, i: usize) -> Vec<Option<String>> {
+        match control::request(
+            &self.nodes[i].socket,
+            &Request::Buckets { bucket: None },
+            Duration::from_secs(5),
+        ) {
+            Ok(Response::Buckets(r)) => r
+                .owners
+                .iter()
+                .map(|o| o.map(|k| r.members[k as usize].id.clone()))
+                .collect(),
+            other => panic!("buckets of {}: {other:?}", self.nodes[i].name),
+        }
     }
 
     /// The opening of most system tests: root checked (see `require_root`: `None` when the

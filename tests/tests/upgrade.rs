@@ -305,3 +305,147 @@ fn rolling_upgrade_from_the_previous_release_fails_no_request() {
         );
     }
 }
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `farmctl reload` on each of `nodes`; each must succeed.
+fn reload_all(t: &Topology, nodes: &[usize]) -> Vec<String> {
+    nodes
+        .iter()
+        .map(|&i| {
+            let o = t.farmctl(i, &["reload"]);
+            assert!(o.status.success(), "reload on n{}: {}", i + 1, text(&o));
+            text(&o)
+        })
+        .collect()
+}
+
+/// Buckets whose owner differs, and the owners they went to.
+fn moves(before: &[Option<String>], after: &[Option<String>]) -> (usize, Vec<String>) {
+    let mut to: Vec<String> = Vec::new();
+    let mut n = 0;
+    for (a, b) in before.iter().zip(after) {
+        if a != b {
+            n += 1;
+            let b = b.clone().unwrap_or_else(|| "(nobody)".into());
+            if !to.contains(&b) {
+                to.push(b);
+            }
+        }
+    }
+    to.sort();
+    (n, to)
+}
+
+fn owned_by(owners: &[Option<String>], ids: &[&str]) -> usize {
+    owners
+        .iter()
+        .filter(|o| o.as_deref().is_some_and(|o| ids.contains(&o)))
+        .count()
+}
+
+#[test]
+fn members_added_and_removed_live_under_load_move_only_their_buckets() {
+    if !farm_tests::require_root("members_added_and_removed_live_under_load_move_only_their_buckets")
+    {
+        return;
+    }
+    let mut t = Topology::build(Spec {
+        nodes: 5,
+        client_addrs: 200,
+        keepalive_requests: Some(50),
+        ..Spec::default()
+    });
+    t.set_members(&[0, 1, 2]);
+    for i in 0..3 {
+        t.start_farmd(i);
+    }
+    t.wait_converged(&[0, 1, 2], Duration::from_secs(20));
+    let (keepalive, fresh) = load(&t);
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+
+    // 3 -> 5: n4 and n5 start with the new list; until the others have it they refuse their
+    // heartbeats and nothing moves.
+    let three = t.bucket_owners(0);
+    t.set_members(&[0, 1, 2, 3, 4]);
+    for i in 3..5 {
+        let child = t.spawn_farmd(i, &t.nodes[i].config.clone());
+        t.nodes[i].farmd = Some(child);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(t.bucket_owners(0), three, "moved before the others had the list");
+    let s = t.status(3).expect("status of n4");
+    assert!(!s.quorum, "n4 hears nobody yet: {:?}", s.members);
+    let unknown = t.status(0).expect("status").heartbeat.counters.rejected["unknown_sender"];
+    assert!(unknown > 0, "n1 counts the heartbeats of members not in its list");
+    let out = reload_all(&t, &[0, 1, 2]);
+    assert!(out[0].contains("member added: n4"), "{}", out[0]);
+    t.wait_converged(&[0, 1, 2, 3, 4], Duration::from_secs(30));
+    let five = t.bucket_owners(0);
+    let (moved, to) = moves(&three, &five);
+    let minimum = owned_by(&five, &["n4", "n5"]);
+    eprintln!(
+        "3 -> 5 at {:.1} s: {moved} buckets moved (minimum {minimum}, ideal {}), to {to:?}",
+        started.elapsed().as_secs_f64(),
+        65536 * 2 / 5
+    );
+    assert_eq!(to, vec!["n4", "n5"], "buckets moved between the old members");
+    assert!(moved as f64 <= minimum as f64 * 1.01, "{moved} vs {minimum}");
+    for i in 1..5 {
+        assert_eq!(t.bucket_owners(i), five, "n{} serves another map", i + 1);
+    }
+    let by_node = every_client_answered_by_its_owner(&t, 0);
+    assert_eq!(by_node.len(), 5, "{by_node:?}");
+
+    // 5 -> 4: removing a running member is refused; once n5 stopped (its buckets go to the
+    // others), removing it from the list moves nothing more.
+    t.set_members(&[0, 1, 2, 3]);
+    let o = t.farmctl(0, &["reload"]);
+    assert!(!o.status.success(), "removing a running member: {}", text(&o));
+    assert!(text(&o).contains("n5 still runs"), "{}", text(&o));
+    let exit = t.signal_farmd(4, libc::SIGTERM).expect("n5 runs");
+    assert!(exit.success());
+    t.wait_converged(&[0, 1, 2, 3], Duration::from_secs(30));
+    let stopped = t.bucket_owners(0);
+    let (moved, _) = moves(&five, &stopped);
+    let minimum = owned_by(&five, &["n5"]);
+    assert_eq!(moved, minimum, "only n5's buckets moved");
+    let out = reload_all(&t, &[0, 1, 2, 3]);
+    assert!(out[0].contains("member removed: n5"), "{}", out[0]);
+    farm_tests::wait_until(
+        "every member on the list of four",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            (0..4)
+                .all(|i| t.status(i).is_ok_and(|s| s.members.len() == 4))
+                .then_some(())
+        },
+    );
+    t.wait_converged(&[0, 1, 2, 3], Duration::from_secs(30));
+    let four = t.bucket_owners(0);
+    assert_eq!(moves(&stopped, &four).0, 0, "removing n5 from the list moved buckets");
+    eprintln!(
+        "5 -> 4 at {:.1} s: {minimum} buckets moved (n5's), none by the removal itself",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The members added live stay after restarts (the config files carry them).
+    for i in [3, 0] {
+        let exit = t.signal_farmd(i, libc::SIGTERM).expect("running");
+        assert!(exit.success());
+        t.start_farmd(i);
+        t.wait_converged(&[0, 1, 2, 3], Duration::from_secs(30));
+    }
+    assert_eq!(t.bucket_owners(1), four, "the same map after the restarts");
+    every_client_answered_by_its_owner(&t, 1);
+    std::thread::sleep(Duration::from_secs(1));
+    no_request_failed(keepalive, fresh, "3 -> 5 -> 4 members live");
+}
