@@ -268,7 +268,9 @@ impl Handover {
         let same_roster = self.known(self.settled.weights)
             && ids(self.members(self.settled.weights).0) == ids(self.members(self.current).0);
         let agreed = m.peers.iter().enumerate().all(|(i, p)| {
-            i == self.me || (p.config_digest == self.current && p.alive) || (same_roster && !p.alive)
+            i == self.me
+                || (p.config_digest == self.current && p.alive)
+                || (same_roster && !p.alive)
         });
         if agreed || !self.known(self.settled.weights) {
             self.current

@@ -306,8 +306,11 @@ deadman_timeout_ms = {}
     pub fn set_members(&mut self, members: &[usize]) {
         self.members = Some(members.to_vec());
         for i in 0..self.nodes.len() {
-            std::fs::write(&self.nodes[i].config, self.config_for(i, &self.vip_section()))
-                .expect("write config");
+            std::fs::write(
+                &self.nodes[i].config,
+                self.config_for(i, &self.vip_section()),
+            )
+            .expect("write config");
         }
     }
 

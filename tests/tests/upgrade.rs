@@ -50,8 +50,13 @@ fn no_request_failed(keepalive: KeepAlives, fresh: NewConnections, what: &str) {
 }
 
 /// Every client address gets one answer from the VIP, each from the node `t`'s node `from`
-/// predicts; returns how many answered per node.
+/// predicts; returns how many answered per node. With no other load running, also checks
+/// that each connection was accepted exactly once.
 fn every_client_answered_by_its_owner(t: &Topology, from: usize) -> Vec<(String, usize)> {
+    answered_by_owners(t, from, true)
+}
+
+fn answered_by_owners(t: &Topology, from: usize, quiet: bool) -> Vec<(String, usize)> {
     let clients = t.clients4();
     let predicted = t.owners(from, &clients);
     let reqs: Vec<(IpAddr, std::net::SocketAddr)> =
@@ -67,11 +72,13 @@ fn every_client_answered_by_its_owner(t: &Topology, from: usize) -> Vec<(String,
             None => by_node.push((node, 1)),
         }
     }
-    assert_eq!(
-        (t.tcp_accepts() - before) as usize,
-        clients.len(),
-        "each client accepted exactly once"
-    );
+    if quiet {
+        assert_eq!(
+            (t.tcp_accepts() - before) as usize,
+            clients.len(),
+            "each client accepted exactly once"
+        );
+    }
     by_node
 }
 
@@ -352,8 +359,9 @@ fn owned_by(owners: &[Option<String>], ids: &[&str]) -> usize {
 
 #[test]
 fn members_added_and_removed_live_under_load_move_only_their_buckets() {
-    if !farm_tests::require_root("members_added_and_removed_live_under_load_move_only_their_buckets")
-    {
+    if !farm_tests::require_root(
+        "members_added_and_removed_live_under_load_move_only_their_buckets",
+    ) {
         return;
     }
     let mut t = Topology::build(Spec {
@@ -380,11 +388,26 @@ fn members_added_and_removed_live_under_load_move_only_their_buckets() {
         t.nodes[i].farmd = Some(child);
     }
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(t.bucket_owners(0), three, "moved before the others had the list");
+    assert_eq!(
+        t.bucket_owners(0),
+        three,
+        "moved before the others had the list"
+    );
     let s = t.status(3).expect("status of n4");
     assert!(!s.quorum, "n4 hears nobody yet: {:?}", s.members);
-    let unknown = t.status(0).expect("status").heartbeat.counters.rejected["unknown_sender"];
-    assert!(unknown > 0, "n1 counts the heartbeats of members not in its list");
+    // Refused and counted: by the data plane (their addresses are no member's on n1's list),
+    // else by farmd.
+    let s = t.status(0).expect("status");
+    let refused = s
+        .counters
+        .get("heartbeat_foreign_dropped")
+        .copied()
+        .unwrap_or(0)
+        + s.heartbeat.counters.rejected["unknown_sender"];
+    assert!(
+        refused > 0,
+        "n1 counts the heartbeats of members not in its list"
+    );
     let out = reload_all(&t, &[0, 1, 2]);
     assert!(out[0].contains("member added: n4"), "{}", out[0]);
     t.wait_converged(&[0, 1, 2, 3, 4], Duration::from_secs(30));
@@ -396,19 +419,30 @@ fn members_added_and_removed_live_under_load_move_only_their_buckets() {
         started.elapsed().as_secs_f64(),
         65536 * 2 / 5
     );
-    assert_eq!(to, vec!["n4", "n5"], "buckets moved between the old members");
-    assert!(moved as f64 <= minimum as f64 * 1.01, "{moved} vs {minimum}");
+    assert_eq!(
+        to,
+        vec!["n4", "n5"],
+        "buckets moved between the old members"
+    );
+    assert!(
+        moved as f64 <= minimum as f64 * 1.01,
+        "{moved} vs {minimum}"
+    );
     for i in 1..5 {
         assert_eq!(t.bucket_owners(i), five, "n{} serves another map", i + 1);
     }
-    let by_node = every_client_answered_by_its_owner(&t, 0);
+    let by_node = answered_by_owners(&t, 0, false);
     assert_eq!(by_node.len(), 5, "{by_node:?}");
 
     // 5 -> 4: removing a running member is refused; once n5 stopped (its buckets go to the
     // others), removing it from the list moves nothing more.
     t.set_members(&[0, 1, 2, 3]);
     let o = t.farmctl(0, &["reload"]);
-    assert!(!o.status.success(), "removing a running member: {}", text(&o));
+    assert!(
+        !o.status.success(),
+        "removing a running member: {}",
+        text(&o)
+    );
     assert!(text(&o).contains("n5 still runs"), "{}", text(&o));
     let exit = t.signal_farmd(4, libc::SIGTERM).expect("n5 runs");
     assert!(exit.success());
@@ -431,7 +465,11 @@ fn members_added_and_removed_live_under_load_move_only_their_buckets() {
     );
     t.wait_converged(&[0, 1, 2, 3], Duration::from_secs(30));
     let four = t.bucket_owners(0);
-    assert_eq!(moves(&stopped, &four).0, 0, "removing n5 from the list moved buckets");
+    assert_eq!(
+        moves(&stopped, &four).0,
+        0,
+        "removing n5 from the list moved buckets"
+    );
     eprintln!(
         "5 -> 4 at {:.1} s: {minimum} buckets moved (n5's), none by the removal itself",
         started.elapsed().as_secs_f64()
@@ -445,7 +483,7 @@ fn members_added_and_removed_live_under_load_move_only_their_buckets() {
         t.wait_converged(&[0, 1, 2, 3], Duration::from_secs(30));
     }
     assert_eq!(t.bucket_owners(1), four, "the same map after the restarts");
-    every_client_answered_by_its_owner(&t, 1);
+    answered_by_owners(&t, 1, false);
     std::thread::sleep(Duration::from_secs(1));
     no_request_failed(keepalive, fresh, "3 -> 5 -> 4 members live");
 }
