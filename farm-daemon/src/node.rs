@@ -382,6 +382,17 @@ impl Node {
             .map(|p| p.config_digest)
             .collect();
         self.membership.absorb(u.peers, u.quorum);
+        if self.membership.peers.len() != self.names.len() {
+            // Judged before the heartbeat thread took a reload's member list in: the same
+            // members, the new ones not heard yet.
+            let members: Vec<(String, u32)> = self
+                .names
+                .iter()
+                .cloned()
+                .zip(weights.iter().copied().chain(std::iter::repeat(1)))
+                .collect();
+            self.membership.set_members(&members);
+        }
         for (p, w) in self.membership.peers.iter_mut().zip(weights) {
             p.weight = w;
         }
