@@ -44,10 +44,11 @@ fn main() -> Result<()> {
         Some("failover") => recovery::failover(flag(&args[1..], "--trials", 20)? as usize),
         Some("rolling") => recovery::rolling(),
         Some("mirror") => mirror::mirror(&args[1..]),
-        Some("membership") => membership::membership(),
+        Some("membership") => membership::membership()
+            .and_then(|()| membership::convergence(flag(&args[1..], "--trials", 3)? as usize)),
         _ => bail!(
             "usage: farm-bench dataplane [--repeat N] [--rounds N] | failover [--trials N] | \
-             rolling | mirror [--mib N] [--fsyncs N] | membership"
+             rolling | mirror [--mib N] [--fsyncs N] | membership [--trials N]"
         ),
     }
 }

@@ -1,5 +1,5 @@
 //! `membership`: what a change of the member list costs in bucket moves, for farm's current
-//! assignment (0.2: rendezvous first choices, exact failover), farm 0.1's (exact ranges) and
+//! assignment (0.2: rendezvous lists), farm 0.1's (exact ranges) and
 //! Maglev's lookup table (Eisenbud et al., NSDI 2016: "~1/N" disruption), all computed in the
 //! same run over the same member names.
 //!
@@ -132,9 +132,107 @@ pub fn membership() -> Result<()> {
         }
     }
     println!(
-        "(farm 0.2 moves exactly the minimum by construction: its first choices are rendezvous \
-         scores, which a member added or removed changes only for its own buckets; the price is \
-         shares as exact as 65536 random draws instead of +-1)"
+        "(farm 0.2 moves exactly the minimum by construction: its preference lists are \
+         rendezvous orders, which a member added or removed changes only for its own buckets; \
+         the price is shares as exact as 65536 random draws instead of +-1)"
     );
     Ok(())
+}
+
+/// How long a live member list change takes, on a real farm in network namespaces (root):
+/// from the first `farmctl reload` until every member serves the new map with no move in
+/// progress, for two members added (3 -> 5) and one removed after it stopped (5 -> 4).
+pub fn convergence(trials: usize) -> Result<()> {
+    use farm_tests::topology::{Spec, Topology};
+    use std::time::{Duration, Instant};
+
+    if !nix_is_root() {
+        println!("(live convergence: needs root, skipped)");
+        return Ok(());
+    }
+    let converged = |t: &Topology, nodes: &[usize], members: usize| {
+        nodes.iter().all(|&i| {
+            t.status(i).is_ok_and(|s| {
+                s.members.len() == members
+                    && s.handover.is_none()
+                    && s.members.iter().all(|m| {
+                        m.state == "serving" || !nodes.iter().any(|&j| t.nodes[j].name == m.id)
+                    })
+                    && nodes.iter().all(|&j| {
+                        s.members
+                            .iter()
+                            .any(|m| m.id == t.nodes[j].name && m.state == "serving")
+                    })
+            })
+        })
+    };
+    let wait = |t: &Topology, nodes: &[usize], members: usize, from: Instant| -> Result<Duration> {
+        while !converged(t, nodes, members) {
+            if from.elapsed() > Duration::from_secs(60) {
+                anyhow::bail!("no convergence within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(from.elapsed())
+    };
+    let mut add = Vec::new();
+    let mut remove = Vec::new();
+    for _ in 0..trials {
+        let mut t = Topology::build(Spec {
+            nodes: 5,
+            client_addrs: 4,
+            ..Spec::default()
+        });
+        t.set_members(&[0, 1, 2]);
+        for i in 0..3 {
+            t.start_farmd(i);
+        }
+        t.wait_converged(&[0, 1, 2], Duration::from_secs(20));
+        t.set_members(&[0, 1, 2, 3, 4]);
+        for i in 3..5 {
+            let child = t.spawn_farmd(i, &t.nodes[i].config.clone());
+            t.nodes[i].farmd = Some(child);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let from = Instant::now();
+        for i in 0..3 {
+            let o = t.farmctl(i, &["reload"]);
+            anyhow::ensure!(o.status.success(), "reload failed");
+        }
+        add.push(wait(&t, &[0, 1, 2, 3, 4], 5, from)?);
+        t.signal_farmd(4, libc::SIGTERM);
+        t.wait_converged(&[0, 1, 2, 3], Duration::from_secs(30));
+        t.set_members(&[0, 1, 2, 3]);
+        let from = Instant::now();
+        for i in 0..4 {
+            let o = t.farmctl(i, &["reload"]);
+            anyhow::ensure!(o.status.success(), "reload failed");
+        }
+        remove.push(wait(&t, &[0, 1, 2, 3], 4, from)?);
+    }
+    let show = |v: &mut Vec<Duration>| {
+        v.sort();
+        let ms: Vec<String> = v.iter().map(|d| format!("{}", d.as_millis())).collect();
+        format!(
+            "median {} ms (trials: {})",
+            v[v.len() / 2].as_millis(),
+            ms.join(", ")
+        )
+    };
+    println!(
+        "live change, from the first reload until every member serves the new map (loss window \
+         400 ms; the added members join after one loss window with quorum, then take their \
+         buckets by handover):"
+    );
+    println!("  3 -> 5 members: {}", show(&mut add));
+    println!(
+        "  5 -> 4 (the removed member already stopped): {}",
+        show(&mut remove)
+    );
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }
