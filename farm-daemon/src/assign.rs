@@ -93,17 +93,7 @@ pub fn assign_with(alg: Alg, seed: &HashKey, members: &[Candidate]) -> Vec<u8> {
         .collect();
     order.sort_unstable();
     // A per-member hash of its id, so that tie-breaking follows ids, not list positions.
-    let id_hash: Vec<u64> = members
-        .iter()
-        .map(|m| {
-            let mut buf = [0u8; 64];
-            let bytes = m.id.as_bytes();
-            let len = bytes.len().min(63);
-            buf[..len].copy_from_slice(&bytes[..len]);
-            buf[63] = len as u8;
-            siphash13(&order_key, &buf)
-        })
-        .collect();
+    let id_hash = id_hashes(&order_key, members);
     // Work list of (range start, range end, members already used on this range's lists).
     let mut work: Vec<(usize, usize, u64)> = vec![(0, n, 0)];
     let order: Vec<u32> = order.into_iter().map(|(_, b)| b).collect();
@@ -157,6 +147,21 @@ pub fn assign_with(alg: Alg, seed: &HashKey, members: &[Candidate]) -> Vec<u8> {
     owners
 }
 
+/// A keyed hash of each member's id, so that orders and ties follow ids, not list positions.
+fn id_hashes(key: &HashKey, members: &[Candidate]) -> Vec<u64> {
+    members
+        .iter()
+        .map(|m| {
+            let mut buf = [0u8; 64];
+            let bytes = m.id.as_bytes();
+            let len = bytes.len().min(63);
+            buf[..len].copy_from_slice(&bytes[..len]);
+            buf[63] = len as u8;
+            siphash13(key, &buf)
+        })
+        .collect()
+}
+
 /// Every bucket's preference list (member indices, best first), for one member list.
 struct Rankings {
     n: usize,
@@ -190,17 +195,7 @@ fn rankings(seed: &HashKey, members: &[Candidate]) -> std::sync::Arc<Rankings> {
         k1: seed.k1 ^ 0x2d76_3032_0000_0000,
     };
     // A per-member hash of its id, so that scores and ties follow ids, not list positions.
-    let id_hash: Vec<u64> = members
-        .iter()
-        .map(|m| {
-            let mut buf = [0u8; 64];
-            let bytes = m.id.as_bytes();
-            let len = bytes.len().min(63);
-            buf[..len].copy_from_slice(&bytes[..len]);
-            buf[63] = len as u8;
-            siphash13(&score_key, &buf)
-        })
-        .collect();
+    let id_hash = id_hashes(&score_key, members);
     let n = members.len();
     let weighted: Vec<usize> = (0..n).filter(|&i| members[i].weight > 0).collect();
     let equal = weighted

@@ -265,8 +265,16 @@ impl Handover {
     /// live one" would not be enough.
     pub fn agreed_weights(&self, m: &Membership) -> u64 {
         let ids = |l: &Members| l.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>();
+        // Weights alone: every live member. Another member list, or another assignment (the
+        // move from farm 0.1's once every member runs 0.2): every member, so that a member
+        // restarting (being upgraded) is not left out of a change it will then undo.
+        let (settled, current) = (
+            self.members(self.settled.weights),
+            self.members(self.current),
+        );
         let same_roster = self.known(self.settled.weights)
-            && ids(self.members(self.settled.weights).0) == ids(self.members(self.current).0);
+            && ids(settled.0) == ids(current.0)
+            && settled.1 == current.1;
         let agreed = m.peers.iter().enumerate().all(|(i, p)| {
             i == self.me
                 || (p.config_digest == self.current && p.alive)
@@ -301,9 +309,21 @@ impl Handover {
     /// One step: returns what to apply now.
     pub fn step(&mut self, m: &Membership, now: Instant) -> Step<'_> {
         let candidates = m.candidates();
+        // A change of weights, member list or assignment waits for this serving member's move
+        // in progress to complete (a target changed under a move would move connections
+        // twice). A member not serving follows the farm's settled map (below).
+        let agreed = self.agreed_weights(m);
+        let moving = self.was_serving
+            && m.candidates()[self.me].serving
+            && self.settled != self.applied
+            && self.known(self.applied.weights);
         let target = View {
             serving: transition::mask(&candidates),
-            weights: self.agreed_weights(m),
+            weights: if moving && self.applied.weights != 0 {
+                self.applied.weights
+            } else {
+                agreed
+            },
         };
         let quorum = m.has_quorum();
         let alive = m

@@ -301,6 +301,29 @@ deadman_timeout_ms = {}
         s
     }
 
+    /// Web-like load on the IPv4 VIP: keep-alive connections from the first `keepalive` client
+    /// addresses, new connections from the rest (`threads` threads, `pause` between
+    /// connections).
+    pub fn web_load(
+        &self,
+        keepalive: usize,
+        threads: usize,
+        pause: Duration,
+    ) -> (crate::traffic::KeepAlives, crate::traffic::NewConnections) {
+        let clients = self.clients4();
+        let vip = self.vip4(TCP_PORT);
+        (
+            crate::traffic::KeepAlives::start(&self.client, &clients[..keepalive], vip),
+            crate::traffic::NewConnections::start(
+                &self.client,
+                &clients[keepalive..],
+                vip,
+                threads,
+                pause,
+            ),
+        )
+    }
+
     /// Lists only `members` in every node's config (rewritten now; a running farmd reads it on
     /// `farmctl reload`).
     pub fn set_members(&mut self, members: &[usize]) {

@@ -3,16 +3,12 @@
 //! saturated by ordinary processes, a farmd really frozen (SIGSTOP), and planned stops that
 //! must not look like failures.
 
-use std::{
-    net::IpAddr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use farm_tests::{
     busy::{Spinners, TimeWaits, time_wait},
     require_root,
     topology::{Spec, TCP_PORT, Topology},
-    traffic::{KeepAlives, NewConnections},
     wait_until,
 };
 
@@ -72,15 +68,7 @@ fn rolling_restart_of_five_at_600_new_connections_per_second_fails_nothing() {
         assert!(tw >= 10_000, "{}: {tw} TIME_WAIT sockets", n.name);
     }
     let before = t.owners(0, &t.clients4());
-    let clients: Vec<IpAddr> = t.clients4();
-    let keepalive = KeepAlives::start(&t.client, &clients[..30], t.vip4(TCP_PORT));
-    let fresh = NewConnections::start(
-        &t.client,
-        &clients[30..],
-        t.vip4(TCP_PORT),
-        16,
-        Duration::from_millis(12),
-    );
+    let (keepalive, fresh) = t.web_load(30, 16, Duration::from_millis(12));
     std::thread::sleep(Duration::from_secs(2));
 
     let started = Instant::now();
@@ -176,15 +164,7 @@ fn a_saturated_host_is_not_a_dead_host() {
         return;
     };
     let all: Vec<usize> = (0..5).collect();
-    let clients = t.clients4();
-    let keepalive = KeepAlives::start(&t.client, &clients[..20], t.vip4(TCP_PORT));
-    let fresh = NewConnections::start(
-        &t.client,
-        &clients[20..],
-        t.vip4(TCP_PORT),
-        4,
-        Duration::from_millis(10),
-    );
+    let (keepalive, fresh) = t.web_load(20, 4, Duration::from_millis(10));
     // Every core of every member busy: as many spinners per member as the machine has cores,
     // ordinary processes at normal priority.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());

@@ -10,7 +10,7 @@ use std::{
 use farm_daemon::control::Outcome;
 use farm_tests::{
     topology::{Spec, TCP_PORT, Topology},
-    traffic::{self, KeepAlives, NewConnections},
+    traffic::{self, KeepAlives},
 };
 
 fn text(o: &std::process::Output) -> String {
@@ -137,15 +137,7 @@ fn rolling_restart_under_load_fails_no_request() {
         return;
     };
     let before = t.owners(0, &t.clients4());
-    let clients = t.clients4();
-    let keepalive = KeepAlives::start(&t.client, &clients[..30], t.vip4(TCP_PORT));
-    let fresh = NewConnections::start(
-        &t.client,
-        &clients[30..],
-        t.vip4(TCP_PORT),
-        3,
-        Duration::from_millis(5),
-    );
+    let (keepalive, fresh) = t.web_load(30, 3, Duration::from_millis(5));
     std::thread::sleep(Duration::from_secs(1));
 
     let started = Instant::now();

@@ -18,16 +18,7 @@ const HB_PORT: u16 = 7946;
 
 /// Keep-alive and new-connection load on the VIP from the client's addresses.
 fn load(t: &Topology) -> (KeepAlives, NewConnections) {
-    let clients = t.clients4();
-    let keepalive = KeepAlives::start(&t.client, &clients[..30], t.vip4(TCP_PORT));
-    let fresh = NewConnections::start(
-        &t.client,
-        &clients[30..],
-        t.vip4(TCP_PORT),
-        3,
-        Duration::from_millis(5),
-    );
-    (keepalive, fresh)
+    t.web_load(30, 3, Duration::from_millis(5))
 }
 
 /// Stops the load and asserts that no request failed; returns a line for the log.
