@@ -1286,9 +1286,12 @@ impl Daemon {
             );
         }
         if d.weights_changed || roster_changed {
-            let weights = members.iter().map(|(_, w)| *w).collect();
+            // With a new list the heartbeat thread took the weights already (`set_members`).
+            if !roster_changed {
+                self.cluster
+                    .set_weights(members.iter().map(|(_, w)| *w).collect());
+            }
             self.node.set_members(members);
-            self.cluster.set_weights(weights);
         }
         if d.checks_changed {
             self.node

@@ -100,13 +100,9 @@ impl Handover {
         drain_timeout: Duration,
         udp_idle: Duration,
     ) -> Self {
-        let current = config_digest(&members);
-        Self {
-            weight_sets: vec![
-                (legacy_digest(&members), members.clone(), Alg::Ranges),
-                (current, members, Alg::Rendezvous),
-            ],
-            current,
+        let mut h = Self {
+            weight_sets: Vec::new(),
+            current: 0,
             me,
             seed,
             vips,
@@ -125,7 +121,9 @@ impl Handover {
             connections: None,
             progress: None,
             was_serving: false,
-        }
+        };
+        h.set_members(members);
+        h
     }
 
     /// The member list (with weights) of digest `weights` and the assignment it is computed
@@ -144,6 +142,13 @@ impl Handover {
 
     fn known(&self, weights: u64) -> bool {
         self.weight_sets.iter().any(|(d, ..)| *d == weights)
+    }
+
+    /// Whether `digest` is farm 0.1's for this node's member list (a member running 0.1).
+    pub fn is_legacy_of_current(&self, digest: u64) -> bool {
+        self.weight_sets.iter().any(|(d, m, alg)| {
+            *d == digest && *alg == Alg::Ranges && m == self.members(self.current).0
+        })
     }
 
     /// The assignment the map of a view with these weights is computed with.

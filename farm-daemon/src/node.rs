@@ -147,8 +147,6 @@ pub struct Node {
     pub health: Health,
     /// The digest of this node's member list and weights (changes on reload).
     pub config_digest: u64,
-    /// The digest farm 0.1 announces for the same list (see `membership::legacy_digest`).
-    pub legacy_digest: u64,
     /// The drill this node runs, announced in its heartbeats: (id, member index).
     pub drill_order: Option<(u32, u8)>,
     /// This node's mirror group state, announced in every heartbeat.
@@ -192,7 +190,6 @@ impl Node {
             ),
             health: Health::new(&cfg.checks, cfg.max_health_moves_per_minute),
             config_digest: digest,
-            legacy_digest: crate::membership::legacy_digest(&cfg.members),
             drill_order: None,
             mirror: MirrorBeat::default(),
             me: cfg.me,
@@ -399,7 +396,7 @@ impl Node {
         for (p, old) in self.membership.peers.iter().zip(digests) {
             if p.config_digest != old
                 && p.config_digest != self.config_digest
-                && p.config_digest == self.legacy_digest
+                && self.handover.is_legacy_of_current(p.config_digest)
                 && p.alive
             {
                 tracing::info!(
@@ -549,7 +546,6 @@ impl Node {
         self.membership.set_members(&members);
         self.names = members.iter().map(|(id, _)| id.clone()).collect();
         self.config_digest = crate::membership::config_digest(&members);
-        self.legacy_digest = crate::membership::legacy_digest(&members);
         self.handover.set_members(members);
     }
 
