@@ -36,6 +36,21 @@ pub const MAP_STATS: &str = "FARM_STATS";
 /// Heartbeat source addresses (IPv4 as IPv4-mapped IPv6) of the configured members: datagrams
 /// to the heartbeat port from any other address are dropped (see `Control::hb_port`).
 pub const MAP_HB_PEERS: &str = "FARM_HB_PEERS";
+/// Every map, in the order an in-place upgrade hands them over (pinned by name).
+pub const MAPS: [&str; 8] = [
+    MAP_CONTROL,
+    MAP_VIPS_0,
+    MAP_VIPS_1,
+    MAP_BUCKETS_0,
+    MAP_BUCKETS_1,
+    MAP_BUCKET_COUNTERS,
+    MAP_STATS,
+    MAP_HB_PEERS,
+];
+/// The maps' layout (their set, types, sizes and value formats). An in-place upgrade hands
+/// the maps over as they are when both farmd builds have the same layout; a build that changes
+/// the layout bumps this and migrates from the previous one (`upgrade::migrate`).
+pub const MAP_LAYOUT: u32 = 1;
 /// Entries of `FARM_HB_PEERS`: 64 members, a few heartbeat networks each.
 pub const HB_PEERS_MAX: u32 = 512;
 pub const PROG_XDP: &str = "farm_xdp";

@@ -337,6 +337,13 @@ struct Tracked {
     last: Option<(Outcome, Instant)>,
 }
 
+/// A member's health as an in-place upgrade hands it over (see `Health::snapshot`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HealthSnapshot {
+    pub healthy: bool,
+    pub checks: Vec<(String, CheckState, i64)>,
+}
+
 /// What the member's health changed to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -381,6 +388,31 @@ impl Health {
 
     pub fn healthy(&self) -> bool {
         self.healthy
+    }
+
+    /// What an in-place upgrade carries over: whether the member is healthy, and each check's
+    /// (name, state, streak).
+    pub fn snapshot(&self) -> HealthSnapshot {
+        HealthSnapshot {
+            healthy: self.healthy,
+            checks: self
+                .checks
+                .iter()
+                .map(|t| (t.check.name.clone(), t.state, t.streak))
+                .collect(),
+        }
+    }
+
+    /// Takes over a previous farmd's health (an in-place upgrade): checks of the same name
+    /// keep their state and streak, so a healthy member stays healthy through the upgrade.
+    pub fn resume(&mut self, s: &HealthSnapshot) {
+        for t in &mut self.checks {
+            if let Some((_, state, streak)) = s.checks.iter().find(|(n, ..)| *n == t.check.name) {
+                t.state = *state;
+                t.streak = *streak;
+            }
+        }
+        self.healthy = s.healthy && self.checks.iter().all(|t| t.state == CheckState::Passing);
     }
 
     /// Takes a reloaded set of checks: unchanged ones (same name and settings) keep their state

@@ -60,6 +60,8 @@ pub enum ClusterError {
     Witness(#[from] WitnessError),
     #[error("cannot start the heartbeat thread: {0}")]
     Thread(std::io::Error),
+    #[error("taking over the heartbeat sockets: {0}")]
+    Handover(String),
 }
 
 /// Heartbeat traffic counters.
@@ -142,6 +144,22 @@ enum Command {
     /// The member list changed by a reload: (id, weight) and heartbeat addresses per member.
     Members(Vec<(String, u32)>, Vec<Vec<SocketAddr>>),
     Stop,
+    /// An in-place upgrade: hand the membership over (sequence included) and send nothing
+    /// until told whether the new farmd took over (the thread ends, without a `leaving`) or
+    /// not (it goes on).
+    Pause {
+        snapshot: std::sync::mpsc::Sender<Membership>,
+        verdict: std::sync::mpsc::Receiver<Verdict>,
+    },
+}
+
+/// What becomes of a paused heartbeat thread (see `Cluster::pause`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The new farmd took over: end without a word.
+    Exit,
+    /// It did not: go on, numbering after whatever the new one may have sent.
+    Resume { seq_after: u64 },
 }
 
 /// What the heartbeat thread hands the main loop.
@@ -166,6 +184,8 @@ pub struct Cluster {
     thread: Option<std::thread::JoinHandle<()>>,
     witness: Option<Arc<Witness>>,
     witness_window: Duration,
+    /// Copies of the heartbeat sockets, for an in-place upgrade to hand over.
+    socket_copies: Vec<std::net::UdpSocket>,
 }
 
 /// The heartbeat thread's state.
@@ -243,7 +263,6 @@ impl Cluster {
     /// with `start`.
     pub fn bind(cfg: &Config, key: [u8; 32]) -> Result<Self, ClusterError> {
         let me = cfg.me();
-        let networks = me.heartbeat_addrs.len();
         let mut sockets = Vec::new();
         for (net, ip) in me.heartbeat_addrs.iter().enumerate() {
             let addr = SocketAddr::new(*ip, cfg.heartbeat.port);
@@ -258,6 +277,58 @@ impl Cluster {
             }
             sockets.push(s);
         }
+        Self::with_sockets(cfg, key, sockets, None)
+    }
+
+    /// Takes over a previous farmd's heartbeat sockets and membership (an in-place upgrade):
+    /// the same incarnation, the sequence going on, the peers as it last judged them.
+    pub fn adopt(
+        cfg: &Config,
+        key: [u8; 32],
+        sockets: Vec<std::net::UdpSocket>,
+        membership: Membership,
+    ) -> Result<Self, ClusterError> {
+        let expected = cfg.me().heartbeat_addrs.len();
+        if sockets.len() != expected {
+            return Err(ClusterError::Handover(format!(
+                "{} heartbeat socket(s) handed over, the configuration has {expected} networks",
+                sockets.len()
+            )));
+        }
+        for (net, s) in sockets.iter().enumerate() {
+            let want = SocketAddr::new(cfg.me().heartbeat_addrs[net], cfg.heartbeat.port);
+            match s.local_addr() {
+                Ok(a) if a == want => {}
+                other => {
+                    return Err(ClusterError::Handover(format!(
+                        "heartbeat socket {net} is bound to {other:?}, not {want}"
+                    )));
+                }
+            }
+            s.set_nonblocking(true)
+                .map_err(|e| ClusterError::Handover(e.to_string()))?;
+        }
+        if membership.peers.len() != cfg.members.len() || membership.me != cfg.me {
+            return Err(ClusterError::Handover(
+                "the member list handed over is not this configuration's".into(),
+            ));
+        }
+        Self::with_sockets(cfg, key, sockets, Some(membership))
+    }
+
+    fn with_sockets(
+        cfg: &Config,
+        key: [u8; 32],
+        sockets: Vec<std::net::UdpSocket>,
+        adopted: Option<Membership>,
+    ) -> Result<Self, ClusterError> {
+        let me = cfg.me();
+        let networks = me.heartbeat_addrs.len();
+        let socket_copies = sockets
+            .iter()
+            .map(std::net::UdpSocket::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClusterError::Handover(format!("copying a heartbeat socket: {e}")))?;
         let members: Vec<(String, u32)> = cfg
             .members
             .iter()
@@ -283,15 +354,21 @@ impl Cluster {
             counters.rejected.insert(r.name().into(), 0);
         }
         let digest = config_digest(&members);
-        let mut membership = Membership::new(
-            &members,
-            cfg.me,
-            networks,
-            loss_window,
-            cfg.witness.is_some(),
-        );
         let state_dir = cfg.state_dir.clone();
-        membership.incarnation = new_incarnation(&state_dir, &me.id, 0);
+        let mut membership = match adopted {
+            Some(m) => m,
+            None => {
+                let mut m = Membership::new(
+                    &members,
+                    cfg.me,
+                    networks,
+                    loss_window,
+                    cfg.witness.is_some(),
+                );
+                m.incarnation = new_incarnation(&state_dir, &me.id, 0);
+                m
+            }
+        };
         membership.echo_rounds = echo_rounds(cfg.heartbeat.interval, loss_window);
         let shared = Arc::new(Shared {
             outgoing: Mutex::new(Outgoing {
@@ -333,7 +410,33 @@ impl Cluster {
             thread: None,
             witness,
             witness_window,
+            socket_copies,
         })
+    }
+
+    /// The heartbeat sockets, for an in-place upgrade to hand over.
+    pub fn sockets(&self) -> &[std::net::UdpSocket] {
+        &self.socket_copies
+    }
+
+    /// Pauses the heartbeat thread for an in-place upgrade: it hands its membership over
+    /// (`None`: it did not answer within a second) and sends nothing until `verdict` says.
+    pub fn pause(&self, verdict: std::sync::mpsc::Receiver<Verdict>) -> Option<Membership> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.commands
+            .send(Command::Pause {
+                snapshot: tx,
+                verdict,
+            })
+            .ok()?;
+        rx.recv_timeout(Duration::from_secs(1)).ok()
+    }
+
+    /// After the new farmd took over: the thread has ended (told so by its verdict).
+    pub fn join_ended(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 
     /// Starts the heartbeat thread: from now on it sends, receives, judges liveness and keeps
@@ -680,7 +783,34 @@ impl Io {
                         // The new members hear from this one at once.
                         self.answer_now = true;
                     }
-                    Some(Command::Stop) | None => break,
+                    Some(Command::Pause { snapshot, verdict }) => {
+                    // What was read already is taken in; what waits in the sockets is the
+                    // new farmd's to read.
+                    while let Ok(d) = datagrams.try_recv() {
+                        self.take_in(&d, started);
+                    }
+                    if snapshot.send(self.membership.clone()).is_err() {
+                        continue;
+                    }
+                    // Nothing runs on this thread meanwhile: no heartbeat goes out with a
+                    // sequence the new farmd may use too.
+                    match verdict.recv_timeout(Duration::from_secs(30)) {
+                        Ok(Verdict::Exit) => break,
+                        Ok(Verdict::Resume { seq_after }) => {
+                            let m = &mut self.membership;
+                            m.seq = m.seq.max(seq_after);
+                            tracing::info!("heartbeats resume (the upgrade did not happen)");
+                            self.send_round(&readers);
+                        }
+                        Err(_) => {
+                            let m = &mut self.membership;
+                            m.seq += 100_000;
+                            tracing::warn!("paused for an upgrade with no verdict: heartbeats resume");
+                            self.send_round(&readers);
+                        }
+                    }
+                }
+                Some(Command::Stop) | None => break,
                 },
             }
             if std::mem::take(&mut self.answer_now) {

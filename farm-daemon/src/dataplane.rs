@@ -276,8 +276,153 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads the object and its programs into the kernel (the verifier runs here).
     pub fn load() -> Result<Self, DataplaneError> {
+        Self::load_with(None)
+    }
+
+    /// Loads the programs over the maps a previous farmd pinned in `maps_dir` (an in-place
+    /// upgrade, same map layout): the tables, counters and control word go on as they are, and
+    /// what this side keeps of them (which table is live, what each holds) is read back.
+    pub fn adopt(maps_dir: &Path) -> Result<Self, DataplaneError> {
+        for name in farm_common::MAPS {
+            let path = maps_dir.join(name);
+            if !path.exists() {
+                // The loader would make a new, empty map: a node serving nothing.
+                return Err(DataplaneError::Io {
+                    what: format!("adopting map {name}"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("{} is not pinned", path.display()),
+                    ),
+                });
+            }
+        }
+        let mut dp = Self::load_with(Some(maps_dir))?;
+        let value = {
+            let w = dp
+                .control
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            w.map.get(&0, 0).map_err(map_err(MAP_CONTROL))?
+        };
+        dp.control
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .value = value;
+        for t in 0..2 {
+            for b in 0..BUCKETS {
+                dp.shadow[t][b as usize] =
+                    dp.tables[t].get(&b, 0).map_err(map_err(MAP_BUCKETS_0))?;
+            }
+            for s in 0..VIP_SLOTS {
+                dp.vip_shadow[t][s as usize] =
+                    dp.vip_tables[t].get(&s, 0).map_err(map_err(MAP_VIPS_0))?;
+            }
+        }
+        Ok(dp)
+    }
+
+    /// Pins every map under `dir` by name, for the farmd that takes over (see `adopt`).
+    pub fn pin_maps(&self, dir: &Path) -> Result<(), DataplaneError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| DataplaneError::Io {
+                what: format!("creating {}", dir.display()),
+                source,
+            })?;
+        let control = self
+            .control
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let maps: [(&str, &MapData); 8] = [
+            (MAP_CONTROL, control.map.map()),
+            (MAP_VIPS_0, self.vip_tables[0].map()),
+            (MAP_VIPS_1, self.vip_tables[1].map()),
+            (MAP_BUCKETS_0, self.tables[0].map()),
+            (MAP_BUCKETS_1, self.tables[1].map()),
+            (MAP_BUCKET_COUNTERS, self.counters.0.map()),
+            (MAP_STATS, self.stats.map()),
+            (MAP_HB_PEERS, self.hb_peers.map()),
+        ];
+        for (name, map) in maps {
+            let path = dir.join(name);
+            let _ = std::fs::remove_file(&path);
+            map.pin(&path)
+                .map_err(|source| DataplaneError::Pin { path, source })?;
+        }
+        Ok(())
+    }
+
+    /// Moves the pinned links in `pin_dir` (a previous farmd's) to this side's programs, each
+    /// in one `BPF_LINK_UPDATE`: the interface is never without a program, the link (and its
+    /// id) stays, only the program behind it changes. Returns the XDP link's id.
+    pub fn take_over_links(
+        &mut self,
+        pin_dir: &Path,
+        xdp_mode: &'static str,
+    ) -> Result<u32, DataplaneError> {
+        use aya::programs::{tc::SchedClassifierLink, xdp::XdpLink};
+        let open = |path: &Path| -> Result<FdLink, DataplaneError> {
+            Ok(FdLink::from(PinnedLink::from_pin(path)?))
+        };
+        let xdp_path = pin_dir.join("xdp_link");
+        let link = XdpLink::try_from(open(&xdp_path)?)?;
+        let xdp = self.xdp_program();
+        let id = xdp.attach_to_link(link).map_err(prog_err(PROG_XDP))?;
+        // The program's own handle is closed; the pin (re-opened) is what this farmd keeps.
+        drop(xdp.take_link(id).map_err(prog_err(PROG_XDP))?);
+        let link_id = open(&xdp_path)?.info()?.id();
+        self.links.push(PinnedLink::from_pin(&xdp_path)?);
+        self.pins.push(xdp_path);
+        for name in [PROG_EGRESS, PROG_INGRESS] {
+            let path = pin_dir.join(format!("{name}_link"));
+            if !path.exists() {
+                // A kernel without tc links: attached by netlink, not pinned (see attach_tc).
+                continue;
+            }
+            let link = SchedClassifierLink::try_from(open(&path)?)?;
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .expect("loaded in Dataplane::load");
+            let id = prog.attach_to_link(link).map_err(prog_err(name))?;
+            drop(prog.take_link(id).map_err(prog_err(name))?);
+            self.links.push(PinnedLink::from_pin(&path)?);
+            self.pins.push(path);
+        }
+        self.xdp_mode = Some(xdp_mode);
+        Ok(link_id)
+    }
+
+    /// The pinned XDP link's id (what stays the same across an in-place upgrade).
+    pub fn xdp_link_id(&self) -> Option<u32> {
+        let path = self.pins.iter().find(|p| p.ends_with("xdp_link"))?;
+        FdLink::from(PinnedLink::from_pin(path).ok()?)
+            .info()
+            .ok()
+            .map(|i| i.id())
+    }
+
+    fn load_with(pinned: Option<&Path>) -> Result<Self, DataplaneError> {
         raise_memlock();
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        let paths: Vec<(&str, PathBuf)> = pinned
+            .map(|dir| {
+                farm_common::MAPS
+                    .iter()
+                    .map(|n| (*n, dir.join(n)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(*name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [PROG_XDP, PROG_EMPTY, PROG_TX] {
             let p: &mut Xdp = ebpf
                 .program_mut(name)

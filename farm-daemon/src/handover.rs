@@ -241,6 +241,25 @@ impl Handover {
         }
     }
 
+    /// Takes over a previous farmd's settled map (an in-place upgrade, at a quiet point: no
+    /// move in progress, so applied = settled = released = handed over).
+    pub fn resume(&mut self, view: View, serving: bool) {
+        self.settled = view;
+        self.applied = view;
+        self.released = view;
+        self.handed_over = view;
+        self.was_serving = serving;
+    }
+
+    /// Whether nothing is in progress here: what an in-place upgrade needs (see `resume`).
+    pub fn quiet(&self) -> bool {
+        self.applied == self.settled
+            && self.released == self.settled
+            && self.handed_over == self.settled
+            && self.started.is_none()
+            && self.counting.is_none()
+    }
+
     /// What this node announces in its heartbeats.
     pub fn announce(&self) -> Announce {
         Announce {

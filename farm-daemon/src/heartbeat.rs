@@ -171,7 +171,7 @@ pub struct Heartbeat {
 }
 
 /// What a member of a mirror group tells its peer (see `mirror`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct MirrorBeat {
     pub role: MirrorRole,
     pub flags: u8,
@@ -504,7 +504,7 @@ pub fn parse(b: &[u8]) -> Result<Heartbeat, Reject> {
 /// Replay protection for one sender on one network: a message is fresh only if its
 /// (incarnation, sequence) is newer than the newest accepted. Never forgotten while farmd runs:
 /// incarnations only grow, so a restarted sender is newer anyway.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ReplayGuard {
     newest: Option<(u64, u64)>,
 }

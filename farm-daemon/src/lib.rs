@@ -28,4 +28,5 @@ pub mod service;
 pub mod sysctl;
 pub mod transition;
 pub mod trust;
+pub mod upgrade;
 pub mod witness;

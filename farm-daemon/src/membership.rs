@@ -24,11 +24,38 @@ use crate::{
     transition::View,
 };
 
-#[derive(Debug, Clone)]
+/// Instants as ages (microseconds before now) on the wire: an `Instant` means nothing in
+/// another process.
+mod ages {
+    use std::time::{Duration, Instant};
+
+    use serde::{Deserialize as _, Serialize as _};
+
+    pub fn serialize<S: serde::Serializer>(v: &[Option<Instant>], s: S) -> Result<S::Ok, S::Error> {
+        let now = Instant::now();
+        v.iter()
+            .map(|t| t.map(|t| now.saturating_duration_since(t).as_micros() as u64))
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<Option<Instant>>, D::Error> {
+        let now = Instant::now();
+        Ok(Vec::<Option<u64>>::deserialize(d)?
+            .into_iter()
+            .map(|a| a.map(|us| now.checked_sub(Duration::from_micros(us)).unwrap_or(now)))
+            .collect())
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Peer {
     pub id: String,
     pub weight: u32,
-    /// Last time heard, per heartbeat network.
+    /// Last time heard, per heartbeat network (carried across an in-place upgrade as ages).
+    #[serde(with = "ages")]
     pub last_heard: Vec<Option<Instant>>,
     /// What it last announced.
     pub state: Option<State>,
@@ -124,6 +151,8 @@ pub enum Event {
     QuorumRegained,
 }
 
+/// Serializable: an in-place upgrade hands it to the new farmd whole (see `upgrade`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Membership {
     pub me: usize,
     pub peers: Vec<Peer>,

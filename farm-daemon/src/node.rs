@@ -114,6 +114,19 @@ pub enum Action {
 }
 
 /// What the node needs to know of the configuration.
+/// The node core's state as an in-place upgrade carries it (see `Node::snapshot`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeSnapshot {
+    /// The settled map's view (a quiet point: nothing else in progress).
+    pub view: View,
+    pub serving: bool,
+    pub quorum: bool,
+    pub config_digest: u64,
+    pub health: crate::checks::HealthSnapshot,
+    pub last_state: Option<MemberState>,
+    pub joined_age_ms: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub me: usize,
@@ -209,6 +222,53 @@ impl Node {
             pending: Vec::new(),
             actions: VecDeque::new(),
         }
+    }
+
+    /// What an in-place upgrade hands the new farmd (with the heartbeat thread's membership),
+    /// or why not now: only at a quiet point (no bucket move anywhere, nothing queued, no
+    /// stop, drill or mirror role under way), where the state is the settled map alone.
+    pub fn snapshot(&self, now: Instant) -> Result<NodeSnapshot, String> {
+        if let Some(m) = self.describe_move() {
+            return Err(format!("{m}: upgrade once it completes"));
+        }
+        if !self.handover.quiet() {
+            return Err("a bucket move is completing here: upgrade once it did".into());
+        }
+        if self.queued.is_some() {
+            return Err("a planned change is queued: upgrade once it is done".into());
+        }
+        if self.stopping.is_some() || self.membership.my_state == State::Leaving {
+            return Err("this member is stopping".into());
+        }
+        if self.crashed.is_some() || self.drill_order.is_some() {
+            return Err("a recovery drill is under way: upgrade once it is done".into());
+        }
+        Ok(NodeSnapshot {
+            view: self.handover.settled,
+            serving: self.membership.candidates()[self.me].serving,
+            quorum: self.quorum,
+            config_digest: self.config_digest,
+            health: self.health.snapshot(),
+            last_state: self.last_state,
+            joined_age_ms: now.saturating_duration_since(self.joined_at).as_millis() as u64,
+        })
+    }
+
+    /// A node core that goes on where a previous farmd's left off (an in-place upgrade):
+    /// `membership` is what its heartbeat thread handed over (incarnation, sequence, replay
+    /// guards, every peer's last state), `s` the rest. Nothing moves: the same settled map,
+    /// the same state, the same health.
+    pub fn resume(cfg: NodeConfig, s: &NodeSnapshot, membership: Membership, now: Instant) -> Self {
+        let mut n = Self::new(cfg, now);
+        n.membership = membership;
+        n.handover.resume(s.view, s.serving);
+        n.health.resume(&s.health);
+        n.quorum = s.quorum;
+        n.last_state = s.last_state;
+        n.joined_at = now
+            .checked_sub(Duration::from_millis(s.joined_age_ms))
+            .unwrap_or(now);
+        n
     }
 
     /// The next thing to do, oldest first.

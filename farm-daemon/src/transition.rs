@@ -27,7 +27,9 @@ use crate::assign::{self, Alg, Candidate};
 /// What a bucket map is computed from: who serves (bit i = member i, members sorted by id) and
 /// with which weights (the digest of the member list and weights, `membership::config_digest`).
 /// A weight change (`farmctl reload`) is a move between two views with the same serving set.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct View {
     pub serving: u64,
     pub weights: u64,
