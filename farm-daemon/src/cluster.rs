@@ -277,7 +277,7 @@ impl Cluster {
             }
             sockets.push(s);
         }
-        Self::with_sockets(cfg, key, sockets, None)
+        Self::with_sockets(cfg, key, sockets, None, None)
     }
 
     /// Takes over a previous farmd's heartbeat sockets and membership (an in-place upgrade):
@@ -287,6 +287,7 @@ impl Cluster {
         key: [u8; 32],
         sockets: Vec<std::net::UdpSocket>,
         membership: Membership,
+        out: Outgoing,
     ) -> Result<Self, ClusterError> {
         let expected = cfg.me().heartbeat_addrs.len();
         if sockets.len() != expected {
@@ -313,7 +314,8 @@ impl Cluster {
                 "the member list handed over is not this configuration's".into(),
             ));
         }
-        Self::with_sockets(cfg, key, sockets, Some(membership))
+        // The first round goes out with what the node core announces, never as joining.
+        Self::with_sockets(cfg, key, sockets, Some(membership), Some(out))
     }
 
     fn with_sockets(
@@ -321,6 +323,7 @@ impl Cluster {
         key: [u8; 32],
         sockets: Vec<std::net::UdpSocket>,
         adopted: Option<Membership>,
+        out: Option<Outgoing>,
     ) -> Result<Self, ClusterError> {
         let me = cfg.me();
         let networks = me.heartbeat_addrs.len();
@@ -371,14 +374,14 @@ impl Cluster {
         };
         membership.echo_rounds = echo_rounds(cfg.heartbeat.interval, loss_window);
         let shared = Arc::new(Shared {
-            outgoing: Mutex::new(Outgoing {
+            outgoing: Mutex::new(out.unwrap_or(Outgoing {
                 state: State::Joining,
                 announce: Announce::default(),
                 config_digest: digest,
                 drill: None,
                 mirror: MirrorBeat::default(),
                 silent: false,
-            }),
+            })),
             counters: Mutex::new(counters),
             lateness: Mutex::new(Lateness::default()),
             scheduling: Mutex::new(SchedulingStatus::default()),

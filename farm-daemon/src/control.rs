@@ -66,6 +66,11 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// Replace this farmd in place by `binary` (default: the file it was started from).
+    Upgrade {
+        #[serde(default)]
+        binary: Option<std::path::PathBuf>,
+    },
 }
 
 /// Something that happened, for the status page.
@@ -305,6 +310,14 @@ pub enum Response {
         /// A return is held back by flap damping.
         damped: bool,
         checks: Vec<crate::checks::CheckStatus>,
+    },
+    /// A new farmd took over (in-place upgrade).
+    Upgraded {
+        message: String,
+        from_pid: u32,
+        pid: u32,
+        xdp_link_id: u32,
+        xdp_program_id: u32,
     },
     Error {
         message: String,

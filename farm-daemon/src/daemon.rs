@@ -38,8 +38,12 @@ use crate::{
     secret::{Secret, SecretError},
 };
 
+mod inplace;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    #[error(transparent)]
+    Upgrade(crate::upgrade::UpgradeError),
     #[error(transparent)]
     Secret(#[from] SecretError),
     #[error(transparent)]
@@ -109,7 +113,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
 }
 
 /// A change made to the host, and how to take it back.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 enum Undo {
     Socket(PathBuf),
     MacFilter(u32, [u8; 6]),
@@ -157,6 +161,18 @@ pub struct Daemon {
     vip_index: u32,
     /// Pins reported missing already (said once, not at every check).
     pins_missing: bool,
+    /// The binary this farmd was started from (what `farmctl upgrade` runs by default: the
+    /// file at that path now, typically a package's new version).
+    exe: PathBuf,
+    /// Where the links are pinned.
+    pin_dir: PathBuf,
+    /// A copy of the metrics listener, for an in-place upgrade to hand over.
+    metrics_copy: Option<std::net::TcpListener>,
+    /// The pinned XDP link's id and the program behind it (an in-place upgrade keeps the
+    /// first and changes the second).
+    xdp_ids: (u32, u32),
+    /// The farmd this one took over from (an in-place upgrade), if any.
+    took_over_from: Option<u32>,
 }
 
 /// How often farmd verifies that its XDP program is still attached.
@@ -303,6 +319,50 @@ fn client_allowed(stream: &UnixStream) -> Result<(), String> {
     }
 }
 
+/// The node core's settings from the configuration.
+fn node_config(cfg: &Config, hash_key: HashKey) -> NodeConfig {
+    NodeConfig {
+        me: cfg.me,
+        members: cfg
+            .members
+            .iter()
+            .map(|m| (m.id.clone(), m.weight))
+            .collect(),
+        networks: cfg.me().heartbeat_addrs.len(),
+        loss_window: cfg.heartbeat.loss_window(),
+        has_witness: cfg.witness.is_some(),
+        seed: hash_key,
+        vips: cfg.vips.clone(),
+        drain_timeout: cfg.drain_timeout,
+        udp_idle: cfg.udp_idle,
+        stop_drain_timeout: cfg.stop_drain_timeout,
+        drill_timeout: cfg.drill.timeout,
+        checks: cfg.checks.clone(),
+        max_health_moves_per_minute: cfg.max_health_moves_per_minute,
+    }
+}
+
+/// Where farmd pins its links: one directory per network namespace and interface.
+fn pin_dir(cfg: &Config, ns: u64) -> PathBuf {
+    cfg.bpffs
+        .join("farm")
+        .join(format!("{ns}-{}", cfg.interface))
+}
+
+/// A second descriptor of a listening socket (the first stays with its tokio listener).
+fn copy_listener(l: &tokio::net::TcpListener) -> std::io::Result<std::net::TcpListener> {
+    use std::os::fd::AsFd as _;
+    Ok(std::net::TcpListener::from(l.as_fd().try_clone_to_owned()?))
+}
+
+/// How the serving loop ended.
+enum Ended {
+    /// Stopped (SIGTERM, SIGINT, or an error): the host is restored.
+    Stopped,
+    /// A new farmd took over (in-place upgrade): the host stays as it is, for it.
+    HandedOver { pid: u32 },
+}
+
 impl Daemon {
     /// Sets the host up. On failure everything done so far is undone before returning.
     pub async fn start(cfg: Config) -> Result<(Self, UnixListener), DaemonError> {
@@ -348,28 +408,12 @@ impl Daemon {
                 })?),
                 None => None,
             };
-        let node = Node::new(
-            NodeConfig {
-                me: cfg.me,
-                members: cfg
-                    .members
-                    .iter()
-                    .map(|m| (m.id.clone(), m.weight))
-                    .collect(),
-                networks: cfg.me().heartbeat_addrs.len(),
-                loss_window: cfg.heartbeat.loss_window(),
-                has_witness: cfg.witness.is_some(),
-                seed: hash_key,
-                vips: cfg.vips.clone(),
-                drain_timeout: cfg.drain_timeout,
-                udp_idle: cfg.udp_idle,
-                stop_drain_timeout: cfg.stop_drain_timeout,
-                drill_timeout: cfg.drill.timeout,
-                checks: cfg.checks.clone(),
-                max_health_moves_per_minute: cfg.max_health_moves_per_minute,
-            },
-            Instant::now(),
-        );
+        let metrics_copy = metrics_listener
+            .as_ref()
+            .map(copy_listener)
+            .transpose()
+            .map_err(io("copying the metrics listener"))?;
+        let node = Node::new(node_config(&cfg, hash_key), Instant::now());
 
         let netlink = Netlink::connect()?;
         let link = netlink.link(&cfg.interface).await?;
@@ -377,10 +421,7 @@ impl Daemon {
             return Err(DaemonError::InterfaceDown(cfg.interface.clone()));
         }
 
-        let pin_dir = cfg
-            .bpffs
-            .join("farm")
-            .join(format!("{ns}-{}", cfg.interface));
+        let pin_dir = pin_dir(&cfg, ns);
         if dataplane::ensure_bpffs(&cfg.bpffs)? == dataplane::Bpffs::Mounted {
             tracing::info!(
                 "mounted a bpf filesystem at {} (there was none; it is the host's and outlives \
@@ -463,6 +504,11 @@ impl Daemon {
             mirror: None,
             vip_index: vip_device.index,
             pins_missing: false,
+            exe: std::env::current_exe().map_err(io("locating farmd's own binary"))?,
+            pin_dir: pin_dir.clone(),
+            metrics_copy,
+            xdp_ids: (0, 0),
+            took_over_from: None,
         };
         // Where the host's values of the fail-silent settings are kept (see `sysctl`).
         let sysctl_saved = d
@@ -520,6 +566,10 @@ impl Daemon {
         self.undo.push(Undo::Programs(pin_dir.to_path_buf()));
         self.dp
             .attach(&self.cfg.interface, self.cfg.xdp_mode, pin_dir)?;
+        self.xdp_ids = (
+            self.dp.xdp_link_id().unwrap_or(0),
+            self.dp.xdp_program_id().unwrap_or(0),
+        );
 
         // The data plane answers ARP/NDP for the VIPs from here on, so the addresses can go in,
         // on the VIP device (never the farm interface: see `sysctl`).
@@ -851,11 +901,14 @@ impl Daemon {
         );
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-        let result: Result<(), DaemonError> = loop {
+        if let Some(pid) = self.took_over_from {
+            self.event(format!("took over from farmd {pid} (in-place upgrade)"));
+        }
+        let result: Result<Ended, DaemonError> = loop {
             // Carry out what the node core decided in the previous turn; leave when it says so.
             self.act();
             if self.leave {
-                break Ok(());
+                break Ok(Ended::Stopped);
             }
             // The heartbeat thread's watchdog: this loop goes round at least every liveness
             // tick.
@@ -957,6 +1010,16 @@ impl Daemon {
                             response
                         }
                         Request::Drill { member } => self.start_drill(member).await,
+                        Request::Upgrade { binary } => match self.hand_over(binary, &listener) {
+                            Ok((response, pid)) => {
+                                let _ = reply.send(response);
+                                break Ok(Ended::HandedOver { pid });
+                            }
+                            Err(message) => {
+                                tracing::warn!("upgrade: {message}");
+                                Response::Error { message }
+                            }
+                        },
                         req @ (Request::Metrics | Request::Buckets { .. }) => {
                             // The counters are read off this loop, one reader at a time;
                             // the answer is rendered here when they arrive.
@@ -977,6 +1040,17 @@ impl Daemon {
                     let _ = reply.send(response);
                 }
             }
+        };
+        let result = match result {
+            Ok(Ended::HandedOver { pid }) => {
+                // The service manager follows the new process; the answer to farmctl is
+                // written by its task, given the time to run. Nothing on the host is undone.
+                service.main_pid(pid);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                tracing::info!("farmd {pid} serves now; this one exits, the host left as it is");
+                return Ok(());
+            }
+            r => r.map(|_| ()),
         };
         if let Some(run) = self.drill.take() {
             drop(run.probe);
@@ -1728,6 +1802,10 @@ impl Daemon {
             Request::Resume => self
                 .node
                 .handle_command(Planned::Resume, false, Instant::now()),
+            // Answered by the main loop, which ends when it succeeds.
+            Request::Upgrade { .. } => Response::Error {
+                message: "an upgrade is handled by farmd's main loop".into(),
+            },
             req @ (Request::Buckets { .. } | Request::Metrics) => {
                 let seen = self.dp.counter_reader().all().map_err(|e| e.to_string());
                 self.handle_traffic(req, seen)

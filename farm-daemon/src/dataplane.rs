@@ -399,6 +399,16 @@ impl Dataplane {
         Ok(link_id)
     }
 
+    /// Moves this farmd's own pinned links back to its programs (an upgrade that failed after
+    /// the new farmd may have moved them).
+    pub fn relink(&mut self, pin_dir: &Path) -> Result<u32, DataplaneError> {
+        let mode = self.xdp_mode.unwrap_or("generic");
+        // Dropping a pinned link's handle leaves the pin, and the link, in place.
+        self.links.clear();
+        self.pins.clear();
+        self.take_over_links(pin_dir, mode)
+    }
+
     /// The pinned XDP link's id (what stays the same across an in-place upgrade).
     pub fn xdp_link_id(&self) -> Option<u32> {
         let path = self.pins.iter().find(|p| p.ends_with("xdp_link"))?;

@@ -70,6 +70,14 @@ impl Service {
     }
 
     /// The main loop is making progress.
+    /// Another process (an in-place upgrade's new farmd) is the service's main process now.
+    pub fn main_pid(&self, pid: u32) {
+        Self::notify(&[
+            NotifyState::MainPid(pid),
+            NotifyState::Status("handed over to a new farmd (in-place upgrade)"),
+        ]);
+    }
+
     pub fn keepalive(&self) {
         Self::notify(&[NotifyState::Watchdog]);
     }

@@ -71,7 +71,7 @@ fn wanted(interface: &str) -> Vec<Wanted> {
 }
 
 /// The settings farmd changed, and what they were before.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Sysctls {
     root: PathBuf,
     saved: PathBuf,

@@ -49,6 +49,8 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    // First, before any thread: the upgrade socket's variable is not inherited further.
+    let takeover = farm_daemon::upgrade::from_env();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
@@ -81,7 +83,14 @@ fn main() -> std::process::ExitCode {
         }
     };
     raise_descriptor_limit();
-    match run(cfg) {
+    let takeover = match takeover.transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match run(cfg, takeover) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", report(&e));
@@ -141,13 +150,19 @@ fn check(path: &std::path::Path) -> anyhow::Result<String> {
     ))
 }
 
-fn run(cfg: Config) -> anyhow::Result<()> {
+fn run(cfg: Config, takeover: Option<std::os::unix::net::UnixStream>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
-        let (daemon, listener) = Daemon::start(cfg).await?;
+        let (daemon, listener) = match takeover {
+            // Started by `farmctl upgrade` to take over from the running farmd.
+            Some(sock) => Daemon::adopt(cfg, sock)
+                .await
+                .context("taking over from the running farmd (it goes on serving)")?,
+            None => Daemon::start(cfg).await?,
+        };
         daemon.run(listener).await?;
         Ok(())
     })

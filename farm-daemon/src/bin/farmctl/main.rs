@@ -121,6 +121,21 @@ enum Command {
         #[arg(long, conflicts_with_all = ["member", "yes"])]
         status: bool,
     },
+    /// Replace the running farmd by a new binary, in place, unnoticed by the farm.
+    ///
+    /// The new farmd (BINARY, default: the file farmd was started from, e.g. the version a
+    /// package upgrade just installed) takes over the XDP and tc links (one BPF_LINK_UPDATE
+    /// each: never a moment without a program), the maps, the heartbeat identity and sequence,
+    /// and the sockets; peers see no restart, no bucket moves, no loss; connections go on.
+    /// Refused while a bucket move, drill or stop is under way (retry when it completed), for
+    /// a mirror group member, or when the configuration file was edited and not reloaded. If
+    /// the new binary fails to start or take over, the running farmd goes on serving and the
+    /// error says why (exit status 1). Under systemd the service follows the new process.
+    Upgrade {
+        /// The farmd binary to run instead of the running one.
+        #[arg(long, value_name = "BINARY")]
+        binary: Option<PathBuf>,
+    },
     /// The mirror group (mirror mode): roles, sync state, swaps, forced promotion.
     #[command(subcommand)]
     Mirror(MirrorCommand),
@@ -182,6 +197,15 @@ fn main() -> ExitCode {
             None,
         ),
         Command::Reload { diff } => (Request::Reload { dry_run: *diff }, None),
+        Command::Upgrade { binary } => (
+            Request::Upgrade {
+                // farmd runs it: a relative path means the one here.
+                binary: binary
+                    .as_ref()
+                    .map(|b| std::path::absolute(b).unwrap_or_else(|_| b.clone())),
+            },
+            None,
+        ),
         Command::Mirror(MirrorCommand::Status) => (Request::MirrorStatus, None),
         Command::Mirror(MirrorCommand::Swap) => (Request::MirrorSwap, None),
         Command::Mirror(MirrorCommand::Promote { force, yes }) => {
@@ -216,7 +240,13 @@ fn main() -> ExitCode {
             )
         }
     };
-    let resp = match control::request(&args.socket, &req, Duration::from_secs(10)) {
+    // An upgrade waits for the new farmd to load its programs (the verifier) and take over.
+    let within = if matches!(req, Request::Upgrade { .. }) {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(10)
+    };
+    let resp = match control::request(&args.socket, &req, within) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("farmctl: {e}");
@@ -242,6 +272,7 @@ fn main() -> ExitCode {
             Response::Simulation(sim) => render::print_json(sim),
             Response::Mirror(m) => render::print_json(m),
             Response::Planned { .. }
+            | Response::Upgraded { .. }
             | Response::Checks { .. }
             | Response::Error { .. }
             | Response::MirrorDone { .. } => render::print_json(&resp),
@@ -265,7 +296,9 @@ fn main() -> ExitCode {
             }
             Response::Drill(r) => drill::print_drill(r),
             Response::Mirror(m) => mirror::print_mirror(m),
-            Response::MirrorDone { message } => println!("{message}"),
+            Response::MirrorDone { message } | Response::Upgraded { message, .. } => {
+                println!("{message}")
+            }
             Response::Error { .. } => {}
         }
     }
