@@ -430,7 +430,7 @@ impl Dataplane {
             .unwrap_or_default();
         let mut loader = EbpfLoader::new();
         for (name, path) in &paths {
-            loader.map_pin_path(*name, path.as_path());
+            loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [PROG_XDP, PROG_EMPTY, PROG_TX] {
