@@ -330,6 +330,18 @@ pub struct Status {
     /// farmd's version (empty from farm 0.1, which did not say).
     #[serde(default)]
     pub version: String,
+    /// farmd's process id (it changes with an in-place upgrade).
+    #[serde(default)]
+    pub pid: u32,
+    /// The farmd this one took over from by an in-place upgrade, if it did.
+    #[serde(default)]
+    pub took_over_from: Option<u32>,
+    /// The kernel ids of the XDP link (kept across in-place upgrades) and of the program in
+    /// it (new with each upgrade).
+    #[serde(default)]
+    pub xdp_link_id: u32,
+    #[serde(default)]
+    pub xdp_program_id: u32,
     pub interface: String,
     /// "driver" or "generic".
     pub xdp_mode: String,

@@ -2431,6 +2431,10 @@ impl Daemon {
         Ok(Status {
             node: self.cfg.node_id.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            took_over_from: self.took_over_from,
+            xdp_link_id: self.xdp_ids.0,
+            xdp_program_id: self.xdp_ids.1,
             departed: self
                 .cfg
                 .members

@@ -80,6 +80,9 @@ pub struct Node {
     /// The farmd binary this node runs (another build's, for upgrades); this build's when
     /// `None`.
     pub binary: Option<PathBuf>,
+    /// The pid of a farmd that took over from `farmd` by an in-place upgrade: it was the old
+    /// farmd's child and is this process's now (a child subreaper, see `Topology::build`).
+    pub adopted: Option<u32>,
 }
 
 pub struct Topology {
@@ -120,6 +123,10 @@ impl Topology {
     pub fn build(spec: Spec) -> Self {
         // A test that panicked while holding the lock poisons it; the next one may still run.
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        // A farmd started by an in-place upgrade is the old farmd's child: once that one exits,
+        // it is ours (to signal, reap and clean up), not init's.
+        // SAFETY: prctl with an integer argument.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         netns::remove_stale();
         let stem = netns::unique_stem();
         let dir = std::env::temp_dir().join(format!("farm-test-{stem}"));
@@ -164,6 +171,7 @@ impl Topology {
                 addr6,
                 farmd: None,
                 binary: None,
+                adopted: None,
                 server: None,
             });
         }
@@ -627,6 +635,23 @@ deadman_timeout_ms = {}
     /// Sends a signal to node `i`'s farmd; for SIGTERM/SIGINT waits (bounded) for it to exit
     /// and returns its exit status.
     pub fn signal_farmd(&mut self, i: usize, sig: i32) -> Option<std::process::ExitStatus> {
+        if self.nodes[i].farmd.is_none()
+            && let Some(pid) = self.nodes[i].adopted
+        {
+            // SAFETY: kill(2) on a process this one reaps.
+            unsafe { libc::kill(pid as i32, sig) };
+            if sig == libc::SIGKILL || sig == libc::SIGTERM || sig == libc::SIGINT {
+                let st = reap(pid, Duration::from_secs(15)).unwrap_or_else(|| {
+                    panic!(
+                        "farmd on {} did not exit after signal {sig}",
+                        self.nodes[i].name
+                    )
+                });
+                self.nodes[i].adopted = None;
+                return Some(st);
+            }
+            return None;
+        }
         let child = self.nodes[i].farmd.as_mut()?;
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(child.id() as i32, sig) };
@@ -644,6 +669,62 @@ deadman_timeout_ms = {}
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The farmd process of node `i`: the one started here, or the one that took over from it.
+    pub fn farmd_pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i]
+            .farmd
+            .as_ref()
+            .map(|c| c.id())
+            .or(self.nodes[i].adopted)
+    }
+
+    /// `farmctl upgrade [--binary B]` on node `i`: on success, waits (bounded) until the old
+    /// farmd has exited and tracks the new one; returns farmctl's output either way.
+    pub fn upgrade_farmd(&mut self, i: usize, binary: Option<&Path>) -> std::process::Output {
+        let old = self.farmd_pid(i).expect("farmd runs");
+        let mut args = vec!["upgrade".to_string()];
+        if let Some(b) = binary {
+            args.push("--binary".into());
+            args.push(b.display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.farmctl(i, &args);
+        if !out.status.success() {
+            return out;
+        }
+        let status = match self.nodes[i].farmd.as_mut() {
+            Some(child) => {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    if let Ok(Some(st)) = child.try_wait() {
+                        break st;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "the old farmd ({old}) on {} did not exit after the upgrade",
+                        self.nodes[i].name
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            None => reap(old, Duration::from_secs(10)).unwrap_or_else(|| {
+                panic!(
+                    "the old farmd ({old}) on {} did not exit after the upgrade",
+                    self.nodes[i].name
+                )
+            }),
+        };
+        assert!(status.success(), "the old farmd exited with {status}");
+        self.nodes[i].farmd = None;
+        let new = self
+            .status(i)
+            .unwrap_or_else(|e| panic!("status after the upgrade: {e}"))
+            .pid;
+        assert_ne!(new, old, "the same farmd answers after the upgrade");
+        self.nodes[i].adopted = Some(new);
+        out
     }
 
     /// Runs `farmctl --socket <node i's socket> ARGS...` and returns its output.
@@ -742,6 +823,11 @@ impl Drop for Topology {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+            if let Some(pid) = self.nodes[i].adopted.take() {
+                // SAFETY: kill(2) on a process this one reaps.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                let _ = reap(pid, Duration::from_secs(5));
+            }
             if panicking {
                 eprintln!(
                     "----- farmd log of {} -----\n{}",
@@ -755,6 +841,31 @@ impl Drop for Topology {
         self.switch_xdp = None;
         // Namespaces are removed by their own Drop (nodes, client, switch).
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits (bounded) for `pid`, a child of this process (directly or as its subreaper), to exit
+/// and reaps it.
+fn reap(pid: u32, within: Duration) -> Option<std::process::ExitStatus> {
+    use std::os::unix::process::ExitStatusExt as _;
+    let deadline = Instant::now() + within;
+    loop {
+        let mut st = 0;
+        // SAFETY: waitpid on a pid with a valid out pointer.
+        let r = unsafe { libc::waitpid(pid as i32, &mut st, libc::WNOHANG) };
+        if r == pid as i32 {
+            return Some(std::process::ExitStatus::from_raw(st));
+        }
+        if r < 0 {
+            // Not our child (no subreaper): wait for it to be gone.
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                return Some(std::process::ExitStatus::from_raw(0));
+            }
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

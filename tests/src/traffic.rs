@@ -708,3 +708,121 @@ impl Drop for HealthEndpoint {
         }
     }
 }
+
+/// What a `UdpStream` saw.
+#[derive(Debug, Default)]
+pub struct UdpStreamReport {
+    pub sent: u64,
+    pub answered: u64,
+    /// Sequence numbers never answered (the first 20).
+    pub lost: Vec<u64>,
+    pub lost_total: u64,
+    /// Datagrams answered by more than one node.
+    pub duplicated: u64,
+    pub by_node: std::collections::BTreeMap<String, u64>,
+}
+
+/// A steady, sequence-numbered UDP stream to `dst`: one datagram every `every`, the sources
+/// taken in turn, every answer matched to its sequence number.
+pub struct UdpStream {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<UdpStreamReport>>,
+}
+
+impl UdpStream {
+    pub fn start(ns: &Netns, sources: &[IpAddr], dst: SocketAddr, every: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, sources) = (stop.clone(), sources.to_vec());
+        let thread = ns.spawn(move || {
+            let socks: Vec<UdpSocket> = sources
+                .iter()
+                .map(|&s| {
+                    let u = UdpSocket::bind(SocketAddr::new(s, 0)).expect("bind udp client");
+                    u.set_nonblocking(true).expect("nonblocking");
+                    u
+                })
+                .collect();
+            let mut answers: Vec<Vec<String>> = Vec::new();
+            let mut buf = [0u8; 1500];
+            let mut receive = |answers: &mut Vec<Vec<String>>| {
+                for u in &socks {
+                    while let Ok(n) = u.recv(&mut buf) {
+                        let text = String::from_utf8_lossy(&buf[..n]);
+                        if let Some((node, id)) = text.split_once(' ')
+                            && let Ok(id) = id.trim().parse::<usize>()
+                            && id < answers.len()
+                        {
+                            answers[id].push(node.to_string());
+                        }
+                    }
+                }
+            };
+            let mut next = Instant::now();
+            while !stop2.load(Ordering::Relaxed) {
+                let seq = answers.len();
+                answers.push(Vec::new());
+                let _ = socks[seq % socks.len()].send_to(seq.to_string().as_bytes(), dst);
+                next += every;
+                loop {
+                    receive(&mut answers);
+                    let now = Instant::now();
+                    if now >= next {
+                        break;
+                    }
+                    std::thread::sleep((next - now).min(Duration::from_micros(500)));
+                }
+            }
+            // The last answers, bounded.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < deadline {
+                receive(&mut answers);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let mut r = UdpStreamReport {
+                sent: answers.len() as u64,
+                ..Default::default()
+            };
+            for (seq, nodes) in answers.iter().enumerate() {
+                match nodes.len() {
+                    0 => {
+                        r.lost_total += 1;
+                        if r.lost.len() < 20 {
+                            r.lost.push(seq as u64);
+                        }
+                    }
+                    n => {
+                        r.answered += 1;
+                        if n > 1 {
+                            r.duplicated += 1;
+                        }
+                        *r.by_node.entry(nodes[0].clone()).or_default() += 1;
+                    }
+                }
+            }
+            r
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the stream and reports what was answered.
+    pub fn finish(mut self) -> UdpStreamReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("udp stream thread")
+    }
+}
+
+impl Drop for UdpStream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

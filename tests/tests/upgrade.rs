@@ -10,8 +10,8 @@ use std::{
 
 use farm_tests::{
     previous,
-    topology::{Spec, TCP_PORT, Topology, node_addr4},
-    traffic::{self, KeepAlives, NewConnections},
+    topology::{Spec, TCP_PORT, Topology, UDP_PORT, node_addr4},
+    traffic::{self, KeepAlives, NewConnections, UdpStream},
 };
 
 const HB_PORT: u16 = 7946;
@@ -477,4 +477,158 @@ fn members_added_and_removed_live_under_load_move_only_their_buckets() {
     answered_by_owners(&t, 1, false);
     std::thread::sleep(Duration::from_secs(1));
     no_request_failed(keepalive, fresh, "3 -> 5 -> 4 members live");
+}
+
+/// What a peer would log if it noticed another member go or come back, or buckets move.
+const MEMBERSHIP_NEWS: [&str; 5] = [
+    "member lost",
+    "member left",
+    "member heard again",
+    "is moving buckets",
+    "lost quorum",
+];
+
+#[test]
+fn farmd_upgraded_in_place_twenty_times_loses_nothing() {
+    let Some(mut t) = Topology::started(
+        "farmd_upgraded_in_place_twenty_times_loses_nothing",
+        Spec {
+            nodes: 3,
+            client_addrs: 120,
+            ..Spec::default()
+        },
+    ) else {
+        return;
+    };
+    // Two farmd files: this build's and a copy, taken in turn (each upgrade execs the other).
+    let a = farm_tests::bin("farmd");
+    let b = t.dir.join("farmd-b");
+    std::fs::copy(&a, &b).expect("copy farmd");
+
+    // A failed new binary leaves the old farmd serving, untouched.
+    let before = t.status(0).expect("status");
+    let o = t.upgrade_farmd(0, Some(std::path::Path::new("/bin/false")));
+    assert!(!o.status.success(), "upgrade to /bin/false: {}", text(&o));
+    eprintln!("upgrade to /bin/false: {}", text(&o).trim());
+    let after = t.status(0).expect("status after a failed upgrade");
+    assert_eq!(after.pid, before.pid, "the old farmd still answers");
+    assert!(after.serving, "the old farmd still serves");
+    assert_eq!(after.xdp_program_id, before.xdp_program_id);
+    t.wait_converged(&[0, 1, 2], Duration::from_secs(10));
+
+    let owners = t.bucket_owners(0);
+    let failovers: Vec<u64> = (0..3)
+        .map(|i| t.status(i).expect("status").failovers)
+        .collect();
+    let logs: Vec<usize> = (0..3).map(|i| t.log(i).len()).collect();
+    let links: Vec<u32> = (0..3)
+        .map(|i| t.status(i).expect("status").xdp_link_id)
+        .collect();
+    assert!(links.iter().all(|&l| l != 0), "XDP link ids: {links:?}");
+
+    // Long-lived connections (never closed by the server), new connections, and a
+    // sequence-numbered UDP stream, every datagram answered or counted lost.
+    let clients = t.clients4();
+    let keepalive = KeepAlives::start(&t.client, &clients[..30], t.vip4(TCP_PORT));
+    let fresh = NewConnections::start(
+        &t.client,
+        &clients[30..90],
+        t.vip4(TCP_PORT),
+        3,
+        Duration::from_millis(5),
+    );
+    let udp = UdpStream::start(
+        &t.client,
+        &clients[90..],
+        t.vip4(UDP_PORT),
+        Duration::from_millis(2),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
+    let started = Instant::now();
+    let mut programs: Vec<u32> = (0..3)
+        .map(|i| t.status(i).expect("status").xdp_program_id)
+        .collect();
+    for k in 0..20 {
+        let i = k % 3;
+        let binary = if (k / 3) % 2 == 0 { &b } else { &a };
+        let old = t.farmd_pid(i).expect("farmd runs");
+        let t0 = Instant::now();
+        let o = t.upgrade_farmd(i, Some(binary));
+        assert!(
+            o.status.success(),
+            "upgrade {k} of n{}: {}",
+            i + 1,
+            text(&o)
+        );
+        let s = t.status(i).expect("status after the upgrade");
+        eprintln!(
+            "upgrade {k:2} of n{}: {} ms, pid {old} -> {}, link {}, program {} -> {}",
+            i + 1,
+            t0.elapsed().as_millis(),
+            s.pid,
+            s.xdp_link_id,
+            programs[i],
+            s.xdp_program_id
+        );
+        assert_eq!(s.took_over_from, Some(old));
+        assert!(s.serving, "n{} serves after the upgrade", i + 1);
+        assert_eq!(s.xdp_link_id, links[i], "the XDP link is the same");
+        assert_ne!(s.xdp_program_id, programs[i], "a new program in the link");
+        programs[i] = s.xdp_program_id;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+
+    let udp = udp.finish();
+    let (requests, errors, reconnects) = keepalive.finish_all();
+    let report = fresh.finish();
+    eprintln!(
+        "20 upgrades in {:.1} s: UDP {} sent, {} answered, {} lost {:?}, {} answered twice, \
+         by node {:?}; long-lived TCP {requests} requests, {errors} errors, {reconnects} \
+         reconnects; new connections {} answered, {} failed {:?}",
+        took.as_secs_f64(),
+        udp.sent,
+        udp.answered,
+        udp.lost_total,
+        udp.lost,
+        udp.duplicated,
+        udp.by_node,
+        report.answered,
+        report.failed,
+        report.errors
+    );
+    assert!(udp.sent > 2000, "the UDP stream ran");
+    assert_eq!(udp.lost_total, 0, "datagrams lost: {:?}", udp.lost);
+    assert_eq!(udp.duplicated, 0, "datagrams answered twice");
+    assert_eq!(udp.by_node.len(), 3, "every node answered its share");
+    assert_eq!(errors, 0, "long-lived connections failed or were reset");
+    assert_eq!(reconnects, 0, "long-lived connections were closed");
+    assert_eq!(
+        report.failed, 0,
+        "new connections failed: {:?}",
+        report.errors
+    );
+    assert!(requests > 500 && report.answered > 500, "the TCP load ran");
+
+    // The peers saw nothing: no member lost, left or back, no bucket moved, no failover.
+    for i in 0..3 {
+        let log = t.log(i);
+        let since = &log[logs[i].min(log.len())..];
+        for news in MEMBERSHIP_NEWS {
+            assert!(
+                !since.contains(news),
+                "n{} logged `{news}` during the upgrades:\n{since}",
+                i + 1
+            );
+        }
+        assert_eq!(t.status(i).expect("status").failovers, failovers[i]);
+        assert_eq!(t.bucket_owners(i), owners, "n{}'s map changed", i + 1);
+    }
+    t.wait_converged(&[0, 1, 2], Duration::from_secs(10));
+    // The farm still works as one: a stop drains and the others take over.
+    let exit = t.signal_farmd(0, libc::SIGTERM).expect("n1 runs");
+    assert!(exit.success(), "the upgraded farmd stops cleanly: {exit}");
+    t.wait_converged(&[1, 2], Duration::from_secs(30));
 }
