@@ -362,3 +362,76 @@ pub fn icmpv6_checksum(src: Ipv6Addr, dst: Ipv6Addr, msg: &[u8]) -> u16 {
     pseudo.extend_from_slice(msg);
     frames::checksum(&pseudo)
 }
+
+/// Arrival times of the UDP datagrams from `src` to port `dst_port` seen on `iface` of a
+/// namespace (a peer's view of another member's heartbeats), recorded until stopped.
+pub struct UdpTap {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Instant>>>,
+}
+
+impl UdpTap {
+    pub fn start(ns: &Netns, iface: &str, src: std::net::IpAddr, dst_port: u16) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stop2, iface) = (stop.clone(), iface.to_string());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = ns.spawn(move || {
+            let (fd, _) = raw_socket(&iface);
+            let _ = ready_tx.send(());
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: valid socket and buffer (the 20 ms receive timeout bounds the wait).
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                let at = Instant::now();
+                if n <= 0 {
+                    continue;
+                }
+                if let Some(u) = crate::attacker::udp(&buf[..n as usize])
+                    && u.src == src
+                    && u.dst_port == dst_port
+                {
+                    seen.push(at);
+                }
+            }
+            seen
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("tap did not start");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the tap; the arrival times.
+    pub fn finish(mut self) -> Vec<Instant> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("tap thread")
+    }
+}
+
+impl Drop for UdpTap {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The longest gap between consecutive arrivals within `[from, to]`.
+pub fn longest_gap(arrivals: &[Instant], from: Instant, to: Instant) -> Duration {
+    arrivals
+        .windows(2)
+        .filter(|w| w[1] >= from && w[0] <= to)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default()
+}

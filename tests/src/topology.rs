@@ -123,10 +123,6 @@ impl Topology {
     pub fn build(spec: Spec) -> Self {
         // A test that panicked while holding the lock poisons it; the next one may still run.
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        // A farmd started by an in-place upgrade is the old farmd's child: once that one exits,
-        // it is ours (to signal, reap and clean up), not init's.
-        // SAFETY: prctl with an integer argument.
-        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         netns::remove_stale();
         let stem = netns::unique_stem();
         let dir = std::env::temp_dir().join(format!("farm-test-{stem}"));
@@ -690,6 +686,12 @@ deadman_timeout_ms = {}
             args.push(b.display().to_string());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        // The new farmd is the old farmd's child: once that one exits, it must be ours (to
+        // signal, reap and clean up), not init's. Only for tests that upgrade: a subreaper also
+        // inherits every other orphan (an application a mirror hook started with `&`), and a
+        // killed orphan left unreaped would look alive to the hooks' `kill -0` loops.
+        // SAFETY: prctl with an integer argument.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         let out = self.farmctl(i, &args);
         if !out.status.success() {
             return out;
@@ -827,6 +829,9 @@ impl Drop for Topology {
                 // SAFETY: kill(2) on a process this one reaps.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 let _ = reap(pid, Duration::from_secs(5));
+                // The next test (same process) is no subreaper unless it upgrades too.
+                // SAFETY: prctl with an integer argument.
+                unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) };
             }
             if panicking {
                 eprintln!(

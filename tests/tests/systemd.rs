@@ -25,6 +25,8 @@ const UNIT: &str = "farmd.service";
 fn install(t: &Topology, c: &Container, i: usize) {
     let farmd = std::fs::read(bin("farmd")).expect("farmd binary");
     c.write("/opt/farm/farmd", &farmd, 0o755);
+    let farmctl = std::fs::read(bin("farmctl")).expect("farmctl binary");
+    c.write("/opt/farm/farmctl", &farmctl, 0o755);
     let key = std::fs::read(t.key_file()).expect("key");
     c.write("/etc/farm/cluster.key", &key, 0o600);
     // Node i's test configuration with the unit's paths: key in /etc/farm, control socket and
@@ -130,6 +132,48 @@ fn unit_lifecycle_under_a_real_systemd() {
         || c.journal(UNIT).contains("SIGHUP: reloading").then_some(()),
     );
     assert_eq!(c.property(UNIT, "ActiveState"), "active");
+
+    // farmctl upgrade: a new farmd takes over in place; systemd follows it as the unit's main
+    // process (MAINPID) and its watchdog keep-alives are accepted (WatchdogSec=3: a farmd
+    // that systemd did not hear would be aborted within seconds). Nothing fails meanwhile.
+    let ka = traffic::KeepAlives::start(&t.client, &clients[..5], t.vip4(TCP_PORT));
+    let restarts: u32 = c.property(UNIT, "NRestarts").parse().expect("NRestarts");
+    let before = c.main_pid(UNIT);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = c.run("/opt/farm/farmctl", &["upgrade"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "farmctl upgrade under systemd: {said}"
+    );
+    eprintln!("farmctl upgrade under systemd: {}", said.trim());
+    wait_until(
+        "systemd follows the new farmd as the main process",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || (c.main_pid(UNIT) != before).then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(c.property(UNIT, "ActiveState"), "active");
+    assert_eq!(
+        c.property(UNIT, "NRestarts").parse::<u32>().expect("n"),
+        restarts,
+        "systemd restarted the upgraded farmd:\n{}",
+        c.journal(UNIT)
+    );
+    let s = t.status(1).expect("status after the upgrade");
+    assert!(s.took_over_from.is_some() && s.serving, "{s:?}");
+    let (answered, errors) = ka.finish();
+    assert!(answered > 50, "{answered}");
+    assert_eq!(
+        errors, 0,
+        "keep-alive requests failed across farmctl upgrade"
+    );
+    t.wait_converged(&[0, 1, 2], Duration::from_secs(10));
 
     // restart keeps connections: keep-alive clients of every member, through the restart.
     let ka = traffic::KeepAlives::start(

@@ -521,6 +521,18 @@ fn farmd_upgraded_in_place_twenty_times_loses_nothing() {
         .map(|i| t.status(i).expect("status").failovers)
         .collect();
     let logs: Vec<usize> = (0..3).map(|i| t.log(i).len()).collect();
+    // Heartbeats the peers counted lost (gaps in each member's sequence numbers).
+    let hb_lost = |t: &Topology| -> u64 {
+        (0..3)
+            .map(|i| {
+                let s = t.status(i).expect("status");
+                s.heartbeat.counters.lost.values().flatten().sum::<u64>()
+                    + s.heartbeat.counters.peers_lost
+                    + s.heartbeat.counters.peers_left
+            })
+            .sum()
+    };
+    let hb_lost_before = hb_lost(&t);
     let links: Vec<u32> = (0..3)
         .map(|i| t.status(i).expect("status").xdp_link_id)
         .collect();
@@ -626,6 +638,11 @@ fn farmd_upgraded_in_place_twenty_times_loses_nothing() {
         assert_eq!(t.status(i).expect("status").failovers, failovers[i]);
         assert_eq!(t.bucket_owners(i), owners, "n{}'s map changed", i + 1);
     }
+    assert_eq!(
+        hb_lost(&t),
+        hb_lost_before,
+        "the peers counted heartbeats or members lost: the sequence was not handed over"
+    );
     t.wait_converged(&[0, 1, 2], Duration::from_secs(10));
     // The farm still works as one: a stop drains and the others take over.
     let exit = t.signal_farmd(0, libc::SIGTERM).expect("n1 runs");

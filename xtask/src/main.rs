@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | test | demo | bench dataplane|failover|rolling|mirror|membership`.
+//! Developer tasks: `cargo xtask setup | test | demo | bench dataplane|failover|rolling|mirror|membership|upgrade`.
 //!
 //! xtask itself needs nothing but the stable toolchain, so that `cargo xtask setup` works on a
 //! machine that cannot build the eBPF program yet.
@@ -47,8 +47,9 @@ enum Task {
         /// against keepalived; mirror: mirror mode's fsync latency, write throughput and
         /// resync speed against the same directory without replication (--mib N, --fsyncs N);
         /// membership: buckets moved when a member is added or removed, against farm 0.1's
-        /// assignment and Maglev's table.
-        #[arg(value_parser = ["dataplane", "failover", "rolling", "mirror", "membership"])]
+        /// assignment and Maglev's table; upgrade: the heartbeat gap peers see during
+        /// `farmctl upgrade` (--trials N), beside a restart.
+        #[arg(value_parser = ["dataplane", "failover", "rolling", "mirror", "membership", "upgrade"])]
         what: String,
         /// Extra arguments for the benchmark.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -172,8 +173,8 @@ fn setup() -> Result<()> {
     step(
         4,
         total,
-        "system tools for the tests (ip, bridge, nsenter, nft, chromium for the status page, \
-         systemd-nspawn to test the unit under a real systemd)",
+        "system tools for the tests (ip, bridge, nsenter, nft, ethtool, chromium for the status \
+         page, systemd-nspawn to test the unit under a real systemd)",
     );
     ensure_tools(&[
         ("systemd-nspawn", "systemd-container"),
@@ -181,6 +182,7 @@ fn setup() -> Result<()> {
         ("bridge", "iproute2"),
         ("nsenter", "util-linux"),
         ("nft", "nftables"),
+        ("ethtool", "ethtool"),
         ("chromium", "chromium"),
     ])?;
 

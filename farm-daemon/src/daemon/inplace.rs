@@ -110,6 +110,9 @@ impl Daemon {
         let child = std::process::Command::new(binary)
             .args(std::env::args_os().skip(1))
             .env(upgrade::ENV_FD, theirs.as_raw_fd().to_string())
+            // systemd's watchdog names this process; the new one becomes the unit's main
+            // process (MAINPID, once it took over) and sends the keep-alives from then on.
+            .env_remove("WATCHDOG_PID")
             .stdin(std::process::Stdio::null())
             .spawn()
             .map_err(|e| format!("starting it: {e}"))?;
@@ -217,13 +220,18 @@ impl Daemon {
                     Ok((m, _)) => format!("unexpected answer {m:?}"),
                 };
                 // It may have moved links already: back to this farmd's programs, then the
-                // heartbeats go on after any sequence number it may have used.
+                // heartbeats go on after any sequence number it may have used: it numbers one
+                // round per interval, and it had at most DONE_WITHIN (and the time since the
+                // pause) to send any (it is killed by now). The peers count the rounds skipped
+                // as lost heartbeats.
                 drop(child);
                 if let Err(e) = self.dp.relink(&self.pin_dir) {
                     tracing::error!("upgrade: moving the links back to this farmd failed: {e}");
                 }
+                let interval = self.cfg.heartbeat.interval.max(Duration::from_millis(1));
+                let rounds = paused.elapsed().as_millis() / interval.as_millis() + 2;
                 let _ = verdict.send(Verdict::Resume {
-                    seq_after: seq + 100_000,
+                    seq_after: seq + rounds as u64,
                 });
                 Err(e)
             }

@@ -5,6 +5,9 @@
 //! `membership`: buckets moved by a member list change, farm 0.2 / farm 0.1 / Maglev (see
 //! `membership`).
 //!
+//! `upgrade`: an in-place upgrade's gap in the heartbeat stream as a peer saw it, beside a
+//! restart (see `upgrade`).
+//!
 //! `mirror`: mirror mode's fsync latency, write throughput and resync speed against the same
 //! directory without replication (see `mirror`).
 //!
@@ -36,6 +39,7 @@ use farm_tests::{
 mod membership;
 mod mirror;
 mod recovery;
+mod upgrade;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -46,9 +50,11 @@ fn main() -> Result<()> {
         Some("mirror") => mirror::mirror(&args[1..]),
         Some("membership") => membership::membership()
             .and_then(|()| membership::convergence(flag(&args[1..], "--trials", 3)? as usize)),
+        Some("upgrade") => upgrade::upgrade(flag(&args[1..], "--trials", 10)? as usize),
         _ => bail!(
             "usage: farm-bench dataplane [--repeat N] [--rounds N] | failover [--trials N] | \
-             rolling | mirror [--mib N] [--fsyncs N] | membership [--trials N]"
+             rolling | mirror [--mib N] [--fsyncs N] | membership [--trials N] | upgrade \
+             [--trials N]"
         ),
     }
 }
