@@ -125,6 +125,11 @@ pub struct NodeSnapshot {
     pub health: crate::checks::HealthSnapshot,
     pub last_state: Option<MemberState>,
     pub joined_age_ms: u64,
+    /// What this member announces (active): the heartbeat thread's copy of the membership
+    /// does not track it, and a new farmd announcing `joining` for a heartbeat would make its
+    /// peers take its buckets for a moment. Absent from older builds' snapshots.
+    #[serde(default)]
+    pub my_state: Option<State>,
 }
 
 #[derive(Debug, Clone)]
@@ -251,6 +256,7 @@ impl Node {
             health: self.health.snapshot(),
             last_state: self.last_state,
             joined_age_ms: now.saturating_duration_since(self.joined_at).as_millis() as u64,
+            my_state: Some(self.membership.my_state),
         })
     }
 
@@ -261,6 +267,9 @@ impl Node {
     pub fn resume(cfg: NodeConfig, s: &NodeSnapshot, membership: Membership, now: Instant) -> Self {
         let mut n = Self::new(cfg, now);
         n.membership = membership;
+        if let Some(state) = s.my_state {
+            n.membership.my_state = state;
+        }
         n.handover.resume(s.view, s.serving);
         n.health.resume(&s.health);
         n.quorum = s.quorum;
@@ -1417,5 +1426,30 @@ mod tests {
         );
         assert_eq!(node.membership.my_state, State::Active, "serves on");
         assert!(node.quorum());
+    }
+
+    #[test]
+    fn a_member_resumed_by_an_in_place_upgrade_announces_what_it_announced() {
+        let t0 = Instant::now();
+        let (node, mut farm, settled) = serving_farm(t0);
+        let t = t0 + W * 3;
+        let snapshot = node.snapshot(t).expect("a quiet point");
+        // The heartbeat thread's copy of the membership does not track this member's state.
+        let thread_copy = farm.judge.clone();
+        assert_eq!(thread_copy.my_state, State::Joining);
+        let mut resumed = Node::resume(config(3, 0), &snapshot, thread_copy, t);
+        assert_eq!(
+            resumed.outgoing().state,
+            State::Active,
+            "the first heartbeat of the new farmd says active"
+        );
+        for i in 1..3 {
+            farm.hear(i, State::Active, settled, None, t);
+        }
+        resumed.handle_update(farm.update(t), t);
+        resumed.handle_timeout(t);
+        assert_eq!(resumed.membership.my_state, State::Active);
+        assert_eq!(resumed.handover.settled, node.handover.settled);
+        assert!(resumed.current_move().is_none(), "no bucket moves");
     }
 }

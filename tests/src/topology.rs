@@ -833,7 +833,8 @@ impl Drop for Topology {
                 // SAFETY: prctl with an integer argument.
                 unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) };
             }
-            if panicking {
+            // FARM_TEST_LOGS=1 prints every farmd's log even when the test passed.
+            if panicking || std::env::var_os("FARM_TEST_LOGS").is_some() {
                 eprintln!(
                     "----- farmd log of {} -----\n{}",
                     self.nodes[i].name,

@@ -187,11 +187,11 @@ fn unit_lifecycle_under_a_real_systemd() {
     std::thread::sleep(Duration::from_millis(500));
     let (answered, errors) = ka.finish();
     assert!(answered > 100, "{answered}");
+    let journal = c.journal(UNIT);
     assert_eq!(
         errors, 0,
-        "keep-alive requests failed across systemctl restart"
+        "keep-alive requests failed across systemctl restart:\n{journal}"
     );
-    let journal = c.journal(UNIT);
     assert!(journal.contains("host restored"), "{journal}");
 
     // The watchdog: a frozen farmd is aborted and restarted; its peers serve its clients
