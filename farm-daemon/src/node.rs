@@ -125,7 +125,7 @@ pub struct NodeSnapshot {
     pub health: crate::checks::HealthSnapshot,
     pub last_state: Option<MemberState>,
     pub joined_age_ms: u64,
-    /// What this member announces (active): the heartbeat thread's copy of the membership
+    /// What this member announces (active, or draining): the heartbeat thread's copy of the membership
     /// does not track it, and a new farmd announcing `joining` for a heartbeat would make its
     /// peers take its buckets for a moment. Absent from older builds' snapshots.
     #[serde(default)]

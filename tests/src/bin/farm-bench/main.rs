@@ -52,9 +52,9 @@ fn main() -> Result<()> {
             .and_then(|()| membership::convergence(flag(&args[1..], "--trials", 3)? as usize)),
         Some("upgrade") => upgrade::upgrade(flag(&args[1..], "--trials", 10)? as usize),
         _ => bail!(
-            "usage: farm-bench dataplane [--repeat N] [--rounds N] [--packets N] [--trials N] | failover [--trials N] | \
-             rolling | mirror [--mib N] [--fsyncs N] | membership [--trials N] | upgrade \
-             [--trials N]"
+            "usage: farm-bench dataplane [--repeat N] [--rounds N] [--packets N] [--trials N] | \
+             failover [--trials N] | rolling | mirror [--mib N] [--fsyncs N] | membership \
+             [--trials N] | upgrade [--trials N]"
         ),
     }
 }
@@ -70,7 +70,6 @@ fn flag(args: &[String], name: &str, default: u32) -> Result<u32> {
     }
 }
 
-/// Median ns/packet over `rounds` runs of `repeat` iterations.
 /// One BPF_PROG_TEST_RUN of `repeat` runs: the kernel's mean ns per run, and the verdict.
 fn run_once(prog: &Xdp, frame: &[u8], repeat: u32) -> Result<(f64, u32)> {
     let mut out = vec![0u8; frame.len() + 256];
@@ -333,6 +332,7 @@ fn kernel_comparison(packets: u32, trials: u32) -> Result<()> {
     });
 
     // farm: XDP filter on dut0, the frame's bucket belongs to another member.
+    let b = bucket_of(&KEY, BucketKey::V6(src.octets()));
     let farm_trial = || -> Result<(u64, Duration)> {
         let farm = dut.run(move || -> Result<Dataplane> {
             let mut dp = Dataplane::load()?;
@@ -351,7 +351,6 @@ fn kernel_comparison(packets: u32, trials: u32) -> Result<()> {
             dp.xdp_program().attach("dut0", XdpMode::Driver)?;
             Ok(dp)
         })?;
-        let b = bucket_of(&KEY, BucketKey::V6(src.octets()));
         let before = farm.bucket_counter(b)?.dropped_packets;
         let frame2 = frame.clone();
         let took = gen_ns.run(move || generate(&frame2, gen_ifindex, packets))?;
