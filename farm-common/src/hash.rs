@@ -115,26 +115,125 @@ pub enum BucketKey {
     V6Port([u8; 16], [u8; 2]),
 }
 
+impl BucketKey {
+    /// The message as SipHash reads it (see `Msg`).
+    pub const fn msg(self) -> Msg {
+        match self {
+            BucketKey::V4(a) => Msg::v4(u32::from_le_bytes(a)),
+            BucketKey::V4Port(a, p) => Msg::v4_port(u32::from_le_bytes(a), u16::from_le_bytes(p)),
+            BucketKey::V6(a) => Msg::v6(le64(&a, 0), le64(&a, 8)),
+            BucketKey::V6Port(a, p) => Msg::v6_port(le64(&a, 0), le64(&a, 8), u16::from_le_bytes(p)),
+        }
+    }
+}
+
+const fn le64(a: &[u8; 16], o: usize) -> u64 {
+    u64::from_le_bytes([
+        a[o],
+        a[o + 1],
+        a[o + 2],
+        a[o + 3],
+        a[o + 4],
+        a[o + 5],
+        a[o + 6],
+        a[o + 7],
+    ])
+}
+
+/// A bucket key as the words SipHash consumes: `blocks` full 8-byte blocks (0 for IPv4, 2 for
+/// IPv6, the address) and the last block (the remaining bytes, little-endian, with the message
+/// length in the top byte). The data plane builds it from plain loads of the packet (a
+/// little-endian load of the wire bytes is exactly SipHash's reading of them), and the three
+/// words identify the key exactly: they are also the tag of the per-CPU bucket cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Msg {
+    pub m0: u64,
+    pub m1: u64,
+    pub last: u64,
+}
+
+impl Msg {
+    /// `client` affinity, IPv4: `addr` is the address's 4 bytes read little-endian.
+    #[inline(always)]
+    pub const fn v4(addr: u32) -> Self {
+        Self {
+            m0: 0,
+            m1: 0,
+            last: (4 << 56) | addr as u64,
+        }
+    }
+    /// `connection` affinity, IPv4: `port` is the source port's 2 bytes read little-endian.
+    #[inline(always)]
+    pub const fn v4_port(addr: u32, port: u16) -> Self {
+        Self {
+            m0: 0,
+            m1: 0,
+            last: (6 << 56) | ((port as u64) << 32) | addr as u64,
+        }
+    }
+    /// `client` affinity, IPv6: the address's two halves read little-endian.
+    #[inline(always)]
+    pub const fn v6(a0: u64, a1: u64) -> Self {
+        Self {
+            m0: a0,
+            m1: a1,
+            last: 16 << 56,
+        }
+    }
+    /// `connection` affinity, IPv6.
+    #[inline(always)]
+    pub const fn v6_port(a0: u64, a1: u64, port: u16) -> Self {
+        Self {
+            m0: a0,
+            m1: a1,
+            last: (18 << 56) | port as u64,
+        }
+    }
+
+    /// Whether the message has the two full blocks of an IPv6 address.
+    #[inline(always)]
+    const fn long(&self) -> bool {
+        self.last >> 56 >= 16
+    }
+}
+
+/// SipHash-1-3 of a bucket key's message (equal to `siphash13` of its bytes).
+#[inline(always)]
+pub fn siphash13_msg(key: &HashKey, m: &Msg) -> u64 {
+    let mut v = [
+        key.k0 ^ 0x736f_6d65_7073_6575,
+        key.k1 ^ 0x646f_7261_6e64_6f6d,
+        key.k0 ^ 0x6c79_6765_6e65_7261,
+        key.k1 ^ 0x7465_6462_7974_6573,
+    ];
+    if m.long() {
+        v[3] ^= m.m0;
+        sipround(&mut v);
+        v[0] ^= m.m0;
+        v[3] ^= m.m1;
+        sipround(&mut v);
+        v[0] ^= m.m1;
+    }
+    v[3] ^= m.last;
+    sipround(&mut v);
+    v[0] ^= m.last;
+    v[2] ^= 0xff;
+    sipround(&mut v);
+    sipround(&mut v);
+    sipround(&mut v);
+    v[0] ^ v[1] ^ v[2] ^ v[3]
+}
+
+/// The bucket of a message: the low bits of its SipHash-1-3.
+#[inline(always)]
+pub fn bucket_of_msg(key: &HashKey, m: &Msg) -> u32 {
+    (siphash13_msg(key, m) as u32) & BUCKET_MASK
+}
+
 /// The bucket of a client: the low bits of SipHash-1-3 of the key.
 #[inline(always)]
 pub fn bucket_of(key: &HashKey, k: BucketKey) -> u32 {
-    let h = match k {
-        BucketKey::V4(a) => siphash13(key, &a),
-        BucketKey::V4Port(a, p) => siphash13(key, &[a[0], a[1], a[2], a[3], p[0], p[1]]),
-        BucketKey::V6(a) => siphash13(key, &a),
-        BucketKey::V6Port(a, p) => {
-            let mut m = [0u8; 18];
-            let mut i = 0;
-            while i < 16 {
-                m[i] = a[i];
-                i += 1;
-            }
-            m[16] = p[0];
-            m[17] = p[1];
-            siphash13(key, &m)
-        }
-    };
-    (h as u32) & BUCKET_MASK
+    bucket_of_msg(key, &k.msg())
 }
 
 #[cfg(test)]
@@ -177,6 +276,40 @@ mod tests {
             };
             let a: [u8; 16] = core::array::from_fn(|i| (x >> (i % 8 * 8)) as u8 ^ i as u8);
             assert_eq!(siphash13(&key, &a), reference(&key, &a));
+        }
+    }
+
+    #[test]
+    fn the_word_form_hashes_the_same_bytes() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            x
+        };
+        for _ in 0..1000 {
+            let key = HashKey {
+                k0: next(),
+                k1: next(),
+            };
+            let a: [u8; 16] = core::array::from_fn(|i| (next() >> (i % 8)) as u8);
+            let a4 = [a[0], a[1], a[2], a[3]];
+            let p = [a[5], a[9]];
+            let m18: [u8; 18] = core::array::from_fn(|i| if i < 16 { a[i] } else { p[i - 16] });
+            let cases: [(BucketKey, u64); 4] = [
+                (BucketKey::V4(a4), reference(&key, &a4)),
+                (
+                    BucketKey::V4Port(a4, p),
+                    reference(&key, &[a4[0], a4[1], a4[2], a4[3], p[0], p[1]]),
+                ),
+                (BucketKey::V6(a), reference(&key, &a)),
+                (BucketKey::V6Port(a, p), reference(&key, &m18)),
+            ];
+            for (k, want) in cases {
+                assert_eq!(siphash13_msg(&key, &k.msg()), want, "{k:?}");
+                assert_eq!(bucket_of(&key, k), (want as u32) & BUCKET_MASK);
+            }
         }
     }
 

@@ -9,5 +9,5 @@
 pub mod hash;
 pub mod maps;
 
-pub use hash::{BucketKey, HashKey, bucket_of, siphash13};
+pub use hash::{BucketKey, HashKey, Msg, bucket_of, bucket_of_msg, siphash13, siphash13_msg};
 pub use maps::*;

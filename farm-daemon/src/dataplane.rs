@@ -533,6 +533,11 @@ impl Dataplane {
         })
     }
 
+    /// Sets `Control::flags` (`farm_common::control_flags`).
+    pub fn set_control_flags(&mut self, flags: u8) -> Result<(), DataplaneError> {
+        self.control.update(|c| c.flags = flags)
+    }
+
     /// Drops datagrams to the heartbeat `port` (not for a VIP) from any address but `peers`,
     /// every member's heartbeat addresses, in the data plane: a flood from elsewhere never
     /// reaches farmd's heartbeat socket. The addresses go in before the port, so no genuine

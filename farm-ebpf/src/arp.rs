@@ -2,7 +2,7 @@
 //! owner of the requester's bucket); the kernel never sees ARP about a VIP.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use farm_common::{BucketKey, Control, bucket_of, stat};
+use farm_common::{BucketKey, Control, stat};
 
 use crate::{
     maps,
@@ -47,7 +47,7 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
     }
     match u16::from_be_bytes([fixed[6], fixed[7]]) {
         ARPOP_REQUEST => {
-            let b = bucket_of(&ctl.key(), BucketKey::V4(spa));
+            let b = maps::bucket_of(ctl, &BucketKey::V4(spa).msg());
             if !verdict::mine(ctl, b) {
                 maps::stat(stat::ARP_LEFT_TO_PEER);
                 return xdp_action::XDP_DROP;

@@ -1,9 +1,13 @@
 //! IPv4: header (any IHL), fragments, TCP/UDP ports, ICMP echo and ICMP errors.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use farm_common::{BucketKey, Control, VipInfo, VipKey, affinity, proto_mask, stat};
+use farm_common::{Control, Msg, VipInfo, VipKey, affinity, proto_mask, stat};
 
-use crate::{maps, ptr::load, verdict};
+use crate::{
+    maps,
+    ptr::{Region, load},
+    verdict,
+};
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -17,8 +21,9 @@ struct Hdr {
     ihl_bytes: usize,
     is_fragment: bool,
     proto: u8,
-    src: [u8; 4],
-    dst: [u8; 4],
+    /// The addresses' bytes read little-endian (one load each; `to_le_bytes` gives the bytes).
+    src: u32,
+    dst: u32,
 }
 
 /// Reads the header at `l3`. `Err(idx)` names the parse error to count.
@@ -26,12 +31,12 @@ struct Hdr {
 fn header(ctx: &XdpContext, l3: usize) -> Result<Hdr, u32> {
     // One bounds check for the fixed header (LLVM may otherwise merge per-field checks in a way
     // the verifier cannot follow).
-    let h = load::<[u8; 20]>(ctx, l3).ok_or(stat::ERR_IPV4_SHORT)?;
-    let vihl = h[0];
-    let frag = u16::from_be_bytes([h[6], h[7]]);
-    let proto = h[9];
-    let src = [h[12], h[13], h[14], h[15]];
-    let dst = [h[16], h[17], h[18], h[19]];
+    let h = Region::at::<20>(ctx, l3).ok_or(stat::ERR_IPV4_SHORT)?;
+    let vihl = h.u8(0);
+    let frag = u16::from_be(h.u16(6));
+    let proto = h.u8(9);
+    let src = h.u32(12);
+    let dst = h.u32(16);
     let ihl_bytes = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || ihl_bytes < 20 {
         return Err(stat::ERR_IPV4_BAD_HEADER);
@@ -55,18 +60,14 @@ fn proto_bit(proto: u8) -> u8 {
     }
 }
 
+/// The key of a TCP/UDP packet of `client` (read little-endian) from `client_port` (its two
+/// bytes read little-endian) to `vip_port` (host order).
 #[inline(always)]
-fn key_for(
-    vip: &VipInfo,
-    proto: u8,
-    client: [u8; 4],
-    client_port: [u8; 2],
-    vip_port: u16,
-) -> BucketKey {
+fn key_for(vip: &VipInfo, proto: u8, client: u32, client_port: u16, vip_port: u16) -> Msg {
     if vip.affinity_for(proto_bit(proto), vip_port) == affinity::CONNECTION {
-        BucketKey::V4Port(client, client_port)
+        Msg::v4_port(client, client_port)
     } else {
-        BucketKey::V4(client)
+        Msg::v4(client)
     }
 }
 
@@ -92,7 +93,8 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
             return verdict::malformed(e);
         }
     };
-    let Some(vip) = maps::vip_v4(ctl, h.dst) else {
+    let (w0, w1) = maps::v4_words(h.dst);
+    let Some(vip) = maps::vip_words(ctl, w0, w1) else {
         return not_vip(ctx, ctl, &h, l3);
     };
     if vip.mirror != farm_common::mirror::FARM {
@@ -102,16 +104,16 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
         // Every fragment of a datagram carries the same source address, and only the first one
         // carries ports: hashing all fragments on the client address keeps them together.
         maps::stat(stat::FRAGMENTS);
-        return verdict::deliver(ctx, ctl, BucketKey::V4(h.src), None);
+        return verdict::deliver(ctx, ctl, Msg::v4(h.src), None);
     }
     let l4 = l3 + (h.ihl_bytes & 0x3c);
     match h.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let Some(ports) = load::<[u8; 4]>(ctx, l4) else {
+            let Some(ports) = crate::ptr::ld32(ctx, l4) else {
                 return verdict::malformed(stat::ERR_L4_SHORT);
             };
-            let sport = [ports[0], ports[1]];
-            let dport = u16::from_be_bytes([ports[2], ports[3]]);
+            let sport = ports as u16;
+            let dport = u16::from_be((ports >> 16) as u16);
             let key = key_for(vip, h.proto, h.src, sport, dport);
             let tcp = (h.proto == IPPROTO_TCP).then_some(verdict::Tcp { l3, l4, v6: false });
             verdict::deliver(ctx, ctl, key, tcp)
@@ -128,9 +130,9 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
                     None => verdict::malformed(stat::ERR_ICMP_INNER),
                 };
             }
-            verdict::deliver(ctx, ctl, BucketKey::V4(h.src), None)
+            verdict::deliver(ctx, ctl, Msg::v4(h.src), None)
         }
-        _ => verdict::deliver(ctx, ctl, BucketKey::V4(h.src), None),
+        _ => verdict::deliver(ctx, ctl, Msg::v4(h.src), None),
     }
 }
 
@@ -142,7 +144,11 @@ fn not_vip(ctx: &XdpContext, ctl: &Control, h: &Hdr, l3: usize) -> u32 {
     if h.proto == IPPROTO_UDP
         && !h.is_fragment
         && let Some(ports) = load::<[u8; 4]>(ctx, l3 + (h.ihl_bytes & 0x3c))
-        && maps::foreign_heartbeat(ctl, [ports[2], ports[3]], &VipKey::v4(h.src).addr)
+        && maps::foreign_heartbeat(
+            ctl,
+            [ports[2], ports[3]],
+            &VipKey::v4(h.src.to_le_bytes()).addr,
+        )
     {
         maps::stat(stat::HEARTBEAT_FOREIGN);
         return xdp_action::XDP_DROP;
@@ -154,17 +160,17 @@ fn not_vip(ctx: &XdpContext, ctl: &Control, h: &Hdr, l3: usize) -> u32 {
 /// destination is the client and its ports are swapped, so the error lands on the node that
 /// owns that client's flow (path-MTU discovery keeps working).
 #[inline(always)]
-fn icmp_error_key(ctx: &XdpContext, vip: &VipInfo, inner: usize) -> Option<BucketKey> {
+fn icmp_error_key(ctx: &XdpContext, vip: &VipInfo, inner: usize) -> Option<Msg> {
     let h = header(ctx, inner).ok()?;
     if h.is_fragment {
-        return Some(BucketKey::V4(h.dst));
+        return Some(Msg::v4(h.dst));
     }
     if h.proto != IPPROTO_TCP && h.proto != IPPROTO_UDP {
-        return Some(BucketKey::V4(h.dst));
+        return Some(Msg::v4(h.dst));
     }
     let il4 = inner + (h.ihl_bytes & 0x3c);
-    let ports = load::<[u8; 4]>(ctx, il4)?;
-    let vip_port = u16::from_be_bytes([ports[0], ports[1]]);
-    let client_port = [ports[2], ports[3]];
+    let ports = crate::ptr::ld32(ctx, il4)?;
+    let vip_port = u16::from_be(ports as u16);
+    let client_port = (ports >> 16) as u16;
     Some(key_for(vip, h.proto, h.dst, client_port, vip_port))
 }

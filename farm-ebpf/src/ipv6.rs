@@ -2,11 +2,11 @@
 //! TCP/UDP ports, ICMPv6 echo, errors and neighbour discovery.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use farm_common::{BucketKey, Control, VipInfo, affinity, proto_mask, stat};
+use farm_common::{Control, Msg, VipInfo, affinity, proto_mask, stat};
 
 use crate::{
     maps, ndp,
-    ptr::{load, load_u8},
+    ptr::{Region, load, load_u8},
     verdict,
 };
 
@@ -84,58 +84,58 @@ pub fn transport(ctx: &XdpContext, l3: usize) -> Result<Transport, u32> {
     })
 }
 
+/// The key of a TCP/UDP packet of `client` (its halves read little-endian) from `client_port`
+/// (its bytes read little-endian) to `vip_port` (host order).
 #[inline(always)]
-fn key_for(
-    vip: &VipInfo,
-    proto: u8,
-    client: [u8; 16],
-    client_port: [u8; 2],
-    vip_port: u16,
-) -> BucketKey {
+fn key_for(vip: &VipInfo, proto: u8, client: (u64, u64), client_port: u16, vip_port: u16) -> Msg {
     let bit = match proto {
         IPPROTO_TCP => proto_mask::TCP,
         IPPROTO_UDP => proto_mask::UDP,
         _ => 0,
     };
     if vip.affinity_for(bit, vip_port) == affinity::CONNECTION {
-        BucketKey::V6Port(client, client_port)
+        Msg::v6_port(client.0, client.1, client_port)
     } else {
-        BucketKey::V6(client)
+        Msg::v6(client.0, client.1)
     }
+}
+
+/// The 16 bytes of an address held as two little-endian words.
+#[inline(always)]
+fn bytes16(w: (u64, u64)) -> [u8; 16] {
+    let (a, b) = (w.0.to_le_bytes(), w.1.to_le_bytes());
+    [
+        a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], b[0], b[1], b[2], b[3], b[4], b[5], b[6],
+        b[7],
+    ]
 }
 
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
-    let Some(hdr) = load::<[u8; 40]>(ctx, l3) else {
+    let Some(hdr) = Region::at::<40>(ctx, l3) else {
         maps::stat(stat::ERR_IPV6_SHORT);
         return xdp_action::XDP_PASS;
     };
-    let mut dst = [0u8; 16];
-    let mut src = [0u8; 16];
-    let mut i = 0;
-    while i < 16 {
-        src[i] = hdr[8 + i];
-        dst[i] = hdr[24 + i];
-        i += 1;
-    }
-    let Some(vip) = maps::vip(ctl, &dst) else {
+    let src = (hdr.u64(8), hdr.u64(16));
+    let dst = (hdr.u64(24), hdr.u64(32));
+    let Some(vip) = maps::vip_words(ctl, dst.0, dst.1) else {
         // Neighbour discovery for a VIP arrives at a multicast address.
-        if dst[0] == 0xff {
+        if dst.0 as u8 == 0xff {
             return ndp::multicast(ctx, ctl, l3);
         }
         maps::stat(stat::NOT_VIP);
         // A datagram to the heartbeat port (UDP right after the fixed header, as farmd
         // sends them) from an address that is no member's: dropped.
-        if hdr[6] == IPPROTO_UDP
+        if hdr.u8(6) == IPPROTO_UDP
             && let Some(ports) = load::<[u8; 4]>(ctx, l3 + 40)
-            && maps::foreign_heartbeat(ctl, [ports[2], ports[3]], &src)
+            && maps::foreign_heartbeat(ctl, [ports[2], ports[3]], &bytes16(src))
         {
             maps::stat(stat::HEARTBEAT_FOREIGN);
             return xdp_action::XDP_DROP;
         }
         return xdp_action::XDP_PASS;
     };
-    if hdr[0] >> 4 != 6 {
+    if hdr.u8(0) >> 4 != 6 {
         return verdict::malformed(stat::ERR_IPV6_SHORT);
     }
     let t = match transport(ctx, l3) {
@@ -144,7 +144,7 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
     };
     if t.is_fragment {
         maps::stat(stat::FRAGMENTS);
-        return verdict::deliver(ctx, ctl, BucketKey::V6(src), None);
+        return verdict::deliver(ctx, ctl, Msg::v6(src.0, src.1), None);
     }
     let l4 = t.off;
     if vip.mirror != farm_common::mirror::FARM {
@@ -163,11 +163,11 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
     }
     match t.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let Some(ports) = load::<[u8; 4]>(ctx, l4) else {
+            let Some(ports) = crate::ptr::ld32(ctx, l4) else {
                 return verdict::malformed(stat::ERR_L4_SHORT);
             };
-            let sport = [ports[0], ports[1]];
-            let dport = u16::from_be_bytes([ports[2], ports[3]]);
+            let sport = ports as u16;
+            let dport = u16::from_be((ports >> 16) as u16);
             let tcp = (t.proto == IPPROTO_TCP).then_some(verdict::Tcp { l3, l4, v6: true });
             verdict::deliver(ctx, ctl, key_for(vip, t.proto, src, sport, dport), tcp)
         }
@@ -177,7 +177,9 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
             };
             let ty = icmp[0];
             match ty {
-                NDISC_NEIGHBOUR_SOLICITATION => ndp::solicitation(ctx, ctl, l3, l4, src),
+                NDISC_NEIGHBOUR_SOLICITATION => {
+                    ndp::solicitation(ctx, ctl, l3, l4, bytes16(src))
+                }
                 // An advertisement sent to the VIP answers a solicitation one of the members
                 // sent while resolving a client: every member may be waiting for it.
                 NDISC_NEIGHBOUR_ADVERTISEMENT => ndp::advertisement_to_vip(ctx, ctl, l4),
@@ -188,24 +190,25 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
                         None => verdict::malformed(stat::ERR_ICMP_INNER),
                     }
                 }
-                _ => verdict::deliver(ctx, ctl, BucketKey::V6(src), None),
+                _ => verdict::deliver(ctx, ctl, Msg::v6(src.0, src.1), None),
             }
         }
-        _ => verdict::deliver(ctx, ctl, BucketKey::V6(src), None),
+        _ => verdict::deliver(ctx, ctl, Msg::v6(src.0, src.1), None),
     }
 }
 
 /// The quoted packet was sent by the VIP to a client: classify by its destination (the client)
 /// and its ports, swapped.
 #[inline(always)]
-fn icmp_error_key(ctx: &XdpContext, vip: &VipInfo, inner: usize) -> Option<BucketKey> {
-    let client = load::<[u8; 16]>(ctx, inner + 24)?;
+fn icmp_error_key(ctx: &XdpContext, vip: &VipInfo, inner: usize) -> Option<Msg> {
+    let c = Region::at::<16>(ctx, inner + 24)?;
+    let client = (c.u64(0), c.u64(8));
     let t = transport(ctx, inner).ok()?;
     if t.is_fragment || (t.proto != IPPROTO_TCP && t.proto != IPPROTO_UDP) {
-        return Some(BucketKey::V6(client));
+        return Some(Msg::v6(client.0, client.1));
     }
-    let ports = load::<[u8; 4]>(ctx, t.off)?;
-    let vip_port = u16::from_be_bytes([ports[0], ports[1]]);
-    let client_port = [ports[2], ports[3]];
+    let ports = crate::ptr::ld32(ctx, t.off)?;
+    let vip_port = u16::from_be(ports as u16);
+    let client_port = (ports >> 16) as u16;
     Some(key_for(vip, t.proto, client, client_port, vip_port))
 }

@@ -19,6 +19,7 @@
 //! harness's program for the switch side of veth pairs (so XDP_TX frames are received).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 // The program only exists for the BPF target (farm-daemon's build.rs builds it with aya-build).
 // On the host this crate is an empty binary so that workspace-wide cargo commands work.

@@ -2,7 +2,7 @@
 //! by the owner of the requester's bucket; nothing about a VIP reaches the kernel's NDP.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext};
-use farm_common::{BucketKey, Control, bucket_of, stat};
+use farm_common::{BucketKey, Control, stat};
 
 use crate::{
     csum,
@@ -70,7 +70,7 @@ pub fn solicitation(ctx: &XdpContext, ctl: &Control, l3: usize, l4: usize, src: 
     };
     if maps::vip(ctl, &target).is_none() {
         // Unicast to a VIP but about another address: ordinary VIP traffic.
-        return verdict::deliver(ctx, ctl, BucketKey::V6(src), None);
+        return verdict::deliver(ctx, ctl, BucketKey::V6(src).msg(), None);
     }
     if maps::vip(ctl, &src).is_some() {
         maps::stat(stat::VIP_CLAIM_DROPPED);
@@ -80,7 +80,7 @@ pub fn solicitation(ctx: &XdpContext, ctl: &Control, l3: usize, l4: usize, src: 
         maps::stat(stat::DEADMAN_DROP);
         return xdp_action::XDP_DROP;
     }
-    if !verdict::mine(ctl, bucket_of(&ctl.key(), BucketKey::V6(src))) {
+    if !verdict::mine(ctl, maps::bucket_of(ctl, &BucketKey::V6(src).msg())) {
         maps::stat(stat::NDP_LEFT_TO_PEER);
         return xdp_action::XDP_DROP;
     }

@@ -2,10 +2,10 @@
 
 use aya_ebpf::{
     bindings::{bpf_sock_tuple, xdp_action},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_sk_release, bpf_skc_lookup_tcp, bpf_xdp_adjust_meta},
+    helpers::{bpf_sk_release, bpf_skc_lookup_tcp, bpf_xdp_adjust_meta},
     programs::XdpContext,
 };
-use farm_common::{BucketKey, Control, bucket_of, bucket_state, stat};
+use farm_common::{Control, Msg, bucket_state, stat};
 
 use crate::{
     maps,
@@ -27,9 +27,7 @@ const CURRENT_NETNS: u64 = u64::MAX;
 /// Whether the daemon has refreshed the dead-man deadline recently enough.
 #[inline(always)]
 pub fn alive(ctl: &Control) -> bool {
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    ctl.deadline_ns != 0 && now <= ctl.deadline_ns
+    ctl.deadline_ns != 0 && maps::coarse_now() <= ctl.deadline_ns
 }
 
 /// Whether this node answers ARP/NDP for requesters in bucket `b`: the owner, and during a
@@ -45,12 +43,12 @@ pub fn mine(ctl: &Control, b: u32) -> bool {
 
 /// Accept or drop a VIP frame hashed on `key` (`tcp`: where its TCP headers are, for TCP).
 #[inline(always)]
-pub fn deliver(ctx: &XdpContext, ctl: &Control, key: BucketKey, tcp: Option<Tcp>) -> u32 {
+pub fn deliver(ctx: &XdpContext, ctl: &Control, key: Msg, tcp: Option<Tcp>) -> u32 {
     if !alive(ctl) {
         maps::stat(stat::DEADMAN_DROP);
         return xdp_action::XDP_DROP;
     }
-    let b = bucket_of(&ctl.key(), key);
+    let b = maps::bucket_of(ctl, &key);
     let len = ptr::frame_len(ctx);
     let state = maps::bucket(ctl, b).map_or(bucket_state::NOT_MINE, |e| ctl.effective_state(e));
     let take = match state {
@@ -133,13 +131,15 @@ fn own_socket(ctx: &XdpContext, t: Tcp) -> bool {
     // SAFETY: an all-zero tuple is a valid value of this plain-data union.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size;
-    let Some(ports) = load::<[u8; 4]>(ctx, t.l4) else {
-        return false;
-    };
-    let sport = u16::from_ne_bytes([ports[0], ports[1]]);
-    let dport = u16::from_ne_bytes([ports[2], ports[3]]);
+    // The addresses are read before the ports: the other way round, LLVM knows that the ports'
+    // bounds check covers the addresses (the IPv4 header is at least 20 bytes) and drops theirs,
+    // which the verifier cannot follow.
+    let ports = |ctx: &XdpContext| load::<[u8; 4]>(ctx, t.l4);
     if t.v6 {
         let Some(a) = load::<[u8; 32]>(ctx, t.l3 + 8) else {
+            return false;
+        };
+        let Some(ports) = ports(ctx) else {
             return false;
         };
         // SAFETY: writing the ipv6 member of the union.
@@ -155,19 +155,22 @@ fn own_socket(ctx: &XdpContext, t: Tcp) -> bool {
             ]);
             i += 1;
         }
-        v6.sport = sport;
-        v6.dport = dport;
+        v6.sport = u16::from_ne_bytes([ports[0], ports[1]]);
+        v6.dport = u16::from_ne_bytes([ports[2], ports[3]]);
         size = 36;
     } else {
         let Some(a) = load::<[u8; 8]>(ctx, t.l3 + 12) else {
+            return false;
+        };
+        let Some(ports) = ports(ctx) else {
             return false;
         };
         // SAFETY: writing the ipv4 member of the union.
         let v4 = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
         v4.saddr = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
         v4.daddr = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
-        v4.sport = sport;
-        v4.dport = dport;
+        v4.sport = u16::from_ne_bytes([ports[0], ports[1]]);
+        v4.dport = u16::from_ne_bytes([ports[2], ports[3]]);
         size = 12;
     }
     // SAFETY: helper on our context with a tuple of the given size; the socket it returns is

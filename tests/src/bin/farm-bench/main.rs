@@ -133,11 +133,11 @@ fn dataplane(args: &[String]) -> Result<()> {
             &V4::new(src, dst, 6).build(&syn),
         )
     };
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("accept   (IPv4 TCP to VIP, my bucket)", v4(m4, VIP4)),
-        ("drop     (IPv4 TCP to VIP, other's bucket)", v4(t4, VIP4)),
+    let frames: Vec<(&str, Vec<u8>)> = vec![
+        ("accept   IPv4 TCP to VIP, my bucket", v4(m4, VIP4)),
+        ("drop     IPv4 TCP to VIP, other's bucket", v4(t4, VIP4)),
         (
-            "accept6  (IPv6 TCP to VIP, my bucket)",
+            "accept6  IPv6 TCP to VIP, my bucket",
             eth(
                 CLUSTER_MAC,
                 CLIENT_MAC,
@@ -146,7 +146,7 @@ fn dataplane(args: &[String]) -> Result<()> {
             ),
         ),
         (
-            "drop6    (IPv6 TCP to VIP, other's bucket)",
+            "drop6    IPv6 TCP to VIP, other's bucket",
             eth(
                 CLUSTER_MAC,
                 CLIENT_MAC,
@@ -155,14 +155,14 @@ fn dataplane(args: &[String]) -> Result<()> {
             ),
         ),
         (
-            "non-VIP  (IPv4 TCP to another address)",
+            "non-VIP  IPv4 TCP to another address",
             v4(m4, Ipv4Addr::new(192, 0, 2, 11)),
         ),
         // The answering path rewrites the frame into a reply, and BPF_PROG_TEST_RUN repeats on
         // the rewritten frame; so the ARP figure is the request a peer answers: parse, VIP
         // lookups, hash, bucket lookup (the reply adds a handful of stores).
         (
-            "arp      (request for VIP, peer's client)",
+            "arp      request for VIP, peer's client",
             eth(
                 [0xff; 6],
                 CLIENT_MAC,
@@ -171,12 +171,37 @@ fn dataplane(args: &[String]) -> Result<()> {
             ),
         ),
     ];
+    // Every packet of a run is the same frame: with the per-CPU bucket cache, all but the first
+    // find their bucket there (a connection's or a client's later packets); with the cache
+    // off, each is hashed (every packet from a new client: a SYN flood from spoofed sources).
+    let mut cases: Vec<(String, Vec<u8>, u8)> = Vec::new();
+    for (name, frame) in &frames {
+        let hashed = !name.starts_with("non-VIP");
+        let label = if hashed { ", cached" } else { "" };
+        cases.push((format!("{name}{label}"), frame.clone(), 0));
+    }
+    for (name, frame) in &frames {
+        if !name.starts_with("non-VIP") {
+            cases.push((
+                format!("{name}, hashed"),
+                frame.clone(),
+                farm_common::control_flags::NO_BUCKET_CACHE,
+            ));
+        }
+    }
 
     println!(
         "farm data plane: BPF_PROG_TEST_RUN, {repeat} repeats x {rounds} rounds; each round runs \
          the empty program and every case in turn, and each case is divided by that round's floor"
     );
     println!("machine: {}", machine());
+    if let Ok(info) = dp.xdp_program().info() {
+        println!(
+            "farm_xdp: {} instructions after the verifier's rewrites, {} bytes of machine code",
+            info.size_translated().unwrap_or(0) / 8,
+            info.size_jitted()
+        );
+    }
     println!();
     // Interleaved: a machine that slows down for a while slows the floor and the case alike.
     let mut floor = Vec::new();
@@ -185,7 +210,8 @@ fn dataplane(args: &[String]) -> Result<()> {
     for _ in 0..rounds.max(1) {
         let (f, _) = run_once(dp.empty_program(), &cases[0].1, repeat)?;
         floor.push(f);
-        for (i, (_, frame)) in cases.iter().enumerate() {
+        for (i, (_, frame, flags)) in cases.iter().enumerate() {
+            dp.set_control_flags(*flags)?;
             let (ns, ret) = run_once(dp.xdp_program(), frame, repeat)?;
             per_case[i].0.push(ns);
             per_case[i].1.push(ns / f.max(1.0));
@@ -193,22 +219,22 @@ fn dataplane(args: &[String]) -> Result<()> {
         }
     }
     println!(
-        "{:<46} {:>8} {:>11}   {:>6} {:>13}",
+        "{:<52} {:>8} {:>11}   {:>6} {:>13}",
         "path", "median", "min-max ns", "ratio", "ratio min-max"
     );
     let (f, lo, hi) = spread(floor);
     println!(
-        "{:<46} {f:>6.1} ns {:>11}   {:>5.2}x {:>13}  (floor)",
+        "{:<52} {f:>6.1} ns {:>11}   {:>5.2}x {:>13}  (floor)",
         "empty XDP program (XDP_PASS)",
         format!("{lo:.0}-{hi:.0}"),
         1.0,
         "-"
     );
-    for ((name, _), (ns, ratios, ret)) in cases.iter().zip(per_case) {
+    for ((name, _, _), (ns, ratios, ret)) in cases.iter().zip(per_case) {
         let (m, lo, hi) = spread(ns);
         let (r, rlo, rhi) = spread(ratios);
         println!(
-            "{name:<46} {m:>6.1} ns {:>11}   {r:>5.2}x {:>13}  {}",
+            "{name:<52} {m:>6.1} ns {:>11}   {r:>5.2}x {:>13}  {}",
             format!("{lo:.0}-{hi:.0}"),
             format!("{rlo:.2}-{rhi:.2}x"),
             verdict_name(ret)
@@ -220,6 +246,9 @@ fn dataplane(args: &[String]) -> Result<()> {
 
     let packets = flag(args, "--packets", 20_000_000)?;
     let trials = flag(args, "--trials", 3)?;
+    if trials == 0 {
+        return Ok(());
+    }
     kernel_comparison(packets, trials)
 }
 
@@ -417,7 +446,7 @@ fn kernel_comparison(packets: u32, trials: u32) -> Result<()> {
 
     // Alternating trials: a slow spell of the machine hits both sides.
     let (mut farm_rates, mut nft_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    for t in 1..=trials.max(1) {
+    for t in 1..=trials {
         let (fd, ft) = farm_trial()?;
         let (nd, nt) = nft_trial()?;
         let (fr, nr) = (fd as f64 / ft.as_secs_f64(), nd as f64 / nt.as_secs_f64());
