@@ -122,7 +122,9 @@ impl BucketKey {
             BucketKey::V4(a) => Msg::v4(u32::from_le_bytes(a)),
             BucketKey::V4Port(a, p) => Msg::v4_port(u32::from_le_bytes(a), u16::from_le_bytes(p)),
             BucketKey::V6(a) => Msg::v6(le64(&a, 0), le64(&a, 8)),
-            BucketKey::V6Port(a, p) => Msg::v6_port(le64(&a, 0), le64(&a, 8), u16::from_le_bytes(p)),
+            BucketKey::V6Port(a, p) => {
+                Msg::v6_port(le64(&a, 0), le64(&a, 8), u16::from_le_bytes(p))
+            }
         }
     }
 }

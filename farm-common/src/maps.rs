@@ -462,9 +462,8 @@ mod pod {
 const _: () =
     assert!(core::mem::size_of::<Control>() == 8 + 16 + 4 + 4 + 6 + 6 + 1 + 2 + 1 + 8 + 8);
 const _: () = assert!(core::mem::size_of::<VipSlot>() == 16 + 72 + 1 + 7);
-const _: () = assert!(
-    core::mem::offset_of!(Control, hash_key) == 8 && core::mem::align_of::<Control>() == 8
-);
+const _: () =
+    assert!(core::mem::offset_of!(Control, hash_key) == 8 && core::mem::align_of::<Control>() == 8);
 const _: () = assert!(core::mem::offset_of!(VipSlot, addr) == 0);
 const _: () = assert!(core::mem::size_of::<BucketEntry>() == 4);
 const _: () = assert!(core::mem::size_of::<BucketCounters>() == 32);

@@ -177,9 +177,7 @@ pub fn handle(ctx: &XdpContext, ctl: &Control, l3: usize) -> u32 {
             };
             let ty = icmp[0];
             match ty {
-                NDISC_NEIGHBOUR_SOLICITATION => {
-                    ndp::solicitation(ctx, ctl, l3, l4, bytes16(src))
-                }
+                NDISC_NEIGHBOUR_SOLICITATION => ndp::solicitation(ctx, ctl, l3, l4, bytes16(src)),
                 // An advertisement sent to the VIP answers a solicitation one of the members
                 // sent while resolving a client: every member may be waiting for it.
                 NDISC_NEIGHBOUR_ADVERTISEMENT => ndp::advertisement_to_vip(ctx, ctl, l4),

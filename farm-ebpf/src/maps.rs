@@ -36,7 +36,8 @@ static FARM_BUCKET_COUNTERS: PerCpuArray<BucketCounters> =
 /// Recent keys' buckets, per CPU (see `bucket_of`). Not pinned: each program instance starts
 /// with an empty cache.
 #[map]
-static FARM_BUCKET_CACHE: PerCpuArray<CacheEntry> = PerCpuArray::with_max_entries(1 << CACHE_BITS, 0);
+static FARM_BUCKET_CACHE: PerCpuArray<CacheEntry> =
+    PerCpuArray::with_max_entries(1 << CACHE_BITS, 0);
 
 /// This CPU's reading of the coarse clock and the tick it was read at (see `coarse_now`). Not
 /// pinned.

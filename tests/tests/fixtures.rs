@@ -714,7 +714,9 @@ fn dead_man_switch_stops_vip_traffic_only() {
     assert_eq!(run(&mut dp, &arp_frame).0, XDP_PASS, "answered (marked)");
     // Deadline in the past, as when the daemon stops refreshing it.
     dp.arm(std::time::Duration::ZERO).expect("arm");
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    // The program reads the clock once per tick per CPU: the deadline may be seen up to two
+    // ticks late (8 ms at HZ 250, 20 ms at HZ 100).
+    std::thread::sleep(std::time::Duration::from_millis(50));
     assert_eq!(
         run(&mut dp, &tcp_frame).0,
         XDP_DROP,
@@ -734,6 +736,99 @@ fn dead_man_switch_stops_vip_traffic_only() {
     dp.disarm().expect("disarm");
     assert_eq!(run(&mut dp, &tcp_frame).0, XDP_DROP);
     assert!(dp.stats().expect("stats")["deadman_dropped"] >= 3);
+}
+
+/// The per-CPU bucket cache gives every packet the bucket SipHash gives it: for clients that
+/// collide in the cache, on a first packet (a miss) and a second (a hit), with client and
+/// connection affinity, IPv4 and IPv6, and after the hash key changed (entries hashed with
+/// the old key must not answer).
+#[test]
+fn the_bucket_cache_agrees_with_the_hash() {
+    if !require_root("the_bucket_cache_agrees_with_the_hash") {
+        return;
+    }
+    use farm_common::{HashKey, bucket_of, control_flags::NO_BUCKET_CACHE};
+    let mut dp = dataplane();
+    // 600 clients, 4 frames each, in a 4096-entry cache: many share a slot.
+    let mut frames: Vec<(String, Vec<u8>, BucketKey)> = Vec::new();
+    for i in 0..600u32 {
+        let a4 = Ipv4Addr::from(0xcb00_7100 + i * 7);
+        let a6 = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 1, 0, 0, (i >> 16) as u16, i as u16);
+        let port = 40000 + (i % 1000) as u16;
+        frames.push((
+            format!("{a4} tcp/80"),
+            v4_frame(&V4::new(a4, VIP4, 6), &tcp(port, 80)),
+            BucketKey::V4(a4.octets()),
+        ));
+        frames.push((
+            format!("{a4}:{port} udp/{UDP_CONN_PORT}"),
+            v4_frame(&V4::new(a4, VIP4, 17), &udp(port, UDP_CONN_PORT, b"x")),
+            BucketKey::V4Port(a4.octets(), port.to_be_bytes()),
+        ));
+        frames.push((
+            format!("{a6} tcp/80"),
+            v6_frame(CLUSTER_MAC, a6, VIP6, 6, &[], &tcp(port, 80)),
+            BucketKey::V6(a6.octets()),
+        ));
+        frames.push((
+            format!("[{a6}]:{port} udp/{UDP_CONN_PORT}"),
+            v6_frame(
+                CLUSTER_MAC,
+                a6,
+                VIP6,
+                17,
+                &[],
+                &udp(port, UDP_CONN_PORT, b"x"),
+            ),
+            BucketKey::V6Port(a6.octets(), port.to_be_bytes()),
+        ));
+    }
+    let expect = |key: &HashKey, k: BucketKey| {
+        if bucket_of(key, k).is_multiple_of(2) {
+            XDP_PASS
+        } else {
+            XDP_DROP
+        }
+    };
+    let check = |dp: &mut Dataplane, key: &HashKey, what: &str| {
+        let mut wrong = Vec::new();
+        for (name, frame, k) in &frames {
+            let want = expect(key, *k);
+            for pass in ["first", "second"] {
+                let got = run(dp, frame).0;
+                if got != want {
+                    wrong.push(format!("{name} ({pass} packet): {got}, want {want}"));
+                }
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{what}: {} wrong verdicts:\n{}",
+            wrong.len(),
+            wrong[..wrong.len().min(20)].join("\n")
+        );
+    };
+    let key = farm_tests::fixture::KEY;
+    check(&mut dp, &key, "cache on");
+    dp.set_control_flags(NO_BUCKET_CACHE).expect("flags");
+    check(&mut dp, &key, "cache off");
+    dp.set_control_flags(0).expect("flags");
+    // A new key: the verdicts follow it at once, although every key is in the cache.
+    let other = HashKey {
+        k0: 0x0dd0_0000_0000_0003,
+        k1: 0x0dd0_0000_0000_0004,
+    };
+    dp.set_identity(other, IF_MAC, CLUSTER_MAC)
+        .expect("identity");
+    let moved = frames
+        .iter()
+        .filter(|(_, _, k)| expect(&key, *k) != expect(&other, *k))
+        .count();
+    assert!(
+        moved > 500,
+        "the keys must disagree on many clients: {moved}"
+    );
+    check(&mut dp, &other, "after the key changed");
 }
 
 #[test]
