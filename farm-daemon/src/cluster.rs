@@ -687,9 +687,20 @@ impl Io {
         }
         drop(tx);
         let mut send = interval_timer(self.interval);
-        let mut live = interval_timer((self.interval / 10).max(Duration::from_millis(2)));
+        // Liveness is judged when the first peer alive would lapse, and at least once per
+        // heartbeat interval (a peer heard again, the witness, the published statistics): not
+        // on a fast poll, which woke this thread 200 times a second on an idle farm.
+        let next_judgement = |io: &Self| {
+            let cap = Instant::now() + io.interval;
+            let at = io.membership.next_lapse().map_or(cap, |t| t.min(cap));
+            tokio::time::Instant::from_std(at)
+        };
+        let live = tokio::time::sleep_until(next_judgement(&self));
+        tokio::pin!(live);
         let mut arm = interval_timer((self.deadman_timeout / 5).max(Duration::from_millis(10)));
         let mut pending: Vec<Event> = Vec::new();
+        // Heartbeats taken in that the main loop has not been sent yet.
+        let mut refresh = false;
         let started = Instant::now();
         let mut buf = vec![0u8; 2048];
         loop {
@@ -713,12 +724,19 @@ impl Io {
                     if let Some(urgent) = self.take_in(&d, started) {
                         // A peer that announced it leaves is out at once: judge now.
                         pending.extend(self.judge());
-                        let events = std::mem::take(&mut pending);
-                        let urgent = urgent || !events.is_empty();
-                        let _ = updates.send(self.update(events, urgent));
+                        if urgent || !pending.is_empty() {
+                            let events = std::mem::take(&mut pending);
+                            let _ = updates.send(self.update(events, true));
+                            refresh = false;
+                        } else {
+                            // Nothing the main loop acts on: the peers' latest heartbeats go
+                            // with the next judgement (within one interval), not one wake-up
+                            // of the main loop per datagram.
+                            refresh = true;
+                        }
                     }
                 }
-                _ = live.tick() => {
+                () = &mut live => {
                     // Judge only after reading everything that arrived: a datagram waiting in
                     // the channel or in a socket is a peer heard, whatever delayed this thread.
                     let mut taken = false;
@@ -739,11 +757,13 @@ impl Io {
                     }
                     pending.extend(self.judge());
                     self.publish_stats();
-                    if !pending.is_empty() || taken {
+                    if !pending.is_empty() || taken || refresh {
+                        refresh = false;
                         let events = std::mem::take(&mut pending);
                         let urgent = urgent || !events.is_empty();
                         let _ = updates.send(self.update(events, urgent));
                     }
+                    live.as_mut().reset(next_judgement(&self));
                 }
                 cmd = commands.recv() => match cmd {
                     Some(Command::SendNow) => self.send_round(&readers),
@@ -757,7 +777,6 @@ impl Io {
                         if interval != self.interval {
                             self.interval = interval;
                             send = interval_timer(interval);
-                            live = interval_timer((interval / 10).max(Duration::from_millis(2)));
                         }
                         if deadman_timeout != self.deadman_timeout {
                             self.deadman_timeout = deadman_timeout;
@@ -766,6 +785,7 @@ impl Io {
                         self.membership.loss_window = loss_window;
                         self.membership.echo_rounds = echo_rounds(interval, loss_window);
                         self.witness_window = loss_window.max(Duration::from_millis(500));
+                        live.as_mut().reset(next_judgement(&self));
                     }
                     Some(Command::Weights(w)) => {
                         for (p, w) in self.membership.peers.iter_mut().zip(w) {

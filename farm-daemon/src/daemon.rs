@@ -219,7 +219,7 @@ type Interval = tokio::time::Interval;
 
 /// The main loop's timers (heartbeats themselves, liveness and the dead-man switch are the
 /// heartbeat thread's, see `cluster`): the lifecycle step once per heartbeat interval, and a
-/// tick ten times per interval for joining and drills.
+/// tick ten times per interval while joining or in a drill (`Node::wants_tick`).
 fn timers(cfg: &Config) -> (Interval, Interval) {
     let make = |period: Duration| {
         let mut i = tokio::time::interval(period);
@@ -910,7 +910,7 @@ impl Daemon {
             if self.leave {
                 break Ok(Ended::Stopped);
             }
-            // The heartbeat thread's watchdog: this loop goes round at least every liveness
+            // The heartbeat thread's watchdog: this loop goes round at least every heartbeat
             // tick.
             self.cluster.stamp();
             tokio::select! {
@@ -954,7 +954,7 @@ impl Daemon {
                 Some((i, outcome)) = check_results.recv() => {
                     self.node.handle_health(i, outcome, Instant::now());
                 }
-                _ = liveness.tick() => {
+                _ = liveness.tick(), if self.node.wants_tick() || self.drill.is_some() => {
                     if self.drill.is_some() {
                         self.drill_tick().await;
                     }

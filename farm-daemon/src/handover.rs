@@ -49,6 +49,9 @@ pub struct Announce {
 /// control word (see `farm_common::Control::effective_state`).
 pub struct Step<'a> {
     pub plan: &'a Plan,
+    /// Which plan this is: a new number whenever the plan is computed anew (so the caller
+    /// knows an unchanged plan without comparing 65536 entries).
+    pub plan_gen: u64,
     pub givers_ready: u64,
     pub givers_done: u64,
 }
@@ -77,6 +80,8 @@ pub struct Handover {
     /// Hand over without waiting for connections (the application does not answer anyway).
     pub immediate: bool,
     cached: Option<(PlanKey, Plan)>,
+    /// Counts the plans computed (see `Step::plan_gen`).
+    plan_gen: u64,
     started: Option<(View, Instant)>,
     /// When this node released its outgoing buckets for the current target.
     released_at: Option<Instant>,
@@ -114,6 +119,7 @@ impl Handover {
             released: View::default(),
             immediate: false,
             cached: None,
+            plan_gen: 0,
             started: None,
             released_at: None,
             counting: None,
@@ -215,8 +221,16 @@ impl Handover {
                 quorum,
             );
             self.cached = Some((key, p));
+            self.plan_gen += 1;
         }
         &self.cached.as_ref().expect("just set").1
+    }
+
+    /// The plan for `key` and its number (`Step::plan_gen`).
+    fn planned(&mut self, key: PlanKey) -> (&Plan, u64) {
+        self.plan(key);
+        let plan_gen = self.plan_gen;
+        (&self.cached.as_ref().expect("just planned").1, plan_gen)
     }
 
     /// The ids of the members in `mask`.
@@ -271,8 +285,10 @@ impl Handover {
     }
 
     fn settled_step(&mut self, key: PlanKey) -> Step<'_> {
+        let (plan, plan_gen) = self.planned(key);
         Step {
-            plan: self.plan(key),
+            plan,
+            plan_gen,
             givers_ready: 0,
             givers_done: 0,
         }
@@ -502,8 +518,10 @@ impl Handover {
             waiting_for: self.names(waiting),
             elapsed_ms: elapsed.as_millis() as u64,
         });
+        let (plan, plan_gen) = self.planned(key);
         Step {
-            plan: self.plan(key),
+            plan,
+            plan_gen,
             givers_ready: ready,
             givers_done: done_mask & givers,
         }

@@ -342,6 +342,19 @@ impl Membership {
             .is_some_and(|t| now.saturating_duration_since(t) <= self.loss_window)
     }
 
+    /// When the first peer alive now will be judged lost if nothing more is heard from it (one
+    /// millisecond past its loss window, the timer's grain): the heartbeat thread judges then,
+    /// rather than polling.
+    pub fn next_lapse(&self) -> Option<Instant> {
+        self.peers
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| *i != self.me && p.alive)
+            .filter_map(|(_, p)| p.last_heard.iter().flatten().max().copied())
+            .map(|t| t + self.loss_window + Duration::from_millis(1))
+            .min()
+    }
+
     /// Re-evaluates liveness and quorum; returns what changed.
     pub fn tick(&mut self, now: Instant, witness_reachable: bool) -> Vec<Event> {
         let mut events = Vec::new();

@@ -175,6 +175,8 @@ pub struct Node {
     drill_timeout: Duration,
     quorum: bool,
     applied: Vec<BucketEntry>,
+    /// `Step::plan_gen` of the plan `applied` is (0: none yet; plans count from 1).
+    applied_gen: u64,
     owners: Vec<u8>,
     queued: Option<Planned>,
     stopping: Option<Instant>,
@@ -216,6 +218,7 @@ impl Node {
             drill_timeout: cfg.drill_timeout,
             quorum: false,
             applied: Vec::new(),
+            applied_gen: 0,
             owners: Vec::new(),
             queued: None,
             stopping: None,
@@ -535,6 +538,13 @@ impl Node {
         }
     }
 
+    /// Whether `handle_tick` has anything to do: joining (the loss window's wait), or acting
+    /// out a drill. The shell ticks only then: an idle member's main loop sleeps between
+    /// heartbeat intervals.
+    pub fn wants_tick(&self) -> bool {
+        self.crashed.is_some() || self.membership.my_state == State::Joining
+    }
+
     /// The fine tick (ten times per heartbeat interval): joining, a drill order's end.
     pub fn handle_tick(&mut self, now: Instant) {
         if self.crashed.is_some() {
@@ -681,10 +691,13 @@ impl Node {
         let step = self.handover.step(&self.membership, now);
         self.quorum = self.membership.has_quorum();
         let (ready, done) = (step.givers_ready, step.givers_done);
-        if step.plan.entries == self.applied {
+        // The same plan as last time (most steps): no 65536-entry comparison.
+        if step.plan_gen == self.applied_gen || step.plan.entries == self.applied {
+            self.applied_gen = step.plan_gen;
             self.push(Action::SetMasks { ready, done });
         } else {
             let plan = step.plan;
+            self.applied_gen = step.plan_gen;
             self.applied.clone_from(&plan.entries);
             self.owners.clone_from(&plan.owners);
             let count = |st: u8| self.applied.iter().filter(|e| e.state == st).count();

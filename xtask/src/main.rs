@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | test | demo | bench dataplane|failover|rolling|mirror|membership|upgrade`.
+//! Developer tasks: `cargo xtask setup | test | demo | bench dataplane|failover|rolling|mirror|membership|upgrade|member`.
 //!
 //! xtask itself needs nothing but the stable toolchain, so that `cargo xtask setup` works on a
 //! machine that cannot build the eBPF program yet.
@@ -48,8 +48,10 @@ enum Task {
         /// resync speed against the same directory without replication (--mib N, --fsyncs N);
         /// membership: buckets moved when a member is added or removed, against farm 0.1's
         /// assignment and Maglev's table; upgrade: the heartbeat gap peers see during
-        /// `farmctl upgrade` (--trials N), beside a restart.
-        #[arg(value_parser = ["dataplane", "failover", "rolling", "mirror", "membership", "upgrade"])]
+        /// `farmctl upgrade` (--trials N), beside a restart; member: what a member costs (farmd
+        /// memory and CPU at rest in a farm of 5, XDP and farmd CPU per 10k VIP packets/s;
+        /// --seconds N, --rates PPS,PPS).
+        #[arg(value_parser = ["dataplane", "failover", "rolling", "mirror", "membership", "upgrade", "member"])]
         what: String,
         /// Extra arguments for the benchmark.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

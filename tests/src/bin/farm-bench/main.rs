@@ -36,6 +36,7 @@ use farm_tests::{
     netns::Netns,
 };
 
+mod member;
 mod membership;
 mod mirror;
 mod recovery;
@@ -51,10 +52,11 @@ fn main() -> Result<()> {
         Some("membership") => membership::membership()
             .and_then(|()| membership::convergence(flag(&args[1..], "--trials", 3)? as usize)),
         Some("upgrade") => upgrade::upgrade(flag(&args[1..], "--trials", 10)? as usize),
+        Some("member") => member::member(&args[1..]),
         _ => bail!(
             "usage: farm-bench dataplane [--repeat N] [--rounds N] [--packets N] [--trials N] | \
              failover [--trials N] | rolling | mirror [--mib N] [--fsyncs N] | membership \
-             [--trials N] | upgrade [--trials N]"
+             [--trials N] | upgrade [--trials N] | member [--seconds N] [--rates PPS,PPS]"
         ),
     }
 }
