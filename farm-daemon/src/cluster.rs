@@ -690,14 +690,18 @@ impl Io {
         // Liveness is judged when the first peer alive would lapse, and at least once per
         // heartbeat interval (a peer heard again, the witness, the published statistics): not
         // on a fast poll, which woke this thread 200 times a second on an idle farm.
+        // The send tick also judges (it makes `live` due at once, so no second wake-up), and
+        // refreshes the dead-man switch when it comes often enough: an idle farmd's heartbeat
+        // thread wakes for its sends and its peers' heartbeats only.
         let next_judgement = |io: &Self| {
-            let cap = Instant::now() + io.interval;
+            let cap = Instant::now() + io.interval * 2;
             let at = io.membership.next_lapse().map_or(cap, |t| t.min(cap));
             tokio::time::Instant::from_std(at)
         };
         let live = tokio::time::sleep_until(next_judgement(&self));
         tokio::pin!(live);
-        let mut arm = interval_timer((self.deadman_timeout / 5).max(Duration::from_millis(10)));
+        let arm_period = |d: Duration| (d / 5).max(Duration::from_millis(10));
+        let mut arm = interval_timer(arm_period(self.deadman_timeout));
         let mut pending: Vec<Event> = Vec::new();
         // Heartbeats taken in that the main loop has not been sent yet.
         let mut refresh = false;
@@ -709,16 +713,13 @@ impl Io {
                     let late = due.into_std().elapsed();
                     self.lateness.send.record(late);
                     self.send_round(&readers);
-                }
-                _ = arm.tick() => {
-                    let out = self.outgoing();
-                    // Busy lock (the main loop writes the tables): the next tick refreshes it.
-                    if !out.silent
-                        && !self.main_stalled()
-                        && let Some(Err(e)) = deadman.try_arm(self.deadman_timeout)
-                    {
-                        tracing::error!("refreshing the dead-man switch failed: {e}");
+                    if self.interval <= arm_period(self.deadman_timeout) {
+                        self.arm(&deadman);
                     }
+                    live.as_mut().reset(tokio::time::Instant::now());
+                }
+                _ = arm.tick(), if self.interval > arm_period(self.deadman_timeout) => {
+                    self.arm(&deadman);
                 }
                 Some(d) = datagrams.recv() => {
                     if let Some(urgent) = self.take_in(&d, started) {
@@ -780,7 +781,7 @@ impl Io {
                         }
                         if deadman_timeout != self.deadman_timeout {
                             self.deadman_timeout = deadman_timeout;
-                            arm = interval_timer((deadman_timeout / 5).max(Duration::from_millis(10)));
+                            arm = interval_timer(arm_period(deadman_timeout));
                         }
                         self.membership.loss_window = loss_window;
                         self.membership.echo_rounds = echo_rounds(interval, loss_window);
@@ -863,6 +864,19 @@ impl Io {
     /// Takes in one datagram: its lateness (datagrams queued while farmd was still setting the
     /// host up are judged at their arrival time but are not the thread's lateness), then the
     /// heartbeat (see `receive`).
+    /// Refreshes the dead-man switch, unless this member is silent (held, or its main loop
+    /// stalled). A busy lock (the main loop writes the tables) is skipped: the next refresh
+    /// comes within a fifth of the timeout.
+    fn arm(&mut self, deadman: &Deadman) {
+        let out = self.outgoing();
+        if !out.silent
+            && !self.main_stalled()
+            && let Some(Err(e)) = deadman.try_arm(self.deadman_timeout)
+        {
+            tracing::error!("refreshing the dead-man switch failed: {e}");
+        }
+    }
+
     fn take_in(&mut self, d: &Received, started: Instant) -> Option<bool> {
         if d.arrived >= started {
             self.lateness.receive.record(d.arrived.elapsed());

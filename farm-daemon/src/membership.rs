@@ -585,6 +585,34 @@ mod tests {
     }
 
     #[test]
+    fn the_next_lapse_is_when_the_first_live_peer_would_be_lost() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut m = Membership::new(&members(3), 0, 1, W, false);
+        m.incarnation = 77;
+        m.my_state = State::Active;
+        assert_eq!(m.next_lapse(), None, "nobody alive yet");
+        m.seq = 1;
+        let h2 = answering(&m, "n2", 10, 1, 0);
+        m.receive(&h2, 0, t0 + ms(100)).unwrap();
+        let h3 = answering(&m, "n3", 11, 1, 0);
+        m.receive(&h3, 0, t0 + ms(200)).unwrap();
+        m.tick(t0 + ms(200), false);
+        let lapse = m.next_lapse().expect("two peers alive");
+        assert_eq!(lapse, t0 + ms(100) + W + ms(1));
+        // Judged a moment before, n2 is alive; judged then, it is lost.
+        assert!(m.tick(lapse - ms(2), false).is_empty());
+        let ev = m.tick(lapse, false);
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, Event::PeerLost { id, .. } if id == "n2")),
+            "{ev:?}"
+        );
+        // Now n3 is the first.
+        assert_eq!(m.next_lapse(), Some(t0 + ms(200) + W + ms(1)));
+    }
+
+    #[test]
     fn a_lost_peers_captured_heartbeats_never_make_it_alive_again() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
