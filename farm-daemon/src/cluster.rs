@@ -752,6 +752,10 @@ impl Io {
         let mut pending: Vec<Event> = Vec::new();
         // Heartbeats taken in that the main loop has not been sent yet.
         let mut refresh = false;
+        // Datagrams the readers passed on since the last judgement, and until when a flood
+        // keeps them on.
+        let mut since_judgement = 0usize;
+        let mut busy_until = Instant::now();
         let started = Instant::now();
         let mut buf = vec![0u8; 2048];
         loop {
@@ -769,6 +773,7 @@ impl Io {
                     self.arm(&deadman);
                 }
                 Some(d) = datagrams.recv() => {
+                    since_judgement += 1;
                     if let Some(urgent) = self.take_in(&d, started) {
                         // A peer that announced it leaves is out at once: judge now.
                         pending.extend(self.judge());
@@ -812,9 +817,16 @@ impl Io {
                     // Twice the heartbeats the peers send in two intervals: more is a flood,
                     // which the readers keep up with (a socket read only every interval would
                     // overflow and lose heartbeats).
+                    // (Counted since the last judgement, read here or by the readers; a flood
+                    // keeps the readers on for a loss window.)
                     let expected = 4 * self.membership.peers.len() * readers.len().max(1);
-                    let at_rest =
-                        !urgent && pending.is_empty() && read <= expected && self.at_rest();
+                    if read + std::mem::take(&mut since_judgement) > expected {
+                        busy_until = Instant::now() + self.membership.loss_window;
+                    }
+                    let at_rest = !urgent
+                        && pending.is_empty()
+                        && Instant::now() >= busy_until
+                        && self.at_rest();
                     rest_tx.send_if_modified(|r| std::mem::replace(r, at_rest) != at_rest);
                     if !pending.is_empty() || taken || refresh {
                         refresh = false;

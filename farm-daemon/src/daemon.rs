@@ -1667,7 +1667,7 @@ impl Daemon {
                 l.arp_answered,
                 l.steady(20, now, grace),
                 match phase {
-                    DrillPhase::Crashed(at) => l.outage(at),
+                    DrillPhase::Crashed(at) => l.outage(at, now, grace),
                     _ => None,
                 },
             )

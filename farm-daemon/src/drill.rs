@@ -72,15 +72,21 @@ impl ProbeLog {
                 .all(|&i| self.answered[i].is_some())
     }
 
-    /// The outage around `crash`: from the sending of the last probe answered before it to the
-    /// sending of the first probe answered after it; `None` while no probe sent after the crash
-    /// has been answered.
-    pub fn outage(&self, crash: Instant) -> Option<Duration> {
-        let after =
-            (0..self.sent.len()).find(|&i| self.sent[i] >= crash && self.answered[i].is_some())?;
-        let before = (0..after)
+    /// The outage a crash ordered at `crash` caused: from the last probe answered before the
+    /// first one that went unanswered (sent at or after the order, and unanswered for `grace`
+    /// by `now`) to the first probe answered after that. None until then. The victim stops
+    /// when it reads the order (it travels in a heartbeat, and a member at rest reads its
+    /// heartbeats once per interval): the probes it still answers meanwhile are no outage.
+    pub fn outage(&self, crash: Instant, now: Instant, grace: Duration) -> Option<Duration> {
+        let lost = (0..self.sent.len()).find(|&i| {
+            self.sent[i] >= crash
+                && self.answered[i].is_none()
+                && now.saturating_duration_since(self.sent[i]) >= grace
+        })?;
+        let after = (lost + 1..self.sent.len()).find(|&i| self.answered[i].is_some())?;
+        let before = (0..lost)
             .rev()
-            .find(|&i| self.sent[i] < crash && self.answered[i].is_some())
+            .find(|&i| self.answered[i].is_some())
             .map_or(crash, |i| self.sent[i]);
         Some(self.sent[after].saturating_duration_since(before))
     }
@@ -465,8 +471,20 @@ mod tests {
             l.answered
                 .push((i * 5 < 100 || i * 5 >= 420).then(|| ms(i * 5 + 1)));
         }
-        assert_eq!(l.outage(ms(102)), Some(Duration::from_millis(325)));
-        assert_eq!(l.outage(ms(600)), None, "nothing sent after");
+        let g = Duration::from_millis(50);
+        assert_eq!(l.outage(ms(102), ms(600), g), Some(Duration::from_millis(325)));
+        assert_eq!(l.outage(ms(600), ms(600), g), None, "nothing sent after");
+        assert_eq!(l.outage(ms(102), ms(130), g), None, "not judged within the grace");
+        // A victim that reads the order 45 ms late answers until then: no outage yet, and the
+        // outage runs from its last answer.
+        let mut late = ProbeLog::default();
+        for i in 0..100u64 {
+            late.sent.push(ms(i * 5));
+            late.answered
+                .push((i * 5 < 150 || i * 5 >= 420).then(|| ms(i * 5 + 1)));
+        }
+        assert_eq!(late.outage(ms(102), ms(140), g), None, "still answered");
+        assert_eq!(late.outage(ms(102), ms(600), g), Some(Duration::from_millis(275)));
         assert_eq!(l.lost_since(ms(0), ms(600), Duration::from_millis(50)), 64);
         assert!(l.steady(10, ms(600), Duration::from_millis(50)));
         assert!(!l.steady(10, ms(200), Duration::from_millis(50)));
