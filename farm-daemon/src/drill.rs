@@ -472,9 +472,16 @@ mod tests {
                 .push((i * 5 < 100 || i * 5 >= 420).then(|| ms(i * 5 + 1)));
         }
         let g = Duration::from_millis(50);
-        assert_eq!(l.outage(ms(102), ms(600), g), Some(Duration::from_millis(325)));
+        assert_eq!(
+            l.outage(ms(102), ms(600), g),
+            Some(Duration::from_millis(325))
+        );
         assert_eq!(l.outage(ms(600), ms(600), g), None, "nothing sent after");
-        assert_eq!(l.outage(ms(102), ms(130), g), None, "not judged within the grace");
+        assert_eq!(
+            l.outage(ms(102), ms(130), g),
+            None,
+            "not judged within the grace"
+        );
         // A victim that reads the order 45 ms late answers until then: no outage yet, and the
         // outage runs from its last answer.
         let mut late = ProbeLog::default();
@@ -484,7 +491,10 @@ mod tests {
                 .push((i * 5 < 150 || i * 5 >= 420).then(|| ms(i * 5 + 1)));
         }
         assert_eq!(late.outage(ms(102), ms(140), g), None, "still answered");
-        assert_eq!(late.outage(ms(102), ms(600), g), Some(Duration::from_millis(275)));
+        assert_eq!(
+            late.outage(ms(102), ms(600), g),
+            Some(Duration::from_millis(275))
+        );
         assert_eq!(l.lost_since(ms(0), ms(600), Duration::from_millis(50)), 64);
         assert!(l.steady(10, ms(600), Duration::from_millis(50)));
         assert!(!l.steady(10, ms(200), Duration::from_millis(50)));
