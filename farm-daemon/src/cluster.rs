@@ -29,7 +29,8 @@ use std::{
 };
 
 use tokio::{
-    io::{Interest, unix::AsyncFd},
+    io::Interest,
+    net::UdpSocket,
     sync::mpsc::{self, UnboundedReceiver, UnboundedSender},
 };
 
@@ -629,19 +630,9 @@ struct Received {
     arrived: Instant,
 }
 
-/// A heartbeat socket shared between the thread's loop (sending, and reading at rest) and
-/// its reader task, for `AsyncFd`.
-struct SharedSocket(Arc<std::net::UdpSocket>);
-
-impl std::os::fd::AsRawFd for SharedSocket {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
 impl Received {
     /// Reads one datagram from heartbeat network `net`'s socket without blocking.
-    fn read(sock: &std::net::UdpSocket, net: usize, buf: &mut [u8]) -> std::io::Result<Self> {
+    fn read(sock: &UdpSocket, net: usize, buf: &mut [u8]) -> std::io::Result<Self> {
         let (n, from, waited) = crate::packet::recv_timestamped(&sock.as_raw_fd(), buf)?;
         let now = Instant::now();
         Ok(Self {
@@ -667,67 +658,29 @@ impl Io {
         deadman: Deadman,
     ) {
         let (tx, mut datagrams) = mpsc::channel::<Received>(1024);
-        // At rest (nothing moving anywhere, and no more datagrams than heartbeats), the readers
-        // stop waking this thread for each datagram: the judgement on every send tick reads the
-        // sockets, and each datagram keeps the kernel's receive time, so liveness is judged
-        // exactly as before. What a peer announces reaches this member within one interval
-        // then; anything that moves (a state, a map, a drill, a flood) turns the readers back on.
-        let (rest_tx, rest_rx) = tokio::sync::watch::channel(false);
         let mut readers = Vec::new();
         for (net, s) in std::mem::take(&mut self.sockets).into_iter().enumerate() {
-            if let Err(e) = s.set_nonblocking(true) {
-                tracing::error!(network = net, "heartbeat socket: {e}");
-                continue;
-            }
+            let s = match UdpSocket::from_std(s) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(network = net, "heartbeat socket: {e}");
+                    continue;
+                }
+            };
             let s = Arc::new(s);
             let (rs, tx) = (s.clone(), tx.clone());
-            let mut rest = rest_rx.clone();
             readers.push(s);
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 2048];
                 loop {
-                    let at_rest = *rest.borrow_and_update();
-                    if at_rest && rest.wait_for(|r| !*r).await.is_err() {
+                    let r = rs
+                        .async_io(Interest::READABLE, || Received::read(&rs, net, &mut buf))
+                        .await;
+                    let Ok(d) = r else {
+                        continue;
+                    };
+                    if tx.send(d).await.is_err() {
                         break;
-                    }
-                    // Registered with the runtime only while not at rest: a registered socket
-                    // wakes this thread on every datagram, even with nobody waiting to read.
-                    // SAFETY: `SharedSocket` holds the socket (an `Arc`), so the descriptor
-                    // stays open and the same for the registration's life.
-                    let registered = unsafe {
-                        AsyncFd::register_with_interest(
-                            SharedSocket(rs.clone()),
-                            Interest::READABLE,
-                        )
-                    };
-                    let fd = match registered {
-                        Ok(fd) => fd,
-                        Err(e) => {
-                            tracing::error!(network = net, "heartbeat socket: {e}");
-                            break;
-                        }
-                    };
-                    loop {
-                        let got = tokio::select! {
-                            ready = fd.readable() => match ready {
-                                Ok(mut guard) => guard
-                                    .try_io(|s| Received::read(&s.get_ref().0, net, &mut buf))
-                                    .ok()
-                                    .and_then(Result::ok),
-                                Err(_) => return,
-                            },
-                            r = async { rest.wait_for(|r| *r).await.is_ok() } => {
-                                if !r {
-                                    return;
-                                }
-                                break;
-                            }
-                        };
-                        if let Some(d) = got
-                            && tx.send(d).await.is_err()
-                        {
-                            return;
-                        }
                     }
                 }
             });
@@ -752,10 +705,6 @@ impl Io {
         let mut pending: Vec<Event> = Vec::new();
         // Heartbeats taken in that the main loop has not been sent yet.
         let mut refresh = false;
-        // Datagrams the readers passed on since the last judgement, and until when a flood
-        // keeps them on.
-        let mut since_judgement = 0usize;
-        let mut busy_until = Instant::now();
         let started = Instant::now();
         let mut buf = vec![0u8; 2048];
         loop {
@@ -773,7 +722,6 @@ impl Io {
                     self.arm(&deadman);
                 }
                 Some(d) = datagrams.recv() => {
-                    since_judgement += 1;
                     if let Some(urgent) = self.take_in(&d, started) {
                         // A peer that announced it leaves is out at once: judge now.
                         pending.extend(self.judge());
@@ -781,7 +729,6 @@ impl Io {
                             let events = std::mem::take(&mut pending);
                             let _ = updates.send(self.update(events, true));
                             refresh = false;
-                            rest_tx.send_if_modified(|r| std::mem::replace(r, false));
                         } else {
                             // Nothing the main loop acts on: the peers' latest heartbeats go
                             // with the next judgement (within one interval), not one wake-up
@@ -795,9 +742,7 @@ impl Io {
                     // the channel or in a socket is a peer heard, whatever delayed this thread.
                     let mut taken = false;
                     let mut urgent = false;
-                    let mut read = 0usize;
                     while let Ok(d) = datagrams.try_recv() {
-                        read += 1;
                         if let Some(u) = self.take_in(&d, started) {
                             taken = true;
                             urgent |= u;
@@ -805,7 +750,6 @@ impl Io {
                     }
                     for (net, sock) in readers.iter().enumerate() {
                         while let Ok(d) = Received::read(sock, net, &mut buf) {
-                            read += 1;
                             if let Some(u) = self.take_in(&d, started) {
                                 taken = true;
                                 urgent |= u;
@@ -814,20 +758,6 @@ impl Io {
                     }
                     pending.extend(self.judge());
                     self.publish_stats();
-                    // Twice the heartbeats the peers send in two intervals: more is a flood,
-                    // which the readers keep up with (a socket read only every interval would
-                    // overflow and lose heartbeats).
-                    // (Counted since the last judgement, read here or by the readers; a flood
-                    // keeps the readers on for a loss window.)
-                    let expected = 4 * self.membership.peers.len() * readers.len().max(1);
-                    if read + std::mem::take(&mut since_judgement) > expected {
-                        busy_until = Instant::now() + self.membership.loss_window;
-                    }
-                    let at_rest = !urgent
-                        && pending.is_empty()
-                        && Instant::now() >= busy_until
-                        && self.at_rest();
-                    rest_tx.send_if_modified(|r| std::mem::replace(r, at_rest) != at_rest);
                     if !pending.is_empty() || taken || refresh {
                         refresh = false;
                         let events = std::mem::take(&mut pending);
@@ -931,6 +861,9 @@ impl Io {
         }
     }
 
+    /// Takes in one datagram: its lateness (datagrams queued while farmd was still setting the
+    /// host up are judged at their arrival time but are not the thread's lateness), then the
+    /// heartbeat (see `receive`).
     /// Refreshes the dead-man switch, unless this member is silent (held, or its main loop
     /// stalled). A busy lock (the main loop writes the tables) is skipped: the next refresh
     /// comes within a fifth of the timeout.
@@ -944,25 +877,6 @@ impl Io {
         }
     }
 
-    /// Whether the farm is at rest as this member sees it (see `Membership::peers_at_rest`),
-    /// and this member too: active, its map settled, handed over and released, no drill, no
-    /// mirror group, sending.
-    fn at_rest(&mut self) -> bool {
-        let out = self.outgoing();
-        let a = out.announce;
-        out.state == State::Active
-            && !out.silent
-            && out.drill.is_none()
-            && out.mirror == crate::heartbeat::MirrorBeat::default()
-            && a.settled == a.applied
-            && a.handed_over == a.applied
-            && a.released == a.applied
-            && self.membership.peers_at_rest()
-    }
-
-    /// Takes in one datagram: its lateness (datagrams queued while farmd was still setting the
-    /// host up are judged at their arrival time but are not the thread's lateness), then the
-    /// heartbeat (see `receive`).
     fn take_in(&mut self, d: &Received, started: Instant) -> Option<bool> {
         if d.arrived >= started {
             self.lateness.receive.record(d.arrived.elapsed());
@@ -1018,7 +932,7 @@ impl Io {
     }
 
     /// Sends one heartbeat to every peer on every network.
-    fn send_round(&mut self, sockets: &[Arc<std::net::UdpSocket>]) {
+    fn send_round(&mut self, sockets: &[Arc<UdpSocket>]) {
         let out = self.outgoing();
         if out.silent || self.main_stalled() {
             return;
@@ -1065,8 +979,7 @@ impl Io {
                     let bytes = heartbeat::encode(&self.key, &hb);
                     // A full socket buffer loses one heartbeat, which the loss threshold
                     // absorbs.
-                    // Non-blocking: a full send buffer is a heartbeat lost, never a stall.
-                    any |= sock.send_to(&bytes, addrs[net]).is_ok();
+                    any |= sock.try_send_to(&bytes, addrs[net]).is_ok();
                 }
                 sent[i][net] += u64::from(any);
             }

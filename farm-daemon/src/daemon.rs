@@ -827,7 +827,6 @@ impl Daemon {
         let mut hup = signal(SignalKind::hangup()).map_err(io("installing SIGHUP handler"))?;
         let announcer = Announcer::new(self.link.index)?;
         let (mut heartbeat, mut liveness) = timers(&self.cfg);
-        let mut last_timeout = Instant::now();
         let mut updates = self
             .cluster
             .start(self.dp.deadman(), self.cfg.heartbeat.scheduling)?;
@@ -940,7 +939,6 @@ impl Daemon {
                 _ = heartbeat.tick() => {
                     self.mirror_tick();
                     self.node.handle_timeout(Instant::now());
-                    last_timeout = Instant::now();
                 }
                 _ = dataplane_check.tick() => {
                     if let Err(e) = self.check_dataplane().await {
@@ -973,15 +971,6 @@ impl Daemon {
                     // A peer that applied or handed over a move, or a liveness change: the
                     // node core acts on it now.
                     self.node.handle_update(u, Instant::now());
-                    // The heartbeat thread sends the peers' latest at least once per interval:
-                    // the lifecycle step goes with it when it is about due, and its own timer
-                    // only fires when no update came (one wake-up per interval, not two).
-                    if last_timeout.elapsed() >= self.cfg.heartbeat.interval / 2 {
-                        self.mirror_tick();
-                        self.node.handle_timeout(Instant::now());
-                        last_timeout = Instant::now();
-                        heartbeat.reset();
-                    }
                 }
                 _ = tokio::time::sleep_until(announce_at) => {
                     if let Err(e) = announcer.announce(

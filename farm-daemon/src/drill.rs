@@ -75,8 +75,8 @@ impl ProbeLog {
     /// The outage a crash ordered at `crash` caused: from the last probe answered before the
     /// first one that went unanswered (sent at or after the order, and unanswered for `grace`
     /// by `now`) to the first probe answered after that. None until then. The victim stops
-    /// when it reads the order (it travels in a heartbeat, and a member at rest reads its
-    /// heartbeats once per interval): the probes it still answers meanwhile are no outage.
+    /// when the order reaches it (it travels in a heartbeat): the probes it still answers
+    /// meanwhile are no outage.
     pub fn outage(&self, crash: Instant, now: Instant, grace: Duration) -> Option<Duration> {
         let lost = (0..self.sent.len()).find(|&i| {
             self.sent[i] >= crash

@@ -351,23 +351,6 @@ impl Membership {
             .is_some_and(|t| now.saturating_duration_since(t) <= self.lapse_after())
     }
 
-    /// Whether the peers this member hears are at rest: quorum, and every peer alive is active,
-    /// serves a settled map it has handed over and released, and has no drill order or mirror
-    /// group. (This member's own part is in what it sends, which the heartbeat thread checks.)
-    pub fn peers_at_rest(&self) -> bool {
-        self.quorum
-            && self.peers.iter().enumerate().all(|(i, p)| {
-                i == self.me
-                    || !p.alive
-                    || (p.state == Some(State::Active)
-                        && p.settled == p.applied
-                        && p.handed_over == p.applied
-                        && p.released == p.applied
-                        && p.drill.is_none()
-                        && p.mirror == crate::heartbeat::MirrorBeat::default())
-            })
-    }
-
     /// When the first peer alive now will be judged lost if nothing more is heard from it (one
     /// millisecond past its loss window, the timer's grain): the heartbeat thread judges then,
     /// rather than polling.
