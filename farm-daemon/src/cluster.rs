@@ -41,6 +41,7 @@ use crate::{
     heartbeat::{self, Heartbeat, MirrorBeat, Reject, State},
     lateness::{Histogram, Lateness},
     membership::{Event, Membership, config_digest},
+    ticker::Ticker,
     witness::{Witness, WitnessError},
 };
 
@@ -58,6 +59,8 @@ pub enum ClusterError {
     },
     #[error(transparent)]
     Witness(#[from] WitnessError),
+    #[error("heartbeat send tick: {0}")]
+    Ticker(#[from] crate::ticker::TickerError),
     #[error("cannot start the heartbeat thread: {0}")]
     Thread(std::io::Error),
     #[error("taking over the heartbeat sockets: {0}")]
@@ -452,16 +455,24 @@ impl Cluster {
         let (io, commands) = self.io.take().expect("started once");
         let (tx, rx) = mpsc::unbounded_channel();
         self.stamp();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ClusterError::Thread)?;
+        // The send tick and the liveness judgement's timer, on the kernel's clock (see
+        // `ticker`); the first send at once, so the peers hear this member as it starts.
+        let (send, live) = {
+            let _in_rt = rt.enter();
+            let mut t = Ticker::new(io.interval)?;
+            t.reset_after(Duration::ZERO)?;
+            (t, Ticker::new(io.interval * 2)?)
+        };
         let thread = std::thread::Builder::new()
             .name("farm-heartbeat".into())
             .spawn(move || {
                 let status = apply_scheduling(scheduling);
                 *lock(&io.shared.scheduling) = status;
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a single-threaded tokio runtime");
-                rt.block_on(io.run(commands, tx, deadman));
+                rt.block_on(io.run(commands, tx, deadman, send, live));
             })
             .map_err(ClusterError::Thread)?;
         self.thread = Some(thread);
@@ -656,6 +667,8 @@ impl Io {
         mut commands: UnboundedReceiver<Command>,
         updates: UnboundedSender<Update>,
         deadman: Deadman,
+        mut send: Ticker,
+        mut live: Ticker,
     ) {
         let (tx, mut datagrams) = mpsc::channel::<Received>(1024);
         let mut readers = Vec::new();
@@ -686,37 +699,49 @@ impl Io {
             });
         }
         drop(tx);
-        let mut send = interval_timer(self.interval);
         // Liveness is judged when the first peer alive would lapse, and at least once per
         // heartbeat interval (a peer heard again, the witness, the published statistics): not
         // on a fast poll, which woke this thread 200 times a second on an idle farm.
-        // The send tick also judges (it makes `live` due at once, so no second wake-up), and
-        // refreshes the dead-man switch when it comes often enough: an idle farmd's heartbeat
-        // thread wakes for its sends and its peers' heartbeats only.
-        let next_judgement = |io: &Self| {
-            let cap = Instant::now() + io.interval * 2;
-            let at = io.membership.next_lapse().map_or(cap, |t| t.min(cap));
-            tokio::time::Instant::from_std(at)
+        // The send tick also judges (in the same wake-up), and refreshes the dead-man switch
+        // when it comes often enough: an idle farmd's heartbeat thread wakes for its sends and
+        // its peers' heartbeats only.
+        // Both on the kernel's clock (see `ticker`): a tokio timer pushed later at every
+        // judgement stays in its first slot of the timer wheel and woke the thread there, ~13
+        // times a second at rest.
+        let next_judgement = |io: &Self, live: &mut Ticker| {
+            let now = Instant::now();
+            let cap = io.interval * 2;
+            let after = io
+                .membership
+                .next_lapse()
+                .map_or(cap, |t| t.saturating_duration_since(now).min(cap));
+            if let Err(e) = live.reset_after(after) {
+                tracing::error!("liveness timer: {e}");
+            }
         };
-        let live = tokio::time::sleep_until(next_judgement(&self));
-        tokio::pin!(live);
+        next_judgement(&self, &mut live);
         let arm_period = |d: Duration| (d / 5).max(Duration::from_millis(10));
         let mut arm = interval_timer(arm_period(self.deadman_timeout));
         let mut pending: Vec<Event> = Vec::new();
         // Heartbeats taken in that the main loop has not been sent yet.
         let mut refresh = false;
+        // A judgement is due once this turn's event is handled.
+        let mut judge_now = false;
         let started = Instant::now();
         let mut buf = vec![0u8; 2048];
         loop {
             tokio::select! {
                 due = send.tick() => {
-                    let late = due.into_std().elapsed();
+                    let late = due.elapsed();
                     self.lateness.send.record(late);
                     self.send_round(&readers);
                     if self.interval <= arm_period(self.deadman_timeout) {
                         self.arm(&deadman);
                     }
-                    live.as_mut().reset(tokio::time::Instant::now());
+                    // Judged in this same wake-up (below): a timer reset to now would be
+                    // rounded up to the timer wheel's next millisecond, a second wake-up per
+                    // send.
+                    judge_now = true;
                 }
                 _ = arm.tick(), if self.interval > arm_period(self.deadman_timeout) => {
                     self.arm(&deadman);
@@ -737,35 +762,7 @@ impl Io {
                         }
                     }
                 }
-                () = &mut live => {
-                    // Judge only after reading everything that arrived: a datagram waiting in
-                    // the channel or in a socket is a peer heard, whatever delayed this thread.
-                    let mut taken = false;
-                    let mut urgent = false;
-                    while let Ok(d) = datagrams.try_recv() {
-                        if let Some(u) = self.take_in(&d, started) {
-                            taken = true;
-                            urgent |= u;
-                        }
-                    }
-                    for (net, sock) in readers.iter().enumerate() {
-                        while let Ok(d) = Received::read(sock, net, &mut buf) {
-                            if let Some(u) = self.take_in(&d, started) {
-                                taken = true;
-                                urgent |= u;
-                            }
-                        }
-                    }
-                    pending.extend(self.judge());
-                    self.publish_stats();
-                    if !pending.is_empty() || taken || refresh {
-                        refresh = false;
-                        let events = std::mem::take(&mut pending);
-                        let urgent = urgent || !events.is_empty();
-                        let _ = updates.send(self.update(events, urgent));
-                    }
-                    live.as_mut().reset(next_judgement(&self));
-                }
+                _ = live.tick() => judge_now = true,
                 cmd = commands.recv() => match cmd {
                     Some(Command::SendNow) => self.send_round(&readers),
                     Some(Command::Restart) => {
@@ -777,7 +774,12 @@ impl Io {
                     Some(Command::Timers { interval, loss_window, deadman_timeout }) => {
                         if interval != self.interval {
                             self.interval = interval;
-                            send = interval_timer(interval);
+                            if let Err(e) = send
+                                .set_period(interval)
+                                .and_then(|()| live.set_period(interval * 2))
+                            {
+                                tracing::error!("heartbeat interval {interval:?}: {e}");
+                            }
                         }
                         if deadman_timeout != self.deadman_timeout {
                             self.deadman_timeout = deadman_timeout;
@@ -786,7 +788,7 @@ impl Io {
                         self.membership.loss_window = loss_window;
                         self.membership.echo_rounds = echo_rounds(interval, loss_window);
                         self.witness_window = loss_window.max(Duration::from_millis(500));
-                        live.as_mut().reset(next_judgement(&self));
+                        next_judgement(&self, &mut live);
                     }
                     Some(Command::Weights(w)) => {
                         for (p, w) in self.membership.peers.iter_mut().zip(w) {
@@ -839,6 +841,35 @@ impl Io {
             }
             if std::mem::take(&mut self.answer_now) {
                 self.send_round(&readers);
+            }
+            if std::mem::take(&mut judge_now) {
+                // Judge only after reading everything that arrived: a datagram waiting in the
+                // channel or in a socket is a peer heard, whatever delayed this thread.
+                let mut taken = false;
+                let mut urgent = false;
+                while let Ok(d) = datagrams.try_recv() {
+                    if let Some(u) = self.take_in(&d, started) {
+                        taken = true;
+                        urgent |= u;
+                    }
+                }
+                for (net, sock) in readers.iter().enumerate() {
+                    while let Ok(d) = Received::read(sock, net, &mut buf) {
+                        if let Some(u) = self.take_in(&d, started) {
+                            taken = true;
+                            urgent |= u;
+                        }
+                    }
+                }
+                pending.extend(self.judge());
+                self.publish_stats();
+                if !pending.is_empty() || taken || refresh {
+                    refresh = false;
+                    let events = std::mem::take(&mut pending);
+                    let urgent = urgent || !events.is_empty();
+                    let _ = updates.send(self.update(events, urgent));
+                }
+                next_judgement(&self, &mut live);
             }
         }
     }

@@ -36,6 +36,7 @@ use crate::{
     node::{Action, Node, NodeConfig, Planned},
     reload,
     secret::{Secret, SecretError},
+    ticker::Ticker,
 };
 
 mod inplace;
@@ -54,6 +55,8 @@ pub enum DaemonError {
     Announce(#[from] AnnounceError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Ticker(#[from] crate::ticker::TickerError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -220,16 +223,11 @@ type Interval = tokio::time::Interval;
 /// The main loop's timers (heartbeats themselves, liveness and the dead-man switch are the
 /// heartbeat thread's, see `cluster`): the lifecycle step once per heartbeat interval, and a
 /// tick ten times per interval while joining or in a drill (`Node::wants_tick`).
-fn timers(cfg: &Config) -> (Interval, Interval) {
-    let make = |period: Duration| {
-        let mut i = tokio::time::interval(period);
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        i
-    };
-    (
-        make(cfg.heartbeat.interval),
-        make((cfg.heartbeat.interval / 10).max(Duration::from_millis(2))),
-    )
+/// The fine tick (joining, drills): a tenth of the heartbeat interval.
+fn fine_timer(cfg: &Config) -> Interval {
+    let mut i = tokio::time::interval((cfg.heartbeat.interval / 10).max(Duration::from_millis(2)));
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
 }
 
 /// The identity of this network namespace, so that lock files and pins of farmds in different
@@ -826,7 +824,12 @@ impl Daemon {
         let mut int = signal(SignalKind::interrupt()).map_err(io("installing SIGINT handler"))?;
         let mut hup = signal(SignalKind::hangup()).map_err(io("installing SIGHUP handler"))?;
         let announcer = Announcer::new(self.link.index)?;
-        let (mut heartbeat, mut liveness) = timers(&self.cfg);
+        let mut liveness = fine_timer(&self.cfg);
+        // The periodic work; on the kernel's clock (see `ticker`): an idle loop wakes for it
+        // alone.
+        let mut heartbeat = Ticker::new(self.cfg.heartbeat.interval)?;
+        // When the periodic work (`handle_timeout`, the mirror group's tick) last ran.
+        let mut timed_out = Instant::now();
         let mut updates = self
             .cluster
             .start(self.dp.deadman(), self.cfg.heartbeat.scheduling)?;
@@ -843,8 +846,7 @@ impl Daemon {
         let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(16);
         let mut check_results = checks::start(&self.cfg.checks);
         // Is the XDP program still attached, are its pins still there?
-        let mut dataplane_check = tokio::time::interval(DATAPLANE_CHECK);
-        dataplane_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut dataplane_check = Ticker::new(DATAPLANE_CHECK)?;
         if let Some(l) = self.metrics_listener.take() {
             if let Ok(a) = l.local_addr() {
                 tracing::info!("metrics at http://{a}/metrics");
@@ -939,6 +941,7 @@ impl Daemon {
                 _ = heartbeat.tick() => {
                     self.mirror_tick();
                     self.node.handle_timeout(Instant::now());
+                    timed_out = Instant::now();
                 }
                 _ = dataplane_check.tick() => {
                     if let Err(e) = self.check_dataplane().await {
@@ -970,7 +973,21 @@ impl Daemon {
                 Some(u) = updates.recv() => {
                     // A peer that applied or handed over a move, or a liveness change: the
                     // node core acts on it now.
-                    self.node.handle_update(u, Instant::now());
+                    let now = Instant::now();
+                    self.node.handle_update(u, now);
+                    // The heartbeat thread sends an update every interval while peers are
+                    // heard: the periodic work rides on it (due from half an interval on) and
+                    // the timer, reset, only fires when no update came. An idle main loop
+                    // then wakes once per interval, not twice.
+                    let interval = self.cfg.heartbeat.interval;
+                    if now.duration_since(timed_out) >= interval / 2 {
+                        self.mirror_tick();
+                        self.node.handle_timeout(now);
+                        timed_out = now;
+                        if let Err(e) = heartbeat.reset_after(interval + interval / 2) {
+                            tracing::error!("{e}");
+                        }
+                    }
                 }
                 _ = tokio::time::sleep_until(announce_at) => {
                     if let Err(e) = announcer.announce(
@@ -996,7 +1013,10 @@ impl Daemon {
                         Request::Reload { dry_run } => {
                             let (response, effects) = self.reload(dry_run).await;
                             if effects.timers {
-                                (heartbeat, liveness) = timers(&self.cfg);
+                                liveness = fine_timer(&self.cfg);
+                                if let Err(e) = heartbeat.set_period(self.cfg.heartbeat.interval) {
+                                    tracing::error!("{e}");
+                                }
                             }
                             if effects.checks {
                                 check_results = checks::start(&self.cfg.checks);

@@ -26,6 +26,7 @@ pub mod reload;
 pub mod secret;
 pub mod service;
 pub mod sysctl;
+pub mod ticker;
 pub mod transition;
 pub mod trust;
 pub mod upgrade;
