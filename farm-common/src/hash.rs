@@ -116,7 +116,9 @@ pub enum BucketKey {
 }
 
 impl BucketKey {
-    /// The message as SipHash reads it (see `Msg`).
+    /// The message as SipHash reads it (see `Msg`). Inlined: on BPF a call is a subprogram
+    /// call, which the ARP/NDP paths would pay.
+    #[inline(always)]
     pub const fn msg(self) -> Msg {
         match self {
             BucketKey::V4(a) => Msg::v4(u32::from_le_bytes(a)),
@@ -129,7 +131,10 @@ impl BucketKey {
     }
 }
 
-const fn le64(a: &[u8; 16], o: usize) -> u64 {
+/// The little-endian word at byte `o` (0 or 8) of a 16-byte address: the form SipHash and the
+/// VIP table compare.
+#[inline(always)]
+pub const fn le64(a: &[u8; 16], o: usize) -> u64 {
     u64::from_le_bytes([
         a[o],
         a[o + 1],

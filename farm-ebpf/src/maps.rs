@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use farm_common::{
     BUCKETS, BucketCounters, BucketEntry, CACHE_BITS, CacheEntry, Control, Msg, VIP_SLOTS, VipInfo,
-    VipSlot, bucket_of_msg, control_flags, vip_slot_words,
+    VipSlot, bucket_of_msg, control_flags, hash::le64, vip_slot_words,
 };
 
 #[map]
@@ -95,19 +95,7 @@ pub fn control() -> Option<&'static Control> {
 /// The VIP `addr`, if it is one: one array access and a compare.
 #[inline(always)]
 pub fn vip(ctl: &Control, addr: &[u8; 16]) -> Option<&'static VipInfo> {
-    let w = |i: usize| {
-        u64::from_le_bytes([
-            addr[i],
-            addr[i + 1],
-            addr[i + 2],
-            addr[i + 3],
-            addr[i + 4],
-            addr[i + 5],
-            addr[i + 6],
-            addr[i + 7],
-        ])
-    };
-    vip_words(ctl, w(0), w(8))
+    vip_words(ctl, le64(addr, 0), le64(addr, 8))
 }
 
 /// The VIP whose address is the two little-endian words `w0` (bytes 0-7) and `w1` (8-15).

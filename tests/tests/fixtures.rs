@@ -879,10 +879,24 @@ fn handover_keeps_connections_with_their_owner() {
             } else {
                 socket2::Domain::IPV6
             };
-            let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).expect("socket");
-            s.bind(&SocketAddr::new(from, 40000).into()).expect("bind");
-            s.connect(&to.into()).expect("connect");
-            s
+            // The kernel installs an IPv6 address's local route from a work queue, even with
+            // nodad: right after `ip addr add` the VIP can still be unreachable for a moment.
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).expect("socket");
+                s.set_reuse_address(true).expect("SO_REUSEADDR");
+                s.bind(&SocketAddr::new(from, 40000).into()).expect("bind");
+                match s.connect(&to.into()) {
+                    Ok(()) => break s,
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::NetworkUnreachable
+                            && std::time::Instant::now() < until =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    Err(e) => panic!("connect {from} -> {to}: {e}"),
+                }
+            }
         };
         let _c4 = connect(IpAddr::V4(c4), SocketAddr::new(IpAddr::V4(VIP4), 80));
         let _s4 = l4.accept().expect("accept v4");
