@@ -17,24 +17,44 @@ use anyhow::{Context as _, Result, bail};
 use farm_tests::topology::{Spec, Topology, UDP_PORT};
 
 /// What /proc says about one process.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Sample {
-    /// User + system CPU time of all its threads.
+    /// Time on a CPU of all its threads (`/proc/<pid>/task/*/schedstat`, nanoseconds).
     cpu: Duration,
+    /// Voluntary context switches (the thread slept and was woken) per thread name.
+    wakes: std::collections::BTreeMap<String, u64>,
     /// Resident set now and at its peak, KiB.
     rss_kib: u64,
     hwm_kib: u64,
 }
 
 fn sample(pid: u32) -> Result<Sample> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) may contain spaces: fields are counted after its ')'.
-    let rest = stat.rsplit_once(')').context("/proc/pid/stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the ')'.
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let mut cpu = Duration::ZERO;
+    let mut wakes = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        // A thread that ended meanwhile is skipped.
+        let (Ok(sched), Ok(status), Ok(comm)) = (
+            std::fs::read_to_string(dir.join("schedstat")),
+            std::fs::read_to_string(dir.join("status")),
+            std::fs::read_to_string(dir.join("comm")),
+        ) else {
+            continue;
+        };
+        let ns: u64 = sched
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .context("schedstat")?;
+        cpu += Duration::from_nanos(ns);
+        let switches: u64 = status
+            .lines()
+            .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        *wakes.entry(comm.trim().to_string()).or_insert(0) += switches;
+    }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib = |key: &str| -> u64 {
         status
@@ -45,7 +65,8 @@ fn sample(pid: u32) -> Result<Sample> {
             .unwrap_or(0)
     };
     Ok(Sample {
-        cpu: Duration::from_nanos(ticks * 1_000_000_000 / hz),
+        cpu,
+        wakes,
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
     })
@@ -119,6 +140,8 @@ fn send_at(sources: Vec<IpAddr>, dst: SocketAddr, pps: u64, stop: Arc<AtomicBool
 struct Window {
     /// farmd CPU per member, as a share of one core.
     farmd: Vec<f64>,
+    /// Wake-ups per second per thread name, per member.
+    wakes: Vec<std::collections::BTreeMap<String, f64>>,
     /// XDP run time per packet and share of a core per member; packets per second seen.
     xdp_ns: f64,
     xdp_core: f64,
@@ -136,13 +159,27 @@ fn measure(pids: &[u32], secs: u64) -> Result<Window> {
     let farmd = before
         .iter()
         .zip(&after)
-        .map(|(b, a)| (a.cpu - b.cpu).as_secs_f64() / took)
+        .map(|(b, a)| a.cpu.saturating_sub(b.cpu).as_secs_f64() / took)
+        .collect();
+    let wakes = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| {
+            a.wakes
+                .iter()
+                .map(|(name, n)| {
+                    let was = b.wakes.get(name).copied().unwrap_or(0);
+                    (name.clone(), n.saturating_sub(was) as f64 / took)
+                })
+                .collect()
+        })
         .collect();
     let runs = (n1 - n0) as f64;
     let run_time = (rt1 - rt0).as_secs_f64();
     let members = progs.max(1) as f64;
     Ok(Window {
         farmd,
+        wakes,
         xdp_ns: if runs > 0.0 {
             run_time * 1e9 / runs
         } else {
@@ -228,6 +265,24 @@ pub fn member(args: &[String]) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let mut names: Vec<&String> = idle.wakes.iter().flat_map(|w| w.keys()).collect();
+    names.sort();
+    names.dedup();
+    let per_thread: Vec<String> = names
+        .iter()
+        .map(|n| {
+            let v: Vec<f64> = idle
+                .wakes
+                .iter()
+                .map(|w| w.get(*n).copied().unwrap_or(0.0))
+                .collect();
+            format!("{n} {:.0}", median(&v))
+        })
+        .collect();
+    println!(
+        "at rest: wake-ups a second per thread (voluntary context switches, median): {}",
+        per_thread.join(", ")
+    );
 
     println!();
     println!(
@@ -267,7 +322,9 @@ pub fn member(args: &[String]) -> Result<()> {
     println!();
     println!(
         "(XDP figures from the kernel's BPF statistics, which add their own clock reads to each \
-         run; farmd's from /proc/<pid>/stat, all its threads)"
+         run; farmd's from /proc/<pid>/task/*/schedstat, all its threads: with veth, the \
+         receiving side of the heartbeats a member sends runs in its send call and counts as \
+         its time)"
     );
     Ok(())
 }
