@@ -59,7 +59,7 @@ pub enum ClusterError {
     },
     #[error(transparent)]
     Witness(#[from] WitnessError),
-    #[error("heartbeat send tick: {0}")]
+    #[error("the heartbeat thread's timers: {0}")]
     Ticker(#[from] crate::ticker::TickerError),
     #[error("cannot start the heartbeat thread: {0}")]
     Thread(std::io::Error),

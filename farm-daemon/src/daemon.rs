@@ -220,10 +220,10 @@ type BucketTraffic = Vec<(u32, u64, u64)>;
 
 type Interval = tokio::time::Interval;
 
-/// The main loop's timers (heartbeats themselves, liveness and the dead-man switch are the
-/// heartbeat thread's, see `cluster`): the lifecycle step once per heartbeat interval, and a
-/// tick ten times per interval while joining or in a drill (`Node::wants_tick`).
-/// The fine tick (joining, drills): a tenth of the heartbeat interval.
+/// The main loop's fine tick, ten times per heartbeat interval, polled only while joining or in
+/// a drill (`Node::wants_tick`). Heartbeats themselves, liveness and the dead-man switch are the
+/// heartbeat thread's (see `cluster`); the lifecycle step once per interval rides on its
+/// updates (see the loop).
 fn fine_timer(cfg: &Config) -> Interval {
     let mut i = tokio::time::interval((cfg.heartbeat.interval / 10).max(Duration::from_millis(2)));
     i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
