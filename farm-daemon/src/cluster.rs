@@ -77,6 +77,10 @@ pub struct Counters {
     /// (gaps in its sequence numbers; a silent peer sends nothing and loses nothing).
     #[serde(default)]
     pub lost: BTreeMap<String, Vec<u64>>,
+    /// Per peer id, per network: the most heartbeats lost in a row (a peer is declared lost
+    /// when a whole loss window's worth, `loss_threshold`, never arrives on any network).
+    #[serde(default)]
+    pub longest_gap: BTreeMap<String, Vec<u64>>,
     /// Rejected datagrams by reason.
     pub rejected: BTreeMap<String, u64>,
     /// Peers declared lost (silent for the loss window; planned departures are not counted).
@@ -355,6 +359,7 @@ impl Cluster {
             counters.sent.insert(m.id.clone(), vec![0; networks]);
             counters.received.insert(m.id.clone(), vec![0; networks]);
             counters.lost.insert(m.id.clone(), vec![0; networks]);
+            counters.longest_gap.insert(m.id.clone(), vec![0; networks]);
         }
         for r in Reject::ALL {
             counters.rejected.insert(r.name().into(), 0);
@@ -376,6 +381,7 @@ impl Cluster {
             }
         };
         membership.echo_rounds = echo_rounds(cfg.heartbeat.interval, loss_window);
+        membership.lapse_margin = cfg.heartbeat.interval / 2;
         let shared = Arc::new(Shared {
             outgoing: Mutex::new(out.unwrap_or(Outgoing {
                 state: State::Joining,
@@ -787,6 +793,7 @@ impl Io {
                         }
                         self.membership.loss_window = loss_window;
                         self.membership.echo_rounds = echo_rounds(interval, loss_window);
+                        self.membership.lapse_margin = interval / 2;
                         self.witness_window = loss_window.max(Duration::from_millis(500));
                         next_judgement(&self, &mut live);
                     }
@@ -800,7 +807,12 @@ impl Io {
                         self.peer_addrs = addrs;
                         let nets = readers.len();
                         let c = &mut self.counters;
-                        for map in [&mut c.sent, &mut c.received, &mut c.lost] {
+                        for map in [
+                            &mut c.sent,
+                            &mut c.received,
+                            &mut c.lost,
+                            &mut c.longest_gap,
+                        ] {
                             map.retain(|id, _| members.iter().any(|(m, _)| m == id));
                             for (id, _) in &members {
                                 map.entry(id.clone()).or_insert_with(|| vec![0; nets]);
@@ -1079,9 +1091,14 @@ impl Io {
                 if let Some((inc, seq)) = r.previous
                     && inc == hb.incarnation
                     && hb.seq > seq + 1
-                    && let Some(v) = c.lost.get_mut(id)
                 {
-                    v[d.net] += hb.seq - seq - 1;
+                    let gap = hb.seq - seq - 1;
+                    if let Some(v) = c.lost.get_mut(id) {
+                        v[d.net] += gap;
+                    }
+                    if let Some(v) = c.longest_gap.get_mut(id) {
+                        v[d.net] = v[d.net].max(gap);
+                    }
                 }
                 let state_changed = before != Some(hb.state);
                 Some(r.moved || r.digest_changed || state_changed)

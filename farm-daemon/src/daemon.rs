@@ -1623,7 +1623,7 @@ impl Daemon {
             probes_sent: 0,
             probes_answered: 0,
             rto_ms: None,
-            expected_ms: (self.cfg.heartbeat.loss_window() + self.cfg.heartbeat.interval / 10)
+            expected_ms: (self.cfg.heartbeat.loss_window() + self.cfg.heartbeat.interval / 2)
                 .as_millis() as u64,
             objective_ms: drill_cfg.rto_objective.as_millis() as u64,
             passed: None,
@@ -2112,6 +2112,21 @@ impl Daemon {
                         *n as f64,
                     );
                 }
+            }
+        }
+        t.family(
+            "farm_heartbeats_longest_gap",
+            "gauge",
+            "The most heartbeats lost in a row, per peer and heartbeat network (a peer is lost \
+             when loss_threshold of them in a row never arrive on any network).",
+        );
+        for (peer, v) in c.longest_gap.iter().filter(|(peer, _)| *peer != me) {
+            for (net, n) in v.iter().enumerate().take(nets) {
+                t.sample(
+                    "farm_heartbeats_longest_gap",
+                    &[("peer", peer), ("network", &net.to_string())],
+                    *n as f64,
+                );
             }
         }
         t.family(

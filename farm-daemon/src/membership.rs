@@ -158,6 +158,11 @@ pub struct Membership {
     pub peers: Vec<Peer>,
     pub my_state: State,
     pub loss_window: Duration,
+    /// How late the heartbeat that ends a gap of one less than the loss threshold may be: half
+    /// an interval (see [`Membership::lapse_after`]). Set by the heartbeat thread from the
+    /// configured interval; `new` assumes the default 8 heartbeats per window.
+    #[serde(default)]
+    pub lapse_margin: Duration,
     networks: usize,
     has_witness: bool,
     quorum: bool,
@@ -186,6 +191,7 @@ impl Membership {
             peers,
             my_state: State::Joining,
             loss_window,
+            lapse_margin: loss_window / 16,
             networks,
             has_witness,
             quorum: false,
@@ -328,13 +334,14 @@ impl Membership {
         })
     }
 
-    /// How long a peer may be silent and still be alive: the loss window, plus 1/32 of it (a
-    /// quarter interval at the default 8 heartbeats per window) for the lateness of the
-    /// heartbeat that ends a gap. Without it, seven heartbeats lost in a row (a gap of exactly
-    /// the window) and the next one a millisecond late would take the member out: at 20 %
-    /// random loss that happened about once a minute in a farm of three.
+    /// How long a peer may be silent and still be alive: the loss window plus half an interval.
+    /// A peer is lost when the loss threshold's worth of heartbeats in a row never arrived; the
+    /// one that ends a shorter gap (threshold - 1 lost, a silence of exactly the window) may be
+    /// up to half an interval late, whatever delayed its sender or the network. With 1/32 of
+    /// the window (12.5 ms by default), seven lost in a row and the eighth 13 ms late took a
+    /// member out under 20 % random loss on a busy CI machine.
     pub fn lapse_after(&self) -> Duration {
-        self.loss_window + self.loss_window / 32
+        self.loss_window + self.lapse_margin
     }
 
     fn heard_within(&self, i: usize, now: Instant) -> bool {
@@ -608,7 +615,7 @@ mod tests {
         m.receive(&h3, 0, t0 + ms(200)).unwrap();
         m.tick(t0 + ms(200), false);
         let lapse = m.next_lapse().expect("two peers alive");
-        assert_eq!(lapse, t0 + ms(100) + W + W / 32 + ms(1));
+        assert_eq!(lapse, t0 + ms(100) + W + W / 16 + ms(1));
         // Judged a moment before, n2 is alive; judged then, it is lost.
         assert!(m.tick(lapse - ms(2), false).is_empty());
         let ev = m.tick(lapse, false);
@@ -618,7 +625,38 @@ mod tests {
             "{ev:?}"
         );
         // Now n3 is the first.
-        assert_eq!(m.next_lapse(), Some(t0 + ms(200) + W + W / 32 + ms(1)));
+        assert_eq!(m.next_lapse(), Some(t0 + ms(200) + W + W / 16 + ms(1)));
+    }
+
+    #[test]
+    fn a_peer_is_lost_after_a_whole_threshold_of_heartbeats_in_a_row_not_after_one_less() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut m = Membership::new(&members(2), 0, 1, W, false);
+        m.lapse_margin = ms(25);
+        m.incarnation = 77;
+        m.my_state = State::Active;
+        m.seq = 1;
+        m.receive(&answering(&m, "n2", 10, 1, 0), 0, t0).unwrap();
+        m.tick(t0, false);
+        assert!(m.peers[1].alive);
+        // Seven lost (a silence of the whole window), the eighth 20 ms late: still alive,
+        // judged at every millisecond up to its arrival.
+        let late = t0 + W + ms(20);
+        for t in (0..=420).map(|i| t0 + ms(i)) {
+            assert!(m.tick(t, false).is_empty(), "at {:?}", t - t0);
+        }
+        m.receive(&answering(&m, "n2", 10, 9, 0), 0, late).unwrap();
+        assert!(m.tick(late, false).is_empty());
+        // Eight lost: the ninth would come a whole interval after the window; lost before.
+        let lapse = m.next_lapse().expect("alive");
+        assert_eq!(lapse, late + W + ms(25) + ms(1));
+        assert!(lapse < late + W + ms(50));
+        let ev = m.tick(lapse, false);
+        assert!(
+            ev.iter().any(|e| matches!(e, Event::PeerLost { .. })),
+            "{ev:?}"
+        );
     }
 
     #[test]
@@ -638,7 +676,7 @@ mod tests {
         m.tick(t0 + ms(250), false);
         assert!(m.peers[1].alive);
         // n2 dies; it is lost after the loss window, and its captures replayed change nothing.
-        let ev = m.tick(t0 + ms(250) + W + W / 32 + ms(1), false);
+        let ev = m.tick(t0 + ms(250) + W + W / 16 + ms(1), false);
         assert!(matches!(ev[0], Event::PeerLost { .. }), "{ev:?}");
         for h in &captured {
             assert_eq!(m.admit(h, 0), Err(Reject::Replayed));
@@ -777,7 +815,7 @@ mod tests {
         assert!(m.network_alive(1, 1, t0 + W + Duration::from_millis(100)));
         assert!(!m.network_alive(1, 0, t0 + W + Duration::from_millis(100)));
         // Silent past the window: lost, quorum gone.
-        let ev = m.tick(t0 + 2 * W + W / 32 + Duration::from_millis(1), false);
+        let ev = m.tick(t0 + 2 * W + W / 16 + Duration::from_millis(1), false);
         assert!(matches!(ev[0], Event::PeerLost { .. }));
         assert!(ev.contains(&Event::QuorumLost));
         assert!(
@@ -918,7 +956,7 @@ mod tests {
         // 2 + 3: the side of two loses quorum, the side of three keeps it.
         let (mut two, t0) = five(0);
         let (mut three, _) = five(2);
-        let t = t0 + W + W / 32 + Duration::from_millis(10);
+        let t = t0 + W + W / 16 + Duration::from_millis(10);
         for (m, heard) in [(&mut two, ["n2"].as_slice()), (&mut three, &["n4", "n5"])] {
             for id in heard {
                 m.receive(&hb(id, 2, State::Active), 0, t).unwrap();

@@ -1429,7 +1429,7 @@ mod tests {
         assert!(!a.iter().any(|a| matches!(a, Action::Failover { .. })));
         // n3 goes silent: lost, a failover. n2 left by a planned stop and does not count: of
         // the two that do, this member is the lower one and keeps quorum (see `membership`).
-        let t2 = t + W + W / 32 + Duration::from_millis(10);
+        let t2 = t + W + W / 16 + Duration::from_millis(10);
         node.handle_update(farm.update(t2), t2);
         let a = drain_actions(&mut node);
         assert_eq!(hooks_of(&a), vec!["peer-lost"]);

@@ -263,21 +263,57 @@ fn twenty_percent_heartbeat_loss_for_a_minute_causes_no_failover() {
         .sum();
     let started = Instant::now();
     std::thread::sleep(Duration::from_secs(60));
-    for (i, before) in before.iter().enumerate() {
-        let s = t.status(i).expect("status");
+    // A peer is lost when loss_threshold (8) heartbeats in a row never arrive: at 20 % random
+    // loss that happens to one of the six directions about once an hour (1.5 % of runs), and
+    // then the failover is the right one. Anything less must change nothing.
+    const THRESHOLD: u64 = 8;
+    let statuses: Vec<_> = (0..3).map(|i| t.status(i).expect("status")).collect();
+    let longest: Vec<u64> = statuses
+        .iter()
+        .map(|s| {
+            s.heartbeat
+                .counters
+                .longest_gap
+                .iter()
+                .filter(|(peer, _)| **peer != s.node)
+                .flat_map(|(_, v)| v.iter().copied())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let whole_window_lost = longest.iter().any(|&l| l >= THRESHOLD);
+    for ((s, before), longest) in statuses.iter().zip(&before).zip(&longest) {
+        let received: u64 = s.heartbeat.counters.received.values().flatten().sum();
+        let sent: u64 = s.heartbeat.counters.sent.values().flatten().sum();
+        eprintln!(
+            "{}: heartbeats sent {sent}, accepted {received}, at most {longest} in a row lost, \
+             peers declared lost {}",
+            s.node, s.heartbeat.counters.peers_lost
+        );
+        if *longest >= THRESHOLD {
+            continue;
+        }
         assert_eq!(
             s.heartbeat.counters.peers_lost, 0,
-            "{}: a peer was declared lost",
+            "{}: a peer was declared lost with at most {longest} heartbeats in a row lost",
             s.node
         );
+        if whole_window_lost {
+            // Another member really lost a window's worth: its failover moved buckets.
+            continue;
+        }
         for (m, b) in s.members.iter().zip(&before.members) {
             assert_eq!(m.state, "serving", "{}: {m:?}", s.node);
             assert_eq!(m.buckets, b.buckets, "{}: buckets moved", s.node);
         }
-        let received: u64 = s.heartbeat.counters.received.values().flatten().sum();
-        let sent: u64 = s.heartbeat.counters.sent.values().flatten().sum();
-        eprintln!("{}: heartbeats sent {sent}, accepted {received}", s.node);
     }
+    // Runs of three and more are all but certain in a minute at 20 % (about eight a minute per
+    // direction): farmd measured them (metrics: farm_heartbeats_longest_gap).
+    assert!(
+        longest[0] >= 3,
+        "n1's longest run of lost heartbeats: {}",
+        longest[0]
+    );
     // The loss really happened: n1 accepted about 80% of what two peers at 20 Hz sent.
     let s = t.status(0).expect("status");
     let received: u64 = s
