@@ -258,13 +258,6 @@ fn new_incarnation(state_dir: &Path, id: &str, at_least: u64) -> u64 {
     next
 }
 
-/// How far behind an echoed sequence may be (see `membership::DEFAULT_ECHO_ROUNDS`): at least
-/// four loss windows of rounds.
-fn echo_rounds(interval: Duration, loss_window: Duration) -> u64 {
-    let per_window = loss_window.as_micros() / interval.as_micros().max(1);
-    (per_window as u64 * 4).max(crate::membership::DEFAULT_ECHO_ROUNDS)
-}
-
 impl Cluster {
     /// Binds the heartbeat sockets (before anything on the host is changed); the thread starts
     /// with `start`.
@@ -380,8 +373,7 @@ impl Cluster {
                 m
             }
         };
-        membership.echo_rounds = echo_rounds(cfg.heartbeat.interval, loss_window);
-        membership.lapse_margin = cfg.heartbeat.interval / 2;
+        membership.set_timers(cfg.heartbeat.interval, loss_window);
         let shared = Arc::new(Shared {
             outgoing: Mutex::new(out.unwrap_or(Outgoing {
                 state: State::Joining,
@@ -791,9 +783,7 @@ impl Io {
                             self.deadman_timeout = deadman_timeout;
                             arm = interval_timer(arm_period(deadman_timeout));
                         }
-                        self.membership.loss_window = loss_window;
-                        self.membership.echo_rounds = echo_rounds(interval, loss_window);
-                        self.membership.lapse_margin = interval / 2;
+                        self.membership.set_timers(interval, loss_window);
                         self.witness_window = loss_window.max(Duration::from_millis(500));
                         next_judgement(&self, &mut live);
                     }

@@ -1623,8 +1623,9 @@ impl Daemon {
             probes_sent: 0,
             probes_answered: 0,
             rto_ms: None,
-            expected_ms: (self.cfg.heartbeat.loss_window() + self.cfg.heartbeat.interval / 2)
-                .as_millis() as u64,
+            expected_ms: (self.cfg.heartbeat.loss_window()
+                + crate::membership::lapse_margin(self.cfg.heartbeat.interval))
+            .as_millis() as u64,
             objective_ms: drill_cfg.rto_objective.as_millis() as u64,
             passed: None,
             error: None,
@@ -2086,24 +2087,34 @@ impl Daemon {
         );
         let c = &self.cluster.counters();
         let nets = self.cfg.me().heartbeat_addrs.len();
-        for (name, help, counts) in [
+        for (name, kind, help, counts) in [
             (
                 "farm_heartbeats_sent_total",
+                "counter",
                 "Heartbeats sent, per peer and heartbeat network.",
                 &c.sent,
             ),
             (
                 "farm_heartbeats_received_total",
+                "counter",
                 "Authenticated heartbeats received, per peer and heartbeat network.",
                 &c.received,
             ),
             (
                 "farm_heartbeats_lost_total",
+                "counter",
                 "Heartbeats a peer sent that never arrived, per peer and heartbeat network.",
                 &c.lost,
             ),
+            (
+                "farm_heartbeats_longest_gap",
+                "gauge",
+                "The most heartbeats lost in a row, per peer and heartbeat network (a peer is \
+                 lost when loss_threshold of them in a row never arrive on any network).",
+                &c.longest_gap,
+            ),
         ] {
-            t.family(name, "counter", help);
+            t.family(name, kind, help);
             for (peer, v) in counts.iter().filter(|(peer, _)| *peer != me) {
                 for (net, n) in v.iter().enumerate().take(nets) {
                     t.sample(
@@ -2112,21 +2123,6 @@ impl Daemon {
                         *n as f64,
                     );
                 }
-            }
-        }
-        t.family(
-            "farm_heartbeats_longest_gap",
-            "gauge",
-            "The most heartbeats lost in a row, per peer and heartbeat network (a peer is lost \
-             when loss_threshold of them in a row never arrive on any network).",
-        );
-        for (peer, v) in c.longest_gap.iter().filter(|(peer, _)| *peer != me) {
-            for (net, n) in v.iter().enumerate().take(nets) {
-                t.sample(
-                    "farm_heartbeats_longest_gap",
-                    &[("peer", peer), ("network", &net.to_string())],
-                    *n as f64,
-                );
             }
         }
         t.family(

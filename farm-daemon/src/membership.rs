@@ -151,6 +151,16 @@ pub enum Event {
     QuorumRegained,
 }
 
+/// How late the heartbeat that ends a gap may be: half an interval. A peer is lost when the loss
+/// threshold's worth of heartbeats in a row never arrived; the one that ends a shorter gap
+/// (threshold - 1 lost, a silence of exactly the loss window) may be up to half an interval
+/// late, whatever delayed its sender or the network. With 1/32 of the window (12.5 ms by
+/// default), seven lost in a row and the eighth 13 ms late took a member out under 20 % random
+/// loss on a busy CI machine.
+pub fn lapse_margin(interval: Duration) -> Duration {
+    interval / 2
+}
+
 /// Serializable: an in-place upgrade hands it to the new farmd whole (see `upgrade`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Membership {
@@ -158,9 +168,9 @@ pub struct Membership {
     pub peers: Vec<Peer>,
     pub my_state: State,
     pub loss_window: Duration,
-    /// How late the heartbeat that ends a gap of one less than the loss threshold may be: half
-    /// an interval (see [`Membership::lapse_after`]). Set by the heartbeat thread from the
-    /// configured interval; `new` assumes the default 8 heartbeats per window.
+    /// How late the heartbeat that ends a gap of one less than the loss threshold may be (see
+    /// [`lapse_margin`]); `new` assumes the default 8 heartbeats per window until
+    /// [`Membership::set_timers`] is given the interval.
     #[serde(default)]
     pub lapse_margin: Duration,
     networks: usize,
@@ -334,12 +344,17 @@ impl Membership {
         })
     }
 
-    /// How long a peer may be silent and still be alive: the loss window plus half an interval.
-    /// A peer is lost when the loss threshold's worth of heartbeats in a row never arrived; the
-    /// one that ends a shorter gap (threshold - 1 lost, a silence of exactly the window) may be
-    /// up to half an interval late, whatever delayed its sender or the network. With 1/32 of
-    /// the window (12.5 ms by default), seven lost in a row and the eighth 13 ms late took a
-    /// member out under 20 % random loss on a busy CI machine.
+    /// The heartbeat timers (at start and on reload): the loss window, and what follows from it
+    /// and the interval: the lapse margin, and how far behind an echo may be (at least four
+    /// loss windows of rounds, see [`DEFAULT_ECHO_ROUNDS`]).
+    pub fn set_timers(&mut self, interval: Duration, loss_window: Duration) {
+        self.loss_window = loss_window;
+        self.lapse_margin = lapse_margin(interval);
+        let per_window = loss_window.as_micros() / interval.as_micros().max(1);
+        self.echo_rounds = (per_window as u64 * 4).max(DEFAULT_ECHO_ROUNDS);
+    }
+
+    /// How long a peer may be silent and still be alive: the loss window plus [`lapse_margin`].
     pub fn lapse_after(&self) -> Duration {
         self.loss_window + self.lapse_margin
     }
